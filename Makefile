@@ -1,0 +1,52 @@
+# sdrt — set up, export engines, test.  `make help` lists the targets.
+PYTHON        ?= python3
+VENV          ?= .venv
+BIN           := $(VENV)/bin
+# torch build: auto (CUDA build where `nvidia-smi -L` sees a GPU, else the CPU build), cpu, cuda, or keep
+TORCH         ?= auto
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+MODEL         ?= sd15
+NAME          ?= $(MODEL)
+PRECISION     ?= fp16
+EXPORT_FLAGS  ?=
+
+.PHONY: help setup engines test lint clean-engines
+
+help:
+	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test]"
+	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), PRECISION=fp16|fp32"
+	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them)"
+	@echo "make lint      ruff"
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@set -e; mode="$(TORCH)"; \
+	if $(BIN)/python -c "import torch" 2>/dev/null && [ "$$mode" = auto ]; then mode=keep; fi; \
+	if [ "$$mode" = auto ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then mode=cuda; else mode=cpu; fi; \
+	fi; \
+	echo "torch: $$mode"; \
+	case "$$mode" in \
+	  cpu)  $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX) ;; \
+	  cuda) $(BIN)/pip install -q "torch==$(TORCH_VERSION)" ;; \
+	  keep) ;; \
+	  *) echo "TORCH must be auto, cpu, cuda or keep" >&2; exit 2 ;; \
+	esac
+	$(BIN)/pip install -q -e '.[export,test]'
+	touch $@
+
+engines: setup
+	$(BIN)/sdrt export $(MODEL) engines/$(NAME) --precision $(PRECISION) $(EXPORT_FLAGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean-engines:
+	find engines -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
