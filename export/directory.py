@@ -1,0 +1,284 @@
+"""`sdrt export` and `sdrt verify`: write an engine directory (DESIGN.md) and check one.
+
+The directory is assembled in a hidden sibling and renamed into place only when every graph has passed its
+check, so a failed or interrupted export never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import onnx
+
+from sdrt.export import graphs as G
+from sdrt.export.load import (
+    Components,
+    check_model_arg,
+    components_from_folder,
+    components_from_preset,
+    components_from_single_file,
+    load_model,
+)
+from sdrt.export.onnx_io import (
+    OPSET,
+    export_torch,
+    fp16_from_fp32,
+    graph_precision,
+    io_types,
+    release_exporter_memory,
+    save_onnx,
+    save_torch_program,
+)
+from sdrt.export.presets import get_preset
+from sdrt.export.verify import check_graph_file, compare, reference_cases
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import FORMAT_VERSION, check_files, hash_files, read_manifest, write_manifest
+
+
+class Progress:
+    """Prints each step as it starts and ends, with its elapsed time (export of a full model takes minutes)."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {text}", file=self.stream, flush=True)
+
+    @contextmanager
+    def step(self, what: str):
+        self.say(f"{what} ...")
+        t = time.perf_counter()
+        yield
+        self.say(f"{what} done in {time.perf_counter() - t:.1f}s")
+
+
+def _tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _default_dims(c: Components) -> G.Dims:
+    lo, hi = get_preset(c.source["name"]).sizes if c.source["kind"] == "preset" else c.family.size_range
+    return G.Dims(lo, hi)
+
+
+def _export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progress, torch_program: bool) -> dict:
+    """Reference outputs, trace, free the module, fp16, save, check: one graph, with peak memory kept low."""
+    tmp = stage / "_trace"
+    tmp.mkdir(exist_ok=True)
+    src = tmp / f"{g.name}.onnx"
+    graph_precision_name = precision if g.precision_fp16 else "fp32"
+    with p.step(f"{g.name}: trace to ONNX"):
+        cases = reference_cases(g, dims)
+        export_torch(g, dims, src)
+    if torch_program:
+        with p.step(f"{g.name}: save torch program ({graph_precision_name})"):
+            save_torch_program(g, dims, stage / f"{g.name}.pt2", fp16=graph_precision_name == "fp16")
+    g.release()
+    release_exporter_memory()
+    with p.step(f"{g.name}: save {graph_precision_name}"):
+        model = fp16_from_fp32(src, g) if graph_precision_name == "fp16" else onnx.load(str(src))
+        files = save_onnx(model, stage / f"{g.name}.onnx")
+        dtypes, io = graph_precision(model), io_types(model)
+        del model
+        shutil.rmtree(tmp)
+    with p.step(f"{g.name}: check (ONNX checker, ONNX Runtime vs PyTorch at {len(cases)} shapes)"):
+        check_graph_file(stage / f"{g.name}.onnx", g)
+        report = compare(stage / f"{g.name}.onnx", g, cases, graph_precision_name)
+    errs = ", ".join(f"{k} {v:.2e}" for k, v in report["rel_l2"].items())
+    p.say(f"{g.name}: relative L2 error {errs} (limit {report['tolerance']:.0e})")
+    if not report["passed"]:
+        raise SdrtError(
+            f"{g.name} failed verification: relative L2 error {errs} exceeds {report['tolerance']:.0e} "
+            f"for {graph_precision_name}; nothing was written"
+        )
+    return {
+        "file": f"{g.name}.onnx",
+        "files": files,
+        "torch_program": f"{g.name}.pt2" if torch_program else None,
+        "precision": graph_precision_name,
+        "initializer_elements": dtypes,
+        "inputs": {n: {"shape": list(shape), "dtype": io[n]} for n, (shape, _) in g.inputs.items()},
+        "outputs": {
+            n: {"shape": list(shape), "dtype": io[n]} for n, shape in zip(g.outputs, g.output_shapes, strict=True)
+        },
+        "rows": list(dims.rows(g.name)),
+        "verify": report,
+    }
+
+
+def _tokenizer_entries(c: Components, stage: Path) -> dict[str, Any]:
+    out = {}
+    for name, tok in c.tokenizers.items():
+        tok.save_pretrained(stage / name)
+        out[name] = {
+            "file": f"{name}/tokenizer.json",
+            "max_length": int(tok.model_max_length),
+            "pad_token_id": int(tok.pad_token_id),
+            "bos_token_id": int(tok.bos_token_id),
+            "eos_token_id": int(tok.eos_token_id),
+        }
+    return out
+
+
+def _scheduler_entry(c: Components) -> dict[str, Any]:
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(c.scheduler.config).items()}
+    return {"class": type(c.scheduler).__name__, "config": cfg, "betas": [float(b) for b in c.scheduler.betas]}
+
+
+def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> dict[str, Any]:
+    vae = c.vae.config
+    return {
+        "format": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": c.source,
+        "family": c.family.name,
+        "precision": precision,
+        "opset": OPSET,
+        "tools": _tool_versions(),
+        "shapes": dims.as_json(),
+        "latent": {
+            "channels": vae.latent_channels,
+            "scaling_factor": float(vae.scaling_factor),
+            "vae_scale_factor": G.VAE_FACTOR,
+        },
+        "unet": {
+            "in_channels": c.unet.config.in_channels,
+            "sample_size": c.unet.config.sample_size,  # latent side it was trained at: default image = 8x this
+            "addition_embed_type": c.unet.config.addition_embed_type,
+        },
+        "scheduler": _scheduler_entry(c),
+        "tokenizers": tokenizers,
+        "graphs": {},
+        "engines": {},
+    }
+
+
+def _stage_dir(dest: Path) -> Path:
+    stage = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _commit(stage: Path, dest: Path) -> None:
+    """Put the finished directory in place; an existing one (--force) is replaced only now."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(stage, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(
+    model: str,
+    dest: str | os.PathLike,
+    *,
+    precision: str = "fp16",
+    force: bool = False,
+    allow_pickle: bool = False,
+    config: str | None = None,
+    seed: int | None = None,
+    dims: G.Dims | None = None,
+    progress: Progress | None = None,
+    torch_programs: bool = False,
+) -> dict[str, Any]:
+    """Export ``model`` (preset, diffusers folder or single file) to the engine directory ``dest``."""
+    if precision not in ("fp16", "fp32"):
+        raise SdrtError(f"unknown precision {precision!r}; use fp16 or fp32")
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise SdrtError(f"{dest} already exists; pass --force to replace it")
+    check_model_arg(model)
+    p = progress or Progress()
+    with p.step(f"load {model}"):
+        c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed)
+    dims = dims or _default_dims(c)
+    if dims.min_px % 64 or dims.max_px % 64 or not 64 <= dims.min_px <= dims.max_px or dims.max_images < 1:
+        raise SdrtError(f"bad shape range {dims.min_px}..{dims.max_px} px: sizes are multiples of 64, min <= max")
+    stage = _stage_dir(dest)
+    try:
+        manifest = _manifest(c, dims, precision, _tokenizer_entries(c, stage))
+        graphs = G.graphs_for(c)
+        c.unet = c.vae = c.text_encoders = None  # the graphs hold the only references: each is freed after its trace
+        while graphs:
+            g = graphs.pop(0)
+            manifest["graphs"][g.name] = _export_graph(g, stage, dims, precision, p, torch_programs)
+            del g
+        names = [str(f.relative_to(stage)) for f in stage.rglob("*") if f.is_file()]
+        manifest["files"] = hash_files(stage, names)
+        write_manifest(stage, manifest)
+        _commit(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    p.say(f"wrote {dest} ({precision}, {len(manifest['graphs'])} graphs, {dims.min_px}-{dims.max_px} px)")
+    return manifest
+
+
+def _source_components(source: dict[str, Any]) -> Components | str:
+    """Rebuild the modules an engine directory came from, or say why that is not possible."""
+    kind = source.get("kind")
+    if kind == "preset":
+        return components_from_preset(get_preset(source["name"]), source["seed"])
+    path = Path(source.get("path", ""))
+    if not path.exists():
+        return f"source {path} is not available"
+    c = (
+        components_from_folder(path)
+        if kind == "diffusers"
+        else components_from_single_file(path, config=source.get("config"))
+    )
+    if c.source.get("sha256") != source.get("sha256"):
+        raise SdrtError(f"source {path} has changed since the export; re-run `sdrt export ... --force`")
+    return c
+
+
+def verify_directory(root: str | os.PathLike, *, progress: Progress | None = None) -> dict[str, Any]:
+    """Check every file against its SHA-256, run the ONNX checker, and re-run parity against the source."""
+    root, p = Path(root), progress or Progress()
+    manifest = read_manifest(root)
+    with p.step("check SHA-256 of every file"):
+        problems = check_files(root, manifest)
+    if problems:
+        raise SdrtError(f"{root}: " + "; ".join(problems) + "; re-run `sdrt export ... --force`")
+    with p.step("load the source modules"):
+        c = _source_components(manifest["source"])
+    d = manifest["shapes"]
+    dims = G.Dims(d["min_px"], d["max_px"], d["max_images"])
+    report: dict[str, Any] = {"files": len(manifest["files"]), "graphs": {}}
+    for g in G.graphs_for(c) if not isinstance(c, str) else []:
+        entry = manifest["graphs"][g.name]
+        with p.step(f"{g.name}: check"):
+            check_graph_file(root / entry["file"], g)
+            r = compare(root / entry["file"], g, reference_cases(g, dims), entry["precision"])
+        report["graphs"][g.name] = r
+        p.say(f"{g.name}: relative L2 error " + ", ".join(f"{k} {v:.2e}" for k, v in r["rel_l2"].items()))
+        if not r["passed"]:
+            raise SdrtError(f"{root / entry['file']} no longer matches its source within {r['tolerance']:.0e}")
+    if isinstance(c, str):
+        for entry in manifest["graphs"].values():
+            try:
+                onnx.checker.check_model(str(root / entry["file"]))
+            except onnx.checker.ValidationError as err:
+                raise SdrtError(f"{entry['file']} fails the ONNX checker: {str(err).splitlines()[0]}") from None
+        report["skipped"] = f"ONNX checker passed; parity not re-run: {c}"
+        p.say(report["skipped"])
+    return report

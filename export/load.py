@@ -1,0 +1,240 @@
+"""Checkpoint → diffusers/transformers modules, offline: a preset, a diffusers folder, or one .safetensors file.
+
+Loading is diffusers' own (`from_pretrained`, `from_single_file`); this module only decides which source a
+string names, refuses pickle files unless asked, and records where the weights came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.export.presets import PRESETS, Family, Preset, family_of_pipeline, get_preset
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import sha256_file
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_PICKLE_HINT = "pickle files can run arbitrary code; convert it to .safetensors, or pass --allow-pickle if you trust it"
+
+
+@dataclass
+class Components:
+    """The modules of one Stable Diffusion pipeline, in fp32 eval mode, plus where they came from."""
+
+    family: Family
+    unet: Any
+    vae: Any
+    text_encoders: dict[str, Any]  # "text_encoder"(, "text_encoder_2") -> CLIPTextModel(WithProjection)
+    tokenizers: dict[str, Any]  # "tokenizer"(, "tokenizer_2") -> CLIPTokenizer
+    scheduler: Any
+    source: dict[str, Any]
+
+    def to_diffusers(self) -> Any:
+        """The matching diffusers pipeline over the same modules (for saving, and as the reference)."""
+        import diffusers
+
+        name = self.family.pipeline_classes[0]
+        parts: dict[str, Any] = dict(self.text_encoders, **self.tokenizers)
+        if self.family.name == "sd":
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return getattr(diffusers, name)(unet=self.unet, vae=self.vae, scheduler=self.scheduler, **parts)
+
+
+def load_model(
+    model: str, *, allow_pickle: bool = False, config: str | None = None, seed: int | None = None
+) -> Components:
+    """Dispatch on what ``model`` names: a preset, a diffusers folder, or a single checkpoint file."""
+    check_model_arg(model)
+    if model in PRESETS:
+        preset = get_preset(model)
+        return components_from_preset(preset, preset.seed if seed is None else seed)
+    path = Path(model)
+    if path.is_dir():
+        return components_from_folder(path, allow_pickle=allow_pickle)
+    return components_from_single_file(path, config=config, allow_pickle=allow_pickle)
+
+
+def check_model_arg(model: str) -> None:
+    """Fail fast, before anything slow starts, when ``model`` names nothing."""
+    if model not in PRESETS and not Path(model).exists():
+        raise SdrtError(
+            f"{model}: no such preset, folder or file; presets are {', '.join(PRESETS)}, "
+            "or give a diffusers folder or a .safetensors file"
+        )
+
+
+# -- presets -----------------------------------------------------------------------------------------------
+
+
+def byte_level_clip_tokenizer(pad_token: str) -> Any:
+    """A CLIP tokenizer whose vocabulary is CLIP's 512 byte-level symbols and its two special tokens.
+
+    It splits text exactly as CLIP's pre-tokenizer does but has no merges (CLIP's 48,894 merges cannot be
+    downloaded here); a real checkpoint always brings its own tokenizer.
+    """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
+
+
+def components_from_preset(preset: Preset, seed: int) -> Components:
+    """Build the preset's modules with weights drawn from ``torch.manual_seed(seed)``, in a fixed order."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_encoders, tokenizers = {}, {}
+    for i, spec in enumerate(preset.text_encoders):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        tok = byte_level_clip_tokenizer(spec.pad_token)
+        cfg = CLIPTextConfig(
+            **spec.config,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+        text_encoders["text_encoder" + suffix] = cls(cfg).eval()
+        tokenizers["tokenizer" + suffix] = tok
+    unet = diffusers.UNet2DConditionModel(**preset.unet).eval()
+    vae = diffusers.AutoencoderKL(**preset.vae).eval()
+    sched_cls, sched_cfg = preset.scheduler
+    scheduler = getattr(diffusers, sched_cls)(**sched_cfg)
+    source = {"kind": "preset", "name": preset.name, "seed": seed}
+    return Components(preset.family, unet, vae, text_encoders, tokenizers, scheduler, source)
+
+
+# -- diffusers folders --------------------------------------------------------------------------------------
+
+
+def _read_model_index(folder: Path) -> dict[str, Any]:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise SdrtError(
+            f"{folder} is not a Stable Diffusion pipeline folder (no model_index.json); "
+            "give a diffusers folder, a .safetensors file or a preset name"
+        )
+    try:
+        return json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise SdrtError(f"{index} is damaged ({err})") from None
+
+
+def _weights_format(folder: Path, component: str, allow_pickle: bool) -> bool:
+    """True to load safetensors; refuses a component stored only as a pickle unless allowed."""
+    sub = folder / component
+    if not sub.is_dir():
+        raise SdrtError(f"{folder} has no {component}/ folder; the pipeline folder is incomplete")
+    if any(sub.glob("*.safetensors")):
+        return True
+    if any(sub.glob("*.bin")) or any(sub.glob("*.ckpt")):
+        if allow_pickle:
+            return False
+        raise SdrtError(f"{sub} holds only pickle weights (.bin); {_PICKLE_HINT}")
+    raise SdrtError(f"{sub} has no weights (.safetensors); the pipeline folder is incomplete")
+
+
+def _folder_hashes(folder: Path) -> dict[str, str]:
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", ".safetensors", ".bin")]
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(files)}
+
+
+def components_from_folder(folder: Path, *, allow_pickle: bool = False) -> Components:
+    import diffusers
+    import transformers
+
+    index = _read_model_index(folder)
+    family = family_of_pipeline(index.get("_class_name", "?"))
+    kw = dict(local_files_only=True)
+    safe = {c: _weights_format(folder, c, allow_pickle) for c in ("unet", "vae", *family.text_encoders)}
+    try:
+        unet = diffusers.UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", use_safetensors=safe["unet"], **kw
+        )
+        vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safe["vae"], **kw)
+        text_encoders, tokenizers = {}, {}
+        for name in family.text_encoders:
+            cls = getattr(transformers, index[name][1])  # e.g. ["transformers", "CLIPTextModel"]
+            text_encoders[name] = cls.from_pretrained(folder, subfolder=name, use_safetensors=safe[name], **kw)
+            tok = name.replace("text_encoder", "tokenizer")
+            tokenizers[tok] = transformers.CLIPTokenizer.from_pretrained(folder, subfolder=tok, **kw)
+        sched_cls = getattr(diffusers, index["scheduler"][1])
+        scheduler = sched_cls.from_pretrained(folder, subfolder="scheduler", **kw)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise SdrtError(f"{folder}: cannot load the pipeline ({str(err).splitlines()[0]})") from None
+    for m in (unet, vae, *text_encoders.values()):
+        m.float().eval()
+    source = {"kind": "diffusers", "path": str(folder.resolve()), "sha256": _folder_hashes(folder)}
+    return Components(family, unet, vae, text_encoders, tokenizers, scheduler, source)
+
+
+# -- single checkpoint files ----------------------------------------------------------------------------------
+
+
+def _single_file_family(path: Path, config: str | None) -> Family:
+    if config is not None:
+        return family_of_pipeline(_read_model_index(Path(config)).get("_class_name", "?"))
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise SdrtError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return family_of_pipeline("StableDiffusionXLPipeline")
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return family_of_pipeline("StableDiffusionPipeline")
+    raise SdrtError(f"{path} does not look like a Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
+
+
+def components_from_single_file(path: Path, *, config: str | None = None, allow_pickle: bool = False) -> Components:
+    """Load one original-layout checkpoint through diffusers' single-file loader.
+
+    The file holds weights only: the pipeline's configs and tokenizer come from ``config`` (a diffusers folder of
+    the same architecture) or, without it, from the Hugging Face cache, never from the network.
+    """
+    import diffusers
+
+    pickle = path.suffix in PICKLE_SUFFIXES
+    if pickle and not allow_pickle:
+        raise SdrtError(f"{path} is a pickle checkpoint; {_PICKLE_HINT}")
+    if not pickle and path.suffix != ".safetensors":
+        raise SdrtError(f"{path}: unknown checkpoint format; give a .safetensors file or a diffusers folder")
+    family = _single_file_family(path, config) if not pickle else family_of_pipeline("StableDiffusionPipeline")
+    cls = getattr(diffusers, family.pipeline_classes[0])
+    extra = (
+        dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family.name == "sd" else {}
+    )
+    try:
+        pipe = cls.from_single_file(str(path), config=config, local_files_only=True, **extra)
+    except Exception as err:  # diffusers raises many types here; all mean "cannot load this file"
+        hint = (
+            ""
+            if config
+            else "; pass --config DIR (a diffusers folder of the same architecture, for its configs and tokenizer)"
+        )
+        raise SdrtError(f"{path}: cannot load as a single-file checkpoint ({str(err).splitlines()[0]}){hint}") from None
+    for m in (pipe.unet, pipe.vae, *(getattr(pipe, n) for n in family.text_encoders)):
+        m.float().eval()
+    source = {"kind": "single_file", "path": str(path.resolve()), "sha256": sha256_file(path), "config": config}
+    return Components(
+        family,
+        pipe.unet,
+        pipe.vae,
+        {n: getattr(pipe, n) for n in family.text_encoders},
+        {
+            n.replace("text_encoder", "tokenizer"): getattr(pipe, n.replace("text_encoder", "tokenizer"))
+            for n in family.text_encoders
+        },
+        pipe.scheduler,
+        source,
+    )

@@ -1,0 +1,247 @@
+"""PyTorch module -> ONNX file, and fp32 ONNX -> strongly-typed fp16 ONNX.
+
+TensorRT 11 builds strongly typed networks only, so an fp16 engine needs a real fp16 graph: weights and
+activations in float16, with float32 kept, by explicit Casts in the graph, exactly where fp16 is known to break.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import gc
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from sdrt.export.graphs import (
+    LATENT_MULTIPLE,
+    TRACE_HK,
+    TRACE_ROWS,
+    TRACE_WK,
+    Dims,
+    Graph,
+    dynamic_shapes,
+    sample_inputs,
+)
+
+OPSET = 21  # GroupNormalization-21 / LayerNormalization keep their statistics in float32 (stash_type=1)
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for the graph itself
+
+# Float32 islands in fp16 graphs, and why:
+# - GroupNormalization / LayerNormalization: the mean and variance of a group of 4096 activations overflow or
+#   lose all precision in fp16 (the classic black-image failure of SD VAEs), so statistics and scaling run in fp32.
+# - Softmax: exp() of attention logits and the row sum accumulate in fp32 (diffusers' upcast_softmax).
+# - The timestep / time_ids embeddings (see `_conditioning_nodes`): sin/cos of t * freq for t up to 1000
+#   needs more than fp16's 11 bits of mantissa; diffusers computes them in fp32 too.
+FP32_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization", "Softmax")
+
+
+def export_torch(g: Graph, dims: Dims, path: Path, opset: int = OPSET) -> None:
+    """Trace ``g.module`` with torch.export (dynamic rows and sizes) and write fp32 ONNX to ``path``."""
+    h, w = TRACE_HK * LATENT_MULTIPLE, TRACE_WK * LATENT_MULTIPLE
+    example = sample_inputs(g, rows=TRACE_ROWS, h=h, w=w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(
+            g.module,
+            tuple(example.values()),
+            str(path),
+            input_names=list(g.inputs),
+            output_names=list(g.outputs),
+            dynamic_shapes=dynamic_shapes(g, dims),
+            dynamo=True,
+            opset_version=opset,
+            external_data=True,
+            optimize=True,
+            verbose=False,
+        )
+
+
+def save_torch_program(g: Graph, dims: Dims, path: Path, fp16: bool) -> None:
+    """``torch.export`` the module (in fp16 where the graph is fp16, as diffusers runs it) and save it as a .pt2
+    program, which the runtime's torch backend loads with torch alone."""
+    h, w = TRACE_HK * LATENT_MULTIPLE, TRACE_WK * LATENT_MULTIPLE
+    example = sample_inputs(g, rows=TRACE_ROWS, h=h, w=w, generator=torch.Generator().manual_seed(0))
+    module = g.module
+    if fp16:
+        module = _half_copy(module)
+        keep = set(g.keep_fp32_inputs)
+        example = {k: v.half() if v.is_floating_point() and k not in keep else v for k, v in example.items()}
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.export.export(module, tuple(example.values()), dynamic_shapes=dynamic_shapes(g, dims))
+        torch.export.save(program, str(path))
+
+
+def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """An fp16 copy that costs only the fp16 bytes: deepcopy with every float tensor pre-mapped to its half.
+    (The original stays fp32: the VAE module serves two graphs, and the ONNX graphs come from fp32 weights.)"""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().half() if p.is_floating_point() else p.detach(), False)
+    for b in module.buffers():
+        memo[id(b)] = b.half() if b.is_floating_point() else b.clone()
+    return copy.deepcopy(module, memo)
+
+
+def release_exporter_memory() -> None:
+    """Let the traced module's weights go.
+
+    onnxscript's graph rewriter (run by the exporter's optimize step) keeps its pattern matchers as module-level
+    objects, and each keeps its last match and graph, whose initializers are views of the PyTorch parameters: the
+    whole U-Net (3.4 GB for SD 1.5) would stay alive through fp16 conversion and verification. Reset them, then
+    hand freed heap pages back to the OS."""
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # a future onnxscript without these internals: nothing to reset
+        PatternMatcher = None
+    if PatternMatcher is not None:
+        for obj in gc.get_objects():
+            if isinstance(obj, PatternMatcher) and hasattr(obj, "_init_match"):
+                obj._init_match(0)
+                obj._graph = None
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc keeps them otherwise, and a 3.4 GB graph's
+    worth of freed float32 buffers would count against the next step's memory)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter warns about torchvision ops and pytree deprecations that do not concern these graphs."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            log.setLevel(level)
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Save ``model``; weights go to ``<name>.data`` beside it when the graph would pass 2 GB. Returns file names."""
+    data = path.name + ".data"
+    big = _initializer_bytes(model) > _EXTERNAL_DATA_BYTES
+    if (path.parent / data).exists():
+        os.remove(path.parent / data)
+    onnx.save_model(
+        model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data, size_threshold=1024
+    )
+    return [path.name, data] if big else [path.name]
+
+
+def _conditioning_nodes(graph: onnx.GraphProto, fp32_inputs: tuple[str, ...]) -> list[str]:
+    """Nodes computed from the fp32 conditioning inputs alone (timestep -> sin/cos embedding), up to the first
+    matrix product: diffusers runs exactly this part in fp32 and casts before the embedding's Linear layers."""
+    fp32 = set(fp32_inputs)
+    static = {t.name for t in graph.initializer}
+    names = []
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            continue
+        ins = [i for i in node.input if i]
+        if ins and any(i in fp32 for i in ins) and all(i in fp32 or i in static for i in ins):
+            names.append(node.name)
+            fp32.update(node.output)
+    return names
+
+
+def _attention_logit_nodes(graph: onnx.GraphProto) -> list[str]:
+    """For `upcast_attention` models (SD 2.x): the Q·Kᵀ product and its scaling before each Softmax."""
+    producer = {o: n for n in graph.node for o in n.output}
+    names = []
+    for node in graph.node:
+        if node.op_type != "Softmax":
+            continue
+        cur = producer.get(node.input[0])
+        while cur is not None and cur.op_type in ("Mul", "Div", "Add", "Cast", "MatMul"):
+            names.append(cur.name)
+            if cur.op_type == "MatMul":
+                break
+            cur = producer.get(cur.input[0])
+    return names
+
+
+def fp16_from_fp32(src: Path, g: Graph) -> onnx.ModelProto:
+    """Convert the fp32 ONNX file ``src`` to fp16 with ORT's converter and this project's fp32 islands."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(src))
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            raise ValueError(f"{src}: node {i} ({node.op_type}) has no name; cannot address it for fp16 conversion")
+    keep = _conditioning_nodes(model.graph, g.keep_fp32_inputs)
+    if g.upcast_attention:
+        keep += _attention_logit_nodes(model.graph)
+    # The exporter records the type of every intermediate value, so the converter's own shape inference (which
+    # for graphs over 2 GB writes and re-reads a full copy on disk) is not needed.
+    model = convert_float_to_float16(
+        model,
+        disable_shape_infer=True,
+        keep_io_types=list(g.keep_fp32_inputs),
+        op_block_list=DEFAULT_OP_BLOCK_LIST + list(FP32_OPS),
+        node_block_list=keep,
+    )
+    _drop_duplicate_casts(model.graph)
+    OnnxModel(model).topological_sort()  # the converter appends its Casts out of order
+    trim_heap()  # the float32 buffers the converter replaced
+    return model
+
+
+def _drop_duplicate_casts(graph: onnx.GraphProto) -> None:
+    """The converter emits one Cast per use of a shared fp32 initializer, all with the same output name.
+    Identical duplicates are dropped; any other clash of output names is a real error."""
+    seen: dict[str, onnx.NodeProto] = {}
+    keep = []
+    for node in graph.node:
+        clash = [o for o in node.output if o in seen]
+        if not clash:
+            seen.update({o: node for o in node.output})
+            keep.append(node)
+            continue
+        first = seen[clash[0]]
+        if (node.op_type, list(node.input), list(node.output), list(node.attribute)) != (
+            first.op_type,
+            list(first.input),
+            list(first.output),
+            list(first.attribute),
+        ):
+            raise ValueError(f"fp16 conversion produced two different nodes writing {clash[0]!r}")
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def io_types(model: onnx.ModelProto) -> dict[str, str]:
+    """``{input or output name: element type}`` as the graph declares them, e.g. ``float16``."""
+    values = list(model.graph.input) + list(model.graph.output)
+    return {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in values}
+
+
+def graph_precision(model: onnx.ModelProto) -> dict[str, int]:
+    """Count initializer elements per data type: the evidence that a graph really is fp16."""
+    counts: dict[str, int] = {}
+    for t in model.graph.initializer:
+        name = onnx.TensorProto.DataType.Name(t.data_type).lower()
+        n = 1
+        for d in t.dims:
+            n *= d
+        counts[name] = counts.get(name, 0) + n
+    return counts

@@ -1,0 +1,155 @@
+"""The `sdrt` command. Each subcommand imports its stage only when it runs, so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sdrt.runtime.errors import SdrtError
+
+PRECISIONS = ("fp16", "fp32")
+
+
+def _export_stage():
+    try:
+        import sdrt.export as export
+    except ImportError as err:
+        raise SdrtError(
+            f"the export stage needs its extra dependencies ({err.name} is missing): pip install 'sdrt[export]'"
+        ) from None
+    return export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    export = _export_stage()
+    dims = None
+    if args.min_size or args.max_size or args.max_batch:
+        from sdrt.export.graphs import Dims
+
+        c_lo, c_hi = (args.min_size, args.max_size)
+        if not (c_lo and c_hi):
+            raise SdrtError("give --min-size and --max-size together")
+        dims = Dims(c_lo, c_hi, args.max_batch or 4)
+    export.export_model(
+        args.model,
+        args.dir,
+        precision=args.precision,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        config=args.config,
+        seed=args.seed,
+        dims=dims,
+        torch_programs=args.torch_programs,
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = _export_stage().verify_directory(args.dir)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print(
+        f"{args.dir}: OK ({report['files']} files match their SHA-256"
+        + (f", {len(report['graphs'])} graphs match their source)" if report["graphs"] else ")")
+    )
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from sdrt.export.presets import PRESETS
+
+    for p in PRESETS.values():
+        lo, hi = p.sizes
+        print(f"{p.name:10s} {p.family.name:5s} {lo}-{hi} px  {p.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdrt", description="Stable Diffusion as verified ONNX graphs and fp16 TensorRT engines."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser(
+        "export",
+        help="checkpoint -> verified ONNX engine directory",
+        description="Trace CLIP, U-Net and VAE of MODEL to ONNX in DIR, verify each graph with ONNX "
+        "Runtime against PyTorch, and write manifest.json.",
+    )
+    e.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a preset (see `sdrt presets`), a diffusers folder, or one .safetensors checkpoint",
+    )
+    e.add_argument("dir", metavar="DIR", help="the engine directory to write")
+    e.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp16",
+        help="fp16 (default): real fp16 graphs for TensorRT; fp32: for verification and the CPU",
+    )
+    e.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    e.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load .ckpt/.pt/.bin pickle weights (they can run code: only for files you trust)",
+    )
+    e.add_argument(
+        "--config",
+        metavar="DIR",
+        help="for a single-file checkpoint: a diffusers folder of the same "
+        "architecture to take configs and tokenizer from (default: the Hugging Face cache)",
+    )
+    e.add_argument("--seed", type=int, help="for a preset: the seed of its random weights (default: the preset's)")
+    e.add_argument("--min-size", type=int, help="smallest image side the graphs accept, px (multiple of 64)")
+    e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (multiple of 64)")
+    e.add_argument("--max-batch", type=int, help="most images per prompt the graphs accept (default 4)")
+    e.add_argument(
+        "--torch-programs",
+        action="store_true",
+        help="also save each graph as a torch.export program (*.pt2) for the runtime's torch backend",
+    )
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser(
+        "verify",
+        help="re-check an engine directory",
+        description="Check every file of DIR against its SHA-256 in the manifest, run the ONNX "
+        "checker, and re-run ONNX Runtime against the source modules when the source is available.",
+    )
+    v.add_argument("dir", metavar="DIR")
+    v.add_argument("--json", action="store_true", help="print the full report as JSON")
+    v.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("presets", help="list the built-in presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"sdrt: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = logging.getLogger("sdrt")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except SdrtError as err:
+        print(f"sdrt: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

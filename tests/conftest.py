@@ -1,0 +1,199 @@
+"""Session fixtures: small random-weight pipelines saved as diffusers folders, and their exports (cached).
+
+The configurations are written out here with diffusers' and transformers' own classes, not taken from
+sdrt's presets, so the references the tests compare against do not come from the code under test.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+CLIP = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+VAE = dict(
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=16,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=64,
+)
+UNETS = {
+    "sd1": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    ),
+    # SD 2.x: v-prediction (scheduler), linear projections, upcast attention, per-block head counts
+    "sd2": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
+    "sdxl": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=32 + 64,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+    ),
+}
+SIZES = ["--min-size", "64", "--max-size", "192", "--max-batch", "2"]  # small ranges keep the checks fast
+
+
+def tokenizer(pad_token: str):
+    """A CLIP tokenizer over CLIP's 512 byte-level symbols (no merges), as transformers builds it."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
+
+
+def build_pipeline(kind: str, seed: int = 0):
+    """A diffusers pipeline of the given kind ("sd1", "sd2", "sdxl") with seeded random weights."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=512, eos_token_id=513)
+    unet = diffusers.UNet2DConditionModel(**UNETS[kind])
+    vae = diffusers.AutoencoderKL(**VAE, scaling_factor=0.13025 if kind == "sdxl" else 0.18215)
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    if kind == "sdxl":
+        te1 = CLIPTextModel(CLIPTextConfig(**CLIP, hidden_act="quick_gelu", pad_token_id=513, **ids))
+        # diffusers tells SDXL's two encoders apart in single files by their width: they must differ
+        wide = dict(CLIP, hidden_size=64)
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**wide, hidden_act="gelu", pad_token_id=0, **ids))
+        return diffusers.StableDiffusionXLPipeline(
+            vae=vae,
+            unet=unet,
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tokenizer("<|endoftext|>"),
+            tokenizer_2=tokenizer("!"),
+            scheduler=diffusers.EulerDiscreteScheduler(**betas, timestep_spacing="leading"),
+        )
+    v2 = kind == "sd2"
+    te = CLIPTextModel(CLIPTextConfig(**CLIP, hidden_act="gelu" if v2 else "quick_gelu", pad_token_id=0, **ids))
+    sched = (
+        diffusers.DDIMScheduler(**betas, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False)
+        if v2
+        else diffusers.PNDMScheduler(**betas, skip_prk_steps=True, set_alpha_to_one=False)
+    )
+    return diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tokenizer("!" if v2 else "<|endoftext|>"),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """{"sd1"|"sd2"|"sdxl": diffusers folder} written with save_pretrained (safetensors)."""
+    root = tmp_path_factory.mktemp("pipelines")
+    out = {}
+    for kind in UNETS:
+        build_pipeline(kind).save_pretrained(root / kind)
+        out[kind] = root / kind
+    return out
+
+
+@pytest.fixture(scope="session")
+def configs(folders, tmp_path_factory) -> dict[str, Path]:
+    """{kind: the diffusers folder without its weights}: what a single file needs beside it (configs, tokenizer).
+    Without weights, diffusers cannot quietly fall back to the folder when it fails to read the single file."""
+    root = tmp_path_factory.mktemp("configs")
+    for kind, folder in folders.items():
+        shutil.copytree(folder, root / kind, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return {kind: root / kind for kind in folders}
+
+
+@pytest.fixture(scope="session")
+def single_files(folders, tmp_path_factory) -> dict[str, Path]:
+    """{kind: one .safetensors file in the original (LDM) layout} for the same pipelines."""
+    import diffusers
+    from ldm_checkpoint import save_ldm_checkpoint
+
+    root = tmp_path_factory.mktemp("single")
+    out = {}
+    for kind, folder in folders.items():
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        out[kind] = root / f"{kind}.safetensors"
+        save_ldm_checkpoint(out[kind], pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    return out
+
+
+class Exports:
+    """Engine directories exported on demand through the CLI and cached for the session (tracing is slow)."""
+
+    def __init__(self, root: Path, folders: dict[str, Path], fixture):
+        self.root, self.folders, self._fixture = root, folders, fixture
+        self.cache: dict[tuple[str, str], Path] = {}
+
+    def get(self, kind: str, precision: str, single_file: bool = False) -> Path:
+        from sdrt.runtime.cli import main
+
+        key = (kind + ("-single" if single_file else ""), precision)
+        if key not in self.cache:
+            dest = self.root / f"{key[0]}-{precision}"
+            model = self._fixture("single_files")[kind] if single_file else self.folders[kind]
+            extra = ["--config", str(self._fixture("configs")[kind])] if single_file else []
+            rc = main(["export", str(model), str(dest), "--precision", precision, *SIZES, *extra])
+            assert rc == 0, f"export of {key} failed"
+            self.cache[key] = dest
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, folders, request) -> Exports:
+    return Exports(tmp_path_factory.mktemp("exports"), folders, request.getfixturevalue)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is available; elsewhere they are reported as skipped, not failed."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

@@ -1,0 +1,220 @@
+"""Exported graphs against diffusers modules loaded by diffusers from the same files, and the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+TOL = {"fp32": 1e-4, "fp16": 2e-2}
+DESIGN_IO = {  # DESIGN.md's graph I/O names
+    "text_encoder": (["input_ids"], ["text_embeddings"]),
+    "unet": (["sample", "timestep", "encoder_hidden_states"], ["noise_pred"]),
+    "vae_decoder": (["latent"], ["images"]),
+    "vae_encoder": (["images"], ["latent_mean", "latent_logvar"]),
+}
+SDXL_IO = {
+    "text_encoder_2": (["input_ids"], ["text_embeddings", "pooled_embeddings"]),
+    "unet": (["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["noise_pred"]),
+}
+NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32}
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def diffusers_modules(folder: Path):
+    """The pipeline's modules as diffusers itself loads them from the saved folder."""
+    import diffusers
+
+    return diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+
+
+def reference(pipe, graph: str, x: dict[str, torch.Tensor], sdxl: bool) -> list[torch.Tensor]:
+    """What each graph must compute, written with diffusers' and transformers' public calls."""
+    with torch.no_grad():
+        if graph.startswith("text_encoder"):
+            out = getattr(pipe, graph)(x["input_ids"].long(), output_hidden_states=True)
+            states = out.hidden_states[-2] if sdxl else out.last_hidden_state
+            return [states, out.text_embeds] if graph == "text_encoder_2" else [states]
+        if graph == "unet":
+            added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]} if sdxl else None
+            return [pipe.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], added_cond_kwargs=added).sample]
+        if graph == "vae_decoder":
+            return [pipe.vae.decode(x["latent"] / pipe.vae.config.scaling_factor).sample]
+        dist = pipe.vae.encode(x["images"]).latent_dist
+        return [dist.mean, dist.logvar]
+
+
+def random_inputs(session: ort.InferenceSession, rows: int, h: int, w: int, gen: torch.Generator) -> dict:
+    x = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            t = torch.randint(0, 514, (rows, 77), generator=gen, dtype=torch.int32)
+        elif i.name == "timestep":
+            t = torch.tensor([981.0, 3.0][:rows])
+        elif i.name == "time_ids":
+            t = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * rows, dtype=torch.float32)
+        elif i.name == "images":
+            t = torch.rand(rows, 3, h * 8, w * 8, generator=gen) * 2 - 1
+        elif i.name in ("sample", "latent"):
+            t = torch.randn(rows, 4, h, w, generator=gen)
+        else:  # encoder_hidden_states, text_embeds: take the non-batch dims from the graph
+            t = torch.randn(rows, *i.shape[1:], generator=gen)
+        x[i.name] = t
+    return x
+
+
+CASES = [(k, p) for k in ("sd1", "sd2", "sdxl") for p in ("fp32", "fp16")]
+
+
+@pytest.mark.parametrize("kind,precision", CASES)
+def test_graphs_match_diffusers(kind, precision, exports, folders):
+    out_dir = exports.get(kind, precision)
+    check_against(diffusers_modules(folders[kind]), out_dir, kind, precision)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_single_file_export_matches_the_original_modules(kind, exports, folders, single_files):
+    """A single file (original layout, configs from a weightless folder) exports the very same model."""
+    out_dir = exports.get(kind, "fp32", single_file=True)
+    check_against(diffusers_modules(folders[kind]), out_dir, kind, "fp32")
+    source = json.loads((out_dir / "manifest.json").read_text())["source"]
+    assert source["kind"] == "single_file"
+    assert source["sha256"] == hashlib.sha256(single_files[kind].read_bytes()).hexdigest()
+
+
+def check_against(pipe, out_dir: Path, kind: str, precision: str) -> None:
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    gen = torch.Generator().manual_seed(7)
+    # two shapes each: one row square, two rows non-square (latent 8x8 and 16x24 -> 64x64 and 128x192 px)
+    for name, entry in manifest["graphs"].items():
+        session = ort.InferenceSession(str(out_dir / entry["file"]), providers=["CPUExecutionProvider"])
+        for rows, h, w in [(1, 8, 8), (2, 16, 24)]:
+            x = random_inputs(session, rows, h, w, gen)
+            feeds = {i.name: x[i.name].numpy().astype(NP[i.type]) for i in session.get_inputs()}
+            outs = session.run(None, feeds)
+            refs = reference(pipe, name, x, kind == "sdxl")
+            assert len(outs) == len(refs)
+            for o, r in zip(outs, refs, strict=True):
+                assert o.shape == tuple(r.shape)
+                tol = TOL["fp32" if entry["precision"] == "fp32" else precision]
+                err = rel_l2(o, r.numpy())
+                assert err <= tol, f"{name} at {(rows, h, w)}: rel L2 {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_manifest_describes_the_directory(kind, exports, folders):
+    out_dir = exports.get(kind, "fp16")
+    m = json.loads((out_dir / "manifest.json").read_text())
+    # every file on disk is listed with its real SHA-256, and nothing else is
+    on_disk = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(m["files"]) == on_disk
+    for name, digest in m["files"].items():
+        assert hashlib.sha256((out_dir / name).read_bytes()).hexdigest() == digest
+    # I/O names as DESIGN.md fixes them
+    io = dict(DESIGN_IO, **(SDXL_IO if kind == "sdxl" else {}))
+    assert set(m["graphs"]) == set(io)
+    for name, entry in m["graphs"].items():
+        g = onnx.load(str(out_dir / entry["file"]), load_external_data=False)
+        assert ([i.name for i in g.graph.input], [o.name for o in g.graph.output]) == io[name]
+        assert all(e <= entry["verify"]["tolerance"] for e in entry["verify"]["rel_l2"].values())
+        assert len(entry["verify"]["shapes"]) >= 2
+    assert m["shapes"] == {"min_px": 64, "max_px": 192, "px_multiple": 64, "max_images": 2}
+    assert m["source"]["kind"] == "diffusers" and m["precision"] == "fp16"
+    assert {"torch", "diffusers", "onnx", "onnxruntime"} <= set(m["tools"])
+    # the schedule and latent scaling are the checkpoint's own
+    sched = json.loads((folders[kind] / "scheduler" / "scheduler_config.json").read_text())
+    assert m["scheduler"]["class"] == sched["_class_name"]
+    for key in ("beta_start", "beta_end", "beta_schedule", "steps_offset", "prediction_type"):
+        if key in sched:
+            assert m["scheduler"]["config"][key] == sched[key]
+    vae = json.loads((folders[kind] / "vae" / "config.json").read_text())
+    assert m["latent"]["scaling_factor"] == vae["scaling_factor"]
+
+
+def test_betas_are_diffusers_betas(exports, folders):
+    import diffusers
+
+    m = json.loads((exports.get("sd2", "fp16") / "manifest.json").read_text())
+    sched = diffusers.DDIMScheduler.from_pretrained(folders["sd2"], subfolder="scheduler")
+    np.testing.assert_array_equal(np.array(m["scheduler"]["betas"], np.float32), sched.betas.numpy())
+    assert m["scheduler"]["config"]["prediction_type"] == "v_prediction"
+
+
+@pytest.mark.parametrize("kind", ["sd2", "sdxl"])
+def test_tokenizer_files_tokenize_like_transformers(kind, exports, folders):
+    """The runtime reads tokenizer.json with `tokenizers` alone; it must give transformers' ids."""
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizer
+
+    out_dir = exports.get(kind, "fp16")
+    m = json.loads((out_dir / "manifest.json").read_text())
+    for name, entry in m["tokenizers"].items():
+        ref = CLIPTokenizer.from_pretrained(folders[kind], subfolder=name)
+        tok = Tokenizer.from_file(str(out_dir / entry["file"]))
+        tok.enable_truncation(entry["max_length"])
+        tok.enable_padding(length=entry["max_length"], pad_id=entry["pad_token_id"])
+        for text in ["a photo of an astronaut riding a horse, 4k", "", "Ünïcode  spaces\tand ,,punctuation!!"]:
+            want = ref(text, padding="max_length", max_length=77, truncation=True).input_ids
+            assert tok.encode(text).ids == want
+
+
+def test_fp16_graphs_keep_fp32_islands(exports):
+    """fp16 weights, float32 timestep, normalisation and softmax fed by Casts to float32; SDXL's VAE fp32."""
+    out_dir = exports.get("sdxl", "fp16")
+    m = json.loads((out_dir / "manifest.json").read_text())
+    unet = onnx.load(str(out_dir / "unet.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*unet.graph.input, *unet.graph.output]}
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert types == {
+        "sample": F16,
+        "timestep": F32,
+        "encoder_hidden_states": F16,
+        "text_embeds": F16,
+        "time_ids": F32,
+        "noise_pred": F16,
+    }
+    weights = m["graphs"]["unet"]["initializer_elements"]
+    assert weights["float16"] > 50 * weights.get("float", 0)
+    producers = {o: n for n in unet.graph.node for o in n.output}
+    for node in unet.graph.node:
+        if node.op_type in ("GroupNormalization", "LayerNormalization", "Softmax"):
+            src = producers[node.input[0]]
+            assert src.op_type == "Cast" and src.attribute[0].i == F32, node.name
+    for vae in ("vae_decoder", "vae_encoder"):
+        assert m["graphs"][vae]["precision"] == "fp32"
+        assert "float16" not in m["graphs"][vae]["initializer_elements"]
+
+
+def test_large_graphs_use_external_data(tmp_path, monkeypatch):
+    """Past the protobuf limit the weights go to one .data file beside the graph, which ORT and the checker read."""
+    from onnx import helper
+
+    from sdrt.export import onnx_io
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    monkeypatch.setattr(onnx_io, "_EXTERNAL_DATA_BYTES", 1000)
+    files = onnx_io.save_onnx(model, tmp_path / "g.onnx")
+    assert files == ["g.onnx", "g.onnx.data"]
+    assert (tmp_path / "g.onnx").stat().st_size < w.nbytes <= (tmp_path / "g.onnx.data").stat().st_size
+    onnx.checker.check_model(str(tmp_path / "g.onnx"))
+    x = np.ones((1, 64), np.float32)
+    y = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5)
