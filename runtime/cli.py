@@ -57,6 +57,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    _export_stage()
+    from pathlib import Path
+
+    from sdrt.export.build import BuildOptions, build_directory
+
+    if args.workspace is not None and args.workspace <= 0:
+        raise SdrtError(f"--workspace {args.workspace} must be a positive number of GiB")
+    opts = BuildOptions(
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        dynamic=args.dynamic,
+        workspace_gib=args.workspace,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        backend=args.backend,
+        force=args.force,
+    )
+    report = build_directory(args.dir, opts)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print(report["operator_check"])
+    for problem in report["operators"]:
+        print(f"  {problem}")
+    if "skipped" in report:
+        print(f"{report['skipped']}; {report['install']}")
+        return 0
+    for name, r in report["graphs"].items():
+        done = f"{r['action']} ({r['why']})" if r["action"] != "built" else "built"
+        print(f"{name:15s} {done}" + (f" in {r['seconds']:.1f}s" if r["action"] != "skipped" else ""))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from sdrt.export.presets import PRESETS
 
@@ -122,6 +155,50 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", metavar="DIR")
     v.add_argument("--json", action="store_true", help="print the full report as JSON")
     v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser(
+        "build",
+        help="ONNX graphs of DIR -> TensorRT plans",
+        description="Build an fp16 TensorRT plan beside each ONNX graph of DIR (unet.onnx -> unet.plan), "
+        "skipping plans whose build key (ONNX hash, precision, profile, builder options, TensorRT, GPU) matches. "
+        "Checks every node against TensorRT's ONNX operator list first. Without TensorRT, DIR is left as it is, "
+        "ready for ONNX Runtime.",
+    )
+    b.add_argument("dir", metavar="DIR")
+    b.add_argument(
+        "--backend",
+        choices=("auto", "tensorrt"),
+        default="auto",
+        help="auto (default): without TensorRT, say so and leave DIR for ONNX Runtime; tensorrt: require TensorRT",
+    )
+    b.add_argument(
+        "--height",
+        type=int,
+        metavar="PX",
+        help="image height of the static profile, px (with --dynamic: its opt size); default: the model's native size",
+    )
+    b.add_argument("--width", type=int, metavar="PX", help="image width, px; as --height")
+    b.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per prompt of the static profile (default 1); the U-Net and text encoders get 2x rows",
+    )
+    b.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="one profile over the exported size and batch ranges instead of one static shape (slower plans)",
+    )
+    b.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit (default: TensorRT's)")
+    b.add_argument(
+        "--timing-cache",
+        metavar="PATH",
+        help="tactic timing cache reused across builds (default: ~/.cache/sdrt/, one per TensorRT version and GPU)",
+    )
+    b.add_argument("--force", action="store_true", help="rebuild plans even when their build key matches")
+    b.add_argument("--json", action="store_true", help="print the full report as JSON")
+    b.set_defaults(func=cmd_build)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=cmd_presets)

@@ -1,0 +1,248 @@
+"""`sdrt build DIR`: each ONNX graph of an engine directory -> a TensorRT plan beside it (unet.onnx -> unet.plan).
+
+A plan is rebuilt only when its build key changes: the ONNX files' SHA-256, the graph's precision, the shape
+profile, the builder options, the TensorRT version and the GPU (name and compute capability). The key and the
+plan's SHA-256 go into manifest["engines"][name]; `sdrt.runtime.plans.check_plan` refuses a plan whose key does
+not match the machine. Without TensorRT the directory is left exactly as it is: ONNX Runtime runs the graphs
+(its own graph optimisations at session creation do what an offline-optimised copy would, so none is written).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from sdrt.export.directory import Progress
+from sdrt.export.trt_engine import PlanFromOnnx, import_tensorrt
+from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import check_files, read_manifest, sha256_file, write_manifest
+from sdrt.runtime.plans import ENV_FIELDS, TrtEnvironment, current_trt_environment
+
+# The size each family was trained at: the default static size, and the opt point of a dynamic profile.
+NATIVE_PX = {"sd": 512, "sdxl": 1024}
+BACKENDS = ("auto", "tensorrt")
+INSTALL_HINT = "install TensorRT on a machine with an NVIDIA GPU and driver: pip install tensorrt"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    height: int | None = None  # px; static size (or the dynamic profile's opt); default: the family's native size
+    width: int | None = None
+    batch: int = 1  # images per prompt; the U-Net and text encoders see 2x as many rows (classifier-free guidance)
+    dynamic: bool = False  # one profile over the exported ranges instead of one static shape
+    workspace_gib: float | None = None  # builder workspace limit; None: TensorRT's default (the GPU's memory)
+    timing_cache: Path | None = None  # None: `default_timing_cache(env)`
+    backend: str = "auto"  # "auto": without TensorRT, leave DIR for ONNX Runtime; "tensorrt": require it
+    force: bool = False  # rebuild even when the key matches
+
+
+def _check_px(flag: str, px: int, shapes: dict[str, int]) -> None:
+    lo, hi, m = shapes["min_px"], shapes["max_px"], shapes["px_multiple"]
+    if px % m:
+        near = [v for v in (px // m * m, px // m * m + m) if lo <= v <= hi]
+        raise SdrtError(
+            f"{flag} {px} is not a multiple of {m}" + (f"; use {' or '.join(map(str, near))}" if near else "")
+        )
+    if not lo <= px <= hi:
+        raise SdrtError(
+            f"{flag} {px} is outside the {lo}-{hi} px the graphs were exported for; pick a size in range "
+            f"or re-export with --min-size/--max-size"
+        )
+
+
+def target_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int, int]:
+    """(images, height px, width px) of the static profile (or the dynamic one's opt), checked against the export."""
+    s = manifest["shapes"]
+    native = NATIVE_PX.get(manifest.get("family"), s["max_px"])
+    native = max(s["min_px"], min(s["max_px"], native // s["px_multiple"] * s["px_multiple"]))
+    h = native if opts.height is None else opts.height
+    w = native if opts.width is None else opts.width
+    _check_px("--height", h, s)
+    _check_px("--width", w, s)
+    if not 1 <= opts.batch <= s["max_images"]:
+        raise SdrtError(
+            f"--batch {opts.batch} is outside the 1-{s['max_images']} images the graphs were exported for; "
+            f"re-export with --max-batch {opts.batch}"
+        )
+    return opts.batch, h, w
+
+
+def _concrete(shape: list, rows: int, h: int, w: int, factor: int) -> list[int]:
+    # symbols (export/graphs.py): B rows, h/w latent, H/W pixels = factor * latent
+    values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor}
+    return [values[d] if isinstance(d, str) else d for d in shape]
+
+
+def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> dict[str, dict[str, list[int]]]:
+    """{input: {"min", "opt", "max": shape}} for graph ``name``: one static shape, or the export's ranges."""
+    graph, s = manifest["graphs"][name], manifest["shapes"]
+    factor = manifest["latent"]["vae_scale_factor"]
+    images, h_px, w_px = target_shape(manifest, opts)
+    per_image = graph["rows"][1] // s["max_images"]  # 2 under classifier-free guidance, else 1
+    opt = (per_image * images, h_px // factor, w_px // factor)
+    lo = (graph["rows"][0], s["min_px"] // factor, s["min_px"] // factor) if opts.dynamic else opt
+    hi = (graph["rows"][1], s["max_px"] // factor, s["max_px"] // factor) if opts.dynamic else opt
+    return {
+        n: {k: _concrete(i["shape"], *v, factor) for k, v in (("min", lo), ("opt", opt), ("max", hi))}
+        for n, i in graph["inputs"].items()
+    }
+
+
+def describe_profile(manifest: dict[str, Any], opts: BuildOptions) -> str:
+    images, h, w = target_shape(manifest, opts)
+    if not opts.dynamic:
+        return f"static {images} image(s) {h}x{w}"
+    s = manifest["shapes"]
+    return f"dynamic 1-{s['max_images']} image(s) {s['min_px']}-{s['max_px']} px, opt {images} image(s) {h}x{w}"
+
+
+def build_key(manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtEnvironment) -> dict[str, Any]:
+    """Everything a plan depends on. Equal keys (and an intact plan file) mean the plan need not be rebuilt."""
+    graph = manifest["graphs"][name]
+    return {
+        "onnx": {f: manifest["files"][f] for f in graph["files"]},
+        "precision": graph["precision"],
+        "profile": describe_profile(manifest, opts),
+        "profiles": [profile_shapes(manifest, name, opts)],
+        "builder": {"workspace_gib": opts.workspace_gib, "tf32": True},
+        **env._asdict(),
+    }
+
+
+def stale_reasons(entry: dict[str, Any] | None, key: dict[str, Any], plan_sha256: str | None) -> list[str]:
+    """Why the plan recorded in ``entry`` cannot be reused for ``key`` (empty: it can). ``plan_sha256``: the plan
+    file's hash now, None when it is missing."""
+    if not entry:
+        return ["no plan yet"]
+    old = entry.get("key", {})
+    reasons = []
+    if old.get("onnx") != key["onnx"]:
+        reasons.append("the ONNX graph changed")
+    if old.get("precision") != key["precision"]:
+        reasons.append(f"precision {old.get('precision')} -> {key['precision']}")
+    if old.get("profiles") != key["profiles"]:
+        reasons.append(f"profile {old.get('profile')} -> {key['profile']}")
+    ob, nb = old.get("builder", {}), key["builder"]
+    reasons += [f"{k} {ob.get(k)} -> {nb.get(k)}" for k in sorted(set(ob) | set(nb)) if ob.get(k) != nb.get(k)]
+    reasons += [f"{label} {old.get(f)} -> {key[f]}" for f, label in ENV_FIELDS.items() if old.get(f) != key[f]]
+    if not reasons and old != key:
+        reasons.append("the build key's format changed")
+    if plan_sha256 is None:
+        reasons.append(f"{entry.get('file')} is missing")
+    elif plan_sha256 != entry.get("sha256"):
+        reasons.append(f"{entry.get('file')} differs from its recorded SHA-256")
+    return reasons
+
+
+def default_timing_cache(env: TrtEnvironment) -> Path:
+    """~/.cache/sdrt/timing-<TensorRT version>-<GPU>-sm<cc>.cache: tactic timings are valid for one GPU and
+    TensorRT only, so each pair has its own cache."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", env.gpu).strip("-").lower()
+    return base / f"timing-trt{env.tensorrt}-{gpu}-sm{env.compute_capability.replace('.', '')}.cache"
+
+
+def check_operators(root: Path, manifest: dict[str, Any]) -> tuple[list[OpProblem], int]:
+    """TensorRT operator-list problems of every graph in ``root``, and how many nodes were checked."""
+    problems, nodes = [], 0
+    for name, graph in manifest["graphs"].items():
+        model = onnx.load(str(root / graph["file"]), load_external_data=False)  # the structure, not the weights
+        problems += check_model(model, name)
+        nodes += len(model.graph.node)
+    return problems, nodes
+
+
+def write_atomic(path: Path, data) -> None:
+    """Never a half-written plan: write beside it under a temporary name, then rename."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _trt_environment(opts: BuildOptions) -> tuple[TrtEnvironment | None, str]:
+    """This machine's TensorRT environment, or None and why not (an error under --backend tensorrt)."""
+    trt, why = import_tensorrt()
+    if trt is not None:
+        try:
+            return current_trt_environment(), ""
+        except SdrtError as err:
+            why = str(err)
+    if opts.backend == "tensorrt":
+        raise SdrtError(f"--backend tensorrt: {why}; {INSTALL_HINT}")
+    return None, why
+
+
+def build_directory(root: str | os.PathLike, opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Build (or skip, or rebuild) the plan of every graph in ``root``. Returns the report the CLI prints."""
+    if opts.backend not in BACKENDS:
+        raise SdrtError(f"unknown backend {opts.backend!r}; use {' or '.join(BACKENDS)}")
+    root, p = Path(root), progress or Progress()
+    manifest = read_manifest(root)
+    profile = describe_profile(manifest, opts)  # checks --height/--width/--batch before anything slow
+    problems, nodes = check_operators(root, manifest)
+    listed = f"TensorRT {'.'.join(map(str, LIST_VERSION))}'s ONNX operator list"
+    report: dict[str, Any] = {"profile": profile, "operators": [str(x) for x in problems], "graphs": {}}
+    report["operator_check"] = (
+        f"operator check: {len(problems)} of {nodes} nodes would fail ({listed})"
+        if problems
+        else f"operator check: all {nodes} nodes of {len(manifest['graphs'])} graphs are in {listed}"
+    )
+    env, why = _trt_environment(opts)
+    if env is None:
+        report["skipped"] = f"TensorRT is not available ({why}): no plans built; {root} stays ready for ONNX Runtime"
+        report["install"] = f"to build plans, {INSTALL_HINT}"
+        return report
+    if problems:
+        shown = "; ".join(map(str, problems[:5])) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        if tuple(int(x) for x in env.tensorrt.split(".")[:2]) <= LIST_VERSION:
+            raise SdrtError(f"TensorRT {env.tensorrt} cannot parse these nodes: {shown}")
+        p.say(f"warning: not in {listed}: {shown}; TensorRT {env.tensorrt} is newer, so its parser decides")
+    if bad := check_files(root, manifest, [f for g in manifest["graphs"].values() for f in g["files"]]):
+        raise SdrtError(f"{root}: " + "; ".join(bad) + "; re-run `sdrt export ... --force`")
+    cache = opts.timing_cache or default_timing_cache(env)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    p.say(f"TensorRT {env.tensorrt} on {env.gpu} (sm {env.compute_capability}); {profile}; timing cache {cache}")
+    for name in manifest["graphs"]:
+        report["graphs"][name] = _build_one(root, manifest, name, opts, env, cache, p)
+    return report
+
+
+def _build_one(root, manifest, name, opts, env, cache, p: Progress) -> dict[str, Any]:
+    key = build_key(manifest, name, opts, env)
+    entry = manifest.setdefault("engines", {}).get(name)
+    plan = root / f"{name}.plan"
+    reasons = stale_reasons(entry, key, sha256_file(plan) if plan.is_file() else None)
+    if not reasons and not opts.force:
+        p.say(f"{name}: skipped (up to date)")
+        return {"action": "skipped", "why": "up to date", "seconds": 0.0}
+    why = "--force" if not reasons else "; ".join(reasons)
+    t = time.perf_counter()
+    with p.step(f"{name}: build {plan.name} ({why})"):
+        data = PlanFromOnnx(root / manifest["graphs"][name]["file"], key["profiles"], opts.workspace_gib, cache)()
+        write_atomic(plan, data)
+        del data
+        gc.collect()  # the builder, network and parser are gone with the loader's call: free them before the next
+    seconds = round(time.perf_counter() - t, 1)
+    record_plan(root, manifest, name, key, seconds)  # after each plan: an interrupted build keeps what it finished
+    return {"action": "built" if entry is None else "rebuilt", "why": why, "seconds": seconds}
+
+
+def record_plan(root: Path, manifest: dict[str, Any], name: str, key: dict[str, Any], seconds: float) -> None:
+    """Record ``name``.plan, just written, under its build key and SHA-256 and rewrite the manifest atomically."""
+    plan = root / f"{name}.plan"
+    sha = sha256_file(plan)
+    manifest.setdefault("engines", {})[name] = {"file": plan.name, "key": key, "sha256": sha, "build_seconds": seconds}
+    manifest.setdefault("files", {})[plan.name] = sha
+    write_manifest(root, manifest)
