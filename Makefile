@@ -10,12 +10,16 @@ MODEL         ?= sd15
 NAME          ?= $(MODEL)
 PRECISION     ?= fp16
 EXPORT_FLAGS  ?=
+BUILD_FLAGS   ?=
+PROMPT        ?= a photograph of an astronaut riding a horse
+STEPS         ?= 20
 
-.PHONY: help setup engines test lint clean-engines
+.PHONY: help setup engines demo test lint clean-engines
 
 help:
 	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test]"
-	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), PRECISION=fp16|fp32"
+	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
+	@echo "make demo      make engines, then generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them)"
 	@echo "make lint      ruff"
 
@@ -38,8 +42,15 @@ $(VENV)/.setup-done: pyproject.toml
 	$(BIN)/pip install -q -e '.[export,test]'
 	touch $@
 
-engines: setup
+# export once (remove engines/NAME or pass EXPORT_FLAGS=--force to redo it); build skips up-to-date plans
+engines: setup engines/$(NAME)/manifest.json
+	$(BIN)/sdrt build engines/$(NAME) $(BUILD_FLAGS)
+
+engines/$(NAME)/manifest.json:
 	$(BIN)/sdrt export $(MODEL) engines/$(NAME) --precision $(PRECISION) $(EXPORT_FLAGS)
+
+demo: engines
+	$(BIN)/sdrt generate engines/$(NAME) "$(PROMPT)" --steps $(STEPS) --seed 0 --out engines/$(NAME)-demo.png --verbose
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,206 @@
+"""Backends: run an engine directory's graphs on torch tensors, behind one small interface.
+
+A backend takes and returns torch tensors on its device, in the dtypes the graph declares. Only the TensorRT
+backend (plans enqueued on the current torch stream) can be captured into a CUDA graph; ONNX Runtime runs
+step by step (its CUDA provider captures graphs of its own, not inside torch's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdrt.runtime.errors import SdrtError
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+
+
+def resolve_shape(shape: list, feeds: dict[str, torch.Tensor], inputs: dict[str, Any]) -> tuple[int, ...]:
+    """A manifest shape with symbols (B, h, w, H, W) at the sizes of ``feeds``."""
+    values: dict[str, int] = {}
+    for name, entry in inputs.items():
+        for sym, size in zip(entry["shape"], feeds[name].shape, strict=True):
+            if isinstance(sym, str):
+                values[sym] = int(size)
+    if "h" in values:
+        values.setdefault("H", values["h"] * 8)
+        values.setdefault("W", values["w"] * 8)
+    if "H" in values:
+        values.setdefault("h", values["H"] // 8)
+        values.setdefault("w", values["W"] // 8)
+    return tuple(values[d] if isinstance(d, str) else int(d) for d in shape)
+
+
+class Backend:
+    """Runs graphs by name. ``run(graph, feeds) -> outputs`` in the graph's output order."""
+
+    name = "?"
+    capturable = False  # whether `run` can be recorded inside a torch CUDA graph
+
+    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device):
+        self.root, self.manifest, self.device = root, manifest, device
+
+    def dtype(self, graph: str, name: str) -> torch.dtype:
+        return _TORCH[self.manifest["graphs"][graph]["inputs"][name]["dtype"]]
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime: the CPU provider, or the CUDA provider with I/O bound to torch's device memory."""
+
+    name = "onnxruntime"
+
+    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, threads: int = 0):
+        super().__init__(root, manifest, device)
+        import onnxruntime as ort
+
+        self.ort = ort
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SdrtError("this onnxruntime has no CUDA provider: pip install onnxruntime-gpu, or use --device cpu")
+        self.threads = threads
+        self.sessions: dict[str, Any] = {}
+
+    def session(self, graph: str):
+        if graph not in self.sessions:
+            opts = self.ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.log_severity_level = 3
+            if self.device.type == "cuda":
+                providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
+            else:
+                providers = ["CPUExecutionProvider"]
+            path = self.root / self.manifest["graphs"][graph]["file"]
+            self.sessions[graph] = self.ort.InferenceSession(str(path), opts, providers=providers)
+        return self.sessions[graph]
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        session = self.session(graph)
+        if self.device.type != "cuda":
+            outs = session.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})
+            return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
+        entry = self.manifest["graphs"][graph]
+        binding = session.io_binding()
+        for name, x in feeds.items():
+            x = x.contiguous()
+            binding.bind_input(name, "cuda", self.device.index or 0, _np(x.dtype), list(x.shape), x.data_ptr())
+        outs = []
+        for name, spec in entry["outputs"].items():
+            y = torch.empty(
+                resolve_shape(spec["shape"], feeds, entry["inputs"]), dtype=_TORCH[spec["dtype"]], device=self.device
+            )
+            binding.bind_output(name, "cuda", self.device.index or 0, _np(y.dtype), list(y.shape), y.data_ptr())
+            outs.append(y)
+        torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
+        session.run_with_iobinding(binding)
+        return tuple(outs)
+
+
+class TensorRTBackend(Backend):
+    """TensorRT plans built by `sdrt build`, each checked against this GPU and TensorRT before it is loaded."""
+
+    name = "tensorrt"
+    capturable = True
+
+    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device):
+        super().__init__(root, manifest, device)
+        from sdrt.runtime.plans import TrtRunner, check_plan, current_trt_environment
+
+        env = current_trt_environment()
+        self.runners: dict[str, TrtRunner] = {}
+        for graph in manifest["graphs"]:
+            check_plan(root, manifest, graph, env.tensorrt, env.gpu, env.compute_capability, verify_hash=False)
+            runner = TrtRunner(root / manifest["engines"][graph]["file"])
+            self.runners[graph] = runner.__enter__()
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = self.runners[graph].infer(feeds)
+        return tuple(out[name] for name in self.manifest["graphs"][graph]["outputs"])
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.__exit__(None, None, None)
+        self.runners.clear()
+
+
+class TorchBackend(Backend):
+    """The PyTorch modules themselves, as `torch.export` programs (`sdrt export --torch-programs`): eager, or
+    torch.compile'd with ``compile=True``. Capturable on a GPU: the CUDA-graph path where TensorRT is absent."""
+
+    name = "torch"
+
+    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, compile: bool = False):
+        super().__init__(root, manifest, device)
+        self.capturable = device.type == "cuda"
+        self.modules: dict[str, Any] = {}
+        for graph, entry in manifest["graphs"].items():
+            if not entry.get("torch_program"):
+                raise SdrtError(f"{root} has no torch programs; re-export with `sdrt export ... --torch-programs`")
+            module = torch.export.load(str(root / entry["torch_program"])).module().to(device)
+            self.modules[graph] = torch.compile(module, mode="max-autotune-no-cudagraphs") if compile else module
+
+    @torch.no_grad()
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        args = [feeds[name] for name in self.manifest["graphs"][graph]["inputs"]]
+        out = self.modules[graph](*args)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _np(dtype: torch.dtype) -> type:
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}[dtype]
+
+
+def has_torch_programs(manifest: dict[str, Any]) -> bool:
+    return all(g.get("torch_program") for g in manifest["graphs"].values())
+
+
+def has_plans(manifest: dict[str, Any]) -> bool:
+    return bool(manifest.get("engines")) and all(g in manifest["engines"] for g in manifest["graphs"])
+
+
+def open_backend(root: Path, manifest: dict[str, Any], backend: str, device: torch.device) -> Backend:
+    """`auto`: on a GPU, TensorRT where plans exist, else the torch programs where saved; else ONNX Runtime."""
+    if backend not in BACKENDS:
+        raise SdrtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    gpu = device.type == "cuda"
+    if backend == "torch" or (backend == "auto" and gpu and not has_plans(manifest) and has_torch_programs(manifest)):
+        return TorchBackend(root, manifest, device)
+    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and has_plans(manifest)):
+        if device.type != "cuda":
+            raise SdrtError("the tensorrt backend needs a CUDA device; use --backend onnxruntime on the CPU")
+        if not has_plans(manifest):
+            raise SdrtError(f"{root} has no TensorRT plans; build them with `sdrt build {root}`")
+        return TensorRTBackend(root, manifest, device)
+    return OnnxRuntimeBackend(root, manifest, device)
+
+
+def available_backends(manifest: dict[str, Any], device: torch.device) -> list[str]:
+    """The backends that can run this directory on ``device`` here, fastest first."""
+    out = []
+    if device.type == "cuda" and has_plans(manifest):
+        try:
+            import tensorrt  # noqa: F401
+
+            out.append("tensorrt")
+        except ImportError:
+            pass
+    if device.type == "cuda" and has_torch_programs(manifest):
+        out.append("torch")
+    try:
+        import onnxruntime as ort
+
+        if device.type != "cuda" or "CUDAExecutionProvider" in ort.get_available_providers():
+            out.append("onnxruntime")
+    except ImportError:
+        pass
+    if device.type != "cuda" and has_torch_programs(manifest):
+        out.append("torch")
+    return out

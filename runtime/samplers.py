@@ -1,0 +1,304 @@
+"""Samplers: one short pure tensor function each, over one denoiser contract, agreeing with diffusers step by step.
+
+Everything runs in k-diffusion's sigma space: x = x_alpha / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) / alpha_bar),
+so x = x0 + sigma * eps. Every sampler calls the same denoiser:
+
+    denoise(x, i) -> x0 estimate, for sigma-space x at model call i
+
+which the pipeline implements as `to_x0(x, unet(x * plan.c_in[i], plan.timesteps[i]), plan.sigmas[i], prediction)`.
+
+`make_plan` does all host work once per request shape (timesteps, sigmas, per-step coefficients, mirroring the
+diffusers scheduler `Cls.from_config(checkpoint_config)` for the sampler). The sampling loop itself is graph-safe by
+construction, as it is captured into one CUDA graph: it never reads a device value on the host, its Python control
+flow depends only on step indices and on host structure fixed in the plan, and its noise comes from a buffer
+pre-drawn with the seed's generator in diffusers' order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sdrt.runtime import schedule as sch
+from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
+
+Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm")
+
+
+@dataclass
+class Plan:
+    """Everything a sampler needs for one (schedule, sampler, steps, strength), fixed before the loop runs."""
+
+    sampler: str
+    timesteps: torch.Tensor  # [n_calls] float32: the U-Net `timestep` of each model call, as diffusers feeds it
+    sigmas: torch.Tensor  # [n_calls + 1] float32: sigma at each call, then the final sigma
+    c_in: torch.Tensor  # [n_calls] float32: model input scale, x_in = x * c_in[i] = x / sqrt(sigma^2 + 1)
+    init_sigma: float  # txt2img: x_start = noise * init_sigma (reproduces diffusers' `latents * init_noise_sigma`)
+    noise_draws: int  # randn(latent shape) draws after the initial latents, in diffusers' order
+    out_scale: float = 1.0  # latents diffusers hands to the VAE = x_final * out_scale (1/sqrt(sigma_last^2+1);
+    #                         1 for Euler-family schedulers, which keep their latents in sigma space)
+    clip: float | None = None  # clamp x0 to [-clip, clip] where diffusers clips it (clip_sample), else None
+    orders: tuple[int, ...] = ()  # DPM++ 2M: solver order of each step (host structure, fixed per plan)
+    coef: dict[str, torch.Tensor] = field(default_factory=dict)  # sampler-specific per-step scalars, [n_calls] each
+
+    def to(self, device: torch.device | str) -> Plan:
+        move = {k: getattr(self, k).to(device) for k in ("timesteps", "sigmas", "c_in")}
+        return dataclasses.replace(self, **move, coef={k: v.to(device) for k, v in self.coef.items()})
+
+
+def to_x0(x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The denoiser adapter (k-diffusion's `external.py`): the U-Net's raw output -> x0, for sigma-space x.
+
+    epsilon: x - sigma * eps (CompVisDenoiser); v_prediction: c_skip * x + c_out * v with sigma_data = 1
+    (VDenoiser: c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1)); sample: the output itself.
+    """
+    if prediction_type == "epsilon":
+        return x - sigma * model_output
+    if prediction_type == "v_prediction":
+        return x / (sigma**2 + 1) - model_output * sigma / (sigma**2 + 1) ** 0.5
+    if prediction_type == "sample":
+        return model_output
+    raise ScheduleError(f"prediction_type {prediction_type!r} is not one of epsilon, v_prediction, sample")
+
+
+def start_latents(plan: Plan, noise0: torch.Tensor, init_latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigma-space x at the first call: txt2img noise0 * init_sigma; img2img diffusers' `add_noise` at the first
+    timestep, which in sigma space is init_latents + sigma_0 * noise0."""
+    if init_latents is None:
+        return noise0 * plan.init_sigma
+    return init_latents + plan.sigmas[0] * noise0
+
+
+def sample(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Run the plan's sampler from sigma-space x ([B, 4, h, w]); `noise`: [plan.noise_draws, B, 4, h, w].
+
+    Returns the final latents as diffusers hands them to the VAE (alpha space).
+    """
+    return _SAMPLERS[plan.sampler](plan, denoise, x, noise) * plan.out_scale
+
+
+# ---------------------------------------------------------------------------------------------------- samplers
+def sample_ddim(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 with eta = 0), in sigma space.
+
+    x_{t-1} = x0 + sigma_{t-1} * eps, with eps from the unclipped x0 as diffusers has it. diffusers steps to
+    t - T // steps, which is the next call's timestep except with "linspace" or uneven "trailing" spacing; `rescale`
+    (1 otherwise) then re-reads the state at the next call's timestep, exactly as diffusers' next step does.
+    """
+    sigmas, sigma_to, rescale = plan.sigmas, plan.coef["sigma_to"], plan.coef["rescale"]
+    for i in range(len(plan.timesteps)):
+        x0 = denoise(x, i)
+        eps = (x - x0) / sigmas[i]
+        if plan.clip is not None:
+            x0 = x0.clamp(-plan.clip, plan.clip)
+        x = (x0 + sigma_to[i] * eps) * rescale[i]
+    return x
+
+
+def sample_euler(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022, "Elucidating the
+    Design Space of Diffusion-Based Generative Models", Algorithm 2 without churn; k-diffusion's sample_euler)."""
+    sigmas = plan.sigmas
+    for i in range(len(plan.timesteps)):
+        d = (x - denoise(x, i)) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def sample_euler_a(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, eta = 1): an Euler step down to sigma_down, then fresh
+    noise of std sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_next^2 (ancestral sampling, Ho et al. 2020)."""
+    sigmas = plan.sigmas
+    for i in range(len(plan.timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        d = (x - denoise(x, i)) / sigma
+        x = x + d * (sigma_down - sigma) + noise[i] * sigma_up
+    return x
+
+
+def sample_dpmpp_2m(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+    Models", Algorithm 2), in k-diffusion's form with t = lambda = -log sigma. `plan.orders` marks the first-order
+    steps diffusers takes (the first, and the last per lower_order_final / final_sigmas_type)."""
+    sigmas = plan.sigmas
+    t = -sigmas.log()  # +inf for a final sigma of 0: h = inf, the step lands on x0
+    old_denoised = None  # orders[0] is always 1: the first step has no history
+    for i, order in enumerate(plan.orders):
+        denoised = denoise(x, i)
+        h = t[i + 1] - t[i]
+        denoised_d = denoised
+        if order == 2:
+            r = (t[i] - t[i - 1]) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised_d
+        old_denoised = denoised
+    return x
+
+
+def sample_lcm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 1):
+    the consistency function f(x, t) = c_skip(t) * x + c_out(t) * x0, then re-noised to the next sigma, except at
+    the last step. (plan's c_skip includes the alpha-space scale diffusers applies it at.)"""
+    sigmas, c_skip, c_out = plan.sigmas, plan.coef["c_skip"], plan.coef["c_out"]
+    n = len(plan.timesteps)
+    for i in range(n):
+        x0 = denoise(x, i)
+        if plan.clip is not None:
+            x0 = x0.clamp(-plan.clip, plan.clip)
+        x = c_skip[i] * x + c_out[i] * x0
+        if i < n - 1:
+            x = x + sigmas[i + 1] * noise[i]
+    return x
+
+
+_PLMS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def sample_pndm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", eq. 12: linear multistep
+    on the model output e, moved by the DDIM transfer phi(x, e, t, t - delta)), with diffusers' warm-up in place of
+    Runge-Kutta: the first step is taken twice, the second time from the same x with the mean of both outputs.
+
+    e is the U-Net's own output (eps, or v for v-prediction: diffusers extrapolates that), recovered from x0 as
+    e = e_x0 * x0 + e_x * x; phi = phi_x * x + phi_e * e is precomputed on the host (with diffusers' timesteps).
+    """
+    e_x0, e_x, phi_x, phi_e = (plan.coef[k] for k in ("e_x0", "e_x", "phi_x", "phi_e"))
+    es, x_first = [], x
+    for i in range(len(plan.timesteps)):
+        e = e_x0[i] * denoise(x, i) + e_x[i] * x
+        if i == 1:
+            x, e = x_first, (e + es[0]) / 2
+        else:
+            es = [*es[-3:], e]
+            e = sum(c * e_k for c, e_k in zip(_PLMS[len(es)], reversed(es), strict=True))
+        x = phi_x[i] * x + phi_e[i] * e
+    return x
+
+
+_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m,
+    "lcm": sample_lcm,
+    "pndm": sample_pndm,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- plans
+def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0) -> Plan:
+    """The host-side plan for `steps` steps (img2img: `strength` < 1, as StableDiffusionImg2ImgPipeline cuts it)."""
+    if sampler not in SAMPLERS:
+        raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ScheduleError(f"steps must be a whole number >= 1, got {steps!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ScheduleError(f"strength must be in (0, 1], got {strength!r}")
+    _, cfg = sch.resolve(schedule, sampler)
+    if steps > cfg["num_train_timesteps"]:
+        raise ScheduleError(f"steps ({steps}) cannot exceed the {cfg['num_train_timesteps']} training timesteps")
+    init_timestep = min(int(steps * strength), steps)
+    if init_timestep < 1:
+        raise ScheduleError(
+            f"strength {strength} of {steps} steps runs no step; raise --strength to at least "
+            f"{1 / steps:.3g} or use more steps"
+        )
+    start = steps - init_timestep  # diffusers' t_start * scheduler.order; every scheduler mirrored has order 1
+    return _PLANNERS[sampler](sampler, cfg, schedule.alphas_cumprod, steps, start)
+
+
+def _f32(values) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float64).float()
+
+
+def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """Euler, Euler ancestral, DPM++ 2M: diffusers' own sigmas; Euler's latents live in sigma space, DPM's do not."""
+    if sampler.startswith("dpmpp"):
+        timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps)
+    else:
+        timesteps, sigmas = sch.euler_schedule(cfg, ac, steps, ancestral=sampler == "euler_a")
+    full = torch.from_numpy(sigmas)  # float32, as diffusers holds them
+    sigmas, timesteps, n_all = full[start:], torch.from_numpy(timesteps[start:].astype(np.float32)), len(timesteps)
+    c_in = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5
+    if not sampler.startswith("dpmpp"):  # Euler's init_noise_sigma: max sigma, or sqrt(max^2 + 1) when "leading"
+        init = full.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else (full.max() ** 2 + 1) ** 0.5
+        return Plan(sampler, timesteps, sigmas, c_in, float(init), len(timesteps) if sampler == "euler_a" else 0)
+    final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n_all < 15) or cfg["final_sigmas_type"] == "zero"
+    orders = tuple(1 if j == start or (j == n_all - 1 and final) else 2 for j in range(start, n_all))
+    init, out = math.sqrt(float(sigmas[0]) ** 2 + 1), 1 / math.sqrt(float(sigmas[-1]) ** 2 + 1)
+    return Plan(sampler, timesteps, sigmas, c_in, init, 0, out_scale=out, orders=orders)
+
+
+def _alpha_plan(sampler: str, timesteps: np.ndarray, alphas: list[float], alpha_last: float, **kw) -> Plan:
+    """A plan for an alpha-space scheduler (diffusers' latents are x * sqrt(alpha_bar) of the call's timestep)."""
+    sigmas = [sch.sigma_of(a) for a in [*alphas, alpha_last]]
+    init = 1 / math.sqrt(alphas[0])  # diffusers starts from plain noise in alpha space: init_noise_sigma = 1
+    c_in = _f32([math.sqrt(a) for a in alphas])
+    return Plan(sampler, _f32(timesteps), _f32(sigmas), c_in, init, out_scale=math.sqrt(alpha_last), **kw)
+
+
+def _clip(cfg: dict) -> float | None:
+    return float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
+
+
+def _plan_ddim(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """DDIMScheduler: steps from t to t - T // steps (the final alpha past the end)."""
+    timesteps = sch.spaced_timesteps(cfg, steps).round().astype(np.int64)[start:]
+    stride, final = cfg["num_train_timesteps"] // steps, 1.0 if cfg["set_alpha_to_one"] else float(ac[0])
+    alphas = [sch.alpha_at(ac, final, t) for t in timesteps]
+    alphas_to = [sch.alpha_at(ac, final, t - stride) for t in timesteps]
+    rescale = [math.sqrt(a / b) for a, b in zip(alphas_to, [*alphas[1:], alphas_to[-1]], strict=True)]
+    coef = {"sigma_to": _f32([sch.sigma_of(a) for a in alphas_to]), "rescale": _f32(rescale)}
+    return _alpha_plan(sampler, timesteps, alphas, alphas_to[-1], noise_draws=0, clip=_clip(cfg), coef=coef)
+
+
+def _plan_lcm(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """LCMScheduler: boundary-condition scalings per step, noise before every step but the last."""
+    timesteps = sch.lcm_timesteps(cfg, steps)[start:]
+    alphas = [float(ac[t]) for t in timesteps]
+    c_skip, c_out = sch.lcm_scalings(cfg, timesteps)
+    coef = {"c_skip": _f32(c_skip * np.sqrt(alphas)), "c_out": _f32(c_out)}  # c_skip acts on x * sqrt(alpha)
+    return _alpha_plan(sampler, timesteps, alphas, 1.0, noise_draws=len(timesteps) - 1, clip=_clip(cfg), coef=coef)
+
+
+def _plan_pndm(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """PNDMScheduler with skip_prk_steps: calls at [t0, t1, t1, t2, ...]; call 1 redoes step 0 (from t1 + stride)."""
+    up = sch.spaced_timesteps(cfg, steps)[::-1].round().astype(np.int64)  # ascending, as diffusers' _timesteps
+    timesteps = np.concatenate([up[:-1], up[-2:-1], up[-1:]])[::-1][start:]
+    stride, final = cfg["num_train_timesteps"] // steps, 1.0 if cfg["set_alpha_to_one"] else float(ac[0])
+    alpha = [sch.alpha_at(ac, final, t) for t in timesteps]
+    v = cfg["prediction_type"] == "v_prediction"
+    coef: dict[str, list[float]] = {"e_x0": [], "e_x": [], "phi_x": [], "phi_e": []}
+    for i, t in enumerate(timesteps):
+        t_from, t_to, a_src = (t + stride, t, alpha[0]) if i == 1 else (t, t - stride, alpha[i])
+        a_f, a_p = sch.alpha_at(ac, final, t_from), sch.alpha_at(ac, final, t_to)
+        a_next = alpha[i + 1] if i + 1 < len(timesteps) else a_p
+        k = math.sqrt(1 - a_p) - math.sqrt(a_p * (1 - a_f) / a_f)  # DDIM transfer: x_p = sqrt(a_p/a_f) x_f + k eps
+        x_gain, e_gain = math.sqrt(a_p / a_f) + (k * math.sqrt(1 - a_f) if v else 0), k * (math.sqrt(a_f) if v else 1)
+        coef["phi_x"].append(math.sqrt(a_src / a_next) * x_gain)  # sigma-space x of call i+1 (or the final one)
+        coef["phi_e"].append(e_gain / math.sqrt(a_next))
+        s = sch.sigma_of(alpha[i])  # e from x0: eps = (x - x0) / s; v = (x / (s^2+1) - x0) * sqrt(s^2+1) / s
+        coef["e_x0"].append(-math.sqrt(s * s + 1) / s if v else -1 / s)
+        coef["e_x"].append(1 / (s * math.sqrt(s * s + 1)) if v else 1 / s)
+    coef = {k: _f32(c) for k, c in coef.items()}
+    return _alpha_plan(sampler, timesteps, alpha, a_p, noise_draws=0, coef=coef)  # a_p: where the last step lands
+
+
+_PLANNERS = {
+    "ddim": _plan_ddim,
+    "euler": _plan_sigma_space,
+    "euler_a": _plan_sigma_space,
+    "dpmpp_2m": _plan_sigma_space,
+    "dpmpp_2m_karras": _plan_sigma_space,
+    "lcm": _plan_lcm,
+    "pndm": _plan_pndm,
+}

@@ -1,0 +1,166 @@
+"""Fidelity: sdrt's image against diffusers' own pipelines on the same folder, prompt, seed, sampler and size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.pipeline import Pipeline
+
+SCHEDULERS = {  # sdrt sampler -> (diffusers scheduler class, extra config)
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+}
+PROMPT, NEGATIVE = "a watercolor fox in the snow, detailed", "blurry, low quality"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def diffusers_images(folder, sampler: str, img2img: bool = False, **kw) -> np.ndarray:
+    import diffusers
+
+    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    name, extra = SCHEDULERS[sampler]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    seed = kw.pop("seed")
+    out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+    return np.stack([np.asarray(im) for im in out.images])
+
+
+def sdrt_images(pipe: Pipeline, **kw) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in pipe(**kw)])
+
+
+@pytest.fixture(scope="module")
+def pipes(exports):
+    out = {
+        kind: Pipeline.load(exports.get(kind, "fp32"), backend="onnxruntime", device="cpu") for kind in ("sd1", "sd2")
+    }
+    yield out
+    for p in out.values():
+        p.close()
+
+
+def check(ours: np.ndarray, ref: np.ndarray, min_db: float = 40.0) -> float:
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype == np.uint8
+    assert ref.std() > 5, "reference image is flat: the comparison would say nothing"
+    db = psnr(ours, ref)
+    assert db >= min_db, f"PSNR {db:.1f} dB < {min_db} dB"
+    return db
+
+
+CASES = [("sd1", s) for s in SCHEDULERS] + [("sd2", s) for s in SCHEDULERS if s != "pndm"]
+
+
+@pytest.mark.parametrize("kind,sampler", CASES)
+def test_txt2img_matches_diffusers(kind, sampler, pipes, folders):
+    steps = 4 if sampler == "lcm" else 6
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=6.0,
+              height=64, width=128, seed=1234)  # fmt: skip
+    ours = sdrt_images(pipes[kind], sampler=sampler, **kw)
+    ref = diffusers_images(folders[kind], sampler, **kw)
+    check(ours, ref)
+
+
+@pytest.mark.parametrize(
+    "kind,sampler,prompts,n",
+    [("sd1", "euler_a", [PROMPT, "a city at night"], 1), ("sd2", "dpmpp_2m", [PROMPT], 2)],
+)
+def test_batches_match_diffusers(kind, sampler, prompts, n, pipes, folders):
+    """Several prompts (with their own negatives), and several images per prompt: the exported engines take 2."""
+    kw = dict(prompt=prompts, negative_prompt=[NEGATIVE, ""][: len(prompts)], num_inference_steps=5,
+              guidance_scale=7.5, height=128, width=64, num_images_per_prompt=n, seed=7)  # fmt: skip
+    ours = sdrt_images(pipes[kind], sampler=sampler, **kw)
+    ref = diffusers_images(folders[kind], sampler, **kw)
+    assert ours.shape[0] == 2
+    check(ours, ref)
+
+
+@pytest.mark.parametrize("kind,sampler", [("sd1", "ddim"), ("sd1", "euler_a"), ("sd1", "pndm"), ("sd2", "euler")])
+def test_img2img_matches_diffusers(kind, sampler, pipes, folders):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:128]
+    init = np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1).astype(np.uint8) // 2 + rng.integers(0, 64, (64, 128, 3))
+    image = Image.fromarray(init.astype(np.uint8))
+    kw = dict(prompt=PROMPT, num_inference_steps=8, guidance_scale=5.0, strength=0.6, seed=99)
+    ours = sdrt_images(pipes[kind], sampler=sampler, image=image, **kw)
+    ref = diffusers_images(folders[kind], sampler, img2img=True, image=image, **kw)
+    check(ours, ref)
+
+
+def test_no_guidance_and_same_seed_same_picture(pipes, folders):
+    kw = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=1.0, height=64, width=64, seed=5)
+    ours = sdrt_images(pipes["sd1"], sampler="euler", **kw)
+    check(ours, diffusers_images(folders["sd1"], "euler", **kw))
+    assert np.array_equal(ours, sdrt_images(pipes["sd1"], sampler="euler", **kw))
+    assert not np.array_equal(ours, sdrt_images(pipes["sd1"], sampler="euler", **{**kw, "seed": 6}))
+
+
+def test_fp16_export_on_cpu_psnr(exports, folders, record_property):
+    """The fp16 graphs on the CPU provider against diffusers fp32: reported, with a floor well below fp32's."""
+    pipe = Pipeline.load(exports.get("sd1", "fp16"), backend="onnxruntime", device="cpu")
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=6.0,
+              height=64, width=128, seed=1234)  # fmt: skip
+    db = check(sdrt_images(pipe, sampler="euler", **kw), diffusers_images(folders["sd1"], "euler", **kw), 25.0)
+    record_property("fp16_cpu_psnr_db", round(db, 1))
+    print(f"fp16 export on the CPU: PSNR {db:.1f} dB against diffusers fp32")
+
+
+def test_threads_share_one_pipeline(pipes):
+    """Concurrent calls on one Pipeline each get exactly the image they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = pipes["sd1"]
+    args = [dict(prompt=PROMPT, num_inference_steps=3, height=64, width=64, seed=s, sampler="euler") for s in range(4)]
+    alone = [sdrt_images(pipe, **a) for a in args]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda a: sdrt_images(pipe, **a), args * 2))
+    for i, img in enumerate(together):
+        assert np.array_equal(img, alone[i % 4])
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(height=100), "not a multiple of 8"),
+        (dict(height=72), "outside this engine's sizes"),
+        (dict(width=512), "outside this engine's sizes"),
+        (dict(num_inference_steps=0), "steps must be"),
+        (dict(guidance_scale=float("nan")), "guidance must be a finite number"),
+        (dict(sampler="heun"), "unknown sampler"),
+        (dict(seed=-1), "seed must be"),
+        (dict(image="/nonexistent.png"), "cannot read init image"),
+        (dict(image=Image.new("RGB", (64, 64)), strength=0.0), "strength must be in (0, 1]"),
+        (dict(image=Image.new("RGB", (64, 64)), strength=1.5), "strength must be in (0, 1]"),
+        (dict(num_images_per_prompt=3), "images per call"),
+    ],
+)
+def test_bad_requests_name_the_fix(pipes, kw, msg):
+    with pytest.raises(SdrtError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        pipes["sd1"](**{"prompt": "x", "num_inference_steps": 2, **kw})
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipes, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sdrt"):
+        pipes["sd1"](" ".join(["word"] * 100), num_inference_steps=1, height=64, width=64, seed=0)
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_pndm_on_a_config_without_skip_prk_steps_is_refused(pipes):
+    with pytest.raises(SdrtError, match="skip_prk_steps"):
+        pipes["sd2"]("x", num_inference_steps=2, sampler="pndm")

@@ -1,0 +1,296 @@
+"""Samplers against diffusers' own schedulers, step by step, with a deterministic fake U-Net.
+
+The reference is diffusers itself, driven as its pipelines drive it: `Cls.from_config(checkpoint config)`,
+`set_timesteps`, `init_noise_sigma` / `add_noise` at the first timestep (img2img's `get_timesteps` and
+`set_begin_index`), `scale_model_input`, `step(..., generator=g)`. sdrt's side gets the same fake model through the
+denoiser contract (c_in, timesteps, to_x0) and the same seed, drawing its noise buffer in diffusers' order.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import diffusers
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.samplers import SAMPLERS, Plan, make_plan, sample, start_latents, to_x0
+from sdrt.runtime.schedule import DEFAULTS, SCHEDULERS, NoiseSchedule, default_sampler
+
+SHAPE = (2, 4, 8, 8)  # [B, 4, h, w]
+SEED = 7
+_SCALED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# Checkpoint scheduler configs, as their scheduler_config.json files state them (missing keys: class defaults).
+CONFIGS = {
+    # SD 1.5: PNDM, "leading" only by PNDM's default (so Euler / DPM fall back to their "linspace")
+    "sd15": ("PNDMScheduler", dict(_SCALED, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                                    clip_sample=False, trained_betas=None)),
+    # SD 2.x 768: DDIM with v-prediction
+    "sd2v": ("DDIMScheduler", dict(_SCALED, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                                    steps_offset=1, skip_prk_steps=True)),
+    # SDXL: Euler, explicit "leading" spacing
+    "sdxl": ("EulerDiscreteScheduler", dict(_SCALED, steps_offset=1, timestep_spacing="leading",
+                                             interpolation_type="linear", use_karras_sigmas=False,
+                                             prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
+                                             skip_prk_steps=True, sample_max_value=1.0)),
+    # SD-Turbo-like: Euler ancestral with "trailing" spacing
+    "turbo": ("EulerAncestralDiscreteScheduler", dict(_SCALED, timestep_spacing="trailing", skip_prk_steps=True)),
+    # "linspace" spacing with DDIM's x0 clipping (DDIM/PNDM then step off their own timestep grid); default betas
+    "linspace": ("DDIMScheduler", dict(beta_schedule="linear", timestep_spacing="linspace", clip_sample=True,
+                                        clip_sample_range=1.5, set_alpha_to_one=True, skip_prk_steps=True)),
+    # DPM-Solver++ checkpoint with Karras sigmas ending at sigma_min (Euler honours both keys too)
+    "dpm_karras": ("DPMSolverMultistepScheduler", dict(_SCALED, use_karras_sigmas=True, final_sigmas_type="sigma_min",
+                                                       steps_offset=1, skip_prk_steps=True)),
+    # an LCM checkpoint with its own distillation schedule
+    "lcm": ("LCMScheduler", dict(_SCALED, original_inference_steps=40, timestep_scaling=5.0, set_alpha_to_one=True,
+                                  steps_offset=1, skip_prk_steps=True)),
+    # a model predicting x0 ("sample"), DDIM's default clipping
+    "x0": ("DDIMScheduler", dict(_SCALED, prediction_type="sample", skip_prk_steps=True)),
+}  # fmt: skip
+# Pairs sdrt refuses: LCMScheduler would build other betas than the checkpoint's (its defaults differ), and
+# diffusers' PNDM / Euler ancestral raise on x0-prediction.
+REFUSED = {("linspace", "lcm"), ("x0", "pndm"), ("x0", "euler_a")}
+CASES = [
+    (c, s, n, st)
+    for c in CONFIGS
+    for s in SAMPLERS
+    for n in (1, 4, 25)
+    for st in (1.0, 0.6)
+    if n * st >= 1 and (c, s) not in REFUSED
+]
+CASES += [("sd15", s, 50, 1.0) for s in SAMPLERS]
+
+
+def entry(cls: str, cfg: dict) -> dict:
+    """The manifest's scheduler entry, as `sdrt export` writes it from the checkpoint's scheduler."""
+    sched = getattr(diffusers, cls).from_config(cfg)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(sched.config).items()}
+    return {"class": cls, "config": config, "betas": [float(b) for b in sched.betas]}
+
+
+def entry_for(name: str) -> dict:
+    return entry(*CONFIGS[name])
+
+
+def fake_unet(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A smooth, timestep-dependent stand-in for the U-Net (its output read as eps, v or x0)."""
+    t = torch.as_tensor(t).float()
+    return 0.6 * torch.tanh(x_in) + 0.1 * torch.sin(x_in * 3 + t / 150) + 0.02 * (t / 1000)
+
+
+def init_latents() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234)) * 0.8
+
+
+def run_diffusers(name: str, sampler: str, steps: int, strength: float):
+    """The reference: the scheduler as StableDiffusion(Img2Img)Pipeline drives it. -> ([(t, x_in)], latents)."""
+    cls, fixed = SCHEDULERS[sampler]
+    sched = getattr(diffusers, cls).from_config(entry_for(name)["config"], **fixed)
+    sched.set_timesteps(steps)
+    g = torch.Generator().manual_seed(SEED)
+    timesteps = sched.timesteps
+    if strength == 1.0:
+        latents = torch.randn(SHAPE, generator=g) * sched.init_noise_sigma
+    else:  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents
+        t_start = max(steps - min(int(steps * strength), steps), 0)
+        timesteps = sched.timesteps[t_start * sched.order :]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start * sched.order)
+        latents = sched.add_noise(init_latents(), torch.randn(SHAPE, generator=g), timesteps[:1])
+    extra = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}
+    calls = []
+    for t in timesteps:
+        x_in = sched.scale_model_input(latents, t)
+        calls.append((float(t), x_in))
+        latents = sched.step(fake_unet(x_in, t), t, latents, **extra, return_dict=False)[0]
+    return calls, latents
+
+
+def run_sdrt(name: str, sampler: str, steps: int, strength: float):
+    schedule = NoiseSchedule.from_manifest(entry_for(name))
+    plan = make_plan(sampler, schedule, steps, strength)
+    g = torch.Generator().manual_seed(SEED)
+    x = start_latents(plan, torch.randn(SHAPE, generator=g), None if strength == 1.0 else init_latents())
+    draws = [torch.randn(SHAPE, generator=g) for _ in range(plan.noise_draws)]  # after noise0, in diffusers' order
+    noise = torch.stack(draws) if draws else torch.empty((0, *SHAPE))
+    calls = []
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        x_in = x * plan.c_in[i]
+        calls.append((float(plan.timesteps[i]), x_in))
+        return to_x0(x, fake_unet(x_in, plan.timesteps[i]), plan.sigmas[i], schedule.prediction_type)
+
+    return calls, sample(plan, denoise, x, noise)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name,sampler,steps,strength", CASES, ids=[f"{c}-{s}-{n}-{st}" for c, s, n, st in CASES])
+def test_matches_diffusers(name, sampler, steps, strength):
+    ref_calls, ref = run_diffusers(name, sampler, steps, strength)
+    calls, out = run_sdrt(name, sampler, steps, strength)
+    assert [t for t, _ in calls] == [t for t, _ in ref_calls]  # same number of U-Net calls, same timesteps exactly
+    for i, ((_, x_in), (_, ref_in)) in enumerate(zip(calls, ref_calls, strict=True)):
+        torch.testing.assert_close(x_in, ref_in, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"model input {i}: {m}")
+    assert torch.isfinite(ref).all()
+    assert rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("name,sampler", sorted(REFUSED))
+def test_refuses_what_diffusers_cannot_match(name, sampler):
+    cls, fixed = SCHEDULERS[sampler]
+    reference = getattr(diffusers, cls).from_config(entry_for(name)["config"], **fixed)
+    if sampler == "lcm":  # diffusers runs, but on other betas than the checkpoint was trained with
+        assert not torch.equal(reference.betas, torch.tensor(entry_for(name)["betas"]))
+    else:
+        with pytest.raises((ValueError, NotImplementedError)):
+            run_diffusers(name, sampler, 4, 1.0)
+    with pytest.raises(ValueError, match=sampler):
+        make_plan(sampler, NoiseSchedule.from_manifest(entry_for(name)), 4)
+
+
+@pytest.mark.parametrize(
+    "sampler,steps,strength,match",
+    [
+        ("heun", 4, 1.0, "unknown sampler 'heun'; choose one of ddim"),
+        ("euler", 0, 1.0, "steps"),
+        ("euler", -2, 1.0, "steps"),
+        ("euler", 2.5, 1.0, "steps"),
+        ("euler", True, 1.0, "steps"),
+        ("euler", 1001, 1.0, "cannot exceed"),
+        ("euler", 4, 0.0, "strength"),
+        ("euler", 4, 1.5, "strength"),
+        ("euler", 4, -0.5, "strength"),
+        ("euler", 4, 0.2, "runs no step; raise --strength"),  # int(4 * 0.2) == 0: diffusers would run nothing
+        ("lcm", 41, 1.0, r"steps \(41\) <= original_inference_steps \(40\)"),
+    ],
+)
+def test_bad_requests_raise(sampler, steps, strength, match):
+    schedule = NoiseSchedule.from_manifest(entry_for("lcm"))
+    with pytest.raises(ValueError, match=match) as err:
+        make_plan(sampler, schedule, steps, strength)
+    assert isinstance(err.value, SdrtError) and "\n" not in str(err.value)  # the CLI prints it on one line
+
+
+@pytest.mark.parametrize(
+    "cls,cfg,sampler,key",
+    [
+        ("DDIMScheduler", dict(thresholding=True), "ddim", "thresholding"),
+        ("DDIMScheduler", dict(rescale_betas_zero_snr=True), "euler", "rescale_betas_zero_snr"),
+        ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True), "euler", "use_exponential_sigmas"),
+        ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "euler", "interpolation_type"),
+        ("DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_2m", "solver_order"),
+        ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "dpmpp_2m_karras", "algorithm_type"),
+        # a config that never states skip_prk_steps (like sdrt's own random-weight SDXL preset): PNDM's default
+        # is the Runge-Kutta warm-up, which is not implemented
+        ("EulerDiscreteScheduler", dict(_SCALED, timestep_spacing="leading"), "pndm", "skip_prk_steps"),
+    ],
+)
+def test_unsupported_options_raise(cls, cfg, sampler, key):
+    schedule = NoiseSchedule.from_manifest(entry(cls, cfg))
+    with pytest.raises(ValueError, match=f"{key}="):
+        make_plan(sampler, schedule, 4)
+
+
+@pytest.mark.parametrize(
+    "cls,cfg,expected",
+    [
+        ("PNDMScheduler", dict(skip_prk_steps=True), "pndm"),
+        ("DDIMScheduler", {}, "ddim"),
+        ("EulerDiscreteScheduler", {}, "euler"),
+        ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), "euler"),  # Euler's plan honours the key itself
+        ("EulerAncestralDiscreteScheduler", {}, "euler_a"),
+        ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
+        ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), "dpmpp_2m_karras"),
+        ("LCMScheduler", {}, "lcm"),
+    ],
+)
+def test_default_sampler(cls, cfg, expected):
+    schedule = NoiseSchedule.from_manifest(entry(cls, dict(_SCALED, **cfg)))
+    assert default_sampler(schedule) == expected
+    make_plan(expected, schedule, 4)  # and it runs on the checkpoint's own config
+
+
+def test_default_sampler_refuses_unknown_classes():
+    schedule = NoiseSchedule.from_manifest(entry("DDPMScheduler", _SCALED))
+    with pytest.raises(ValueError, match="DDPMScheduler has no matching sampler .*PNDMScheduler.*--sampler"):
+        default_sampler(schedule)
+
+
+@pytest.mark.parametrize("cls", sorted(DEFAULTS))
+def test_defaults_table_is_diffusers_signature(cls):
+    params = inspect.signature(getattr(diffusers, cls).__init__).parameters
+    assert DEFAULTS[cls] == {k: p.default for k, p in params.items() if k != "self"}
+
+
+def test_schedule_from_manifest():
+    schedule = NoiseSchedule.from_manifest(entry_for("sd2v"))
+    assert schedule.prediction_type == "v_prediction"
+    assert NoiseSchedule.from_manifest(entry_for("sd15")).prediction_type == "epsilon"
+    reference = diffusers.DDIMScheduler.from_config(entry_for("sd2v")["config"]).alphas_cumprod
+    assert torch.equal(schedule.alphas_cumprod, reference)
+    with pytest.raises(ValueError, match="betas"):
+        NoiseSchedule.from_manifest({"class": "DDIMScheduler", "config": {}})
+    with pytest.raises(ValueError, match="betas"):
+        NoiseSchedule.from_manifest({"class": "DDIMScheduler", "config": {}, "betas": [0.5, 1.5]})
+
+
+# ------------------------------------------------------------------------------------------ graph safety
+_SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero"}
+_FACTORIES = {"randn", "randn_like", "rand", "rand_like", "normal", "normal_", "tensor", "as_tensor", "from_numpy"}
+
+
+class NoHostSync(TorchFunctionMode):
+    """Fails on any call that reads a device value on the host or makes a tensor from host data / fresh noise."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _SYNCS | _FACTORIES:
+            raise AssertionError(f"not graph-safe: {name}")
+        return func(*args, **(kwargs or {}))
+
+
+def run_on_meta(fn, plan: Plan, prediction: str) -> torch.Tensor:
+    """Run `fn(plan, denoise, x, noise)` on meta tensors (no data: any host read raises) under NoHostSync."""
+    plan = plan.to("meta")
+    x, noise = torch.empty(SHAPE, device="meta"), torch.empty((plan.noise_draws, *SHAPE), device="meta")
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        out = 0.6 * torch.tanh(x * plan.c_in[i]) + plan.timesteps[i] / 1000
+        return to_x0(x, out, plan.sigmas[i], prediction)
+
+    with NoHostSync():
+        return fn(plan, denoise, x, noise)
+
+
+@pytest.mark.parametrize(
+    "name,sampler", [(c, s) for c in ("sd2v", "linspace") for s in SAMPLERS if (c, s) not in REFUSED]
+)
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_sample_never_syncs(name, sampler, strength):
+    schedule = NoiseSchedule.from_manifest(entry_for(name))
+    plan = make_plan(sampler, schedule, 6, strength)
+    out = run_on_meta(sample, plan, schedule.prediction_type)
+    assert out.shape == SHAPE and out.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda x, s: x * s.item(),
+        lambda x, s: x * float(s),
+        lambda x, s: x if s > 0 else -x,
+        lambda x, s: x * s.tolist(),
+        lambda x, s: x + torch.randn(SHAPE),
+        lambda x, s: x * torch.tensor([1.0, 2.0])[0],
+    ],
+)
+def test_sync_check_catches_host_reads(bad):
+    """The check above fails for the things a graph-captured loop must not do."""
+    plan = make_plan("euler", NoiseSchedule.from_manifest(entry_for("sd15")), 2)
+    with pytest.raises((AssertionError, RuntimeError, NotImplementedError)):
+        run_on_meta(lambda p, d, x, n: bad(d(x, 0), p.sigmas[0]), plan, "epsilon")
