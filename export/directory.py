@@ -31,6 +31,7 @@ from sdrt.export.onnx_io import (
     fp16_from_fp32,
     graph_precision,
     io_types,
+    map_large_buffers,
     release_exporter_memory,
     save_onnx,
     save_torch_program,
@@ -207,6 +208,7 @@ def export_model(
     if dest.exists() and not force:
         raise SdrtError(f"{dest} already exists; pass --force to replace it")
     check_model_arg(model)
+    map_large_buffers()
     p = progress or Progress()
     with p.step(f"load {model}"):
         c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed)

@@ -32,7 +32,9 @@ from sdrt.export.graphs import (
 )
 
 OPSET = 21  # GroupNormalization-21 / LayerNormalization keep their statistics in float32 (stash_type=1)
-_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for the graph itself
+# Weights go to one `<graph>.onnx.data` file beside the graph above this size: required past protobuf's 2 GB limit,
+# and already worth it above ~0.5 GB, where serialising one protobuf would hold a second full copy in memory.
+_EXTERNAL_DATA_BYTES = 512 << 20
 
 # Float32 islands in fp16 graphs, and why:
 # - GroupNormalization / LayerNormalization: the mean and variance of a group of 4096 activations overflow or
@@ -96,16 +98,31 @@ def release_exporter_memory() -> None:
     objects, and each keeps its last match and graph, whose initializers are views of the PyTorch parameters: the
     whole U-Net (3.4 GB for SD 1.5) would stay alive through fp16 conversion and verification. Reset them, then
     hand freed heap pages back to the OS."""
+    _reset_pattern_matchers()
+    trim_heap()
+
+
+def _reset_pattern_matchers() -> None:
+    # Its own function so that no loop variable still holds an object when the caller collects garbage.
     try:
         from onnxscript.rewriter._matcher import PatternMatcher
     except ImportError:  # a future onnxscript without these internals: nothing to reset
-        PatternMatcher = None
-    if PatternMatcher is not None:
-        for obj in gc.get_objects():
-            if isinstance(obj, PatternMatcher) and hasattr(obj, "_init_match"):
-                obj._init_match(0)
-                obj._graph = None
-    trim_heap()
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher) and hasattr(obj, "_init_match"):
+            obj._init_match(0)
+            obj._graph = None
+
+
+def map_large_buffers() -> None:
+    """Serve every allocation of 1 MiB or more from its own mmap, returned to the OS the moment it is freed.
+
+    glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after which mid-sized weight
+    tensors live on the heap and their pages stay with the process when freed; a U-Net traced, released and
+    followed by its fp16 conversion would then count twice. A fixed threshold keeps the peak at what is live."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (also stops its adjustment)
 
 
 def trim_heap() -> None:
@@ -136,7 +153,7 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
-    """Save ``model``; weights go to ``<name>.data`` beside it when the graph would pass 2 GB. Returns file names."""
+    """Save ``model``; weights go to ``<name>.data`` beside it for large graphs (always past 2 GB). Returns files."""
     data = path.name + ".data"
     big = _initializer_bytes(model) > _EXTERNAL_DATA_BYTES
     if (path.parent / data).exists():
