@@ -164,3 +164,53 @@ def test_long_prompt_is_truncated_with_a_warning(pipes, caplog):
 def test_pndm_on_a_config_without_skip_prk_steps_is_refused(pipes):
     with pytest.raises(SdrtError, match="skip_prk_steps"):
         pipes["sd2"]("x", num_inference_steps=2, sampler="pndm")
+
+
+def test_cli_generate_writes_pngs_with_parameters(exports, tmp_path, capsys):
+    from sdrt.runtime.cli import main
+
+    out = tmp_path / "fox.png"
+    args = ["generate", str(exports.get("sd1", "fp32")), "a fox", "--steps", "2", "--seed", "3", "--batch", "2"]
+    assert main([*args, "--height", "64", "--width", "128", "--out", str(out), "--verbose", "--quiet"]) == 0
+    for i in range(2):
+        img = Image.open(tmp_path / f"fox-{i}.png")
+        assert img.size == (128, 64)
+        text = img.text["parameters"]
+        assert text.startswith("a fox\n") and "Steps: 2" in text and "Seed: 3" in text and "Size: 128x64" in text
+        assert f"Batch pos: {i}" in text
+    assert "denoise_ms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--height", "100"], "not a multiple of 8"),
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--init-image", "/nonexistent.png"], "cannot read init image"),
+        (["--sampler", "nope"], "unknown sampler"),
+    ],
+)
+def test_cli_generate_bad_input_is_one_line(exports, tmp_path, capsys, extra, msg):
+    from sdrt.runtime.cli import main
+
+    rc = main(
+        ["generate", str(exports.get("sd1", "fp32")), "x", "--steps", "1", "--out", str(tmp_path / "o.png"), *extra]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_damaged_engine_file_is_refused_at_load(exports, tmp_path):
+    import shutil
+
+    root = tmp_path / "engine"
+    shutil.copytree(exports.get("sd1", "fp32"), root)
+    data = bytearray((root / "vae_decoder.onnx").read_bytes())
+    data[100] ^= 0x01
+    (root / "vae_decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(SdrtError, match="vae_decoder.onnx: SHA-256 differs"):
+        Pipeline.load(root, backend="onnxruntime", device="cpu")
+    (root / "manifest.json").write_text("{not json")
+    with pytest.raises(SdrtError, match="damaged"):
+        Pipeline.load(root, backend="onnxruntime", device="cpu")
