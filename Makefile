@@ -13,13 +13,15 @@ EXPORT_FLAGS  ?=
 BUILD_FLAGS   ?=
 PROMPT        ?= a photograph of an astronaut riding a horse
 STEPS         ?= 20
+BENCH_FLAGS   ?=
 
-.PHONY: help setup engines demo test lint clean-engines
+.PHONY: help setup engines demo bench test lint clean-engines
 
 help:
 	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test]"
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
 	@echo "make demo      make engines, then generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
+	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
 	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them)"
 	@echo "make lint      ruff"
 
@@ -51,6 +53,10 @@ engines/$(NAME)/manifest.json:
 
 demo: engines
 	$(BIN)/sdrt generate engines/$(NAME) "$(PROMPT)" --steps $(STEPS) --seed 0 --out engines/$(NAME)-demo.png --verbose
+
+# every available backend (CUDA graph on and off) and diffusers, interleaved; on the CPU use PRECISION=fp32
+bench: engines
+	$(BIN)/sdrt bench engines/$(NAME) $(BENCH_FLAGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -153,6 +153,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from sdrt.benchmarks.bench import main as bench_main
+    except ImportError as err:
+        raise SdrtError(
+            f"sdrt bench needs its extra dependencies ({err.name} is missing): pip install 'sdrt[bench]'"
+        ) from None
+    return bench_main(args)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from sdrt.export.presets import PRESETS
 
@@ -291,6 +301,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose", action="store_true", help="print per-stage timings")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     g.set_defaults(func=cmd_generate)
+
+    bn = sub.add_parser(
+        "bench",
+        help="latency of sdrt's backends against eager diffusers -> benchmarks/results/",
+        description="Run the same request with sdrt on every available backend (CUDA graph on and off) and with "
+        "diffusers' own pipeline built from the source DIR was exported from (fp16 eager on a GPU, fp32 on the "
+        "CPU), in one process and interleaved; write JSON, a markdown table and a PNG chart named by date, device "
+        "and model, with FLOPs per stage, the lower bound they imply, and the PSNR of each image against the "
+        "baseline's. Defaults: on a GPU the model's native size and 50 steps; on the CPU the engine's smallest "
+        "size and 10 steps.",
+    )
+    bn.add_argument("dir", metavar="DIR", help="an engine directory from `sdrt export` (and `sdrt build`)")
+    bn.add_argument("--steps", type=int, help="sampler steps (default: 50 on a GPU, 10 on the CPU)")
+    bn.add_argument("--height", type=int, help="px (default: native size on a GPU, the engine's smallest on the CPU)")
+    bn.add_argument("--width", type=int, help="px (default: as --height)")
+    bn.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
+    bn.add_argument("--sampler", help="as `sdrt generate --sampler` (default: the checkpoint's own scheduler)")
+    bn.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    bn.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="the prompt")
+    bn.add_argument("--seed", type=int, default=0, help="seed of torch.Generator('cpu') (default 0)")
+    bn.add_argument("--runs", type=int, default=10, metavar="N", help="timed runs per contender (default 10)")
+    bn.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default 2; reported)")
+    bn.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
+    bn.add_argument("--backends", metavar="A,B", help="sdrt backends to run (default: every available one)")
+    bn.add_argument("--no-baseline", action="store_true", help="skip diffusers (FLOPs still counted if it loads)")
+    bn.add_argument("--baseline-compile", action="store_true", help="also diffusers with torch.compile(unet)")
+    bn.add_argument("--out-dir", default="benchmarks/results", help="where the files go (default benchmarks/results)")
+    bn.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=cmd_presets)
