@@ -36,12 +36,13 @@ $(VENV)/.setup-done: pyproject.toml
 	fi; \
 	echo "torch: $$mode"; \
 	case "$$mode" in \
-	  cpu)  $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX) ;; \
+	  cpu)  $(BIN)/pip install -q --no-deps --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX) ;; \
 	  cuda) $(BIN)/pip install -q "torch==$(TORCH_VERSION)" ;; \
 	  keep) ;; \
 	  *) echo "TORCH must be auto, cpu, cuda or keep" >&2; exit 2 ;; \
 	esac
-	$(BIN)/pip install -q -e '.[export,test]'
+	$(BIN)/pip install -q -e '.[export,test]'  # also brings torch's own dependencies
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 
 # export once (remove engines/NAME or pass EXPORT_FLAGS=--force to redo it); build skips up-to-date plans
