@@ -8,6 +8,7 @@ with ``cuda_graph=False``) the same function runs step by step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -59,7 +60,9 @@ class Request:
 
     @property
     def key(self) -> tuple:
-        return (self.batch, self.height, self.width, self.steps, self.sampler, self.strength, self.cfg)
+        # prompts x images per prompt fix the buffers' shapes; the init image adds the VAE encoder to the graph
+        shape = (len(self.prompts), self.images_per_prompt, self.height, self.width)
+        return (*shape, self.steps, self.sampler, self.strength, self.cfg, self.image is not None)
 
 
 class Pipeline:
@@ -83,6 +86,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self._lock = threading.Lock()
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._plans: dict[tuple, Plan] = {}
 
     @classmethod
     def load(
@@ -169,10 +173,17 @@ class Pipeline:
         if init is not None:
             req = Request(**{**req.__dict__, "image": init.convert("RGB").resize((width, height), Image.LANCZOS)})
         try:
-            make_plan(req.sampler, self.schedule, req.steps, req.strength)
+            self.plan(req.sampler, req.steps, req.strength)
         except ValueError as err:
             raise SdrtError(str(err)) from None
         return req
+
+    def plan(self, sampler: str, steps: int, strength: float) -> Plan:
+        """The host-side sampler plan, computed once per (sampler, steps, strength)."""
+        key = (sampler, steps, strength)
+        if key not in self._plans:
+            self._plans[key] = make_plan(sampler, self.schedule, steps, strength)
+        return self._plans[key]
 
     def _size(self, what: str, px: int | None) -> int:
         lo, hi, m = self.shapes["min_px"], self.shapes["max_px"], self.shapes["px_multiple"]
@@ -193,7 +204,7 @@ class Pipeline:
     def generate(self, req: Request, progress: bool = False) -> torch.Tensor:
         """uint8 images [B, H, W, 3] on the CPU."""
         t0 = time.perf_counter()
-        plan = make_plan(req.sampler, self.schedule, req.steps, req.strength)
+        plan = self.plan(req.sampler, req.steps, req.strength)
         host = self.host_inputs(req, plan)
         self.timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
         if self.cuda_graph:
@@ -203,7 +214,7 @@ class Pipeline:
                 self._captured.popitem(last=False)
             return captured.replay(host, self.timings)
         buf = {k: v.to(self.device) for k, v in host.items()}
-        out = self._body(req, plan.to(self.device), buf, self._stage_timer(), _Progress(len(plan.timesteps), progress))
+        out = self._body(req, plan.to(self.device), buf, self._stage, _Progress(len(plan.timesteps), progress))
         return out.cpu()
 
     def host_inputs(self, req: Request, plan: Plan) -> dict[str, torch.Tensor]:
@@ -253,12 +264,12 @@ class Pipeline:
         """The one denoiser contract: sigma-space x at call i -> x0, with guidance and the prediction type inside."""
         sample_dtype, prediction = self.backend.dtype("unet", "sample"), self.schedule.prediction_type
         guidance = buf["guidance"]
+        timesteps = plan.timesteps[:, None].expand(-1, states.shape[0]).contiguous()  # [n_calls, rows]
 
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
             x_in = x * plan.c_in[i]  # diffusers' scale_model_input
             x_in = torch.cat([x_in, x_in]) if req.cfg else x_in  # [2B, 4, h, w]
-            t = plan.timesteps[i].expand(x_in.shape[0]).contiguous()
-            feeds = {"sample": x_in.to(sample_dtype), "timestep": t, "encoder_hidden_states": states}
+            feeds = {"sample": x_in.to(sample_dtype), "timestep": timesteps[i], "encoder_hidden_states": states}
             out = self.backend.run("unet", feeds)[0].float()
             if req.cfg:
                 uncond, cond = out.chunk(2)
@@ -269,35 +280,19 @@ class Pipeline:
 
         return denoise
 
-    def _stage_timer(self):
-        """Per-stage wall time into self.timings (step-by-step path; on a GPU it synchronises at stage ends)."""
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        """Wall time of one stage into self.timings (step-by-step path; on a GPU it synchronises at its ends)."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        timings = self.timings
-
-        class Stage:
-            def __init__(self, name):
-                self.name = name
-
-            def __enter__(self):
-                sync()
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                sync()
-                timings[self.name] = timings.get(self.name, 0.0) + (time.perf_counter() - self.t) * 1e3
-
-        return Stage
+        sync()
+        t = time.perf_counter()
+        yield
+        sync()
+        self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - t) * 1e3
 
 
-class _no_stage:
-    def __init__(self, name):
-        pass
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
+def _no_stage(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
 
 
 class _Progress:

@@ -214,3 +214,16 @@ def test_damaged_engine_file_is_refused_at_load(exports, tmp_path):
     (root / "manifest.json").write_text("{not json")
     with pytest.raises(SdrtError, match="damaged"):
         Pipeline.load(root, backend="onnxruntime", device="cpu")
+
+
+def test_capture_key_separates_what_changes_the_captured_graph(pipes):
+    """A captured graph is reused only for requests with the same buffers and the same body."""
+    pipe = pipes["sd1"]
+    args = dict(negative_prompt=None, steps=4, guidance=7.5, height=64, width=64, seed=0, sampler="euler")
+
+    def key(prompt, n, image=None, strength=1.0):
+        return pipe.request(prompt, n=n, image=image, strength=strength, **args).key
+
+    assert key(["a", "b"], 1) != key(["a"], 2)  # same batch of 2, different input_ids rows
+    assert key("a", 1) != key("a", 1, image=Image.new("RGB", (64, 64)))  # img2img at strength 1 adds the encoder
+    assert key("a", 1) == key("b", 1)  # the prompt's text is data, not shape
