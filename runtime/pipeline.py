@@ -1,9 +1,11 @@
-"""Engine directory -> images: the whole request as one function of device tensors, replayable as a CUDA graph.
+"""Engine directory -> images: a batch of requests as one function of device tensors, replayable as a CUDA graph.
 
-`Pipeline._body` is the request: text encoding, start latents (img2img: VAE encoder and noise), every sampler
-step with the U-Net and classifier-free guidance, VAE decode, conversion to uint8. It reads only device
-buffers filled before it runs, so on a GPU it is captured once per `Request.key` and replayed; elsewhere (or
-with ``cuda_graph=False``) the same function runs step by step.
+`Pipeline._body` is the whole batch: text encoding, start latents (img2img / inpainting: VAE encoder and noise),
+every sampler step with the U-Net and classifier-free guidance, VAE decode, conversion to uint8. It reads only
+device buffers filled before it runs, so on a GPU it is captured once per `Layout.key` and replayed (runtime/
+capture.py); elsewhere (or with ``cuda_graph=False``) the same function runs step by step. Model families differ
+as data (the manifest: one or two text encoders, SDXL's added conditioning, the U-Net's input channels), not as
+branches inside the loop.
 """
 
 from __future__ import annotations
@@ -14,55 +16,23 @@ import math
 import secrets
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from sdrt.runtime.backends import Backend, open_backend
+from sdrt.runtime.capture import CaptureCache
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import check_files, read_manifest
-from sdrt.runtime.samplers import SAMPLERS, Plan, make_plan, sample, start_latents, to_x0
+from sdrt.runtime.request import Layout, Request, host_inputs, open_image
+from sdrt.runtime.samplers import SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, default_sampler
 from sdrt.runtime.tokenizer import PromptTokenizer
 
 log = logging.getLogger("sdrt")
-MAX_CAPTURED = 4  # captured request graphs kept per pipeline (least recently used goes first)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One validated call. ``key`` is everything a captured graph depends on."""
-
-    prompts: tuple[str, ...]
-    negatives: tuple[str, ...]
-    steps: int
-    guidance: float
-    height: int
-    width: int
-    images_per_prompt: int
-    seed: int
-    sampler: str
-    strength: float  # 1.0 for txt2img
-    image: Image.Image | None = None
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.images_per_prompt
-
-    @property
-    def cfg(self) -> bool:  # diffusers: guidance only when guidance_scale > 1
-        return self.guidance > 1.0
-
-    @property
-    def key(self) -> tuple:
-        # prompts x images per prompt fix the buffers' shapes; the init image adds the VAE encoder to the graph
-        shape = (len(self.prompts), self.images_per_prompt, self.height, self.width)
-        return (*shape, self.steps, self.sampler, self.strength, self.cfg, self.image is not None)
+FAMILIES = ("sd", "sdxl")
 
 
 class Pipeline:
@@ -70,13 +40,18 @@ class Pipeline:
 
     One Pipeline may be called from several threads: calls are serialised by a lock (the engines, their I/O
     buffers and the captured graphs are shared), so each call's result is exactly what it gives alone.
+    `generate_batch` runs several requests as one engine batch with that same guarantee.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], backend: Backend, cuda_graph: bool = True):
-        if manifest["family"] != "sd":
-            raise SdrtError(f"{root}: generating with {manifest['family']} engine directories is not supported yet")
+        if manifest["family"] not in FAMILIES:
+            raise SdrtError(f"{root}: {manifest['family']} engine directories are not supported by this runtime")
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, backend.device
-        self.tokenizer = PromptTokenizer(root, manifest["tokenizers"]["tokenizer"])
+        self.text_encoders = [g for g in ("text_encoder", "text_encoder_2") if g in manifest["graphs"]]
+        self.tokenizers = [PromptTokenizer(root, t) for t in manifest["tokenizers"].values()]
+        self.pooled = "pooled_embeddings" in manifest["graphs"][self.text_encoders[-1]]["outputs"]  # SDXL
+        self.zero_negatives = bool(manifest.get("pipeline", {}).get("force_zeros_for_empty_prompt", self.pooled))
+        self.unet_channels = int(manifest["unet"]["in_channels"])  # 9: an inpainting U-Net
         self.schedule = NoiseSchedule.from_manifest(manifest["scheduler"])
         self.default_sampler = default_sampler(self.schedule)
         self.shapes = manifest["shapes"]
@@ -84,8 +59,8 @@ class Pipeline:
         self.latent_channels = int(manifest["latent"]["channels"])
         self.cuda_graph = cuda_graph and self.device.type == "cuda" and backend.capturable
         self.timings: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._lock = threading.RLock()
+        self._captured = CaptureCache()
         self._plans: dict[tuple, Plan] = {}
 
     @classmethod
@@ -124,26 +99,29 @@ class Pipeline:
         seed: int | None = None,
         sampler: str | None = None,
         image: Image.Image | str | Path | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
+        mask_image: Image.Image | str | Path | None = None,
         progress: bool = False,
     ) -> list[Image.Image]:
+        """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
+        ``mask_image`` (white is repainted; strength 1 unless given)."""
         req = self.request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
-            seed, sampler, image, strength,
+            seed, sampler, image, strength, mask_image,
         )  # fmt: skip
-        with self._lock:
-            pixels = self.generate(req, progress=progress)
+        pixels = self.generate(req, progress=progress)
         return [Image.fromarray(a) for a in pixels.numpy()]
 
-    def request(self, prompt, negative_prompt, steps, guidance, height, width, n, seed, sampler, image, strength):
+    def request(self, prompt, negative_prompt, steps, guidance, height, width, n, seed, sampler, image=None,
+                strength=None, mask=None) -> Request:  # fmt: skip
         """Validate the arguments into a `Request`; every problem is a one-line SdrtError that names the fix."""
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise SdrtError("prompt must be a string or a non-empty list of strings")
-        negatives = negative_prompt if negative_prompt is not None else ""
-        negatives = (negatives,) * len(prompts) if isinstance(negatives, str) else tuple(negatives)
-        if len(negatives) != len(prompts):
-            raise SdrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        negatives = (negative_prompt,) * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
+            else tuple(negative_prompt)  # fmt: skip
+        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives if p is not None):
+            raise SdrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per prompt")
         if not isinstance(steps, int) or steps < 1:
             raise SdrtError(f"steps must be a whole number >= 1, got {steps!r}")
         if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -160,23 +138,31 @@ class Pipeline:
         sampler = sampler or self.default_sampler
         if sampler not in SAMPLERS:
             raise SdrtError(f"unknown sampler {sampler!r}; samplers are: {', '.join(SAMPLERS)}")
-        init = None
-        if image is not None:
+        init, mask_img = self._images(image, mask)
+        if init is not None:
+            strength = (1.0 if mask_img is not None else 0.8) if strength is None else strength
             if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
                 raise SdrtError(f"strength must be in (0, 1], got {strength!r}")
-            init = _open_image(image)
             height, width = height or init.height, width or init.width
         else:
             strength = 1.0
         height, width = self._size("height", height), self._size("width", width)
-        req = Request(prompts, negatives, steps, float(guidance), height, width, n, seed, sampler, float(strength))
-        if init is not None:
-            req = Request(**{**req.__dict__, "image": init.convert("RGB").resize((width, height), Image.LANCZOS)})
+        init = init and init.convert("RGB").resize((width, height), Image.LANCZOS)
+        mask_img = mask_img and mask_img.convert("L").resize((width, height), Image.LANCZOS)
+        req = Request(prompts, negatives, steps, float(guidance), height, width, n, seed, sampler, float(strength),
+                      init, mask_img)  # fmt: skip
         try:
             self.plan(req.sampler, req.steps, req.strength)
         except ValueError as err:
             raise SdrtError(str(err)) from None
         return req
+
+    def _images(self, image, mask) -> tuple[Image.Image | None, Image.Image | None]:
+        if mask is not None and image is None:
+            raise SdrtError("a mask needs the image it masks: give --init-image with --mask")
+        if self.unet_channels != self.latent_channels and mask is None:
+            raise SdrtError("this is an inpainting model: give --init-image and --mask (white is repainted)")
+        return (open_image(image) if image is not None else None), (open_image(mask, "mask") if mask else None)
 
     def plan(self, sampler: str, steps: int, strength: float) -> Plan:
         """The host-side sampler plan, computed once per (sampler, steps, strength)."""
@@ -199,81 +185,117 @@ class Pipeline:
             )
         return px
 
-    # -- running one request -------------------------------------------------------------------------------------
+    # -- running requests ----------------------------------------------------------------------------------------
 
     def generate(self, req: Request, progress: bool = False) -> torch.Tensor:
         """uint8 images [B, H, W, 3] on the CPU."""
-        t0 = time.perf_counter()
-        plan = self.plan(req.sampler, req.steps, req.strength)
-        host = self.host_inputs(req, plan)
-        self.timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
-        if self.cuda_graph:
-            captured = self._captured.pop(req.key, None) or _Captured(self, req, plan.to(self.device), host)
-            self._captured[req.key] = captured
-            while len(self._captured) > MAX_CAPTURED:
-                self._captured.popitem(last=False)
-            return captured.replay(host, self.timings)
-        buf = {k: v.to(self.device) for k, v in host.items()}
-        out = self._body(req, plan.to(self.device), buf, self._stage, _Progress(len(plan.timesteps), progress))
-        return out.cpu()
+        return self.generate_batch([req], progress)[0]
 
-    def host_inputs(self, req: Request, plan: Plan) -> dict[str, torch.Tensor]:
-        """Everything a request reads, drawn in diffusers' order from ``torch.Generator("cpu").manual_seed(seed)``:
-        img2img's posterior sample, then the initial latents, then each ancestral step's noise."""
-        gen = torch.Generator("cpu").manual_seed(req.seed)
-        h, w = req.height // 8, req.width // 8
-        shape = (req.batch, self.latent_channels, h, w)
-        ids = self.tokenizer(list(req.negatives + req.prompts) if req.cfg else list(req.prompts))
-        host = {"input_ids": torch.from_numpy(ids), "guidance": torch.tensor(req.guidance, dtype=torch.float32)}
-        if req.image is not None:
-            pixels = np.asarray(req.image, dtype=np.float32) / 255.0 * 2 - 1  # [-1, 1], as VaeImageProcessor
-            host["image"] = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
-            host["posterior_noise"] = torch.randn((1, *shape[1:]), generator=gen, dtype=torch.float32)
-        host["noise0"] = torch.randn(shape, generator=gen, dtype=torch.float32)
-        draws = [torch.randn(shape, generator=gen, dtype=torch.float32) for _ in range(plan.noise_draws)]
-        host["noise"] = torch.stack(draws) if draws else torch.zeros((0, *shape))
-        return host
-
-    def _body(self, req: Request, plan: Plan, buf: dict[str, torch.Tensor], stage=None, progress=None):
-        """The request, from device buffers to uint8 pixels; no host synchronisation anywhere inside."""
-        stage = stage or _no_stage
-        run, dtype = self.backend.run, self.backend.dtype
-        with stage("text_encoder_ms"):
-            states = run("text_encoder", {"input_ids": buf["input_ids"]})[0]  # [rows, 77, D], uncond first
-            n = req.images_per_prompt
-            states = states.repeat_interleave(n, dim=0) if n > 1 else states  # [2B or B, 77, D]
-        with stage("start_ms"):
-            if req.image is None:
-                x = start_latents(plan, buf["noise0"])  # sigma space, [B, 4, h, w]
+    def generate_batch(self, reqs: list[Request], progress: bool = False) -> list[torch.Tensor]:
+        """Requests with one `Request.join_key` as one engine batch: uint8 [B_i, H, W, 3] per request, each exactly
+        what the request gives alone (its own seed's draws, its own prompts, guidance and init image)."""
+        layout = Layout.of(reqs)
+        if layout.images > self.shapes["max_images"]:
+            raise SdrtError(
+                f"{layout.images} images in one batch; this engine takes at most {self.shapes['max_images']}"
+            )
+        key = layout.join_key
+        with self._lock:
+            t0 = time.perf_counter()
+            plan = self.plan(key.sampler, key.steps, key.strength)
+            host = host_inputs(reqs, plan, self.tokenizers, self.latent_channels, self._encodes_init(key),
+                               self.zero_negatives)  # fmt: skip
+            self.timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
+            if self.cuda_graph:
+                pixels = self._captured.replay(self, layout, plan.to(self.device), host, self.timings)
             else:
-                mean, logvar = run("vae_encoder", {"images": buf["image"].to(dtype("vae_encoder", "images"))})
-                z = mean.float() + torch.exp(0.5 * logvar.float()) * buf["posterior_noise"]
-                z = (z * self.scaling_factor).expand(req.batch, -1, -1, -1)
-                x = start_latents(plan, buf["noise0"], z)
+                buf = {k: v.to(self.device) for k, v in host.items()}
+                work = _Progress(len(plan.timesteps), progress)
+                pixels = self._body(layout, plan.to(self.device), buf, self._stage, work).cpu()
+        return list(pixels.split([r.batch for r in reqs]))
+
+    def _encodes_init(self, key) -> bool:
+        """Whether the init image is VAE-encoded: img2img; inpainting at strength < 1 or with a 4-channel U-Net."""
+        return key.image and (not key.mask or key.strength < 1 or self.unet_channels == self.latent_channels)
+
+    def _body(self, layout: Layout, plan: Plan, buf: dict[str, torch.Tensor], stage=None, progress=None):
+        """The batch, from device buffers to uint8 pixels; no host synchronisation anywhere inside. Structure comes
+        from the layout's join key and the engine, never from buffer values."""
+        stage, key = stage or _no_stage, layout.join_key
+        with stage("text_encoder_ms"):
+            cond = self._conditioning(key.cfg, buf)  # U-Net feeds, [2B or B, ...], uncond rows first
+        with stage("start_ms"):
+            z = extra = after = None
+            if self._encodes_init(key):
+                z = self._encode(buf["image"], buf["posterior_noise"]).index_select(0, buf["image_rows"])
+            x = start_latents(plan, buf["noise0"], z if key.image and (not key.mask or key.strength < 1) else None)
+            if key.mask:
+                mask = buf["mask"].index_select(0, buf["image_rows"])  # [B, 1, h, w], 1 = repaint
+                if self.unet_channels == self.latent_channels:  # a regular U-Net: blend the kept region back
+                    after = inpaint_blend(plan, z, buf["noise0"], mask)
+                else:  # an inpainting U-Net reads the mask and the masked image's latents as extra channels
+                    masked = self._encode(buf["masked_image"], buf["masked_noise"]).index_select(0, buf["image_rows"])
+                    extra = torch.cat([mask, masked], dim=1)  # [B, 1 + 4, h, w]
+                    extra = torch.cat([extra, extra]) if key.cfg else extra
         with stage("denoise_ms"):
-            denoise = self._denoiser(req, plan, states.to(dtype("unet", "encoder_hidden_states")), buf, progress)
-            latents = sample(plan, denoise, x, buf["noise"])
+            denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress)
+            latents = sample(plan, denoise, x, buf["noise"], after)
         with stage("vae_decoder_ms"):
-            images = run("vae_decoder", {"latent": latents.to(dtype("vae_decoder", "latent"))})[0]
+            images = self.backend.run(
+                "vae_decoder", {"latent": latents.to(self.backend.dtype("vae_decoder", "latent"))}
+            )
         with stage("to_uint8_ms"):
             # as diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1), then * 255 rounded
-            pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            pixels = ((images[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             return pixels.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
 
-    def _denoiser(self, req: Request, plan: Plan, states: torch.Tensor, buf: dict[str, torch.Tensor], progress):
+    def _encode(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """VAE posterior sample, scaled: (mean + std * noise) * scaling_factor, as diffusers' retrieve_latents."""
+        mean, logvar = self.backend.run(
+            "vae_encoder", {"images": images.to(self.backend.dtype("vae_encoder", "images"))}
+        )
+        return (mean.float() + torch.exp(0.5 * logvar.float()) * noise) * self.scaling_factor
+
+    def _conditioning(self, cfg: bool, buf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Text encoders -> the U-Net's conditioning feeds per image row. SDXL: both encoders' states side by side,
+        pooled embedding from the second, size conditioning in time_ids; a negative not given is zeros there."""
+        run, dtype = self.backend.run, self.backend.dtype
+        ids = ("input_ids", "input_ids_2")[: len(self.text_encoders)]
+        outs = [run(g, {"input_ids": buf[i]}) for g, i in zip(self.text_encoders, ids, strict=True)]
+        states = torch.cat([o[0] for o in outs], dim=-1)  # [2P or P, 77, D]
+        rows, keep = buf["rows"], buf["keep_negative"]
+
+        def per_image(t: torch.Tensor) -> torch.Tensor:  # [2P or P, ...] -> [2B or B, ...]
+            if not cfg:
+                return t.index_select(0, rows)
+            negative, positive = t.chunk(2)
+            if self.zero_negatives:
+                negative = negative * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
+            return torch.cat([negative.index_select(0, rows), positive.index_select(0, rows)])
+
+        feeds = {"encoder_hidden_states": per_image(states).to(dtype("unet", "encoder_hidden_states"))}
+        if self.pooled:
+            feeds["text_embeds"] = per_image(outs[-1][1]).to(dtype("unet", "text_embeds"))
+            time_ids = buf["time_ids"]  # [B, 6]; the negative rows get the same sizes
+            feeds["time_ids"] = torch.cat([time_ids, time_ids]) if cfg else time_ids
+        return feeds
+
+    def _denoiser(self, cfg: bool, plan: Plan, cond: dict[str, torch.Tensor], guidance: torch.Tensor, extra, progress):
         """The one denoiser contract: sigma-space x at call i -> x0, with guidance and the prediction type inside."""
         sample_dtype, prediction = self.backend.dtype("unet", "sample"), self.schedule.prediction_type
-        guidance = buf["guidance"]
-        timesteps = plan.timesteps[:, None].expand(-1, states.shape[0]).contiguous()  # [n_calls, rows]
+        guidance = guidance.view(-1, 1, 1, 1)  # [B, 1, 1, 1]: each request's own scale
+        rows = cond["encoder_hidden_states"].shape[0]
+        timesteps = plan.timesteps[:, None].expand(-1, rows).contiguous()  # [n_calls, rows]
 
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
             x_in = x * plan.c_in[i]  # diffusers' scale_model_input
-            x_in = torch.cat([x_in, x_in]) if req.cfg else x_in  # [2B, 4, h, w]
-            feeds = {"sample": x_in.to(sample_dtype), "timestep": timesteps[i], "encoder_hidden_states": states}
-            out = self.backend.run("unet", feeds)[0].float()
-            if req.cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance * (cond - uncond)
+            x_in = torch.cat([x_in, x_in]) if cfg else x_in  # [2B, 4, h, w]
+            x_in = torch.cat([x_in, extra], dim=1) if extra is not None else x_in  # inpainting U-Net: [2B, 9, h, w]
+            out = self.backend.run("unet", {"sample": x_in.to(sample_dtype), "timestep": timesteps[i], **cond})[0]
+            out = out.float()
+            if cfg:
+                uncond, text = out.chunk(2)
+                out = uncond + guidance * (text - uncond)
             if progress is not None:
                 progress.step()
             return to_x0(x, out, plan.sigmas[i], prediction)
@@ -309,45 +331,3 @@ class _Progress:
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
             end = "\n" if self.done == self.total else ""
             print(f"\rsampling {self.done}/{self.total} ({rate:.2f} steps/s)", end=end, file=self.stream, flush=True)
-
-
-class _Captured:
-    """One request shape captured as a CUDA graph: static device buffers in, uint8 pixels out."""
-
-    def __init__(self, pipe: Pipeline, req: Request, plan: Plan, host: dict[str, torch.Tensor]):
-        self.buf = {k: torch.empty_like(v, device=pipe.device) for k, v in host.items()}
-        self.host = {k: torch.empty_like(v).pin_memory() for k, v in host.items()}
-        for k, v in host.items():
-            self.buf[k].copy_(v)
-        side = torch.cuda.Stream(pipe.device)
-        side.wait_stream(torch.cuda.current_stream(pipe.device))
-        with torch.cuda.stream(side):  # warm-up: engines allocate, kernels load, outside the capture
-            pipe._body(req, plan, self.buf)
-        torch.cuda.current_stream(pipe.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = pipe._body(req, plan, self.buf)
-        self.plan = plan  # the graph reads its tensors: keep them alive
-
-    def replay(self, host: dict[str, torch.Tensor], timings: dict[str, float]) -> torch.Tensor:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for k, v in host.items():  # pinned staging, then asynchronous copies into the graph's buffers
-            self.host[k].copy_(v)
-            self.buf[k].copy_(self.host[k], non_blocking=True)
-        start.record()
-        self.graph.replay()
-        end.record()
-        pixels = self.out.to("cpu")  # the one synchronisation of the request
-        timings["graph_ms"] = start.elapsed_time(end)
-        return pixels
-
-
-def _open_image(image: Image.Image | str | Path) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as img:
-            img.load()
-            return img.copy()
-    except (OSError, ValueError) as err:
-        raise SdrtError(f"cannot read init image {image}: {str(err).splitlines()[0]}") from None

@@ -28,6 +28,7 @@ from sdrt.runtime import schedule as sch
 from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
+StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
 SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm")
 
 
@@ -75,16 +76,38 @@ def start_latents(plan: Plan, noise0: torch.Tensor, init_latents: torch.Tensor |
     return init_latents + plan.sigmas[0] * noise0
 
 
-def sample(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample(
+    plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook | None = None
+) -> torch.Tensor:
     """Run the plan's sampler from sigma-space x ([B, 4, h, w]); `noise`: [plan.noise_draws, B, 4, h, w].
 
-    Returns the final latents as diffusers hands them to the VAE (alpha space).
+    `after(x, i)`, where given, replaces the state after each step i (diffusers' callback_on_step_end changing the
+    latents: inpainting's latent blend). Returns the final latents as diffusers hands them to the VAE (alpha space).
     """
-    return _SAMPLERS[plan.sampler](plan, denoise, x, noise) * plan.out_scale
+    return _SAMPLERS[plan.sampler](plan, denoise, x, noise, after or _unchanged) * plan.out_scale
+
+
+def _unchanged(x: torch.Tensor, i: int) -> torch.Tensor:
+    return x
+
+
+def inpaint_blend(plan: Plan, init_latents: torch.Tensor, noise0: torch.Tensor, mask: torch.Tensor) -> StepHook:
+    """The latent blend diffusers' inpainting pipelines apply after every step with a 4-channel U-Net: keep the
+    init latents, noised to the next call's timestep (`add_noise` with the initial noise; clean after the last
+    step), where the mask is 0. In sigma space that target is init + sigma_{i+1} * noise0, and after the last
+    step init / out_scale (the blend happens on diffusers' alpha-space latents, which are x * out_scale).
+    mask: [B, 1, h, w], 1 where the sampler's result is kept."""
+    last = len(plan.timesteps) - 1
+
+    def after(x: torch.Tensor, i: int) -> torch.Tensor:
+        target = init_latents + plan.sigmas[i + 1] * noise0 if i < last else init_latents / plan.out_scale
+        return (1 - mask) * target + mask * x
+
+    return after
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
-def sample_ddim(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_ddim(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 with eta = 0), in sigma space.
 
     x_{t-1} = x0 + sigma_{t-1} * eps, with eps from the unclipped x0 as diffusers has it. diffusers steps to
@@ -98,20 +121,22 @@ def sample_ddim(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tens
         if plan.clip is not None:
             x0 = x0.clamp(-plan.clip, plan.clip)
         x = (x0 + sigma_to[i] * eps) * rescale[i]
+        x = after(x, i)
     return x
 
 
-def sample_euler(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_euler(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
     """Euler steps on the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022, "Elucidating the
     Design Space of Diffusion-Based Generative Models", Algorithm 2 without churn; k-diffusion's sample_euler)."""
     sigmas = plan.sigmas
     for i in range(len(plan.timesteps)):
         d = (x - denoise(x, i)) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
+        x = after(x, i)
     return x
 
 
-def sample_euler_a(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_euler_a(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
     """Euler ancestral (k-diffusion's sample_euler_ancestral, eta = 1): an Euler step down to sigma_down, then fresh
     noise of std sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_next^2 (ancestral sampling, Ho et al. 2020)."""
     sigmas = plan.sigmas
@@ -121,10 +146,13 @@ def sample_euler_a(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.T
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         d = (x - denoise(x, i)) / sigma
         x = x + d * (sigma_down - sigma) + noise[i] * sigma_up
+        x = after(x, i)
     return x
 
 
-def sample_dpmpp_2m(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_dpmpp_2m(
+    plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models", Algorithm 2), in k-diffusion's form with t = lambda = -log sigma. `plan.orders` marks the first-order
     steps diffusers takes (the first, and the last per lower_order_final / final_sigmas_type)."""
@@ -140,10 +168,11 @@ def sample_dpmpp_2m(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised_d
         old_denoised = denoised
+        x = after(x, i)
     return x
 
 
-def sample_lcm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_lcm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 1):
     the consistency function f(x, t) = c_skip(t) * x + c_out(t) * x0, then re-noised to the next sigma, except at
     the last step. (plan's c_skip includes the alpha-space scale diffusers applies it at.)"""
@@ -156,13 +185,14 @@ def sample_lcm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tenso
         x = c_skip[i] * x + c_out[i] * x0
         if i < n - 1:
             x = x + sigmas[i + 1] * noise[i]
+        x = after(x, i)
     return x
 
 
 _PLMS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def sample_pndm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_pndm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
     """PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", eq. 12: linear multistep
     on the model output e, moved by the DDIM transfer phi(x, e, t, t - delta)), with diffusers' warm-up in place of
     Runge-Kutta: the first step is taken twice, the second time from the same x with the mean of both outputs.
@@ -180,6 +210,7 @@ def sample_pndm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tens
             es = [*es[-3:], e]
             e = sum(c * e_k for c, e_k in zip(_PLMS[len(es)], reversed(es), strict=True))
         x = phi_x[i] * x + phi_e[i] * e
+        x = after(x, i)
     return x
 
 

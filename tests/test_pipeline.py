@@ -227,3 +227,43 @@ def test_capture_key_separates_what_changes_the_captured_graph(pipes):
     assert key(["a", "b"], 1) != key(["a"], 2)  # same batch of 2, different input_ids rows
     assert key("a", 1) != key("a", 1, image=Image.new("RGB", (64, 64)))  # img2img at strength 1 adds the encoder
     assert key("a", 1) == key("b", 1)  # the prompt's text is data, not shape
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_joined_requests_give_exactly_their_images_alone(pipes, kind):
+    """Dynamic batching's guarantee: requests run as one engine batch, each with its own seed, prompt, negative,
+    guidance (and init image), come out byte-identical to the same requests run alone."""
+    pipe = pipes[kind]
+    common = dict(steps=4, height=64, width=128, sampler="euler_a")
+    a = pipe.request("a red fox", "blurry", guidance=7.5, n=1, seed=11, image=None, **common)
+    b = pipe.request("a boat at dusk", None, guidance=3.0, n=1, seed=12, image=None, **common)
+    assert a.join_key == b.join_key
+    joined = pipe.generate_batch([a, b])
+    alone = [pipe.generate(r) for r in (a, b)]
+    for j, s in zip(joined, alone, strict=True):
+        assert j.shape == s.shape == (1, 64, 128, 3) and torch.equal(j, s)
+    assert not torch.equal(joined[0], joined[1])
+    rng = np.random.default_rng(0)
+    inits = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    reqs = [
+        pipe.request(p, None, 4, 6.0, 64, 64, 1, s, "ddim", im, 0.5)
+        for p, s, im in zip("xy", (1, 2), inits, strict=True)
+    ]
+    for j, r in zip(pipe.generate_batch(reqs), reqs, strict=True):
+        assert torch.equal(j, pipe.generate(r))
+
+
+def test_requests_that_differ_in_shape_do_not_join(pipes):
+    pipe = pipes["sd1"]
+    a = pipe.request("x", None, 4, 7.5, 64, 64, 1, 0, "euler")
+    for other in (
+        pipe.request("x", None, 4, 7.5, 64, 128, 1, 0, "euler"),  # size
+        pipe.request("x", None, 5, 7.5, 64, 64, 1, 0, "euler"),  # steps
+        pipe.request("x", None, 4, 7.5, 64, 64, 1, 0, "ddim"),  # sampler
+        pipe.request("x", None, 4, 1.0, 64, 64, 1, 0, "euler"),  # no guidance: no uncond rows
+    ):
+        assert other.join_key != a.join_key
+        with pytest.raises(ValueError, match="join keys"):
+            pipe.generate_batch([a, other])
+    with pytest.raises(SdrtError, match="at most 2"):
+        pipe.generate_batch([a, a, a])

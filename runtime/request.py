@@ -1,0 +1,167 @@
+"""One validated request, and the host tensors a batch of them reads, drawn in diffusers' order.
+
+Requests with the same `Request.join_key` (size, steps, sampler, strength, guidance on or off, init image, mask)
+can run as one engine batch: the host lays their rows out one request after another, and each request's random
+draws come from its own ``torch.Generator("cpu").manual_seed(seed)``, so every request gets exactly the images it
+gets alone. The layout's counts (`Layout`) are what a captured CUDA graph depends on; the rest is data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.samplers import Plan
+
+
+class JoinKey(NamedTuple):
+    """What requests must share to run as one engine batch: everything that shapes the graph body."""
+
+    height: int
+    width: int
+    steps: int
+    sampler: str
+    strength: float
+    cfg: bool
+    image: bool
+    mask: bool
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call: prompts x images per prompt, one seed. A negative of None is "not given" (SDXL zeroes it)."""
+
+    prompts: tuple[str, ...]
+    negatives: tuple[str | None, ...]
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    images_per_prompt: int
+    seed: int
+    sampler: str
+    strength: float  # 1.0 for txt2img
+    image: Image.Image | None = None  # RGB at (width, height)
+    mask: Image.Image | None = None  # L at (width, height): white is repainted, black is kept
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+    @property
+    def cfg(self) -> bool:  # diffusers: guidance only when guidance_scale > 1
+        return self.guidance > 1.0
+
+    @property
+    def join_key(self) -> JoinKey:
+        """Requests with equal join keys run through the same graph body and may share one engine batch."""
+        return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
+                       self.image is not None, self.mask is not None)  # fmt: skip
+
+    @property
+    def key(self) -> tuple:
+        """What a captured graph of this request alone depends on (see `Layout.key`)."""
+        return Layout.of([self]).key
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Row counts of a batch of joined requests: prompts, images, init images. With the join key, the capture key."""
+
+    join_key: JoinKey
+    prompts: int  # text-encoder rows per side (negatives and prompts)
+    images: int  # latent rows
+    inits: int  # init images (one per request with an image)
+
+    @classmethod
+    def of(cls, reqs: list[Request]) -> Layout:
+        keys = {r.join_key for r in reqs}
+        if len(keys) != 1:
+            raise ValueError(f"requests with different join keys cannot share a batch: {sorted(keys)}")
+        inits = sum(r.image is not None for r in reqs)
+        return cls(keys.pop(), sum(len(r.prompts) for r in reqs), sum(r.batch for r in reqs), inits)
+
+    @property
+    def key(self) -> tuple:
+        return (*self.join_key, self.prompts, self.images, self.inits)
+
+
+def host_inputs(
+    reqs: list[Request], plan: Plan, tokenizers: list, latent_channels: int, encodes_init: bool, zero_negatives: bool
+) -> dict[str, torch.Tensor]:
+    """Everything a batch reads, on the host. Per request, from its own generator, in diffusers' order: the init
+    image's posterior sample (where `encodes_init`: img2img, or inpainting with a 4-channel U-Net or strength < 1),
+    the initial latents, the masked image's posterior sample (inpainting), then each ancestral step's noise.
+
+    input_ids[_2] [2P or P, 77]: every request's negatives, then every request's prompts (uncond rows first).
+    keep_negative [P]: 0 where a negative was not given and the model zeroes those (SDXL), else 1.
+    rows [B]: the prompt each image row is conditioned on (a prompt's images are consecutive, as diffusers has them).
+    """
+    first = reqs[0]
+    h, w = first.height // 8, first.width // 8
+    prompts = [p for r in reqs for p in r.prompts]
+    negatives = [n for r in reqs for n in r.negatives]
+    texts = [n or "" for n in negatives] + prompts if first.cfg else prompts
+    names = ("input_ids", "input_ids_2")[: len(tokenizers)]
+    host = {name: torch.from_numpy(tok(texts)) for name, tok in zip(names, tokenizers, strict=True)}
+    host["keep_negative"] = torch.tensor([0.0 if n is None and zero_negatives else 1.0 for n in negatives])  # [P]
+    host["rows"] = torch.arange(len(prompts)).repeat_interleave(
+        torch.tensor([r.images_per_prompt for r in reqs for _ in r.prompts])
+    )
+    host["guidance"] = torch.tensor([r.guidance for r in reqs for _ in range(r.batch)], dtype=torch.float32)
+    sizes = [[r.height, r.width, 0, 0, r.height, r.width] for r in reqs for _ in range(r.batch)]
+    host["time_ids"] = torch.tensor(sizes, dtype=torch.float32)  # SDXL: original size, crop top-left, target size
+    draws: dict[str, list[torch.Tensor]] = {"posterior_noise": [], "noise0": [], "masked_noise": [], "noise": []}
+    for r in reqs:
+        gen = torch.Generator("cpu").manual_seed(r.seed)
+        shape = (r.batch, latent_channels, h, w)
+        if encodes_init:
+            draws["posterior_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
+        draws["noise0"].append(torch.randn(shape, generator=gen))
+        if r.mask is not None:  # drawn even for a 4-channel U-Net, which does not use it: later draws depend on it
+            draws["masked_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
+        steps = [torch.randn(shape, generator=gen) for _ in range(plan.noise_draws)]
+        draws["noise"].append(torch.stack(steps) if steps else torch.zeros((0, *shape)))
+    host["noise0"] = torch.cat(draws["noise0"])  # [B, 4, h, w]
+    host["noise"] = torch.cat(draws["noise"], dim=1)  # [draws, B, 4, h, w]
+    if first.image is not None:
+        host["image"] = torch.cat([_pixels(r.image) for r in reqs])  # [R, 3, H, W] in [-1, 1]
+        if encodes_init:
+            host["posterior_noise"] = torch.cat(draws["posterior_noise"])
+        host["image_rows"] = torch.arange(len(reqs)).repeat_interleave(torch.tensor([r.batch for r in reqs]))
+    if first.mask is not None:
+        masks = torch.cat([_mask(r.mask) for r in reqs])  # [R, 1, H, W], 1 = repaint
+        host["masked_image"] = host["image"] * (masks < 0.5)
+        host["mask"] = torch.nn.functional.interpolate(masks, size=(h, w))  # nearest, as diffusers
+        host["masked_noise"] = torch.cat(draws["masked_noise"])
+    return host
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """[1, 3, H, W] in [-1, 1], as diffusers' VaeImageProcessor normalises."""
+    pixels = np.asarray(image, dtype=np.float32) / 255.0 * 2 - 1
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+
+
+def _mask(mask: Image.Image) -> torch.Tensor:
+    """[1, 1, H, W] of 0 / 1: diffusers' mask processor (grayscale, [0, 1], binarised at 0.5)."""
+    values = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return (values >= 0.5).float()
+
+
+def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
+    """A PIL image, read fully (a damaged file is a one-line error)."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as img:
+            img.load()
+            return img.copy()
+    except (OSError, ValueError) as err:
+        raise SdrtError(f"cannot read {what} {image}: {str(err).splitlines()[0]}") from None
