@@ -70,6 +70,10 @@ UNETS = {
         projection_class_embeddings_input_dim=8 * 6 + 32,
     ),
 }
+# inpainting checkpoints: the same U-Nets reading 4 latent + 1 mask + 4 masked-image channels
+UNETS["sd1-inpaint"] = dict(UNETS["sd1"], in_channels=9)
+UNETS["sdxl-inpaint"] = dict(UNETS["sdxl"], in_channels=9)
+SINGLE_FILE_KINDS = ("sd1", "sd2", "sdxl")
 SIZES = ["--min-size", "64", "--max-size", "192", "--max-batch", "2"]  # small ranges keep the checks fast
 
 
@@ -85,21 +89,26 @@ def tokenizer(pad_token: str):
 
 
 def build_pipeline(kind: str, seed: int = 0):
-    """A diffusers pipeline of the given kind ("sd1", "sd2", "sdxl") with seeded random weights."""
+    """A diffusers pipeline of the given kind (a key of UNETS) with seeded random weights."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     ids = dict(bos_token_id=512, eos_token_id=513)
     unet = diffusers.UNet2DConditionModel(**UNETS[kind])
-    vae = diffusers.AutoencoderKL(**VAE, scaling_factor=0.13025 if kind == "sdxl" else 0.18215)
+    vae = diffusers.AutoencoderKL(**VAE, scaling_factor=0.13025 if kind.startswith("sdxl") else 0.18215)
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    if kind == "sdxl":
+    if kind.startswith("sdxl"):
         te1 = CLIPTextModel(CLIPTextConfig(**CLIP, hidden_act="quick_gelu", pad_token_id=513, **ids))
         # diffusers tells SDXL's two encoders apart in single files by their width: they must differ
         wide = dict(CLIP, hidden_size=64)
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**wide, hidden_act="gelu", pad_token_id=0, **ids))
-        return diffusers.StableDiffusionXLPipeline(
+        cls = (
+            diffusers.StableDiffusionXLInpaintPipeline
+            if kind.endswith("inpaint")
+            else diffusers.StableDiffusionXLPipeline
+        )
+        return cls(
             vae=vae,
             unet=unet,
             text_encoder=te1,
@@ -115,7 +124,8 @@ def build_pipeline(kind: str, seed: int = 0):
         if v2
         else diffusers.PNDMScheduler(**betas, skip_prk_steps=True, set_alpha_to_one=False)
     )
-    return diffusers.StableDiffusionPipeline(
+    cls = diffusers.StableDiffusionInpaintPipeline if kind.endswith("inpaint") else diffusers.StableDiffusionPipeline
+    return cls(
         vae=vae,
         text_encoder=te,
         tokenizer=tokenizer("!" if v2 else "<|endoftext|>"),
@@ -129,7 +139,7 @@ def build_pipeline(kind: str, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """{"sd1"|"sd2"|"sdxl": diffusers folder} written with save_pretrained (safetensors)."""
+    """{kind: diffusers folder} written with save_pretrained (safetensors), for every kind in UNETS."""
     root = tmp_path_factory.mktemp("pipelines")
     out = {}
     for kind in UNETS:
@@ -156,8 +166,8 @@ def single_files(folders, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("single")
     out = {}
-    for kind, folder in folders.items():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    for kind in SINGLE_FILE_KINDS:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folders[kind], local_files_only=True)
         out[kind] = root / f"{kind}.safetensors"
         save_ldm_checkpoint(out[kind], pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     return out

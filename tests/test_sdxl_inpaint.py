@@ -1,0 +1,138 @@
+"""SDXL and inpainting against diffusers' own pipelines on the same folders, seeds, samplers and sizes.
+
+StableDiffusionXLPipeline / Img2Img / Inpaint and StableDiffusionInpaintPipeline are the references; the folders
+(tests/conftest.py) are small SDXL-like and inpainting (9-channel U-Net) configurations built with diffusers'
+classes, exported in fp32 and run on the CPU with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pipeline import NEGATIVE, PROMPT, SCHEDULERS, check
+
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.pipeline import Pipeline
+
+H, W = 64, 128  # non-square everywhere
+
+
+def reference(folder, cls_name: str, sampler: str, **kw) -> np.ndarray:
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    extra = dict(safety_checker=None, requires_safety_checker=False) if "XL" not in cls_name else {}
+    pipe = cls.from_pretrained(folder, local_files_only=True, **extra)
+    name, config = SCHEDULERS[sampler]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **config)
+    pipe.set_progress_bar_config(disable=True)
+    seed = kw.pop("seed")
+    out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+    return np.stack([np.asarray(im) for im in out.images])
+
+
+def ours(pipe: Pipeline, **kw) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in pipe(**kw)])
+
+
+@pytest.fixture(scope="module")
+def pipes(exports):
+    kinds = ("sdxl", "sd1", "sd1-inpaint", "sdxl-inpaint")
+    out = {k: Pipeline.load(exports.get(k, "fp32"), backend="onnxruntime", device="cpu") for k in kinds}
+    yield out
+    for p in out.values():
+        p.close()
+
+
+def init_and_mask() -> tuple[Image.Image, Image.Image]:
+    """A structured init image and a mask whose white (repainted) region is a off-centre rectangle."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:H, 0:W]
+    init = np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1) // 2 + rng.integers(0, 64, (H, W, 3))
+    mask = np.zeros((H, W), np.uint8)
+    mask[8:48, 40:112] = 255
+    return Image.fromarray(init.astype(np.uint8)), Image.fromarray(mask)
+
+
+# -- SDXL ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m_karras", "ddim"])
+def test_sdxl_txt2img_matches_diffusers(sampler, pipes, folders):
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=6.0,
+              height=H, width=W, seed=21)  # fmt: skip
+    check(
+        ours(pipes["sdxl"], sampler=sampler, **kw),
+        reference(folders["sdxl"], "StableDiffusionXLPipeline", sampler, **kw),
+    )
+
+
+def test_sdxl_unset_negative_is_zeros_and_batches_match(pipes, folders):
+    """No negative prompt: SDXL conditions the unguided half on zeros (force_zeros_for_empty_prompt), which an
+    encoded "" would not give; two prompts in one call."""
+    kw = dict(prompt=[PROMPT, "a lighthouse"], num_inference_steps=4, guidance_scale=7.0, height=W, width=H, seed=3)
+    mine = ours(pipes["sdxl"], sampler="euler", **kw)
+    check(mine, reference(folders["sdxl"], "StableDiffusionXLPipeline", "euler", **kw))
+    empty = ours(pipes["sdxl"], sampler="euler", negative_prompt="", **kw)
+    assert not np.array_equal(mine, empty)
+
+
+def test_sdxl_img2img_matches_diffusers(pipes, folders):
+    image, _ = init_and_mask()
+    kw = dict(prompt=PROMPT, image=image, strength=0.6, num_inference_steps=6, guidance_scale=5.0, seed=8)
+    ref = reference(folders["sdxl"], "StableDiffusionXLImg2ImgPipeline", "euler_a", **kw)
+    check(ours(pipes["sdxl"], sampler="euler_a", **kw), ref)
+
+
+# -- inpainting -----------------------------------------------------------------------------------------------------
+
+INPAINT = [  # (kind, diffusers pipeline, sampler, strength)
+    ("sd1-inpaint", "StableDiffusionInpaintPipeline", "pndm", 1.0),  # 9-channel U-Net
+    ("sd1-inpaint", "StableDiffusionInpaintPipeline", "euler_a", 0.75),
+    ("sd1-inpaint", "StableDiffusionInpaintPipeline", "dpmpp_2m", 1.0),
+    ("sd1", "StableDiffusionInpaintPipeline", "pndm", 1.0),  # a regular U-Net: latent blend after every step
+    ("sd1", "StableDiffusionInpaintPipeline", "euler_a", 0.7),
+    ("sd1", "StableDiffusionInpaintPipeline", "ddim", 1.0),
+    ("sd1", "StableDiffusionInpaintPipeline", "dpmpp_2m_karras", 0.8),
+    ("sd1", "StableDiffusionInpaintPipeline", "lcm", 1.0),
+    ("sdxl-inpaint", "StableDiffusionXLInpaintPipeline", "euler", 0.9999),  # SDXL inpainting's default strength
+    ("sdxl-inpaint", "StableDiffusionXLInpaintPipeline", "euler_a", 1.0),
+    ("sdxl", "StableDiffusionXLInpaintPipeline", "euler", 1.0),
+    ("sdxl", "StableDiffusionXLInpaintPipeline", "dpmpp_2m", 0.6),
+]
+
+
+@pytest.mark.parametrize("kind,cls,sampler,strength", INPAINT)
+def test_inpainting_matches_diffusers(kind, cls, sampler, strength, pipes, folders):
+    image, mask = init_and_mask()
+    steps = 4 if sampler == "lcm" else 6
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=image, strength=strength, num_inference_steps=steps,
+              guidance_scale=6.0, seed=77)  # fmt: skip
+    mine = ours(pipes[kind], sampler=sampler, mask_image=mask, **kw)
+    ref = reference(folders[kind], cls, sampler, mask_image=mask, height=H, width=W, **kw)
+    check(mine, ref)
+    if pipes[kind].unet_channels == 4 and strength == 1.0:  # the blend keeps the unmasked region close to the init
+        kept = np.asarray(mask) < 128
+        ours_err = np.abs(mine[0].astype(int) - np.asarray(image).astype(int))[kept].mean()
+        assert ours_err < np.abs(mine[0].astype(int) - np.asarray(image).astype(int))[~kept].mean()
+
+
+def test_inpainting_requests_join_and_stay_themselves(pipes):
+    image, mask = init_and_mask()
+    pipe = pipes["sd1-inpaint"]
+    reqs = [pipe.request(p, None, 4, 6.0, H, W, 1, s, "euler_a", image, 1.0, mask) for p, s in (("a", 1), ("b", 2))]
+    assert reqs[0].join_key == reqs[1].join_key
+    for joined, req in zip(pipe.generate_batch(reqs), reqs, strict=True):
+        assert torch.equal(joined, pipe.generate(req))
+
+
+def test_inpainting_bad_input(pipes):
+    image, mask = init_and_mask()
+    with pytest.raises(SdrtError, match="needs the image it masks"):
+        pipes["sd1"]("x", num_inference_steps=2, mask_image=mask)
+    with pytest.raises(SdrtError, match="inpainting model"):
+        pipes["sd1-inpaint"]("x", num_inference_steps=2, height=H, width=W)
+    with pytest.raises(SdrtError, match="cannot read mask"):
+        pipes["sd1"]("x", num_inference_steps=2, image=image, mask_image="/nonexistent.png")
