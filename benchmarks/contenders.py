@@ -68,25 +68,12 @@ def source_pipeline(manifest: dict[str, Any]) -> Any:
     A preset rebuilds the same seeded weights; a diffusers folder or single file is loaded again and must still
     hash as the manifest recorded (otherwise the baseline would be another model).
     """
-    from sdrt.export.load import components_from_folder, components_from_preset, components_from_single_file
-    from sdrt.export.presets import get_preset
+    from sdrt.export.load import SourceMissing, components_from_source
 
-    source = manifest["source"]
-    kind = source.get("kind")
-    if kind == "preset":
-        components = components_from_preset(get_preset(source["name"]), int(source["seed"]))
-    elif kind in ("diffusers", "single_file"):
-        path = Path(source["path"])
-        if not path.exists():
-            raise SdrtError(f"the baseline needs the source {path}, which is not here; pass --no-baseline")
-        if kind == "diffusers":
-            components = components_from_folder(path)
-        else:
-            components = components_from_single_file(path, config=source.get("config"))
-        if components.source.get("sha256") != source.get("sha256"):
-            raise SdrtError(f"{path} changed since the export (SHA-256 differs): re-export, or pass --no-baseline")
-    else:
-        raise SdrtError(f"the manifest's source kind {kind!r} is unknown; pass --no-baseline")
+    try:
+        components = components_from_source(manifest["source"])
+    except SourceMissing as err:
+        raise SdrtError(f"the baseline needs the checkpoint: {err}; pass --no-baseline") from None
     pipe = components.to_diffusers()
     pipe.set_progress_bar_config(disable=True)
     return pipe

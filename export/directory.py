@@ -17,14 +17,7 @@ from typing import Any, TextIO
 import onnx
 
 from sdrt.export import graphs as G
-from sdrt.export.load import (
-    Components,
-    check_model_arg,
-    components_from_folder,
-    components_from_preset,
-    components_from_single_file,
-    load_model,
-)
+from sdrt.export.load import Components, SourceMissing, check_model_arg, components_from_source, load_model
 from sdrt.export.onnx_io import (
     OPSET,
     export_torch,
@@ -162,6 +155,7 @@ def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> 
             "sample_size": c.unet.config.sample_size,  # latent side it was trained at: default image = 8x this
             "addition_embed_type": c.unet.config.addition_embed_type,
         },
+        "pipeline": {"force_zeros_for_empty_prompt": c.zero_negatives},  # SDXL: an unset negative is zeros
         "scheduler": _scheduler_entry(c),
         "tokenizers": tokenizers,
         "graphs": {},
@@ -200,8 +194,10 @@ def export_model(
     dims: G.Dims | None = None,
     progress: Progress | None = None,
     torch_programs: bool = False,
+    vae: str | None = None,
 ) -> dict[str, Any]:
-    """Export ``model`` (preset, diffusers folder or single file) to the engine directory ``dest``."""
+    """Export ``model`` (preset, diffusers folder or single file) to the engine directory ``dest``; ``vae``: a
+    diffusers VAE folder to use instead of the model's own, exported in fp16 (for an fp16-safe SDXL VAE)."""
     if precision not in ("fp16", "fp32"):
         raise SdrtError(f"unknown precision {precision!r}; use fp16 or fp32")
     dest = Path(dest)
@@ -211,7 +207,7 @@ def export_model(
     map_large_buffers()
     p = progress or Progress()
     with p.step(f"load {model}"):
-        c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed)
+        c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae)
     dims = dims or _default_dims(c)
     if dims.min_px % 64 or dims.max_px % 64 or not 64 <= dims.min_px <= dims.max_px or dims.max_images < 1:
         raise SdrtError(f"bad shape range {dims.min_px}..{dims.max_px} px: sizes are multiples of 64, min <= max")
@@ -237,20 +233,10 @@ def export_model(
 
 def _source_components(source: dict[str, Any]) -> Components | str:
     """Rebuild the modules an engine directory came from, or say why that is not possible."""
-    kind = source.get("kind")
-    if kind == "preset":
-        return components_from_preset(get_preset(source["name"]), source["seed"])
-    path = Path(source.get("path", ""))
-    if not path.exists():
-        return f"source {path} is not available"
-    c = (
-        components_from_folder(path)
-        if kind == "diffusers"
-        else components_from_single_file(path, config=source.get("config"))
-    )
-    if c.source.get("sha256") != source.get("sha256"):
-        raise SdrtError(f"source {path} has changed since the export; re-run `sdrt export ... --force`")
-    return c
+    try:
+        return components_from_source(source)
+    except SourceMissing as err:
+        return str(err)
 
 
 def verify_directory(root: str | os.PathLike, *, progress: Progress | None = None) -> dict[str, Any]:

@@ -142,6 +142,7 @@ def graphs_for(c: Components) -> list[Graph]:
         Graph("unet", UNet(c.unet), unet_in, ("noise_pred",), noise, keep_fp32_inputs=keep, upcast_attention=upcast)
     )
     lat = c.vae.config.latent_channels
+    vae_fp16 = fam.vae_fp16 if c.vae_fp16 is None else c.vae_fp16
     latent, images = ("B", lat, "h", "w"), ("B", 3, "H", "W")
     out.append(
         Graph(
@@ -150,7 +151,7 @@ def graphs_for(c: Components) -> list[Graph]:
             {"latent": (latent, f32)},
             ("images",),
             (images,),
-            precision_fp16=fam.vae_fp16,
+            precision_fp16=vae_fp16,
         )
     )
     out.append(
@@ -160,7 +161,7 @@ def graphs_for(c: Components) -> list[Graph]:
             {"images": (images, f32)},
             ("latent_mean", "latent_logvar"),
             (latent, latent),
-            precision_fp16=fam.vae_fp16,
+            precision_fp16=vae_fp16,
         )
     )
     for g in out:

@@ -7,7 +7,7 @@ string names, refuses pickle files unless asked, and records where the weights c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class Components:
     tokenizers: dict[str, Any]  # "tokenizer"(, "tokenizer_2") -> CLIPTokenizer
     scheduler: Any
     source: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)  # model_index.json's pipeline options (SDXL's zeroing)
+    vae_fp16: bool | None = None  # None: the family's rule; True for a VAE the user says is fp16-safe (--vae)
 
     def to_diffusers(self) -> Any:
         """The matching diffusers pipeline over the same modules (for saving, and as the reference)."""
@@ -41,21 +43,88 @@ class Components:
         parts: dict[str, Any] = dict(self.text_encoders, **self.tokenizers)
         if self.family.name == "sd":
             parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            parts.update(force_zeros_for_empty_prompt=self.zero_negatives)
         return getattr(diffusers, name)(unet=self.unet, vae=self.vae, scheduler=self.scheduler, **parts)
+
+    @property
+    def zero_negatives(self) -> bool:
+        """SDXL's force_zeros_for_empty_prompt: an unset negative prompt conditions on zeros (diffusers' default)."""
+        return self.family.pooled_from is not None and bool(self.options.get("force_zeros_for_empty_prompt", True))
 
 
 def load_model(
-    model: str, *, allow_pickle: bool = False, config: str | None = None, seed: int | None = None
+    model: str,
+    *,
+    allow_pickle: bool = False,
+    config: str | None = None,
+    seed: int | None = None,
+    vae: str | None = None,
 ) -> Components:
-    """Dispatch on what ``model`` names: a preset, a diffusers folder, or a single checkpoint file."""
+    """Dispatch on what ``model`` names: a preset, a diffusers folder, or a single checkpoint file; ``vae``
+    replaces its VAE with a diffusers AutoencoderKL folder the user vouches for in fp16."""
     check_model_arg(model)
+    if vae is not None and not (Path(vae) / "config.json").is_file():
+        raise SdrtError(f"--vae {vae}: not a diffusers VAE folder (config.json and .safetensors weights)")
     if model in PRESETS:
         preset = get_preset(model)
-        return components_from_preset(preset, preset.seed if seed is None else seed)
-    path = Path(model)
-    if path.is_dir():
-        return components_from_folder(path, allow_pickle=allow_pickle)
-    return components_from_single_file(path, config=config, allow_pickle=allow_pickle)
+        c = components_from_preset(preset, preset.seed if seed is None else seed)
+    elif Path(model).is_dir():
+        c = components_from_folder(Path(model), allow_pickle=allow_pickle)
+    else:
+        c = components_from_single_file(Path(model), config=config, allow_pickle=allow_pickle)
+    return with_vae(c, Path(vae)) if vae is not None else c
+
+
+def with_vae(c: Components, folder: Path) -> Components:
+    """``c`` with the VAE from ``folder`` (e.g. an fp16-safe SDXL VAE), exported in fp16 like the rest."""
+    import diffusers
+
+    if not any(folder.glob("*.safetensors")):
+        raise SdrtError(f"--vae {folder} has no .safetensors weights; convert them, pickle files are not loaded")
+    try:
+        c.vae = diffusers.AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise SdrtError(f"--vae {folder}: cannot load the VAE ({str(err).splitlines()[0]})") from None
+    c.vae.float().eval()
+    c.vae_fp16 = True
+    c.source = {**c.source, "vae": {"path": str(folder.resolve()), "sha256": _folder_hashes(folder)}}
+    return c
+
+
+class SourceMissing(SdrtError):
+    """The checkpoint an engine directory was exported from is not on this machine."""
+
+
+def components_from_source(source: dict[str, Any]) -> Components:
+    """Rebuild the modules an engine directory came from (its manifest's "source"), checking that every file
+    still hashes as it did at export; SourceMissing where the files are gone."""
+    kind = source.get("kind")
+    if kind == "preset":
+        c = components_from_preset(get_preset(source["name"]), int(source["seed"]))
+    elif kind in ("diffusers", "single_file"):
+        path = Path(source["path"])
+        if not path.exists():
+            raise SourceMissing(f"source {path} is not available")
+        c = (
+            components_from_folder(path)
+            if kind == "diffusers"
+            else components_from_single_file(path, config=source.get("config"))
+        )
+        if c.source.get("sha256") != source.get("sha256"):
+            raise SdrtError(
+                f"source {path} has changed since the export (SHA-256 differs); re-run `sdrt export ... --force`"
+            )
+    else:
+        raise SdrtError(f"the manifest's source kind {kind!r} is unknown")
+    if "vae" in source:
+        folder = Path(source["vae"]["path"])
+        if not folder.exists():
+            raise SourceMissing(f"source VAE {folder} is not available")
+        c = with_vae(c, folder)
+        if c.source["vae"]["sha256"] != source["vae"]["sha256"]:
+            raise SdrtError(f"source VAE {folder} has changed since the export (SHA-256 differs); re-export")
+    return c
 
 
 def check_model_arg(model: str) -> None:
@@ -173,7 +242,11 @@ def components_from_folder(folder: Path, *, allow_pickle: bool = False) -> Compo
     for m in (unet, vae, *text_encoders.values()):
         m.float().eval()
     source = {"kind": "diffusers", "path": str(folder.resolve()), "sha256": _folder_hashes(folder)}
-    return Components(family, unet, vae, text_encoders, tokenizers, scheduler, source)
+    return Components(family, unet, vae, text_encoders, tokenizers, scheduler, source, _options(index))
+
+
+def _options(index: dict[str, Any]) -> dict[str, Any]:
+    return {k: index[k] for k in ("force_zeros_for_empty_prompt",) if k in index}
 
 
 # -- single checkpoint files ----------------------------------------------------------------------------------
@@ -237,4 +310,5 @@ def components_from_single_file(path: Path, *, config: str | None = None, allow_
         },
         pipe.scheduler,
         source,
+        _options(_read_model_index(Path(config))) if config else {},
     )

@@ -42,6 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         seed=args.seed,
         dims=dims,
         torch_programs=args.torch_programs,
+        vae=args.vae,
     )
     return 0
 
@@ -123,14 +124,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from sdrt.runtime.pipeline import Pipeline
 
-    if args.init_image is None and args.strength is not None:
-        raise SdrtError("--strength needs --init-image")
+    if args.init_image is None and (args.strength is not None or args.mask is not None):
+        raise SdrtError(f"{'--strength' if args.mask is None else '--mask'} needs --init-image")
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph)
     load_ms = (time.perf_counter() - t0) * 1e3
     req = pipe.request(
         args.prompt, args.negative_prompt, args.steps, args.guidance, args.height, args.width, args.batch,
-        args.seed, args.sampler, args.init_image, 0.8 if args.strength is None else args.strength,
+        args.seed, args.sampler, args.init_image, args.strength, args.mask,
     )  # fmt: skip
     t1 = time.perf_counter()
     pixels = pipe.generate(req, progress=not args.quiet)
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (multiple of 64)")
     e.add_argument("--max-batch", type=int, help="most images per prompt the graphs accept (default 4)")
     e.add_argument(
+        "--vae",
+        metavar="DIR",
+        help="a diffusers VAE folder to use instead of the model's own, exported in fp16 (an fp16-safe SDXL VAE; "
+        "SDXL's own VAE stays float32 because it overflows in fp16)",
+    )
+    e.add_argument(
         "--torch-programs",
         action="store_true",
         help="also save each graph as a torch.export program (*.pt2) for the runtime's torch backend",
@@ -276,12 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "generate",
         help="engine directory + prompt -> PNG images",
-        description="Generate images from an engine directory (txt2img, or img2img with --init-image). The PNGs "
-        "carry the generation parameters in their `parameters` text chunk.",
+        description="Generate images from an engine directory: txt2img, img2img with --init-image, inpainting with "
+        "--init-image and --mask (an inpainting checkpoint's 9-channel U-Net, or any checkpoint by blending the kept "
+        "region back after every step, as diffusers does). The PNGs carry the generation parameters in their "
+        "`parameters` text chunk.",
     )
     g.add_argument("dir", metavar="DIR", help="an engine directory from `sdrt export`")
     g.add_argument("prompt", metavar="PROMPT")
-    g.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from (default: empty)")
+    g.add_argument("--negative-prompt", metavar="TEXT",
+                   help="what to steer away from (default: none; SDXL then uses zeros, as diffusers)")  # fmt: skip
     g.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
     g.add_argument("--sampler", help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm or pndm "
@@ -291,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, help="px (default: the model's native size, or the init image's)")
     g.add_argument("--batch", type=int, default=1, help="images for the prompt (default 1)")
     g.add_argument("--init-image", metavar="PATH", help="img2img: start from this image")
-    g.add_argument("--strength", type=float, help="img2img: how much to change the image, in (0, 1] (default 0.8)")
+    g.add_argument("--mask", metavar="PATH", help="inpainting: white repaints, black keeps (needs --init-image)")
+    g.add_argument("--strength", type=float, help="img2img / inpainting: how much to change the image, in (0, 1] "
+                   "(default 0.8 for img2img, 1 for inpainting)")  # fmt: skip
     g.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
                    help="auto: on a GPU TensorRT plans where built, else torch programs where exported; "
                    "else ONNX Runtime")  # fmt: skip

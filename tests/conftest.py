@@ -6,7 +6,10 @@ sdrt's presets, so the references the tests compare against do not come from the
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -137,24 +140,46 @@ def build_pipeline(kind: str, seed: int = 0):
     )
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """One folder for all pytest-xdist workers of this run (the run's base temp), or the base temp without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent / "shared" if os.environ.get("PYTEST_XDIST_WORKER") else base / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@contextmanager
+def once(path: Path) -> Iterator[bool]:
+    """Hold ``path``'s lock; yields True when ``path`` still has to be made (a worker that waited finds it made)."""
+    from filelock import FileLock
+
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        yield not path.exists()
+
+
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """{kind: diffusers folder} written with save_pretrained (safetensors), for every kind in UNETS."""
-    root = tmp_path_factory.mktemp("pipelines")
-    out = {}
+    root = shared_root(tmp_path_factory) / "pipelines"
+    root.mkdir(exist_ok=True)
     for kind in UNETS:
-        build_pipeline(kind).save_pretrained(root / kind)
-        out[kind] = root / kind
-    return out
+        with once(root / kind) as todo:
+            if todo:
+                build_pipeline(kind).save_pretrained(root / f"{kind}.partial")
+                (root / f"{kind}.partial").rename(root / kind)
+    return {kind: root / kind for kind in UNETS}
 
 
 @pytest.fixture(scope="session")
 def configs(folders, tmp_path_factory) -> dict[str, Path]:
     """{kind: the diffusers folder without its weights}: what a single file needs beside it (configs, tokenizer).
     Without weights, diffusers cannot quietly fall back to the folder when it fails to read the single file."""
-    root = tmp_path_factory.mktemp("configs")
+    root = shared_root(tmp_path_factory) / "configs"
+    root.mkdir(exist_ok=True)
     for kind, folder in folders.items():
-        shutil.copytree(folder, root / kind, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+        with once(root / kind) as todo:
+            if todo:
+                shutil.copytree(folder, root / kind, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     return {kind: root / kind for kind in folders}
 
 
@@ -164,39 +189,47 @@ def single_files(folders, tmp_path_factory) -> dict[str, Path]:
     import diffusers
     from ldm_checkpoint import save_ldm_checkpoint
 
-    root = tmp_path_factory.mktemp("single")
+    root = shared_root(tmp_path_factory) / "single"
+    root.mkdir(exist_ok=True)
     out = {}
     for kind in SINGLE_FILE_KINDS:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(folders[kind], local_files_only=True)
         out[kind] = root / f"{kind}.safetensors"
-        save_ldm_checkpoint(out[kind], pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        with once(out[kind]) as todo:
+            if todo:
+                pipe = diffusers.DiffusionPipeline.from_pretrained(folders[kind], local_files_only=True)
+                partial = root / f"{kind}.partial.safetensors"
+                te2 = getattr(pipe, "text_encoder_2", None)
+                save_ldm_checkpoint(partial, pipe.unet, pipe.vae, pipe.text_encoder, te2)
+                partial.rename(out[kind])
     return out
 
 
 class Exports:
-    """Engine directories exported on demand through the CLI and cached for the session (tracing is slow)."""
+    """Engine directories exported on demand through the CLI, once per test run (tracing is slow), shared by
+    the run's pytest-xdist workers."""
 
     def __init__(self, root: Path, folders: dict[str, Path], fixture):
         self.root, self.folders, self._fixture = root, folders, fixture
-        self.cache: dict[tuple[str, str], Path] = {}
 
     def get(self, kind: str, precision: str, single_file: bool = False) -> Path:
         from sdrt.runtime.cli import main
 
-        key = (kind + ("-single" if single_file else ""), precision)
-        if key not in self.cache:
-            dest = self.root / f"{key[0]}-{precision}"
-            model = self._fixture("single_files")[kind] if single_file else self.folders[kind]
-            extra = ["--config", str(self._fixture("configs")[kind])] if single_file else []
-            rc = main(["export", str(model), str(dest), "--precision", precision, *SIZES, *extra])
-            assert rc == 0, f"export of {key} failed"
-            self.cache[key] = dest
-        return self.cache[key]
+        name = kind + ("-single" if single_file else "")
+        dest = self.root / f"{name}-{precision}"
+        with once(dest) as todo:
+            if todo:
+                model = self._fixture("single_files")[kind] if single_file else self.folders[kind]
+                extra = ["--config", str(self._fixture("configs")[kind])] if single_file else []
+                rc = main(["export", str(model), str(dest), "--precision", precision, *SIZES, *extra])
+                assert rc == 0, f"export of {name} ({precision}) failed"
+        return dest
 
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory, folders, request) -> Exports:
-    return Exports(tmp_path_factory.mktemp("exports"), folders, request.getfixturevalue)
+    root = shared_root(tmp_path_factory) / "exports"
+    root.mkdir(exist_ok=True)
+    return Exports(root, folders, request.getfixturevalue)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -218,3 +218,22 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
     x = np.ones((1, 64), np.float32)
     y = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ w, rtol=1e-5)
+
+
+def test_fp16_safe_vae_replaces_sdxl_vae_in_fp16(folders, tmp_path):
+    """--vae: SDXL with a VAE folder the user vouches for exports that VAE in fp16 (SDXL's own stays float32),
+    and records its hashes so that `sdrt verify` can rebuild it."""
+    from sdrt.runtime.cli import main
+
+    out_dir = tmp_path / "sdxl-vae16"
+    vae = folders["sdxl"] / "vae"
+    args = ["export", str(folders["sdxl"]), str(out_dir), "--precision", "fp16", "--vae", str(vae)]
+    assert main([*args, "--min-size", "64", "--max-size", "128", "--max-batch", "1"]) == 0
+    m = json.loads((out_dir / "manifest.json").read_text())
+    assert m["source"]["vae"]["sha256"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in vae.iterdir()}
+    for name in ("vae_decoder", "vae_encoder"):
+        g = onnx.load(str(out_dir / m["graphs"][name]["file"]))
+        assert m["graphs"][name]["precision"] == "fp16"
+        assert {i.data_type for i in g.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    check_against(diffusers_modules(folders["sdxl"]), out_dir, "sdxl", "fp16")
+    assert main(["verify", str(out_dir)]) == 0

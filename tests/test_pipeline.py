@@ -115,7 +115,7 @@ def test_fp16_export_on_cpu_psnr(exports, folders, record_property):
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=6.0,
               height=64, width=128, seed=1234)  # fmt: skip
     db = check(sdrt_images(pipe, sampler="euler", **kw), diffusers_images(folders["sd1"], "euler", **kw), 25.0)
-    record_property("fp16_cpu_psnr_db", round(db, 1))
+    record_property("fp16_cpu_psnr_db", round(float(db), 1))
     print(f"fp16 export on the CPU: PSNR {db:.1f} dB against diffusers fp32")
 
 

@@ -136,3 +136,47 @@ def test_inpainting_bad_input(pipes):
         pipes["sd1-inpaint"]("x", num_inference_steps=2, height=H, width=W)
     with pytest.raises(SdrtError, match="cannot read mask"):
         pipes["sd1"]("x", num_inference_steps=2, image=image, mask_image="/nonexistent.png")
+
+
+def test_sdxl_honours_force_zeros_false(pipes, exports, folders, tmp_path):
+    """A checkpoint whose model_index.json turns SDXL's zeroing off encodes "" for an unset negative instead."""
+    import json
+    import shutil
+
+    root = tmp_path / "engine"
+    shutil.copytree(exports.get("sdxl", "fp32"), root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["pipeline"] == {"force_zeros_for_empty_prompt": True}
+    manifest["pipeline"]["force_zeros_for_empty_prompt"] = False
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.load(root, backend="onnxruntime", device="cpu")
+    kw = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=7.0, height=H, width=W, seed=5)
+    mine = ours(pipe, sampler="euler", **kw)
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        folders["sdxl"], local_files_only=True, force_zeros_for_empty_prompt=False
+    )
+    ref.set_progress_bar_config(disable=True)
+    seed = kw.pop("seed")
+    out = ref(**kw, generator=torch.Generator("cpu").manual_seed(seed)).images
+    check(mine, np.stack([np.asarray(im) for im in out]))
+    assert np.array_equal(mine, ours(pipes["sdxl"], sampler="euler", negative_prompt="", **kw, seed=seed))
+
+
+def test_cli_inpainting_writes_pngs(exports, tmp_path, capsys):
+    from sdrt.runtime.cli import main
+
+    image, mask = init_and_mask()
+    image.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    args = ["generate", str(exports.get("sd1-inpaint", "fp32")), "a door", "--steps", "2", "--seed", "4", "--quiet"]
+    rc = main(
+        [*args, "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(out)]
+    )
+    assert rc == 0 and Image.open(out).size == (W, H)
+    assert "Denoising strength: 1" in Image.open(out).text["parameters"]
+    assert main([*args, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "--mask needs --init-image" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
