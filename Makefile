@@ -14,6 +14,8 @@ BUILD_FLAGS   ?=
 PROMPT        ?= a photograph of an astronaut riding a horse
 STEPS         ?= 20
 BENCH_FLAGS   ?=
+# test processes: the CPU suite is mostly single-threaded tracing; one worker per core, modules kept whole
+TEST_WORKERS  ?= 2
 
 .PHONY: help setup engines demo bench test lint clean-engines
 
@@ -22,7 +24,7 @@ help:
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
 	@echo "make demo      make engines, then generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
-	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them)"
+	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them; TEST_WORKERS processes)"
 	@echo "make lint      ruff"
 
 setup: $(VENV)/.setup-done
@@ -60,7 +62,7 @@ bench: engines
 	$(BIN)/sdrt bench engines/$(NAME) $(BENCH_FLAGS)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 lint: setup
 	$(BIN)/ruff check .
