@@ -176,7 +176,7 @@ def components_from_preset(preset: Preset, seed: int) -> Components:
     unet = diffusers.UNet2DConditionModel(**preset.unet).eval()
     vae = diffusers.AutoencoderKL(**preset.vae).eval()
     sched_cls, sched_cfg = preset.scheduler
-    scheduler = getattr(diffusers, sched_cls)(**sched_cfg)
+    scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)  # keeps keys other schedulers read
     source = {"kind": "preset", "name": preset.name, "seed": seed}
     return Components(preset.family, unet, vae, text_encoders, tokenizers, scheduler, source)
 

@@ -237,3 +237,16 @@ def test_fp16_safe_vae_replaces_sdxl_vae_in_fp16(folders, tmp_path):
         assert {i.data_type for i in g.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
     check_against(diffusers_modules(folders["sdxl"]), out_dir, "sdxl", "fp16")
     assert main(["verify", str(out_dir)]) == 0
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
+def test_small_presets_build_with_their_published_scheduler_configs(name):
+    """Presets carry the published scheduler configs, including keys only other schedulers read (SDXL's Euler
+    config has PNDM's skip_prk_steps, which `--sampler pndm` needs)."""
+    from sdrt.export.load import components_from_preset
+    from sdrt.export.presets import get_preset
+
+    preset = get_preset(name)
+    c = components_from_preset(preset, preset.seed)
+    assert type(c.scheduler).__name__ == preset.scheduler[0]
+    assert {k: c.scheduler.config[k] for k in preset.scheduler[1]} == preset.scheduler[1]
