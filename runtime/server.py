@@ -82,6 +82,9 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> Fa
             gen = await _until_disconnected(request, engine.run(calls, _timeout(request, timeout, timeout_s)))
             metrics.images.inc(sum(len(p) for p in gen.pngs))
             return answer(gen)
+        except asyncio.CancelledError:  # the server cancels a handler whose client left (Ray Serve does)
+            metrics.errors.labels("disconnected").inc()
+            raise
         except Exception as err:  # noqa: BLE001 - every failure becomes one JSON answer
             return _error(_as_api_error(err, names), metrics)
         finally:
