@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import ray
 from pydantic import BaseModel
@@ -161,8 +162,10 @@ class ServeArgs(BaseModel):
     retries: int = 3
 
 
-def app_builder(args: ServeArgs) -> serve.Application:
-    """The application ``serve run sdrt.runtime.serve_ray:app_builder dir=ENGINES`` deploys."""
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The application ``serve run sdrt.runtime.serve_ray:app_builder dir=ENGINES`` deploys (``args`` as
+    `ServeArgs`; a bad value is a validation error naming the field)."""
+    args = ServeArgs.model_validate(args)
     load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph}
     return build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
                      args.replica_cpus, args.retries)  # fmt: skip
