@@ -65,7 +65,6 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> Fa
 
     app = FastAPI(title="sdrt", lifespan=lifespan)
     app.add_middleware(_Timing, metrics=metrics)
-    app.state.engine, app.state.metrics = engine, metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -75,20 +74,37 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> Fa
             where = "body"
         return _error(bad_request(where, f"{where}: {first['msg']}"), metrics)
 
-    async def serve(request: Request, make: Callable[[], list[Call]], names, timeout, answer) -> Response:
-        metrics.in_flight.inc()
+    _generation_routes(app, _Generation(engine, metrics, timeout_s))
+    _operation_routes(app, engine, metrics)
+    return app
+
+
+class _Generation:
+    """One generation request from parsed body to answer: calls, deadline, the wait, every failure as JSON."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, timeout_s: float):
+        self.engine, self.metrics, self.timeout_s = engine, metrics, timeout_s
+
+    async def __call__(self, request: Request, make: Callable[[], list[Call]], names: dict[str, str],
+                       timeout: float | None, answer: Callable[[Generated], Response]) -> Response:  # fmt: skip
+        self.metrics.in_flight.inc()
         try:
             calls = make()
-            gen = await _until_disconnected(request, engine.run(calls, _timeout(request, timeout, timeout_s)))
-            metrics.images.inc(sum(len(p) for p in gen.pngs))
+            work = self.engine.run(calls, _timeout(request, timeout, self.timeout_s))
+            gen = await _until_disconnected(request, work)
+            self.metrics.images.inc(sum(len(p) for p in gen.pngs))
             return answer(gen)
         except asyncio.CancelledError:  # the server cancels a handler whose client left (Ray Serve does)
-            metrics.errors.labels("disconnected").inc()
+            self.metrics.errors.labels("disconnected").inc()
             raise
         except Exception as err:  # noqa: BLE001 - every failure becomes one JSON answer
-            return _error(_as_api_error(err, names), metrics)
+            return _error(_as_api_error(err, names), self.metrics)
         finally:
-            metrics.in_flight.dec()
+            self.metrics.in_flight.dec()
+
+
+def _generation_routes(app: FastAPI, serve: _Generation) -> None:
+    model = serve.engine.model
 
     @app.post("/v1/images")
     async def images(body: ImagesRequest, request: Request) -> Response:
@@ -96,17 +112,20 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> Fa
         (without ``application/json``) gets the PNG itself for a one-image request."""
         raw = _wants_png(request)
         if raw and body.n != 1:
-            return _error(ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"), metrics)
+            return _error(ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"),
+                          serve.metrics)  # fmt: skip
         return await serve(request, body.calls, api.V1_FIELDS, body.timeout_s, lambda g: _v1_answer(g, raw))
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> Response:
-        return await serve(request, body.calls, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, engine.model))
+        return await serve(request, body.calls, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request) -> Response:
-        return await serve(request, body.calls, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, engine.model))
+        return await serve(request, body.calls, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
 
+
+def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
         return [{"name": web, "aliases": [ours], "options": {}} for ours, web in api.WEBUI_NAMES.items()]
@@ -124,8 +143,6 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> Fa
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
-
-    return app
 
 
 async def _until_disconnected(request: Request, work: Awaitable[Generated]) -> Generated:
