@@ -63,12 +63,15 @@ class LocalEngine:
         self._ready = threading.Event()
 
     def warm(self) -> None:
-        """One request at the engine's default size, so the first client does not pay for loading kernels or, on
-        a GPU, capturing the graph of the common shape."""
+        """Batches of 1 to ``max_images`` one-image requests at the engine's default size and sampler: the
+        batches the queue forms from common requests, so that no client pays for loading kernels or, on a GPU,
+        capturing their graphs."""
         t = time.perf_counter()
         req = self.pipe.request("", None, self.options.warmup_steps, 7.5, None, None, 1, 0, None)
-        self.pipe.generate(req)
-        log.info("warm: %dx%d, %d steps in %.1f s", req.width, req.height, req.steps, time.perf_counter() - t)
+        for k in range(1, self.max_images + 1):
+            self.pipe.generate_batch([req] * k)
+        log.info("warm: %dx%d, %d steps, batches of 1-%d in %.1f s", req.width, req.height, req.steps,
+                 self.max_images, time.perf_counter() - t)  # fmt: skip
         self._ready.set()
 
     async def start(self) -> None:
