@@ -110,7 +110,9 @@ def test_replica_killed_under_load_loses_no_request(cluster):
 
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(post, b) for b in bodies]
+        deadline = time.monotonic() + 30
         while metric(url, "sdrt_queue_depth") < 8:  # calls are out on both replicas
+            assert time.monotonic() < deadline and not all(f.done() for f in futures), "the load never built up"
             time.sleep(0.02)
         os.kill(min(pids), signal.SIGKILL)
         answers = [f.result() for f in futures]
