@@ -13,6 +13,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from PIL import Image
+
 from sdrt.runtime.cli import png_parameters
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline, Request
@@ -67,7 +69,11 @@ class LocalEngine:
         batches the queue forms from common requests, so that no client pays for loading kernels or, on a GPU,
         capturing their graphs."""
         t = time.perf_counter()
-        req = self.pipe.request("", None, self.options.warmup_steps, 7.5, None, None, 1, 0, None)
+        image = mask = None
+        if self.pipe.unet_channels != self.pipe.latent_channels:  # an inpainting U-Net takes only image + mask
+            size = (self.pipe._size("width", None), self.pipe._size("height", None))  # the default size
+            image, mask = Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255)
+        req = self.pipe.request("", None, self.options.warmup_steps, 7.5, None, None, 1, 0, None, image, None, mask)
         for k in range(1, self.max_images + 1):
             self.pipe.generate_batch([req] * k)
         log.info("warm: %dx%d, %d steps, batches of 1-%d in %.1f s", req.width, req.height, req.steps,

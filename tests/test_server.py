@@ -98,10 +98,10 @@ def pixels(b64png: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64png))))
 
 
-def alone(pipe: Pipeline, b: dict, image=None) -> np.ndarray:
+def alone(pipe: Pipeline, b: dict, image=None, mask=None) -> np.ndarray:
     """The request run by itself, straight on the pipeline: what the server must reproduce byte for byte."""
     req = pipe.request(b["prompt"], b.get("negative_prompt"), b["steps"], b.get("guidance", 7.5), b["height"],
-                       b["width"], b.get("n", 1), b["seed"], b["sampler"], image, b.get("strength"))  # fmt: skip
+                       b["width"], b.get("n", 1), b["seed"], b["sampler"], image, b.get("strength"), mask)  # fmt: skip
     return pipe.generate(req).numpy()
 
 
@@ -278,6 +278,24 @@ def test_internal_failure_is_500_and_the_next_request_is_served(server, pipe, mo
     assert r.status_code == 500 and r.json()["error"] == "internal" and "engine fault" in r.json()["detail"]
     r = server.post("/v1/images", body(52))
     assert r.status_code == 200 and np.array_equal(pixels(r.json()["images"][0]), alone(pipe, body(52))[0])
+
+
+def test_inpainting_engine_warms_up_and_serves_masked_requests(exports):
+    """An inpainting U-Net takes only image + mask requests: the warm-up must be one, and /readyz must turn 200."""
+    pipe = Pipeline.load(exports.get("sd1-inpaint", "fp32"), backend="onnxruntime", device="cpu")
+    s = LiveServer(pipe)
+    try:
+        init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        mask = Image.fromarray(np.where(np.arange(64)[:, None] < 32, 255, 0).astype(np.uint8).repeat(64, 1))
+        b = body(8)
+        r = s.post("/v1/images", {**b, "image": png_b64(init), "mask": png_b64(mask)})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(pixels(r.json()["images"][0]), alone(pipe, b, init, mask)[0])
+        r = s.post("/v1/images", b)
+        assert r.status_code == 400 and r.json()["field"] == "image"
+    finally:
+        s.stop()
+        pipe.close()
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(pipe):
