@@ -20,7 +20,7 @@ TEST_WORKERS  ?= 2
 .PHONY: help setup engines demo bench test lint clean-engines
 
 help:
-	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test]"
+	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve]"
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
 	@echo "make demo      make engines, then generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
@@ -43,7 +43,7 @@ $(VENV)/.setup-done: pyproject.toml
 	  keep) ;; \
 	  *) echo "TORCH must be auto, cpu, cuda or keep" >&2; exit 2 ;; \
 	esac
-	$(BIN)/pip install -q -e '.[export,test]'  # also brings torch's own dependencies
+	$(BIN)/pip install -q -e '.[export,test,serve]'  # also brings torch's own dependencies
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 

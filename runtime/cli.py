@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from sdrt.runtime import serve_cli
 from sdrt.runtime.errors import SdrtError
 
 PRECISIONS = ("fp16", "fp32")
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--baseline-compile", action="store_true", help="also diffusers with torch.compile(unet)")
     bn.add_argument("--out-dir", default="benchmarks/results", help="where the files go (default benchmarks/results)")
     bn.set_defaults(func=cmd_bench)
+
+    serve_cli.add_parser(sub)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=cmd_presets)

@@ -1,0 +1,256 @@
+"""What `sdrt serve` accepts and answers: JSON bodies -> `pipe.request` arguments, results -> PNGs and echoes.
+
+Two request shapes map onto the same engine call, `Call` (the arguments of `Pipeline.request` by name):
+- ``POST /v1/images``: sdrt's own names (``guidance``, ``sampler``, ``n``, ``image``, ``strength``); ``n`` images
+  come from one seed, as `sdrt generate --batch n` and diffusers' ``num_images_per_prompt`` give them.
+- ``POST /sdapi/v1/txt2img`` and ``img2img``: the body the web-UI clients send. As there, image ``i`` of a batch
+  has seed ``seed + i``, so each image of a batch is the one a single-image request with that seed gives; the
+  ``batch_size`` calls then join one engine batch in the server.
+
+Problems are `ApiError`s that name the offending field as the client spelled it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import secrets
+from dataclasses import dataclass, fields
+from typing import Any
+
+from PIL import Image, ImageOps, PngImagePlugin
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdrt.runtime.samplers import SAMPLERS
+
+MAX_INIT_PIXELS = 4096 * 4096  # an init image is resized to the engine's size; refuse decompression bombs
+
+# web-UI sampler names (and the k-diffusion aliases older clients send) -> sdrt samplers
+WEBUI_SAMPLERS = {
+    "euler a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim",
+    "dpm++ 2m": "dpmpp_2m", "k_dpmpp_2m": "dpmpp_2m", "dpm++ 2m karras": "dpmpp_2m_karras",
+    "lcm": "lcm", "plms": "pndm", "pndm": "pndm",
+}  # fmt: skip
+WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M",
+               "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM", "pndm": "PLMS"}  # fmt: skip
+
+# the start of each `Pipeline.request` message -> the argument it is about
+_MESSAGE_FIELDS = [
+    (r"prompt must", "prompt"), (r"\d+ negative prompts", "negative_prompt"), (r"steps", "steps"),
+    (r"guidance", "guidance"), (r"\d+ prompt\(s\) x", "n"), (r"seed", "seed"), (r"unknown sampler", "sampler"),
+    (r"the checkpoint's scheduler", "sampler"), (r"strength", "strength"), (r"cannot read init image", "image"),
+    (r"this is an inpainting model", "image"), (r"a mask needs", "mask"), (r"cannot read mask", "mask"),
+    (r"height", "height"), (r"width", "width"), (r"\d+ images in one request", "n"),
+]  # fmt: skip
+V1_FIELDS = {name: name for _, name in _MESSAGE_FIELDS}
+SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
+                "image": "init_images", "strength": "denoising_strength"}  # fmt: skip
+
+
+class ApiError(Exception):
+    """A request the server will not run: HTTP ``status``, a metrics ``kind``, the ``field`` at fault."""
+
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None, retry_after: int | None = None):
+        super().__init__(status, kind, message, field, retry_after)
+        self.status, self.kind, self.message, self.field, self.retry_after = status, kind, message, field, retry_after
+
+
+def bad_request(field: str, message: str) -> ApiError:
+    return ApiError(400, "bad_request", message, field)
+
+
+def field_of(message: str, names: dict[str, str]) -> str:
+    """The request field a `Pipeline.request` error message is about, in the endpoint's own spelling."""
+    for pattern, arg in _MESSAGE_FIELDS:
+        if re.match(pattern, message):
+            return names[arg]
+    return "body"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One engine request: exactly the arguments of `Pipeline.request`, by name."""
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None
+    steps: int
+    guidance: float
+    height: int | None
+    width: int | None
+    n: int
+    seed: int | None
+    sampler: str | None
+    image: Image.Image | None
+    strength: float | None  # None: the pipeline's default (0.8 for img2img, 1 for inpainting)
+    mask: Image.Image | None = None  # inpainting: white is repainted
+
+    def kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ImagesRequest(BaseModel):
+    """``POST /v1/images``. Unknown fields are refused, so a misspelt option never silently does nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    sampler: str | None = Field(None, description="an sdrt sampler name, or its web-UI name")
+    n: int = 1
+    image: str | None = Field(None, description="img2img: the init image, base64 (or a data: URL)")
+    mask: str | None = Field(None, description="inpainting, with image: white is repainted, base64")
+    strength: float | None = Field(None, description="img2img default 0.8, inpainting default 1")
+    timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
+
+    def calls(self) -> list[Call]:
+        image = decode_image(self.image, "image") if self.image is not None else None
+        mask = decode_image(self.mask, "mask") if self.mask is not None else None
+        sampler = sampler_name(self.sampler, None, "sampler")
+        return [
+            Call(self.prompt, self.negative_prompt, self.steps, self.guidance, self.height, self.width, self.n,
+                 self.seed, sampler, image, self.strength, mask)
+        ]  # fmt: skip
+
+
+class Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img``, the web-UI body. Fields sdrt has no use for (``restore_faces``,
+    ``override_settings``, ``send_images``, ...) are accepted and ignored; ``enable_hr`` (hires fix), which
+    would change the picture in a way sdrt cannot honour, is refused."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 50
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int | None = None
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # what older clients send the sampler's name in
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    enable_hr: bool = False
+
+    def calls(self) -> list[Call]:
+        return self._calls([None])
+
+    def _calls(self, images: list[Image.Image | None], strength: float | None = None, mask=None) -> list[Call]:
+        if self.enable_hr:
+            raise bad_request("enable_hr", "enable_hr (hires fix) is not supported; send enable_hr false")
+        for name in ("batch_size", "n_iter"):
+            if getattr(self, name) < 1:
+                raise bad_request(name, f"{name} must be >= 1, got {getattr(self, name)}")
+        sampler = sampler_name(self.sampler_name or self.sampler_index, self.scheduler, "sampler_name")
+        if not -1 <= self.seed < 2**64:
+            raise bad_request("seed", f"seed must be -1 (random) or in [0, 2^64), got {self.seed}")
+        seed = secrets.randbits(32) if self.seed == -1 else self.seed
+        count = self.batch_size * self.n_iter  # image i has seed + i, as in the web UI
+        return [
+            Call(self.prompt, self.negative_prompt, self.steps, self.cfg_scale, self.height, self.width, 1,
+                 (seed + i) % 2**64, sampler, images[i % len(images)], strength, mask)
+            for i in range(count)
+        ]  # fmt: skip
+
+    def echo(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /sdapi/v1/img2img``: image ``i`` of the batch starts from ``init_images[i % len(init_images)]``.
+    With ``mask`` it inpaints (white is repainted; ``inpainting_mask_invert`` 1 repaints black). The mask is used
+    as given: ``mask_blur``, ``inpainting_fill`` and ``inpaint_full_res`` are ignored."""
+
+    init_images: list[str] = Field(..., min_length=1)
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    inpainting_mask_invert: int = 0
+
+    def calls(self) -> list[Call]:
+        images = [decode_image(s, f"init_images.{i}") for i, s in enumerate(self.init_images)]
+        mask = decode_image(self.mask, "mask") if self.mask is not None else None
+        if mask is not None and self.inpainting_mask_invert:
+            mask = ImageOps.invert(mask.convert("L"))
+        return self._calls(images, self.denoising_strength, mask)
+
+    def echo(self) -> dict[str, Any]:
+        return {**self.model_dump(), "init_images": None, "mask": None}  # as the web UI: no images echoed
+
+
+def sampler_name(name: str | None, scheduler: str | None, field: str) -> str | None:
+    """An sdrt sampler for an sdrt or web-UI sampler name (and the web UI's separate ``scheduler`` field)."""
+    if scheduler not in (None, "", "Automatic", "automatic"):
+        if scheduler.lower() != "karras" or sampler_name(name, None, field) not in ("dpmpp_2m", "dpmpp_2m_karras"):
+            raise bad_request("scheduler", f"scheduler {scheduler!r} is only supported as Karras with DPM++ 2M")
+        return "dpmpp_2m_karras"
+    if name is None or name in SAMPLERS:
+        return name
+    if name.lower() in WEBUI_SAMPLERS:
+        return WEBUI_SAMPLERS[name.lower()]
+    known = ", ".join([*WEBUI_NAMES.values(), *SAMPLERS])
+    raise bad_request(field, f"unknown sampler {name!r}; samplers are: {known}")
+
+
+def decode_image(data: str, field: str) -> Image.Image:
+    """A base64 image (raw or as a ``data:image/...;base64,`` URL), fully read; 400 naming ``field`` if not."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+        img = Image.open(io.BytesIO(raw))
+        if img.width * img.height > MAX_INIT_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} is larger than {MAX_INIT_PIXELS} pixels")
+        img.load()
+        return img
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise bad_request(field, f"{field} is not a base64 PNG or JPEG image: {str(err).splitlines()[0]}") from None
+
+
+def encode_png(pixels, parameters: str) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes carrying ``parameters`` in the text chunk image tools read."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def echo_v1(req, model: str) -> dict[str, Any]:
+    """The resolved parameters of a `Request` (random seed drawn, default size and sampler filled in)."""
+    one = len(req.prompts) == 1
+    out = {
+        "prompt": req.prompts[0] if one else list(req.prompts),
+        "negative_prompt": req.negatives[0] if one else list(req.negatives),
+        "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "height": req.height, "width": req.width,
+        "sampler": req.sampler, "n": req.images_per_prompt, "model": model,
+    }  # fmt: skip
+    if req.image is not None:
+        out["strength"] = req.strength
+    return out
+
+
+def webui_info(parameters: list[dict[str, Any]], infotexts: list[str], model: str) -> str:
+    """The web UI's ``info`` string (JSON) for calls echoed by `echo_v1`: where its clients read seeds back from."""
+    first = parameters[0]
+    info = {
+        "prompt": first["prompt"], "all_prompts": [p["prompt"] for p in parameters],
+        "negative_prompt": first["negative_prompt"], "all_negative_prompts": [p["negative_prompt"] for p in parameters],
+        "seed": first["seed"], "all_seeds": [p["seed"] for p in parameters], "width": first["width"],
+        "height": first["height"], "sampler_name": WEBUI_NAMES.get(first["sampler"], first["sampler"]),
+        "cfg_scale": first["guidance"], "steps": first["steps"], "batch_size": len(parameters),
+        "sd_model_name": model, "infotexts": infotexts,
+    }  # fmt: skip
+    if "strength" in first:
+        info["denoising_strength"] = first["strength"]
+    return json.dumps(info)

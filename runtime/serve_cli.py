@@ -1,0 +1,65 @@
+"""`sdrt serve`'s command line. Light on purpose: `sdrt --help` builds it without importing the server."""
+
+from __future__ import annotations
+
+import argparse
+
+from sdrt.runtime.errors import SdrtError
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve with the stage the flags ask for, imported only now (FastAPI, uvicorn, Ray are slow to import)."""
+    try:
+        if args.ray:
+            from sdrt.runtime.serve_ray import main as serve_main
+        else:
+            from sdrt.runtime.server import main as serve_main
+    except ImportError as err:
+        raise SdrtError(
+            f"sdrt serve needs its extra dependencies ({err.name} is missing): pip install 'sdrt[serve]'"
+        ) from None
+    return serve_main(args)
+
+
+def add_parser(sub) -> None:
+    """`sdrt serve DIR [options]` on the CLI's subparsers."""
+    s = sub.add_parser(
+        "serve",
+        help="HTTP server: /v1/images and the web-UI /sdapi/v1 API, with dynamic batching",
+        description="Serve an engine directory over HTTP: POST /v1/images, /sdapi/v1/txt2img and /sdapi/v1/img2img; "
+        "GET /healthz, /readyz and /metrics (Prometheus). Concurrent requests of one size, step count and sampler "
+        "join one engine batch; each still gets exactly the images its seed gives alone. With --ray, the same API on "
+        "Ray Serve with one engine replica per GPU.",
+    )
+    s.add_argument("dir", metavar="DIR", help="an engine directory from `sdrt export` (and `sdrt build`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-batch", type=int, metavar="N", help="most images per engine batch (default and cap: the "
+                   "engine's max_images)")  # fmt: skip
+    s.add_argument("--batch-window-ms", type=float, default=20.0, metavar="MS",
+                   help="how long the oldest waiting request waits for others to join it (default 20)")  # fmt: skip
+    s.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="images that may wait; past it, 503 with Retry-After (default 64)")  # fmt: skip
+    s.add_argument("--timeout-s", type=float, default=300.0, metavar="S",
+                   help="deadline of a request (clients may ask less with X-Request-Timeout); past it, 504 and its "
+                   "work dropped (default 300)")  # fmt: skip
+    s.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=20,
+        metavar="N",
+        help="steps of the warm-up request at the default size, run before /readyz says ready (default 20)",
+    )
+    s.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
+                   help="as `sdrt generate --backend`")  # fmt: skip
+    s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
+    s.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of captured graphs")
+    r = s.add_argument_group("Ray Serve (--ray)")
+    r.add_argument("--ray", action="store_true", help="serve on Ray Serve: one engine replica per GPU, autoscaled")
+    r.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start one on this machine)")
+    r.add_argument("--min-replicas", type=int, default=1, metavar="N", help="engine replicas kept (default 1)")
+    r.add_argument("--max-replicas", type=int, metavar="N", help="most engine replicas (default: the cluster's GPUs, "
+                   "or 1 without GPUs)")  # fmt: skip
+    r.add_argument("--replica-cpus", type=float, default=1.0, metavar="N",
+                   help="CPUs each engine replica reserves where there is no GPU (default 1)")  # fmt: skip
+    s.set_defaults(func=run)

@@ -1,0 +1,227 @@
+"""`sdrt serve --ray`: the same HTTP API on Ray Serve, with engine replicas (one per GPU) autoscaled on queue depth.
+
+Two deployments:
+- `EngineReplica`: a `LocalEngine` (a Pipeline and its batcher) per replica, one GPU each; without GPUs, each
+  replica is a process with ``replica_cpus`` CPUs. Serve routes every engine call to the replica with the
+  shorter queue and scales between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica (queued
+  and running: the queue depth), aiming at two engine batches' worth each.
+- `Ingress`: `sdrt.runtime.server`'s FastAPI app over `RayEngine`. A call whose replica dies (killed, out of
+  memory, node lost) is sent again to another replica, until its deadline: generation is a pure function of the
+  request, so the retry gives the same images. Past ``retries``, the client gets a 503 with Retry-After.
+
+``serve run`` takes the same application from a config file (see README, "Serving"): `app_builder`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import BaseModel
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.serve_api import Call
+from sdrt.runtime.serve_batch import Closed, Expired, QueueFull
+from sdrt.runtime.serve_engine import EngineOptions, Generated, LocalEngine
+from sdrt.runtime.serve_metrics import Metrics
+from sdrt.runtime.server import create_app, options_of
+
+log = logging.getLogger("sdrt")
+GRACE_S = 5.0  # past a call's deadline, how long the ingress waits for its replica's own 504 before giving up
+SEEN_BATCHES = 4096  # batch ids remembered so that a batch shared by several calls is counted once
+
+
+class EngineReplica:
+    """One engine per replica, loaded and warmed before Serve routes to it."""
+
+    def __init__(self, root: str, load: dict, options: EngineOptions):
+        from sdrt.runtime.pipeline import Pipeline
+
+        pipe = Pipeline.load(root, **load)
+        try:
+            name = serve.get_replica_context().replica_id.unique_id
+        except (RuntimeError, AttributeError):
+            name = uuid.uuid4().hex[:8]
+        self.engine = LocalEngine(pipe, options, Metrics(), name)
+        self.engine.warm()
+
+    async def run(self, calls: list[Call], timeout_s: float) -> Generated:
+        return await self.engine.run(calls, timeout_s)
+
+    async def ready(self) -> bool:
+        return await self.engine.ready()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def __del__(self) -> None:  # Serve calls it once the requests in flight are answered
+        self.engine.batcher.close()
+
+
+class RayEngine:
+    """The `server.Engine` shape over a handle to `EngineReplica`s: retries on another replica when one dies."""
+
+    def __init__(self, handle: DeploymentHandle, model: str, metrics: Metrics, retries: int = 3):
+        self.handle, self.model, self.metrics, self.retries = handle, model, metrics, retries
+        self._waiting = 0  # engine calls sent and not yet answered
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        metrics.watch_queue(lambda: self._waiting)
+
+    async def start(self) -> None:  # replicas warm themselves before Serve routes to them
+        return None
+
+    async def stop(self) -> None:  # Serve drains the replicas at shutdown
+        return None
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.handle.ready.remote(), 5))
+        except Exception:  # noqa: BLE001 - no replica answers: not ready, whatever the reason
+            return False
+
+    async def run(self, calls: list[Call], timeout_s: float) -> Generated:
+        deadline = time.monotonic() + timeout_s
+        self._waiting += len(calls)
+        try:
+            gen = await self._call(calls, deadline)
+        finally:
+            self._waiting -= len(calls)
+        for batch_id, requests, images in gen.batches:
+            if batch_id not in self._seen:
+                self._seen[batch_id] = None
+                self.metrics.batch_requests.observe(requests)
+                self.metrics.batch_images.observe(images)
+        while len(self._seen) > SEEN_BATCHES:
+            self._seen.popitem(last=False)
+        return gen
+
+    async def _call(self, calls: list[Call], deadline: float) -> Generated:
+        for attempt in range(self.retries + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            response = self.handle.run.remote(calls, left)
+            try:
+                return await asyncio.wait_for(response, left + GRACE_S)
+            except (asyncio.CancelledError, asyncio.TimeoutError):
+                response.cancel()  # the replica drops the work too
+                raise
+            except RayTaskError as err:  # the replica raised: the engine's own error (400, 503, 504, 500)
+                raise err.cause from None
+            except BackPressureError:
+                raise QueueFull(1) from None
+            except RayActorError as err:  # the replica died with the call: another one takes it
+                if attempt == self.retries:
+                    raise Closed(f"engine replicas died {attempt + 1} times under this request: {err}") from None
+                self.metrics.retries.inc()
+                log.warning("engine replica died under a call; retrying (%d of %d)", attempt + 1, self.retries)
+                await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+        raise Expired("no replica answered before the deadline")
+
+
+@serve.ingress()
+class Ingress:
+    """The HTTP API of `sdrt.runtime.server`, in front of the engine replicas."""
+
+    def __init__(self, engine: DeploymentHandle, model: str, timeout_s: float, retries: int):
+        metrics = Metrics()
+        self._http = create_app(RayEngine(engine, model, metrics, retries), metrics, timeout_s)
+
+    def __serve_build_asgi_app__(self):
+        return self._http
+
+
+class ServeArgs(BaseModel):
+    """`app_builder`'s arguments, as ``serve run ... key=value`` or a config file's ``args`` give them."""
+
+    dir: str
+    backend: str = "auto"
+    device: str | None = None
+    cuda_graph: bool = True
+    max_batch: int | None = None
+    batch_window_ms: float = 20.0
+    max_queue: int = 64
+    timeout_s: float = 300.0
+    warmup_steps: int = 20
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    replica_cpus: float = 1.0
+    retries: int = 3
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The application ``serve run sdrt.runtime.serve_ray:app_builder dir=ENGINES`` deploys (``args`` as
+    `ServeArgs`; a bad value is a validation error naming the field)."""
+    args = ServeArgs.model_validate(args)
+    load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph}
+    return build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
+                     args.replica_cpus, args.retries)  # fmt: skip
+
+
+def build_app(
+    root: str | Path,
+    load: dict,
+    options: EngineOptions,
+    timeout_s: float = 300.0,
+    min_replicas: int = 1,
+    max_replicas: int | None = None,
+    replica_cpus: float = 1.0,
+    retries: int = 3,
+) -> serve.Application:
+    """Ingress -> engine replicas for engine directory ``root`` (a path every Ray node can read)."""
+    manifest = read_manifest(Path(root))  # the model's name and batch limit, without loading any engine
+    most = int(manifest["shapes"]["max_images"])
+    per_replica = min(options.max_batch or most, most)
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+    max_replicas = max_replicas or max(gpus, min_replicas, 1)
+    if not 1 <= min_replicas <= max_replicas:
+        raise ValueError(f"replicas: need 1 <= --min-replicas ({min_replicas}) <= --max-replicas ({max_replicas})")
+    scaling = (
+        {"num_replicas": min_replicas}
+        if min_replicas == max_replicas
+        else {"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
+                                     "target_ongoing_requests": 2 * per_replica}}
+    )  # fmt: skip
+    engine = serve.deployment(EngineReplica).options(
+        ray_actor_options={"num_gpus": 1} if gpus else {"num_cpus": replica_cpus},
+        max_ongoing_requests=options.max_queue + per_replica,  # past it, calls wait at the ingress's router
+        max_queued_requests=options.max_queue * max_replicas,  # past that, 503
+        graceful_shutdown_timeout_s=timeout_s,
+        **scaling,
+    )
+    ingress = serve.deployment(Ingress).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+    source = manifest["source"]
+    model = str(source.get("name") or source.get("path", "?"))
+    return ingress.bind(engine.bind(str(Path(root).resolve()), load, options), model, timeout_s, retries)
+
+
+def main(args) -> int:
+    """`sdrt serve --ray DIR`: start (or join) a Ray cluster, deploy, and serve until SIGINT or SIGTERM; then
+    Serve stops routing and each replica answers what it has in flight before it exits."""
+    ray.init(address=args.ray_address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    load = {"backend": args.backend, "device": args.device, "cuda_graph": not args.no_cuda_graph}
+    app = build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
+                    args.replica_cpus)  # fmt: skip
+    serve.run(app, name="sdrt", route_prefix="/")
+    log.info("serving %s on Ray Serve at http://%s:%d", args.dir, args.host, args.port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+    return 0

@@ -1,0 +1,130 @@
+"""`sdrt serve --ray` on a local Ray cluster (CPU, replicas as processes): the same API and images, and a replica
+killed under load loses no request (each is retried on the other replica, or fails cleanly; none hangs)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from sdrt.runtime.pipeline import Pipeline  # noqa: E402
+from sdrt.runtime.serve_engine import EngineOptions  # noqa: E402
+from sdrt.runtime.serve_ray import build_app  # noqa: E402
+
+CLIENT_TIMEOUT_S = 90  # a request not answered by then counts as hung
+
+
+@pytest.fixture(scope="module")
+def cluster(exports):
+    """Two engine replicas (one CPU each) behind the ingress, on 127.0.0.1 and a free port."""
+    root = exports.get("sd1", "fp32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = EngineOptions(window_ms=50.0, max_queue=64, warmup_steps=2)
+        load = {"backend": "onnxruntime", "device": "cpu"}
+        serve.run(build_app(root, load, options, 60.0, 2, 2, 1.0), name="sdrt", route_prefix="/")
+        pipe = Pipeline.load(root, backend="onnxruntime", device="cpu")
+        yield f"http://127.0.0.1:{port}", pipe
+        pipe.close()
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def body(seed: int, steps: int = 3) -> dict:
+    return {"prompt": "a red fox", "steps": steps, "seed": seed, "height": 64, "width": 64, "sampler": "euler"}
+
+
+def alone(pipe: Pipeline, b: dict) -> np.ndarray:
+    req = pipe.request(b["prompt"], None, b["steps"], 7.5, b["height"], b["width"], 1, b["seed"], b["sampler"])
+    return pipe.generate(req).numpy()[0]
+
+
+def pixels(b64png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64png))))
+
+
+def metric(url: str, name: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == name:
+                return s.value
+    return 0.0
+
+
+def test_ray_serves_the_same_api_and_images(cluster):
+    url, pipe = cluster
+    assert httpx.get(url + "/readyz", timeout=30).status_code == 200
+    r = httpx.post(url + "/v1/images", json=body(5), timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    assert np.array_equal(pixels(r.json()["images"][0]), alone(pipe, body(5)))
+    r = httpx.post(
+        url + "/sdapi/v1/txt2img",
+        json={
+            "prompt": "a red fox",
+            "steps": 3,
+            "seed": 6,
+            "width": 64,
+            "height": 64,
+            "sampler_name": "Euler",
+            "cfg_scale": 7.5,
+            "batch_size": 2,
+        },
+        timeout=CLIENT_TIMEOUT_S,
+    )
+    assert r.status_code == 200, r.text
+    assert [pixels(s).tobytes() for s in r.json()["images"]] == [alone(pipe, body(s)).tobytes() for s in (6, 7)]
+    r = httpx.post(url + "/v1/images", json={**body(5), "steps": 0}, timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 400 and r.json()["field"] == "steps"  # the replica's error, unwrapped from Ray's
+
+
+def test_replica_killed_under_load_loses_no_request(cluster):
+    url, pipe = cluster
+    handle = serve.get_deployment_handle("EngineReplica", app_name="sdrt")
+    pids = set()
+    deadline = time.monotonic() + 30
+    while len(pids) < 2:
+        assert time.monotonic() < deadline, f"found replicas {pids}"
+        pids.add(handle.pid.remote().result())
+    bodies = [body(500 + i, steps=12) for i in range(24)]
+
+    def post(b: dict) -> httpx.Response:
+        return httpx.post(url + "/v1/images", json=b, timeout=CLIENT_TIMEOUT_S)  # a hang raises ReadTimeout
+
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(post, b) for b in bodies]
+        deadline = time.monotonic() + 30
+        while metric(url, "sdrt_queue_depth") < 8:  # calls are out on both replicas
+            assert time.monotonic() < deadline and not all(f.done() for f in futures), "the load never built up"
+            time.sleep(0.02)
+        os.kill(min(pids), signal.SIGKILL)
+        answers = [f.result() for f in futures]
+    ok = [(b, a) for b, a in zip(bodies, answers, strict=True) if a.status_code == 200]
+    failed = [a for a in answers if a.status_code != 200]
+    assert all(a.status_code == 503 and "Retry-After" in a.headers for a in failed), [a.text for a in failed]
+    for b, a in ok:
+        assert a.json()["parameters"]["seed"] == b["seed"]
+        assert np.array_equal(pixels(a.json()["images"][0]), alone(pipe, b)), f"seed {b['seed']}"
+    retries = metric(url, "sdrt_replica_retries_total")
+    print(f"replica killed under load: {len(ok)} of {len(bodies)} answered 200, {len(failed)} 503, {retries} retried")
+    assert retries >= 1, "the killed replica had no call in flight: the test did not test anything"
+    assert len(ok) == len(bodies), "a call on the killed replica was not retried on the other"
+    r = post(body(999))
+    assert r.status_code == 200 and np.array_equal(pixels(r.json()["images"][0]), alone(pipe, body(999)))
