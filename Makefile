@@ -14,7 +14,8 @@ BUILD_FLAGS   ?=
 PROMPT        ?= a photograph of an astronaut riding a horse
 STEPS         ?= 20
 BENCH_FLAGS   ?=
-# test processes: the CPU suite is mostly single-threaded tracing; one worker per core, modules kept whole
+# test processes: the CPU suite is mostly single-threaded tracing; one worker per core (modules with costly
+# fixtures stay in one worker through their xdist_group mark)
 TEST_WORKERS  ?= 2
 
 .PHONY: help setup engines demo bench test lint clean-engines
@@ -62,7 +63,7 @@ bench: engines
 	$(BIN)/sdrt bench engines/$(NAME) $(BENCH_FLAGS)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check .

@@ -12,6 +12,8 @@ import torch
 
 from sdrt.runtime.cli import main
 
+pytestmark = pytest.mark.xdist_group("bench")  # its fixtures are made once per process: keep it in one
+
 ARGS = ["--height", "64", "--width", "64", "--steps", "3", "--runs", "2", "--warmup", "1"]
 STAGES = ("text_encoder", "unet", "vae_decoder")
 

@@ -35,6 +35,8 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import check_files, read_manifest, sha256_file
 from sdrt.runtime.plans import TrtEnvironment, check_plan
 
+pytestmark = pytest.mark.xdist_group("build")  # its fixtures are made once per process: keep it in one
+
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 ENV = TrtEnvironment("10.9.0.34", "NVIDIA L4", "8.9")  # the strings a build key records; no TensorRT involved
 

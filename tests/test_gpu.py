@@ -9,7 +9,7 @@ import torch
 
 from sdrt.runtime.pipeline import Pipeline
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu")]  # gpu: skipped without CUDA
 PROMPT = "a watercolor fox in the snow, detailed"
 
 

@@ -33,6 +33,8 @@ from ldm_checkpoint import (
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+pytestmark = pytest.mark.xdist_group("ldm")  # its fixtures are made once per process: keep it in one
+
 CASES = ("sd1", "sd2", "sdxl")
 BOS, EOS = 512, 513  # ids of <|startoftext|> / <|endoftext|> in the tiny vocabulary below
 POOLED_DIM = 16

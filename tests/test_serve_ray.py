@@ -24,6 +24,8 @@ from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdrt.runtime.serve_engine import EngineOptions  # noqa: E402
 from sdrt.runtime.serve_ray import build_app  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("ray")  # its fixtures are made once per process: keep it in one
+
 CLIENT_TIMEOUT_S = 90  # a request not answered by then counts as hung
 
 

@@ -27,6 +27,8 @@ from sdrt.runtime.serve_engine import EngineOptions, LocalEngine
 from sdrt.runtime.serve_metrics import Metrics
 from sdrt.runtime.server import create_app
 
+pytestmark = pytest.mark.xdist_group("server")  # its fixtures are made once per process: keep it in one
+
 STEPS = 3
 
 
