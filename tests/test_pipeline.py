@@ -27,11 +27,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def diffusers_images(folder, sampler: str, img2img: bool = False, **kw) -> np.ndarray:
+def diffusers_images(
+    folder, sampler: str, img2img: bool = False, pipeline: str | None = None, load: dict | None = None, **kw
+) -> np.ndarray:
+    """diffusers' own pipeline (``pipeline``: a class name; default SD txt2img or img2img) with the scheduler
+    `sampler` agrees with, called with ``kw`` and a CPU generator seeded with kw["seed"]."""
     import diffusers
 
-    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
-    pipe = cls.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    name = pipeline or ("StableDiffusionImg2ImgPipeline" if img2img else "StableDiffusionPipeline")
+    load = dict(load or {}, local_files_only=True)
+    if "XL" not in name:
+        load.update(safety_checker=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, name).from_pretrained(folder, **load)
     name, extra = SCHEDULERS[sampler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)

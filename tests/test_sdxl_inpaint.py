@@ -11,30 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import NEGATIVE, PROMPT, SCHEDULERS, check
+from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
 
 H, W = 64, 128  # non-square everywhere
-
-
-def reference(folder, cls_name: str, sampler: str, **kw) -> np.ndarray:
-    import diffusers
-
-    cls = getattr(diffusers, cls_name)
-    extra = dict(safety_checker=None, requires_safety_checker=False) if "XL" not in cls_name else {}
-    pipe = cls.from_pretrained(folder, local_files_only=True, **extra)
-    name, config = SCHEDULERS[sampler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **config)
-    pipe.set_progress_bar_config(disable=True)
-    seed = kw.pop("seed")
-    out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
-    return np.stack([np.asarray(im) for im in out.images])
-
-
-def ours(pipe: Pipeline, **kw) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in pipe(**kw)])
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +46,8 @@ def test_sdxl_txt2img_matches_diffusers(sampler, pipes, folders):
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=6.0,
               height=H, width=W, seed=21)  # fmt: skip
     check(
-        ours(pipes["sdxl"], sampler=sampler, **kw),
-        reference(folders["sdxl"], "StableDiffusionXLPipeline", sampler, **kw),
+        sdrt_images(pipes["sdxl"], sampler=sampler, **kw),
+        diffusers_images(folders["sdxl"], pipeline="StableDiffusionXLPipeline", sampler=sampler, **kw),
     )
 
 
@@ -73,17 +55,17 @@ def test_sdxl_unset_negative_is_zeros_and_batches_match(pipes, folders):
     """No negative prompt: SDXL conditions the unguided half on zeros (force_zeros_for_empty_prompt), which an
     encoded "" would not give; two prompts in one call."""
     kw = dict(prompt=[PROMPT, "a lighthouse"], num_inference_steps=4, guidance_scale=7.0, height=W, width=H, seed=3)
-    mine = ours(pipes["sdxl"], sampler="euler", **kw)
-    check(mine, reference(folders["sdxl"], "StableDiffusionXLPipeline", "euler", **kw))
-    empty = ours(pipes["sdxl"], sampler="euler", negative_prompt="", **kw)
+    mine = sdrt_images(pipes["sdxl"], sampler="euler", **kw)
+    check(mine, diffusers_images(folders["sdxl"], pipeline="StableDiffusionXLPipeline", sampler="euler", **kw))
+    empty = sdrt_images(pipes["sdxl"], sampler="euler", negative_prompt="", **kw)
     assert not np.array_equal(mine, empty)
 
 
 def test_sdxl_img2img_matches_diffusers(pipes, folders):
     image, _ = init_and_mask()
     kw = dict(prompt=PROMPT, image=image, strength=0.6, num_inference_steps=6, guidance_scale=5.0, seed=8)
-    ref = reference(folders["sdxl"], "StableDiffusionXLImg2ImgPipeline", "euler_a", **kw)
-    check(ours(pipes["sdxl"], sampler="euler_a", **kw), ref)
+    ref = diffusers_images(folders["sdxl"], pipeline="StableDiffusionXLImg2ImgPipeline", sampler="euler_a", **kw)
+    check(sdrt_images(pipes["sdxl"], sampler="euler_a", **kw), ref)
 
 
 # -- inpainting -----------------------------------------------------------------------------------------------------
@@ -110,8 +92,8 @@ def test_inpainting_matches_diffusers(kind, cls, sampler, strength, pipes, folde
     steps = 4 if sampler == "lcm" else 6
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=image, strength=strength, num_inference_steps=steps,
               guidance_scale=6.0, seed=77)  # fmt: skip
-    mine = ours(pipes[kind], sampler=sampler, mask_image=mask, **kw)
-    ref = reference(folders[kind], cls, sampler, mask_image=mask, height=H, width=W, **kw)
+    mine = sdrt_images(pipes[kind], sampler=sampler, mask_image=mask, **kw)
+    ref = diffusers_images(folders[kind], pipeline=cls, sampler=sampler, mask_image=mask, height=H, width=W, **kw)
     check(mine, ref)
     if pipes[kind].unet_channels == 4 and strength == 1.0:  # the blend keeps the unmasked region close to the init
         kept = np.asarray(mask) < 128
@@ -151,17 +133,10 @@ def test_sdxl_honours_force_zeros_false(pipes, exports, folders, tmp_path):
     (root / "manifest.json").write_text(json.dumps(manifest))
     pipe = Pipeline.load(root, backend="onnxruntime", device="cpu")
     kw = dict(prompt=PROMPT, num_inference_steps=4, guidance_scale=7.0, height=H, width=W, seed=5)
-    mine = ours(pipe, sampler="euler", **kw)
-    import diffusers
-
-    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(
-        folders["sdxl"], local_files_only=True, force_zeros_for_empty_prompt=False
-    )
-    ref.set_progress_bar_config(disable=True)
-    seed = kw.pop("seed")
-    out = ref(**kw, generator=torch.Generator("cpu").manual_seed(seed)).images
-    check(mine, np.stack([np.asarray(im) for im in out]))
-    assert np.array_equal(mine, ours(pipes["sdxl"], sampler="euler", negative_prompt="", **kw, seed=seed))
+    mine = sdrt_images(pipe, sampler="euler", **kw)
+    load = dict(force_zeros_for_empty_prompt=False)
+    check(mine, diffusers_images(folders["sdxl"], "euler", pipeline="StableDiffusionXLPipeline", load=load, **kw))
+    assert np.array_equal(mine, sdrt_images(pipes["sdxl"], sampler="euler", negative_prompt="", **kw))
 
 
 def test_cli_inpainting_writes_pngs(exports, tmp_path, capsys):
