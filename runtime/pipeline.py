@@ -171,6 +171,10 @@ class Pipeline:
             self._plans[key] = make_plan(sampler, self.schedule, steps, strength)
         return self._plans[key]
 
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) a request without a size gets: the U-Net's native size within the engine's range."""
+        return self._size("height", None), self._size("width", None)
+
     def _size(self, what: str, px: int | None) -> int:
         lo, hi, m = self.shapes["min_px"], self.shapes["max_px"], self.shapes["px_multiple"]
         if px is None:  # the size the U-Net was trained at, within the engine's range

@@ -71,7 +71,7 @@ class LocalEngine:
         t = time.perf_counter()
         image = mask = None
         if self.pipe.unet_channels != self.pipe.latent_channels:  # an inpainting U-Net takes only image + mask
-            size = (self.pipe._size("width", None), self.pipe._size("height", None))  # the default size
+            size = self.pipe.default_size()[::-1]  # PIL: (width, height)
             image, mask = Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255)
         req = self.pipe.request("", None, self.options.warmup_steps, 7.5, None, None, 1, 0, None, image, None, mask)
         for k in range(1, self.max_images + 1):
