@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdrt.benchmarks.contenders import DiffusersContender, SdrtContender, source_pipeline
+from sdrt.benchmarks.contenders import DiffusersContender, SdrtContender, quietly, source_pipeline
 from sdrt.benchmarks.flops import Shape, lower_bounds, matmul_tflops, stage_flops
 from sdrt.benchmarks.measure import Clock, Memory, Spans, psnr, stats
 from sdrt.benchmarks.report import STAGES, device_name, device_slug, finite, software, write_all
@@ -135,6 +135,23 @@ def load(make: Callable[[], Any], device: torch.device, clock: Clock, request_fo
     return entry
 
 
+def load_or_fail(name: str, make: Callable[[], Any], device: torch.device, clock: Clock, request_for, warmup: int,
+                 failed: list[dict[str, str]]) -> Entry | None:  # fmt: skip
+    """`load`, except that a contender failing to load or warm up is recorded in ``failed`` (name, error) and left
+    out, so one broken path (say, a graph capture) does not cost the figures of the others."""
+    try:
+        return load(make, device, clock, request_for, warmup)
+    except SdrtError:
+        raise  # the request or directory is wrong for every contender alike
+    except Exception as err:  # noqa: BLE001 - any failure of this contender is its result
+        failed.append({"name": name, "error": f"{type(err).__name__}: {err}"[:2000]})
+        print(f"sdrt bench: {name} failed: {failed[-1]['error']}", file=sys.stderr)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
 def make_request(pipe: Pipeline, opts: Options, device: torch.device) -> Request:
     """The one request every contender runs, validated by sdrt (defaults as documented in `Options`)."""
     cuda = device.type == "cuda"
@@ -147,7 +164,7 @@ def make_request(pipe: Pipeline, opts: Options, device: torch.device) -> Request
 def run_bench(opts: Options) -> tuple[dict[str, Any], list[Path]]:
     """Load and warm up every contender, count FLOPs, time the interleaved runs, write the files."""
     manifest, device, backends = resolve(opts)
-    clock, entries, requests = Clock(device), [], []
+    clock, entries, requests, failed = Clock(device), [], [], []
     load_before = os.getloadavg()  # CPU figures depend on what else runs: recorded beside them
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -156,12 +173,15 @@ def run_bench(opts: Options) -> tuple[dict[str, Any], list[Path]]:
             requests.append(make_request(contender.pipe, opts, device))
         return requests[0]
 
-    def add(make: Callable[[], Any]) -> Any:
-        entries.append(load(make, device, clock, request_for, opts.warmup))
-        return entries[-1].contender
+    def add(name: str, make: Callable[[], Any]) -> Any:
+        entry = load_or_fail(name, make, device, clock, request_for, opts.warmup, failed)
+        if entry is not None:
+            entries.append(entry)
+        return entry and entry.contender
 
     try:
         report = measure_all(opts, manifest, device, backends, add, requests, entries, clock)
+        report["failed"] = failed
     finally:
         for entry in entries:
             entry.contender.close()
@@ -174,8 +194,11 @@ def run_bench(opts: Options) -> tuple[dict[str, Any], list[Path]]:
 def measure_all(opts, manifest, device, backends, add, requests, entries, clock) -> dict[str, Any]:
     """Every contender loaded and warmed up in turn, the FLOPs counted, then the timed runs, interleaved."""
     for backend in backends:  # the CUDA graph on where it can be, then off
-        if add(partial(SdrtContender, opts.dir, backend, device, True)).cuda_graph:
-            add(partial(SdrtContender, opts.dir, backend, device, False))
+        graph = add(f"sdrt-{backend}-graph", partial(SdrtContender, opts.dir, backend, device, True))
+        if graph.cuda_graph if graph is not None else device.type == "cuda":
+            add(f"sdrt-{backend}", partial(SdrtContender, opts.dir, backend, device, False))
+    if not entries:
+        raise SdrtError(f"no sdrt contender could run the request on {device.type}; see the errors above")
     req, first = requests[0], entries[0].contender.pipe
     unet_calls = len(make_plan(req.sampler, first.schedule, req.steps, req.strength).timesteps)
 
@@ -190,12 +213,13 @@ def measure_all(opts, manifest, device, backends, add, requests, entries, clock)
         flops_note = f"the source modules could not be built ({err})"
     if source is not None:
         if opts.baseline:
-            counting = add(partial(DiffusersContender, source, device)).pipe
-            entries[-1].load_ms += source_ms  # building the modules from the source is part of its load
+            baseline = add("diffusers-eager", partial(DiffusersContender, source, device))
+            if baseline is not None:
+                entries[-1].load_ms += source_ms  # building the modules from the source is part of its load
             if opts.baseline_compile:
-                add(partial(DiffusersContender, source, device, compile_unet=True))
-        else:  # not timed, but still the modules whose FLOPs bound every contender
-            counting = source.to(device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+                add("diffusers-compile", partial(DiffusersContender, source, device, compile_unet=True))
+        # the modules whose FLOPs bound every contender (the baseline's own, already moved, when it runs)
+        counting = quietly(source.to, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
         flops = dict(stage_flops(counting, Shape(req.batch, req.height, req.width, req.cfg)), unet_calls=unet_calls)
         del counting, source
         gc.collect()

@@ -97,7 +97,7 @@ class DiffusersContender:
     def __init__(self, pipe: Any, device: torch.device, compile_unet: bool = False):
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe = _quietly(pipe.to, device=device, dtype=self.dtype)  # diffusers warns about casting with to()
+        pipe = quietly(pipe.to, device=device, dtype=self.dtype)  # diffusers warns about casting with to()
         if compile_unet:  # a second pipeline over the same modules; only its U-Net is compiled
             kw = dict(pipe.components)
             if "requires_safety_checker" in inspect.signature(type(pipe)).parameters:
@@ -145,7 +145,7 @@ class DiffusersContender:
         self.pipe = None
 
 
-def _quietly(fn, *args, **kwargs):
+def quietly(fn, *args, **kwargs):
     """``fn(...)`` with diffusers' logger at error level."""
     from diffusers.utils import logging
 

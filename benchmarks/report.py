@@ -124,6 +124,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines.append("")
     notes = [f"- {r['name']}: {r['note']}" for r in report["results"] if r.get("note")]
+    notes += [f"- {f['name']}: **failed**, left out: {f['error']}" for f in report.get("failed", [])]
     lines += notes + ([""] if notes else [])
     lb, fl, mm = report.get("lower_bound_ms"), report.get("flops"), report.get("matmul")
     if lb and fl and mm:

@@ -137,3 +137,28 @@ def test_bad_input_is_one_line(args, message, engine, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sdrt: error: ") and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_contender_that_fails_is_reported_and_left_out():
+    """One broken path (a failed graph capture, say) costs its own figures only: the error is recorded and the
+    run goes on; an SdrtError (the request or the directory is wrong for everyone) still stops the run."""
+    from sdrt.benchmarks.bench import load_or_fail
+    from sdrt.benchmarks.measure import Clock
+    from sdrt.runtime.errors import SdrtError
+
+    failed: list[dict[str, str]] = []
+    cpu = torch.device("cpu")
+
+    def broken():
+        return torch.ones(2, 3) @ torch.ones(2, 3)  # a real shape error, raised by torch
+
+    assert load_or_fail("sdrt-x-graph", broken, cpu, Clock(cpu), None, 1, failed) is None
+    assert failed == [{"name": "sdrt-x-graph", "error": failed[0]["error"]}]
+    assert failed[0]["error"].startswith("RuntimeError: ") and "shapes cannot be multiplied" in failed[0]["error"]
+
+    def wrong_request():
+        raise SdrtError("--batch must be >= 1, got 0")
+
+    with pytest.raises(SdrtError):
+        load_or_fail("sdrt-x", wrong_request, cpu, Clock(cpu), None, 1, failed)
+    assert len(failed) == 1
