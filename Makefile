@@ -18,7 +18,15 @@ BENCH_FLAGS   ?=
 # fixtures stay in one worker through their xdist_group mark)
 TEST_WORKERS  ?= 2
 
-.PHONY: help setup engines demo bench test lint clean-engines
+# the GPU check (benchmarks/GPU.md): wheels the lent GPU machine lacks, pinned so every session carries the same
+GPU_WHEEL_PINS ?= diffusers==0.42.1 importlib_metadata==10.2.0
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+# the rehearsal's Python: 3.12 as on the device (pyenv's where no python3.12 is on the PATH)
+GPU_PYTHON    ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -V >/dev/null 2>&1 && echo python3.12 || ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+GPU_VENV      ?= .gpu-venv
+GPU_OUT       ?= build/gpu-rehearsal
+
+.PHONY: help setup engines demo bench test lint clean-engines gpu-wheels gpu-rehearsal
 
 help:
 	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve]"
@@ -27,6 +35,8 @@ help:
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
 	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them; TEST_WORKERS processes)"
 	@echo "make lint      ruff"
+	@echo "make gpu-wheels     .whl/: sdrt's wheel and the pinned wheels the lent GPU machine lacks (benchmarks/GPU.md)"
+	@echo "make gpu-rehearsal  benchmarks/gpu_check.sh as a dry run on the CPU, in a venv of the device's versions"
 
 setup: $(VENV)/.setup-done
 
@@ -68,6 +78,25 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# sdrt's own wheel plus the pinned cp312 manylinux wheels the device image lacks; one version of each, under 60 MB
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl .
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_PLATFORMS) -d .whl $(GPU_WHEEL_PINS)
+	@ls -l .whl; size=$$(du -sm .whl | cut -f1); echo ".whl: $$size MB"; test $$size -lt 60
+
+# the device's Python and package versions (benchmarks/gpu_image.txt), then the check's dry run on the CPU
+$(GPU_VENV)/.done: benchmarks/gpu_image.txt
+	test -n "$(GPU_PYTHON)" || { echo "no Python 3.12 found: set GPU_PYTHON" >&2; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -r benchmarks/gpu_image.txt
+	touch $@
+
+gpu-rehearsal: gpu-wheels $(GPU_VENV)/.done
+	rm -rf $(GPU_OUT)
+	GPU_CHECK_DRY_RUN=1 OUT=$(GPU_OUT) PYTHON=$(GPU_VENV)/bin/python bash benchmarks/gpu_check.sh
 
 clean-engines:
 	find engines -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

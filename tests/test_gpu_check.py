@@ -1,0 +1,71 @@
+"""benchmarks/gpu_check.sh's plumbing, on the CPU: wheels installed into a fresh site folder, the probe, the GPU
+tests' collection, a stage that fails, a stage that times out, a spent budget, and the summary. The full dry run
+(export and benchmarks of tiny-sd1) is `make gpu-rehearsal`; this keeps the script from rotting between leases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> Path:
+    """sdrt's own wheel, built as `make gpu-wheels` builds it (its other wheels are this environment's packages)."""
+    out = tmp_path_factory.mktemp("whl")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path_factory.mktemp("build"))
+    return out
+
+
+def check(tmp_path: Path, wheels: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[dict[str, str]]]:
+    run_env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+                   GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_SITE=str(tmp_path / "site"),
+                   GPU_CHECK_ENGINES=str(tmp_path / "engines"), **env)  # fmt: skip
+    proc = subprocess.run(["bash", str(SCRIPT)], env=run_env, capture_output=True, text=True, timeout=300)
+    summary = tmp_path / "out" / "summary.tsv"
+    rows = list(csv.DictReader(summary.open(), delimiter="\t")) if summary.exists() else []
+    return proc, rows
+
+
+def test_stages_run_in_order_and_a_failed_stage_does_not_stop_the_next(tmp_path, wheels):
+    """No export stage: `bench` fails (nothing to bench), `bench_b4` still runs, the script exits non-zero, and
+    the summary names every stage with its status."""
+    proc, rows = check(tmp_path, wheels, GPU_CHECK_STAGES="install,probe,tests,bench,bench_b4")
+    out = tmp_path / "out"
+    assert [r["stage"] for r in rows] == ["install", "probe", "tests", "bench", "bench_b4"], proc.stdout + proc.stderr
+    status = {r["stage"]: r["status"] for r in rows}
+    assert status["install"] == status["probe"] == status["tests"] == "ok", proc.stdout
+    assert status["bench"] == status["bench_b4"] == "failed rc=3"
+    assert "no export at" in (out / "bench_b4.log").read_text()
+    assert proc.returncode == 1
+    # the wheel went into the fresh site folder, and that is the sdrt the stages imported
+    assert list((tmp_path / "site").glob("sdrt-*.dist-info"))
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["torch"] == torch.__version__ and probe["cuda_available"] is False
+    assert probe["packages"]["sdrt"] == "0.1.0" and "missing" in probe["packages"]["tensorrt"]
+    # the GPU tests were collected and skipped on the CPU, their junit XML written where the device run keeps it
+    suite = ET.parse(out / "gpu_tests.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) >= 5 and int(suite.get("skipped")) == int(suite.get("tests"))
+    summary = (out / "summary.md").read_text()
+    assert "| bench | failed rc=3 |" in summary and proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
+    assert json.loads((out / "summary.json").read_text())["stages"] == rows
+
+
+def test_a_stage_past_its_budget_is_killed_and_a_spent_total_skips_the_rest(tmp_path, wheels):
+    proc, rows = check(tmp_path, wheels, GPU_CHECK_STAGES="install,probe", GPU_CHECK_BUDGET_probe="1")
+    assert {r["stage"]: r["status"] for r in rows} == {"install": "ok", "probe": "timeout"}, proc.stdout
+    assert proc.returncode == 1
+
+    proc, rows = check(tmp_path, wheels, GPU_CHECK_STAGES="install,probe", GPU_CHECK_BUDGET_S="5")
+    assert [r["status"] for r in rows] == ["skipped (total budget spent)"] * 2, proc.stdout
