@@ -13,7 +13,7 @@
 # (pytest -m gpu), bench (sd15 512x512, 50 steps, batch 1), bench_b4 (the same at batch 4).
 # The dry run (GPU_CHECK_DRY_RUN=1) runs the same stages on the CPU with the tiny-sd1 preset and a few steps.
 #
-# Variables: OUT (required), PYTHON (python3), GPU_CHECK_BUDGET_S (total, default 480), GPU_CHECK_SITE (where the
+# Variables: OUT (required), PYTHON (python3), GPU_CHECK_BUDGET_S (total; 480, a dry run 900), GPU_CHECK_SITE (where the
 # wheels go; default /tmp/site, a fresh temporary folder in a dry run), GPU_CHECK_WHEELS (.whl),
 # GPU_CHECK_STAGES (comma-separated subset, default all), GPU_CHECK_ENGINES (where exports go, /tmp/sdrt-engines),
 # GPU_CHECK_BUDGET_<stage> (one stage's budget in seconds).
@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$DRY" = 1 ] && echo 900 || echo 480)}  # the dry run: a 2-core machine
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 STAGES=${GPU_CHECK_STAGES:-install,probe,export,tests,bench,bench_b4}
 ENGINES=${GPU_CHECK_ENGINES:-/tmp/sdrt-engines}
@@ -46,7 +46,7 @@ else
   BENCH4_ARGS=(--device cuda --steps 50 --height 512 --width 512 --batch 4 --guidance 7.5 --runs 5 --warmup 1)
 fi
 ENGINE="$ENGINES/$MODEL-fp16"
-declare -A STAGE_BUDGET=([install]=45 [probe]=30 [export]=360 [tests]=240 [bench]=150 [bench_b4]=120)
+declare -A STAGE_BUDGET=([install]=45 [probe]=60 [export]=360 [tests]=240 [bench]=150 [bench_b4]=120)
 for stage in "${!STAGE_BUDGET[@]}"; do  # GPU_CHECK_BUDGET_<stage>=S overrides one stage's budget
   override="GPU_CHECK_BUDGET_$stage"
   STAGE_BUDGET[$stage]=${!override:-${STAGE_BUDGET[$stage]}}
