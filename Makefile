@@ -29,7 +29,7 @@ GPU_OUT       ?= build/gpu-rehearsal
 .PHONY: help setup engines demo bench test lint clean-engines gpu-wheels gpu-rehearsal
 
 help:
-	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve]"
+	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve,rtx]"
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
 	@echo "make demo      make engines, then generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
@@ -54,7 +54,7 @@ $(VENV)/.setup-done: pyproject.toml
 	  keep) ;; \
 	  *) echo "TORCH must be auto, cpu, cuda or keep" >&2; exit 2 ;; \
 	esac
-	$(BIN)/pip install -q -e '.[export,test,serve]'  # also brings torch's own dependencies
+	$(BIN)/pip install -q -e '.[export,test,serve,rtx]'  # also brings torch's own dependencies
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 
@@ -81,7 +81,7 @@ lint: setup
 
 # sdrt's own wheel plus the pinned cp312 manylinux wheels the device image lacks; one version of each, under 60 MB
 gpu-wheels: setup
-	rm -rf .whl && mkdir -p .whl
+	rm -rf .whl build/lib && mkdir -p .whl  # build/lib: setuptools would keep deleted modules in the wheel
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl .
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  $(GPU_PLATFORMS) -d .whl $(GPU_WHEEL_PINS)

@@ -1,10 +1,13 @@
-"""`sdrt build DIR`: each ONNX graph of an engine directory -> a TensorRT plan beside it (unet.onnx -> unet.plan).
+"""`sdrt build DIR`: each ONNX graph of an engine directory -> a TensorRT plan beside it (unet.onnx -> unet.plan),
+built by TensorRT (on the GPU that will run it) or TensorRT for RTX (ahead of time, with or without a GPU, for
+the RTX compute capabilities it targets); `sdrt.runtime.trt_family` chooses.
 
 A plan is rebuilt only when its build key changes: the ONNX files' SHA-256, the graph's precision, the shape
-profile, the builder options, the TensorRT version and the GPU (name and compute capability). The key and the
-plan's SHA-256 go into manifest["engines"][name]; `sdrt.runtime.plans.check_plan` refuses a plan whose key does
-not match the machine. Without TensorRT the directory is left exactly as it is: ONNX Runtime runs the graphs
-(its own graph optimisations at session creation do what an offline-optimised copy would, so none is written).
+profile, the builder options, the TensorRT family and version, and the GPU (TensorRT: name and compute
+capability) or the targets (TensorRT for RTX). The key and the plan's SHA-256 go into manifest["engines"][name];
+`sdrt.runtime.plans.check_plan` refuses a plan whose key does not fit the machine. Without either TensorRT the
+directory is left exactly as it is: ONNX Runtime runs the graphs (its own graph optimisations at session creation
+do what an offline-optimised copy would, so none is written).
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ from typing import Any
 import onnx
 
 from sdrt.export.directory import Progress
-from sdrt.export.trt_engine import PlanFromOnnx, import_tensorrt
+from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx, write_atomic
 from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
+from sdrt.runtime import trt_family
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import check_files, read_manifest, sha256_file, write_manifest
-from sdrt.runtime.plans import ENV_FIELDS, TrtEnvironment, current_trt_environment
+from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily
 
 # The size each family was trained at: the default static size, and the opt point of a dynamic profile.
 NATIVE_PX = {"sd": 512, "sdxl": 1024}
-BACKENDS = ("auto", "tensorrt")
-INSTALL_HINT = "install TensorRT on a machine with an NVIDIA GPU and driver: pip install tensorrt"
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
+INSTALL_HINT = ("pip install tensorrt on a machine with an NVIDIA GPU and driver, or pip install 'sdrt[rtx]' "
+                "(TensorRT for RTX: builds without a GPU, for RTX GPUs)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,10 @@ class BuildOptions:
     batch: int = 1  # images per prompt; the U-Net and text encoders see 2x as many rows (classifier-free guidance)
     dynamic: bool = False  # one profile over the exported ranges instead of one static shape
     workspace_gib: float | None = None  # builder workspace limit; None: TensorRT's default (the GPU's memory)
-    timing_cache: Path | None = None  # None: `default_timing_cache(env)`
-    backend: str = "auto"  # "auto": without TensorRT, leave DIR for ONNX Runtime; "tensorrt": require it
+    timing_cache: Path | None = None  # TensorRT only; None: `default_timing_cache(env)`
+    backend: str = "auto"  # "auto": the family that suits this machine, or leave DIR for ONNX Runtime
     force: bool = False  # rebuild even when the key matches
+    compute_capabilities: str | None = None  # TensorRT for RTX's targets, "8.6,8.9"; None: its defaults
 
 
 def _check_px(flag: str, px: int, shapes: dict[str, int]) -> None:
@@ -112,7 +118,7 @@ def build_key(manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtE
         "precision": graph["precision"],
         "profile": describe_profile(manifest, opts),
         "profiles": [profile_shapes(manifest, name, opts)],
-        "builder": {"workspace_gib": opts.workspace_gib, "tf32": True},
+        "builder": {"workspace_gib": opts.workspace_gib},
         **env._asdict(),
     }
 
@@ -147,7 +153,16 @@ def default_timing_cache(env: TrtEnvironment) -> Path:
     TensorRT only, so each pair has its own cache."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
     gpu = re.sub(r"[^A-Za-z0-9.]+", "-", env.gpu).strip("-").lower()
-    return base / f"timing-trt{env.tensorrt}-{gpu}-sm{env.compute_capability.replace('.', '')}.cache"
+    return base / f"timing-trt{env.version}-{gpu}-sm{env.compute_capability.replace('.', '')}.cache"
+
+
+def parse_graphs(trt, root: Path, manifest: dict[str, Any]) -> tuple[list[str], int]:
+    """NVIDIA's ONNX parser over every graph, before anything is built: its errors (naming node and reason)."""
+    problems = []
+    for graph in manifest["graphs"].values():
+        problems += parse_onnx(trt, root / graph["file"])
+        gc.collect()
+    return problems, len(manifest["graphs"])
 
 
 def check_operators(root: Path, manifest: dict[str, Any]) -> tuple[list[OpProblem], int]:
@@ -160,28 +175,25 @@ def check_operators(root: Path, manifest: dict[str, Any]) -> tuple[list[OpProble
     return problems, nodes
 
 
-def write_atomic(path: Path, data) -> None:
-    """Never a half-written plan: write beside it under a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+def _family(opts: BuildOptions) -> tuple[TrtFamily | None, Any, TrtEnvironment | None, str]:
+    """(family, its module, this machine's build environment) for ``opts.backend``; Nones and why not where
+    `auto` finds nothing usable (an error where a family was asked for)."""
+    family = trt_family.choose(opts.backend)
+    if family is None:
+        return None, None, None, "neither TensorRT nor TensorRT for RTX is installed"
+    if not family.portable and opts.compute_capabilities is not None:
+        raise SdrtError("--compute-capability is for TensorRT for RTX (--backend tensorrt-rtx); TensorRT builds for "
+                        "the GPU it runs on")  # fmt: skip
+    targets = trt_family.parse_targets(opts.compute_capabilities) if family.portable else ()  # always checked
+    module, why = trt_family.import_family(family)
     try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _trt_environment(opts: BuildOptions) -> tuple[TrtEnvironment | None, str]:
-    """This machine's TensorRT environment, or None and why not (an error under --backend tensorrt)."""
-    trt, why = import_tensorrt()
-    if trt is not None:
-        try:
-            return current_trt_environment(), ""
-        except SdrtError as err:
-            why = str(err)
-    if opts.backend == "tensorrt":
-        raise SdrtError(f"--backend tensorrt: {why}; {INSTALL_HINT}")
-    return None, why
+        if module is None:
+            raise SdrtError(f"{why}; {family.install}")
+        return family, module, trt_family.environment(family, targets), ""
+    except SdrtError as err:
+        if opts.backend != "auto":
+            raise SdrtError(f"--backend {opts.backend}: {err}") from None
+        return None, None, None, str(err)
 
 
 def build_directory(root: str | os.PathLike, opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -191,35 +203,43 @@ def build_directory(root: str | os.PathLike, opts: BuildOptions, progress: Progr
     root, p = Path(root), progress or Progress()
     manifest = read_manifest(root)
     profile = describe_profile(manifest, opts)  # checks --height/--width/--batch before anything slow
-    problems, nodes = check_operators(root, manifest)
-    listed = f"TensorRT {'.'.join(map(str, LIST_VERSION))}'s ONNX operator list"
-    report: dict[str, Any] = {"profile": profile, "operators": [str(x) for x in problems], "graphs": {}}
-    report["operator_check"] = (
-        f"operator check: {len(problems)} of {nodes} nodes would fail ({listed})"
-        if problems
-        else f"operator check: all {nodes} nodes of {len(manifest['graphs'])} graphs are in {listed}"
-    )
-    env, why = _trt_environment(opts)
-    if env is None:
+    family, trt, env, why = _family(opts)
+    report: dict[str, Any] = {"profile": profile, "operators": [], "graphs": {}}
+    if env is None:  # no TensorRT: the published operator table says what would fail
+        problems, nodes = check_operators(root, manifest)
+        listed = f"TensorRT {'.'.join(map(str, LIST_VERSION))}'s ONNX operator list"
+        report["operators"] = [str(x) for x in problems]
+        report["operator_check"] = (
+            f"operator check: {len(problems)} of {nodes} nodes would fail ({listed})"
+            if problems
+            else f"operator check: all {nodes} nodes of {len(manifest['graphs'])} graphs are in {listed}"
+        )
         report["skipped"] = f"TensorRT is not available ({why}): no plans built; {root} stays ready for ONNX Runtime"
         report["install"] = f"to build plans, {INSTALL_HINT}"
         return report
-    if problems:
-        shown = "; ".join(map(str, problems[:5])) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        if tuple(int(x) for x in env.tensorrt.split(".")[:2]) <= LIST_VERSION:
-            raise SdrtError(f"TensorRT {env.tensorrt} cannot parse these nodes: {shown}")
-        p.say(f"warning: not in {listed}: {shown}; TensorRT {env.tensorrt} is newer, so its parser decides")
     if bad := check_files(root, manifest, [f for g in manifest["graphs"].values() for f in g["files"]]):
         raise SdrtError(f"{root}: " + "; ".join(bad) + "; re-run `sdrt export ... --force`")
-    cache = opts.timing_cache or default_timing_cache(env)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    p.say(f"TensorRT {env.tensorrt} on {env.gpu} (sm {env.compute_capability}); {profile}; timing cache {cache}")
+    with p.step(f"{family.name} {env.version}: parse every graph (NVIDIA's ONNX parser)"):
+        problems, graphs = parse_graphs(trt, root, manifest)
+    report["operators"] = problems
+    report["operator_check"] = f"operator check: {family.name} {env.version}'s ONNX parser " + (
+        f"rejects {len(problems)} node(s)" if problems else f"accepts all {graphs} graphs"
+    )
+    if problems:
+        raise SdrtError(f"{family.name} {env.version} cannot parse " + "; ".join(problems[:3]))
+    cache = None
+    if family.timing_cache:
+        cache = opts.timing_cache or default_timing_cache(env)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    target = f"on {env.gpu} (sm {env.compute_capability})" if env.gpu else f"for sm {env.compute_capability}"
+    p.say(f"{family.name} {env.version} {target}; {profile}" + (f"; timing cache {cache}" if cache else ""))
     for name in manifest["graphs"]:
-        report["graphs"][name] = _build_one(root, manifest, name, opts, env, cache, p)
+        report["graphs"][name] = _build_one(root, manifest, name, opts, (trt, env), cache, p)
     return report
 
 
-def _build_one(root, manifest, name, opts, env, cache, p: Progress) -> dict[str, Any]:
+def _build_one(root, manifest, name, opts, family, cache, p: Progress) -> dict[str, Any]:
+    trt, env = family
     key = build_key(manifest, name, opts, env)
     entry = manifest.setdefault("engines", {}).get(name)
     plan = root / f"{name}.plan"
@@ -230,7 +250,9 @@ def _build_one(root, manifest, name, opts, env, cache, p: Progress) -> dict[str,
     why = "--force" if not reasons else "; ".join(reasons)
     t = time.perf_counter()
     with p.step(f"{name}: build {plan.name} ({why})"):
-        data = PlanFromOnnx(root / manifest["graphs"][name]["file"], key["profiles"], opts.workspace_gib, cache)()
+        targets = tuple(env.compute_capability.split(",")) if not env.gpu else ()
+        data = PlanFromOnnx(trt, root / manifest["graphs"][name]["file"], key["profiles"], opts.workspace_gib,
+                            cache, targets)()  # fmt: skip
         write_atomic(plan, data)
         del data
         gc.collect()  # the builder, network and parser are gone with the loader's call: free them before the next

@@ -1,10 +1,14 @@
-"""The one place the build touches TensorRT: ONNX file -> serialized plan, through Polygraphy's loaders.
+"""The one place the build touches TensorRT: ONNX file -> serialized engine, for either TensorRT family.
 
-Written against TensorRT 10.x / 11.x and Polygraphy's `polygraphy.backend.trt` loaders; both are imported only when
-a plan is built, so the rest of `sdrt build` (profiles, keys, the operator check) imports and tests without them.
-The graphs carry their own precision (fp16 weights and activations, explicit fp32 Casts), so no precision flag is
-set: on 10.x the network is created strongly typed; on 11.x strong typing is the only mode (the creation flag is
-deprecated there and ignored, `BuilderFlag.FP16` no longer exists).
+Written against the builder API that TensorRT 10.x / 11.x and TensorRT for RTX share (OnnxParser, Builder,
+IBuilderConfig, build_serialized_network), on the family's module passed in; it is imported only when an engine
+is built or a graph is parsed, so the rest of `sdrt build` (profiles, keys, the operator table) imports and tests
+without it. Polygraphy's loaders pick the TensorRT module once per process from an environment variable and
+leave `set_compute_capability`'s result unchecked (an unchecked failure builds for the build machine's GPU
+instead of the targets), so the few builder calls are made here directly, every return value checked.
+
+The graphs carry their own precision (fp16 weights and activations, explicit fp32 Casts): no precision flag is
+set. TensorRT 10.x creates the network strongly typed; 11.x and TensorRT for RTX are strongly typed only.
 """
 
 from __future__ import annotations
@@ -15,60 +19,110 @@ from types import ModuleType
 
 from sdrt.runtime.errors import SdrtError
 
+Profiles = list[dict[str, dict[str, list[int]]]]  # [{input: {"min"/"opt"/"max": shape}}]
 
-def import_tensorrt() -> tuple[ModuleType | None, str]:
-    """(the tensorrt module, "") or (None, why it cannot be imported)."""
-    try:
-        import tensorrt
-    except (ImportError, OSError, RuntimeError) as err:  # not installed, or its CUDA libraries are missing
-        return None, f"import tensorrt failed: {str(err).splitlines()[0]}" if str(err) else "tensorrt is not installed"
-    return tensorrt, ""
+
+def _network(trt: ModuleType, builder, logger):
+    flags = 0
+    major = int(trt.__version__.split(".")[0])
+    if trt.__name__ == "tensorrt" and major < 11:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    return network, trt.OnnxParser(network, logger)
+
+
+def parser_errors(parser, onnx_name: str) -> list[str]:
+    """One line per error of NVIDIA's ONNX parser, naming the node, its operator and the parser's reason."""
+    out = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        where = f"node {e.node_name()!r} ({e.node_operator()})" if e.node_name() else f"node #{e.node()}"
+        out.append(f"{onnx_name}: {where}: {e.desc()}")
+    return out
+
+
+def parse_onnx(trt: ModuleType, onnx_path: Path) -> list[str]:
+    """NVIDIA's ONNX parser over the graph (weights included, freed on return): its errors, [] if it parses."""
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network, parser = _network(trt, builder, logger)
+    if parser.parse_from_file(str(onnx_path)):
+        return []
+    return parser_errors(parser, onnx_path.name) or [f"{onnx_path.name}: the ONNX parser failed without a reason"]
 
 
 class PlanFromOnnx:
-    """Loader: stores the ONNX path, shape profiles, workspace limit and timing cache when made; builds the plan
-    (an ``IHostMemory``, bytes-like) when called. The builder, network and parser live only inside the call."""
+    """Loader: stores the ONNX path, shape profiles and options when made; builds the engine (an ``IHostMemory``,
+    bytes-like) when called. The builder, network and parser live only inside the call.
 
-    def __init__(
-        self,
-        onnx_path: str | os.PathLike,
-        profiles: list[dict[str, dict[str, list[int]]]],  # [{input: {"min"/"opt"/"max": shape}}]
-        workspace_gib: float | None,
-        timing_cache: str | os.PathLike,
-    ):
-        self.onnx_path, self.profiles = Path(onnx_path), profiles
-        self.workspace_gib, self.timing_cache = workspace_gib, Path(timing_cache)
+    ``targets``: TensorRT for RTX's compute capabilities ("8.6", ...); ``timing_cache``: TensorRT's tactic timings
+    (read if the file exists, written back after the build); each is for its family only.
+    """
+
+    def __init__(self, trt: ModuleType, onnx_path: str | os.PathLike, profiles: Profiles,
+                 workspace_gib: float | None, timing_cache: str | os.PathLike | None = None,
+                 targets: tuple[str, ...] = ()):  # fmt: skip
+        self.trt, self.onnx_path, self.profiles = trt, Path(onnx_path), profiles
+        self.workspace_gib, self.targets = workspace_gib, targets
+        self.timing_cache = Path(timing_cache) if timing_cache else None
 
     def __call__(self):
-        import tensorrt as trt
-
-        try:
-            from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
-            from polygraphy.exception import PolygraphyException
-            from polygraphy.logger import G_LOGGER
-        except ImportError:
-            raise SdrtError("building plans needs Polygraphy: pip install 'sdrt[export]'") from None
-        G_LOGGER.module_severity = G_LOGGER.WARNING  # TensorRT's warnings and errors; sdrt reports the steps
-
-        profiles = []
+        trt, name = self.trt, self.onnx_path.name
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network, parser = _network(trt, builder, logger)
+        if not parser.parse_from_file(str(self.onnx_path)):
+            raise SdrtError("the ONNX parser rejects " + "; ".join(parser_errors(parser, name)[:3]))
+        config = builder.create_builder_config()
         for shapes in self.profiles:
-            profile = Profile()
-            for name, s in shapes.items():
-                profile.add(name, min=s["min"], opt=s["opt"], max=s["max"])
-            profiles.append(profile)
-        limits = None
+            profile = builder.create_optimization_profile()
+            for tensor, s in shapes.items():
+                profile.set_shape(tensor, s["min"], s["opt"], s["max"])
+            if config.add_optimization_profile(profile) < 0:
+                raise SdrtError(f"TensorRT rejected the shape profile of {name}: {shapes}")
         if self.workspace_gib is not None:
-            limits = {trt.MemoryPoolType.WORKSPACE: int(self.workspace_gib * (1 << 30))}
-        network = NetworkFromOnnxPath(str(self.onnx_path), strongly_typed=int(trt.__version__.split(".")[0]) < 11)
-        config = CreateConfig(
-            tf32=True,  # TensorRT's own default; fp32 islands take fp16-cast inputs, which TF32 holds exactly
-            profiles=profiles,
-            memory_pool_limits=limits,
-            load_timing_cache=str(self.timing_cache) if self.timing_cache.is_file() else None,
-        )
-        try:
-            # save_timing_cache merges this build's timings into the file (under a lock), so the next build,
-            # of this graph after a small change or of another graph, reuses them
-            return EngineBytesFromNetwork(network, config, save_timing_cache=str(self.timing_cache))()
-        except PolygraphyException as err:
-            raise SdrtError(f"TensorRT could not build {self.onnx_path.name}: {str(err).splitlines()[0]}") from None
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * (1 << 30)))
+        self._set_targets(config)
+        cache = self._load_timing_cache(config)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise SdrtError(f"TensorRT could not build {name} (its log above says why)")
+        if cache is not None:
+            write_atomic(self.timing_cache, config.get_timing_cache().serialize())
+        return engine
+
+    def _set_targets(self, config) -> None:
+        """The count first, then each target, every call checked; then read back, so the engine cannot silently
+        target the build machine instead."""
+        if not self.targets:
+            return
+        config.num_compute_capabilities = len(self.targets)
+        for i, cc in enumerate(self.targets):
+            value = getattr(self.trt.ComputeCapability, "SM" + cc.replace(".", ""), None)
+            if value is None or not config.set_compute_capability(value, i):
+                raise SdrtError(f"TensorRT for RTX {self.trt.__version__} cannot target compute capability {cc}")
+        got = [config.get_compute_capability(i) for i in range(config.num_compute_capabilities)]
+        want = [getattr(self.trt.ComputeCapability, "SM" + cc.replace(".", "")) for cc in self.targets]
+        if got != want:
+            raise SdrtError(f"TensorRT for RTX kept targets {got}, not {want}")
+
+    def _load_timing_cache(self, config):
+        if self.timing_cache is None:
+            return None
+        data = self.timing_cache.read_bytes() if self.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(data)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise SdrtError(f"TensorRT refused the timing cache {self.timing_cache}; delete it to start a new one")
+        return cache
+
+
+def write_atomic(path: Path, data) -> None:
+    """Never a half-written engine or cache: write beside it under a temporary name, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """Backends: run an engine directory's graphs on torch tensors, behind one small interface.
 
-A backend takes and returns torch tensors on its device, in the dtypes the graph declares. Only the TensorRT
-backend (plans enqueued on the current torch stream) can be captured into a CUDA graph; ONNX Runtime runs
-step by step (its CUDA provider captures graphs of its own, not inside torch's).
+A backend takes and returns torch tensors on its device, in the dtypes the graph declares. On a GPU the TensorRT
+backends (plans enqueued on the current torch stream) and the torch programs can be captured into one CUDA graph;
+ONNX Runtime runs step by step (its CUDA provider captures graphs of its own, not inside torch's).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from sdrt.runtime.errors import SdrtError
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
 
@@ -105,21 +105,32 @@ class OnnxRuntimeBackend(Backend):
 
 
 class TensorRTBackend(Backend):
-    """TensorRT plans built by `sdrt build`, each checked against this GPU and TensorRT before it is loaded."""
+    """Plans built by `sdrt build` with TensorRT (``family="tensorrt"``) or TensorRT for RTX (``"tensorrt-rtx"``),
+    each checked against this GPU and version before it is loaded."""
 
-    name = "tensorrt"
     capturable = True
 
-    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device):
+    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, family: str = "tensorrt"):
         super().__init__(root, manifest, device)
-        from sdrt.runtime.plans import TrtRunner, check_plan, current_trt_environment
+        from sdrt.runtime.plans import KernelCache, TrtRunner, check_plan, kernel_cache_path, runtime_environment
+        from sdrt.runtime.trt_family import FAMILIES, import_family, is_rtx_gpu
 
-        env = current_trt_environment()
+        self.name = family
+        env = runtime_environment(family)
+        if FAMILIES[family].portable and not is_rtx_gpu(env.gpu):
+            raise SdrtError(f"TensorRT for RTX engines run on RTX GPUs, not on {env.gpu}; use --backend tensorrt "
+                            "(plans built on this GPU), torch or onnxruntime")  # fmt: skip
+        trt = import_family(FAMILIES[family])[0]
+        self.kernels = KernelCache(kernel_cache_path(env.version, env.gpu)) if FAMILIES[family].portable else None
         self.runners: dict[str, TrtRunner] = {}
         for graph in manifest["graphs"]:
-            check_plan(root, manifest, graph, env.tensorrt, env.gpu, env.compute_capability, verify_hash=False)
-            runner = TrtRunner(root / manifest["engines"][graph]["file"])
+            check_plan(root, manifest, graph, env, verify_hash=False)
+            runner = TrtRunner(root / manifest["engines"][graph]["file"], trt, self.kernels)
             self.runners[graph] = runner.__enter__()
+
+    def capturable_on(self, stream) -> bool:
+        """Whether every plan's work on ``stream`` can be recorded into a CUDA graph."""
+        return all(r.capturable(stream) for r in self.runners.values())
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         out = self.runners[graph].infer(feeds)
@@ -129,6 +140,8 @@ class TensorRTBackend(Backend):
         for runner in self.runners.values():
             runner.__exit__(None, None, None)
         self.runners.clear()
+        if self.kernels is not None:
+            self.kernels.save()  # the kernels compiled for this GPU, for the next start
 
 
 class TorchBackend(Backend):
@@ -166,6 +179,11 @@ def has_plans(manifest: dict[str, Any]) -> bool:
     return bool(manifest.get("engines")) and all(g in manifest["engines"] for g in manifest["graphs"])
 
 
+def plans_family(manifest: dict[str, Any]) -> str:
+    """Which TensorRT built the directory's plans ("tensorrt" or "tensorrt-rtx")."""
+    return next(iter(manifest["engines"].values()))["key"].get("family", "tensorrt")
+
+
 def open_backend(root: Path, manifest: dict[str, Any], backend: str, device: torch.device) -> Backend:
     """`auto`: on a GPU, TensorRT where plans exist, else the torch programs where saved; else ONNX Runtime."""
     if backend not in BACKENDS:
@@ -173,25 +191,26 @@ def open_backend(root: Path, manifest: dict[str, Any], backend: str, device: tor
     gpu = device.type == "cuda"
     if backend == "torch" or (backend == "auto" and gpu and not has_plans(manifest) and has_torch_programs(manifest)):
         return TorchBackend(root, manifest, device)
-    if backend == "tensorrt" or (backend == "auto" and device.type == "cuda" and has_plans(manifest)):
-        if device.type != "cuda":
-            raise SdrtError("the tensorrt backend needs a CUDA device; use --backend onnxruntime on the CPU")
+    if backend in ("tensorrt", "tensorrt-rtx") or (backend == "auto" and gpu and has_plans(manifest)):
+        family = backend if backend != "auto" else plans_family(manifest)
+        if not gpu:
+            raise SdrtError(f"the {family} backend needs a CUDA GPU; use --backend onnxruntime on the CPU")
         if not has_plans(manifest):
-            raise SdrtError(f"{root} has no TensorRT plans; build them with `sdrt build {root}`")
-        return TensorRTBackend(root, manifest, device)
+            flag = "" if family == "tensorrt" else f" --backend {family}"
+            raise SdrtError(f"{root} has no TensorRT plans; build them with `sdrt build {root}{flag}`")
+        return TensorRTBackend(root, manifest, device, family)
     return OnnxRuntimeBackend(root, manifest, device)
 
 
 def available_backends(manifest: dict[str, Any], device: torch.device) -> list[str]:
     """The backends that can run this directory on ``device`` here, fastest first."""
+    from sdrt.runtime.trt_family import FAMILIES, import_family
+
     out = []
     if device.type == "cuda" and has_plans(manifest):
-        try:
-            import tensorrt  # noqa: F401
-
-            out.append("tensorrt")
-        except ImportError:
-            pass
+        family = plans_family(manifest)
+        if import_family(FAMILIES[family])[0] is not None:
+            out.append(family)
     if device.type == "cuda" and has_torch_programs(manifest):
         out.append("torch")
     try:

@@ -76,6 +76,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
         backend=args.backend,
         force=args.force,
+        compute_capabilities=args.compute_capability,
     )
     report = build_directory(args.dir, opts)
     if args.json:
@@ -240,17 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build",
         help="ONNX graphs of DIR -> TensorRT plans",
-        description="Build an fp16 TensorRT plan beside each ONNX graph of DIR (unet.onnx -> unet.plan), "
-        "skipping plans whose build key (ONNX hash, precision, profile, builder options, TensorRT, GPU) matches. "
-        "Checks every node against TensorRT's ONNX operator list first. Without TensorRT, DIR is left as it is, "
-        "ready for ONNX Runtime.",
+        description="Build a TensorRT plan beside each ONNX graph of DIR (unet.onnx -> unet.plan) with TensorRT "
+        "(on the GPU that will run it) or TensorRT for RTX (ahead of time, no GPU needed, for RTX GPUs), skipping "
+        "plans whose build key (ONNX hash, precision, profile, builder options, TensorRT family and version, GPU or "
+        "target compute capabilities) matches. NVIDIA's ONNX parser checks every graph first. Without either "
+        "TensorRT, DIR is left as it is, ready for ONNX Runtime (TensorRT's published operator list is checked).",
     )
     b.add_argument("dir", metavar="DIR")
     b.add_argument(
         "--backend",
-        choices=("auto", "tensorrt"),
+        choices=("auto", "tensorrt", "tensorrt-rtx"),
         default="auto",
-        help="auto (default): without TensorRT, say so and leave DIR for ONNX Runtime; tensorrt: require TensorRT",
+        help="auto (default): TensorRT on a data-centre GPU, TensorRT for RTX on an RTX GPU or without a GPU, "
+        "whichever is installed; without either, say so and leave DIR for ONNX Runtime. tensorrt / tensorrt-rtx: "
+        "require that one",
+    )
+    b.add_argument(
+        "--compute-capability",
+        metavar="CC,CC",
+        help="TensorRT for RTX: the GPUs' compute capabilities the engines target (default 8.6,8.9,12.0)",
     )
     b.add_argument(
         "--height",
@@ -275,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--timing-cache",
         metavar="PATH",
-        help="tactic timing cache reused across builds (default: ~/.cache/sdrt/, one per TensorRT version and GPU)",
+        help="TensorRT: tactic timing cache reused across builds (default: ~/.cache/sdrt/, one per version and GPU)",
     )
     b.add_argument("--force", action="store_true", help="rebuild plans even when their build key matches")
     b.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -305,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", metavar="PATH", help="inpainting: white repaints, black keeps (needs --init-image)")
     g.add_argument("--strength", type=float, help="img2img / inpainting: how much to change the image, in (0, 1] "
                    "(default 0.8 for img2img, 1 for inpainting)")  # fmt: skip
-    g.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
-                   help="auto: on a GPU TensorRT plans where built, else torch programs where exported; "
-                   "else ONNX Runtime")  # fmt: skip
+    g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
+                   help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as built), else torch "
+                   "programs where exported; else ONNX Runtime")  # fmt: skip
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
     g.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of one captured graph")
     g.add_argument("--out", metavar="PATH", help="output PNG (with -N suffixes for several; default sdrt-SEED-N.png)")

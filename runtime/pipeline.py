@@ -58,6 +58,10 @@ class Pipeline:
         self.scaling_factor = float(manifest["latent"]["scaling_factor"])
         self.latent_channels = int(manifest["latent"]["channels"])
         self.cuda_graph = cuda_graph and self.device.type == "cuda" and backend.capturable
+        probe = getattr(backend, "capturable_on", None)  # TensorRT asks its engines (TensorRT for RTX may refuse)
+        if self.cuda_graph and probe is not None and not probe(torch.cuda.Stream(self.device)):
+            log.warning("%s: the engines cannot be captured into a CUDA graph here; running step by step", root)
+            self.cuda_graph = False
         self.timings: dict[str, float] = {}
         self._lock = threading.RLock()
         self._captured = CaptureCache()

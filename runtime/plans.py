@@ -1,75 +1,70 @@
 """TensorRT plans at run time: refuse one built for another GPU or TensorRT, and run one on torch CUDA tensors.
 
-A plan is only valid on the TensorRT version and GPU model it was built with, so `sdrt build` records both in its
-build key (manifest["engines"][name]["key"]) and `check_plan` compares them with this machine before anything is
-deserialised. Nothing here imports torch or tensorrt at module level.
+A TensorRT plan is only valid on the TensorRT version and GPU model it was built with; a TensorRT for RTX engine
+on the version it was built with and the compute capabilities it targets. `sdrt build` records that in the build
+key (manifest["engines"][name]["key"]), and `check_plan` compares it with this machine before anything is
+deserialised. Nothing here imports torch or TensorRT at module level.
 
-The runner is written against the TensorRT 10.x / 11.x Python API (Runtime.deserialize_cuda_engine,
+The runner is written against the Python API both families share (Runtime.deserialize_cuda_engine,
 IExecutionContext.set_input_shape / set_tensor_address / execute_async_v3): name-based I/O, one optimisation
-profile, device buffers owned by torch.
+profile, device buffers owned by torch. For TensorRT for RTX it adds a runtime cache of the kernels it compiles
+when an engine is loaded, and fixes their specialisation before anything can be captured.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from types import ModuleType
+from typing import Any
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import sha256_file
-
-# Build-key fields that describe the machine, and how a message names them.
-ENV_FIELDS = {"tensorrt": "TensorRT", "gpu": "GPU", "compute_capability": "compute capability"}
+from sdrt.runtime.trt_family import ENV_FIELDS, FAMILIES, TrtEnvironment, current_gpu, import_family
 
 
-class TrtEnvironment(NamedTuple):
-    tensorrt: str  # tensorrt.__version__, e.g. "10.9.0.34"
-    gpu: str  # torch.cuda.get_device_name(), e.g. "NVIDIA GeForce RTX 4090"
-    compute_capability: str  # "8.9"
+def runtime_environment(family_name: str) -> TrtEnvironment:
+    """The family's version and this machine's GPU (name, compute capability), to check plans against."""
+    family = FAMILIES[family_name]
+    trt, why = import_family(family)
+    if trt is None:
+        raise SdrtError(f"{why}; {family.install}")
+    gpu = current_gpu()
+    if gpu is None:
+        raise SdrtError(f"the {family.name} backend needs a CUDA GPU and torch sees none; use --backend onnxruntime")
+    return TrtEnvironment(family.name, trt.__version__, *gpu)
 
 
-def current_trt_environment() -> TrtEnvironment:
-    """The TensorRT version and the current CUDA device, as a build key records them."""
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise SdrtError(f"TensorRT is not importable ({err}); pip install tensorrt on a machine with a GPU") from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SdrtError(f"TensorRT needs a CUDA GPU and torch sees none (torch {torch.__version__})")
-    i = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(i)
-    return TrtEnvironment(tensorrt.__version__, torch.cuda.get_device_name(i), f"{major}.{minor}")
+def rebuild_command(root: str | os.PathLike, family: str = "tensorrt") -> str:
+    return f"sdrt build {root}" + (f" --backend {family}" if family != "tensorrt" else "")
 
 
-def rebuild_command(root: str | os.PathLike) -> str:
-    return f"sdrt build {root}"
+def _env_mismatch(key: dict[str, Any], here: TrtEnvironment) -> list[str]:
+    """What in the key does not fit this machine. A portable (RTX) engine fits any GPU of its target list."""
+    if FAMILIES.get(key.get("family", "tensorrt"), FAMILIES["tensorrt"]).portable:
+        targets = str(key.get("compute_capability", "")).split(",")
+        differ = [f"{ENV_FIELDS[f]} {key.get(f)} (this machine: {getattr(here, f)})" for f in ("family", "version")
+                  if key.get(f) != getattr(here, f)]  # fmt: skip
+        if here.compute_capability not in targets:
+            differ.append(f"compute capabilities {','.join(targets)} (this GPU: {here.compute_capability})")
+        return differ
+    return [f"{label} {key.get(f)} (this machine: {getattr(here, f)})" for f, label in ENV_FIELDS.items()
+            if key.get(f) != getattr(here, f)]  # fmt: skip
 
 
 def check_plan(
-    root: str | os.PathLike,
-    manifest: dict[str, Any],
-    name: str,
-    trt_version: str,
-    gpu_name: str,
-    compute_capability: str,
-    *,
-    verify_hash: bool = True,
+    root: str | os.PathLike, manifest: dict[str, Any], name: str, here: TrtEnvironment, *, verify_hash: bool = True
 ) -> Path:
     """The path of ``name``'s plan if it was built for this TensorRT and GPU from the current ONNX; else a one-line
     SdrtError that says what differs and gives the rebuild command."""
     root = Path(root)
-    fix = f"rebuild it with `{rebuild_command(root)}`"
+    command = rebuild_command(root, here.family)
+    fix = f"rebuild it with `{command}`"
     entry = manifest.get("engines", {}).get(name)
     if not entry:
-        raise SdrtError(f"{root} has no TensorRT plan for {name}; build one with `{rebuild_command(root)}`")
+        raise SdrtError(f"{root} has no TensorRT plan for {name}; build one with `{command}`")
     path, key = root / entry["file"], entry["key"]
-    here = {"tensorrt": trt_version, "gpu": gpu_name, "compute_capability": str(compute_capability)}
-    differ = [
-        f"{label} {key.get(f)} (this machine: {here[f]})" for f, label in ENV_FIELDS.items() if key.get(f) != here[f]
-    ]
-    if differ:
+    if differ := _env_mismatch(key, here):
         raise SdrtError(f"{entry['file']} was built for " + ", ".join(differ) + f"; {fix}")
     graph_files = manifest["graphs"][name]["files"]
     if key.get("onnx") != {f: manifest["files"].get(f) for f in graph_files}:
@@ -120,18 +115,40 @@ class TrtRunner:
     is overwritten by the next call with the same shapes (what CUDA-graph capture needs).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, trt: ModuleType | None = None, kernel_cache: Any = None):
         self.path = Path(path)
+        self.trt = trt  # the family's module (default: tensorrt)
+        self.kernel_cache = kernel_cache  # TensorRT for RTX: a `KernelCache` shared by the backend's runners
         self.runtime = self.engine = self.context = None
 
     def __enter__(self) -> TrtRunner:
-        import tensorrt as trt
+        if self.trt is None:
+            import tensorrt
 
+            self.trt = tensorrt
+        trt = self.trt
         self.runtime = trt.Runtime(_trt_logger(trt))  # kept until the engine is gone
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        data = self.path.read_bytes()
+        if hasattr(self.runtime, "get_engine_validity"):  # TensorRT for RTX: ask before deserialising
+            validity, diagnostics = self.runtime.get_engine_validity(data[: self.runtime.engine_header_size])
+            if validity == trt.EngineValidity.INVALID:
+                raise SdrtError(f"{self.path.name} cannot run on this GPU (TensorRT for RTX says INVALID, diagnostics "
+                                f"{diagnostics}); rebuild it with `sdrt build DIR --backend tensorrt-rtx`")  # fmt: skip
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        del data
         if self.engine is None:
             raise SdrtError(f"TensorRT could not deserialise {self.path}; rebuild it with `sdrt build`")
-        self.context = self.engine.create_execution_context()
+        if hasattr(self.engine, "create_runtime_config"):  # TensorRT for RTX
+            config = self.engine.create_runtime_config()
+            # kernels specialised as soon as a shape is set (in the warm-up), never lazily inside a capture
+            config.dynamic_shapes_kernel_specialization_strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
+            if self.kernel_cache is not None:
+                self.kernel_cache.attach(self.engine)
+            if self.kernel_cache is not None and not config.set_runtime_cache(self.kernel_cache.cache):
+                raise SdrtError(f"TensorRT for RTX refused the runtime cache for {self.path.name}")
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context()
         io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in io}
         self.inputs = {n: _torch_dtype(self.engine.get_tensor_dtype(n)) for n in io if is_input[n]}
@@ -147,6 +164,11 @@ class TrtRunner:
         self.context = None  # the context goes before its engine, the engine before its runtime
         self.engine = None
         self.runtime = None
+
+    def capturable(self, stream) -> bool:
+        """Whether this context's work on ``stream`` may be recorded into a CUDA graph."""
+        check = getattr(self.context, "is_stream_capturable", None)
+        return True if check is None else bool(check(stream.cuda_stream))
 
     def _check(self, feed: dict[str, Any]) -> None:
         if set(feed) != set(self.inputs):
@@ -192,3 +214,45 @@ class TrtRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise SdrtError(f"TensorRT failed to enqueue {self.path.name} (see the TensorRT log above)")
         return out
+
+
+class KernelCache:
+    """TensorRT for RTX's runtime cache of the kernels it compiles when an engine is loaded: one per backend,
+    shared by its runners, read from ``path`` at start (where the file fits this GPU, driver and version: TensorRT
+    for RTX checks and otherwise starts empty) and written back atomically by `save`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cache = None  # made from the first engine: the API creates caches through a runtime config
+
+    def attach(self, engine) -> None:
+        """Create the cache from the first engine's runtime config and load the file into it."""
+        if self.cache is not None:
+            return
+        self.cache = engine.create_runtime_config().create_runtime_cache()
+        if self.path.is_file():
+            self.cache.deserialize(self.path.read_bytes())  # False: another GPU/driver/version; start empty
+
+    def save(self) -> None:
+        if self.cache is None:
+            return
+        data = self.cache.serialize()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_bytes(memoryview(data))
+        os.replace(tmp, self.path)
+
+
+def kernel_cache_path(version: str, gpu: str) -> Path:
+    """~/.cache/sdrt/rtx-kernels-<version>-<gpu>-cuda<driver API>.cache: a runtime cache is valid for one of each."""
+    import ctypes
+    import re
+
+    driver = ctypes.c_int(0)
+    try:
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(driver))
+    except OSError:
+        pass
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-").lower()
+    return base / f"rtx-kernels-{version}-{slug}-cuda{driver.value}.cache"

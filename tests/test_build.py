@@ -1,5 +1,6 @@
 """`sdrt build` on a real exported tiny-sd1 directory: profiles, build keys, the runtime's plan check, the operator
-check, and the path without TensorRT. The one real build (marked `tensorrt`) skips where TensorRT is missing."""
+table, and the path without TensorRT. Real TensorRT for RTX builds are in test_build_rtx.py; the one TensorRT build
+(marked `tensorrt`) skips where TensorRT or a GPU is missing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import importlib.util
 import io
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +35,14 @@ from sdrt.export.trt_ops import check_model
 from sdrt.runtime.cli import main
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import check_files, read_manifest, sha256_file
-from sdrt.runtime.plans import TrtEnvironment, check_plan
+from sdrt.runtime.plans import check_plan
+from sdrt.runtime.trt_family import TrtEnvironment
 
 pytestmark = pytest.mark.xdist_group("build")  # its fixtures are made once per process: keep it in one
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-ENV = TrtEnvironment("10.9.0.34", "NVIDIA L4", "8.9")  # the strings a build key records; no TensorRT involved
+# the strings a build key records; no TensorRT involved
+ENV = TrtEnvironment("tensorrt", "10.9.0.34", "NVIDIA L4", "8.9")
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +124,8 @@ CHANGES = {
     "batch": (None, {"batch": 2}, {}, "-> static 2 image(s) 192x192"),
     "dynamic": (None, {"dynamic": True}, {}, "-> dynamic 1-2 image(s) 64-192 px"),
     "workspace": (None, {"workspace_gib": 4.0}, {}, "workspace_gib None -> 4.0"),
-    "tensorrt": (None, {}, {"tensorrt": "10.10.0.1"}, "TensorRT 10.9.0.34 -> 10.10.0.1"),
+    "version": (None, {}, {"version": "10.10.0.1"}, "version 10.9.0.34 -> 10.10.0.1"),
+    "family": (None, {}, {"family": "tensorrt-rtx"}, "TensorRT family tensorrt -> tensorrt-rtx"),
     "gpu_name": (None, {}, {"gpu": "NVIDIA A10"}, "GPU NVIDIA L4 -> NVIDIA A10"),
     "compute_capability": (None, {}, {"compute_capability": "8.6"}, "compute capability 8.9 -> 8.6"),
 }
@@ -154,7 +159,7 @@ def test_key_records_what_the_plan_depends_on(tiny):
     key = build_key(m, "unet", BuildOptions(workspace_gib=6.0), ENV)
     assert key["onnx"] == {"unet.onnx": m["files"]["unet.onnx"]}
     assert key["precision"] == "fp16" and key["builder"]["workspace_gib"] == 6.0
-    assert (key["tensorrt"], key["gpu"], key["compute_capability"]) == tuple(ENV)
+    assert (key["family"], key["version"], key["gpu"], key["compute_capability"]) == tuple(ENV)
     assert key["profiles"] == [profile_shapes(m, "unet", BuildOptions())]
 
 
@@ -162,7 +167,7 @@ def test_timing_cache_is_keyed_by_gpu_and_tensorrt(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = default_timing_cache(ENV)
     assert path == tmp_path / "sdrt" / "timing-trt10.9.0.34-nvidia-l4-sm89.cache"
-    assert default_timing_cache(ENV._replace(tensorrt="10.10.0.1")) != path
+    assert default_timing_cache(ENV._replace(version="10.10.0.1")) != path
     assert default_timing_cache(ENV._replace(gpu="NVIDIA A10", compute_capability="8.6")) != path
 
 
@@ -190,20 +195,20 @@ def test_a_recorded_plan_is_skipped_and_verifiable(engine_dir):
 
 def test_runtime_accepts_a_plan_built_here(engine_dir):
     m = recorded_plan(engine_dir)
-    assert check_plan(engine_dir, m, "unet", *ENV) == engine_dir / "unet.plan"
+    assert check_plan(engine_dir, m, "unet", ENV) == engine_dir / "unet.plan"
 
 
 @pytest.mark.parametrize(
     "here, names",
     [
-        (("10.10.0.1", "NVIDIA L4", "8.9"), ["TensorRT 10.9.0.34 (this machine: 10.10.0.1)"]),
-        (("10.9.0.34", "NVIDIA A10", "8.6"), ["GPU NVIDIA L4 (this machine: NVIDIA A10)", "capability 8.9"]),
+        (("tensorrt", "10.10.0.1", "NVIDIA L4", "8.9"), ["version 10.9.0.34 (this machine: 10.10.0.1)"]),
+        (("tensorrt", "10.9.0.34", "NVIDIA A10", "8.6"), ["GPU NVIDIA L4 (this machine: NVIDIA A10)", "8.9 (this"]),
     ],
 )
 def test_runtime_refuses_a_plan_built_for_another_machine(engine_dir, here, names):
     m = recorded_plan(engine_dir)
     with pytest.raises(SdrtError) as err:
-        check_plan(engine_dir, m, "unet", *here)
+        check_plan(engine_dir, m, "unet", TrtEnvironment(*here))
     msg = str(err.value)
     assert "\n" not in msg and f"rebuild it with `sdrt build {engine_dir}`" in msg
     assert all(n in msg for n in names), msg
@@ -212,14 +217,14 @@ def test_runtime_refuses_a_plan_built_for_another_machine(engine_dir, here, name
 def test_runtime_refuses_missing_damaged_or_outdated_plans(engine_dir):
     m = recorded_plan(engine_dir)
     with pytest.raises(SdrtError, match=f"no TensorRT plan for vae_decoder; build one with `sdrt build {engine_dir}`"):
-        check_plan(engine_dir, m, "vae_decoder", *ENV)
+        check_plan(engine_dir, m, "vae_decoder", ENV)
     stale = copy.deepcopy(m)
     stale["files"]["unet.onnx"] = "0" * 64  # re-exported since the build
     with pytest.raises(SdrtError, match="built from a different unet.onnx"):
-        check_plan(engine_dir, stale, "unet", *ENV)
+        check_plan(engine_dir, stale, "unet", ENV)
     (engine_dir / "unet.plan").write_bytes(b"truncated")
     with pytest.raises(SdrtError, match="SHA-256 differs"):
-        check_plan(engine_dir, m, "unet", *ENV)
+        check_plan(engine_dir, m, "unet", ENV)
 
 
 # --- operator check ---
@@ -277,31 +282,35 @@ def test_operator_check_reports_an_opset_outside_the_list():
     assert [p.reason for p in problems] == ["opset 8 is outside 9-24"]
 
 
-def test_cli_reports_operator_problems_before_any_build(engine_dir, capsys):
+def test_cli_reports_operator_problems_before_any_build(engine_dir, capsys, monkeypatch):
+    """Without any TensorRT the published list is the only judge: the problem is reported, nothing is built."""
+    for module in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)  # as on a machine where neither is installed
     model = onnx.load(str(engine_dir / "vae_decoder.onnx"))
     model.graph.node.append(helper.make_node("Unique", [model.graph.input[0].name], ["u"], name="odd_one"))
     onnx.save(model, str(engine_dir / "vae_decoder.onnx"))
     rc = main(["build", str(engine_dir)])
     out = capsys.readouterr()
     assert "vae_decoder: node 'odd_one' (Unique): not supported" in out.out + out.err
-    if not HAS_TENSORRT:  # reported, and the directory stays usable with ONNX Runtime
-        assert rc == 0 and "operator check: 1 of" in out.out
+    assert rc == 0 and "operator check: 1 of" in out.out
 
 
 # --- without TensorRT ---
 
 
-@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here: the build would run")
-def test_without_tensorrt_the_directory_stays_ready_for_onnxruntime(engine_dir, capsys):
+def test_without_tensorrt_the_directory_stays_ready_for_onnxruntime(engine_dir, capsys, monkeypatch):
+    for module in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)  # as on a machine where neither is installed
     before = hashes(engine_dir)
     assert main(["build", str(engine_dir)]) == 0
     out = capsys.readouterr()
     missing = [line for line in (out.out + out.err).splitlines() if "TensorRT is not available" in line]
     assert len(missing) == 1 and "pip install tensorrt" in missing[0] and "ONNX Runtime" in missing[0]
-    assert "operator check: all" in out.out
-    assert main(["build", str(engine_dir), "--backend", "tensorrt"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--backend tensorrt" in err[0] and "pip install tensorrt" in err[0]
+    assert "sdrt[rtx]" in out.out and "operator check: all" in out.out
+    for family in ("tensorrt", "tensorrt-rtx"):
+        assert main(["build", str(engine_dir), "--backend", family]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--backend {family}" in err[0] and "pip install" in err[0], err
     assert hashes(engine_dir) == before  # nothing written, nothing renamed
 
 
@@ -310,22 +319,21 @@ def test_without_tensorrt_the_directory_stays_ready_for_onnxruntime(engine_dir, 
 
 @pytest.mark.tensorrt
 def test_build_tiny_plans_and_run_the_unet(engine_dir, tmp_path):
-    pytest.importorskip("tensorrt")
-    pytest.importorskip("polygraphy")
+    trt = pytest.importorskip("tensorrt")
     import onnxruntime as ort
     import torch
 
-    from sdrt.runtime.plans import TrtRunner, current_trt_environment
+    from sdrt.runtime.plans import TrtRunner, runtime_environment
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    opts = BuildOptions(height=128, width=128, timing_cache=tmp_path / "timing.cache")
+    opts = BuildOptions(height=128, width=128, timing_cache=tmp_path / "timing.cache", backend="tensorrt")
     report = build_directory(engine_dir, opts, Progress(io.StringIO()))
     assert {r["action"] for r in report["graphs"].values()} == {"built"}
     assert (tmp_path / "timing.cache").is_file()
     m = read_manifest(engine_dir)
     assert m["files"]["unet.plan"] == m["engines"]["unet"]["sha256"] == sha256_file(engine_dir / "unet.plan")
-    plan = check_plan(engine_dir, m, "unet", *current_trt_environment())
+    plan = check_plan(engine_dir, m, "unet", runtime_environment("tensorrt"))
 
     rng = np.random.default_rng(0)
     feed = {
@@ -334,7 +342,7 @@ def test_build_tiny_plans_and_run_the_unet(engine_dir, tmp_path):
         "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float16),
     }
     ref = ort.InferenceSession(str(engine_dir / "unet.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    with TrtRunner(plan) as unet:
+    with TrtRunner(plan, trt) as unet:
         out = unet.infer({k: torch.from_numpy(v).cuda() for k, v in feed.items()})["noise_pred"]
         torch.cuda.synchronize()
     got = out.float().cpu().numpy()
