@@ -4,14 +4,17 @@ Each limit is checked before the work it bounds is done, so a hostile or careles
 the server nearly nothing:
 - the body (`BodyLimit`, ASGI): a declared ``Content-Length`` over the limit is answered 413 before a byte of the
   body is read; a body without one (chunked) is counted as it streams, and answered 413 the moment it passes the
-  limit. The rest is never read: the connection is closed.
+  limit. So are its JSON values, counted from the bytes before any parsing. The rest is never read: the
+  connection is closed.
 - an image (`serve_api.decode_image`): format and size are read from its header (PIL's plugin reads only the header, and
   ``Image.open``'s decompression-bomb check is not reached); only an image within the engine's pixel budget is
   decoded.
 - a prompt (`check_prompts`): CLIP reads 77 tokens (75 of the prompt) and sdrt, as diffusers, drops the rest; a
-  prompt longer than ``max_prompt_chars`` characters is refused before it is tokenised. The default, 8192, is
-  several times what 75 tokens can span in normal text (a CLIP token is at most a few tens of characters), so no
-  prompt that works today is refused, and the echo in the answer and the PNG stays small.
+  prompt longer than ``max_prompt_chars`` characters is refused before it is tokenised (refused, not cut: a cut
+  could change the last tokens kept, and a clear error beats a silent fix). In ordinary text a token spans a word
+  or part of one, so 75 tokens span a few hundred characters: a prompt over the default 8192 is one whose tail
+  CLIP would drop anyway (short of thousands of spaces between words), and the echo in the answer and the PNG
+  stays small.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Limits:
 
     max_body_mb: float = 32.0
     max_prompt_chars: int = 8192
+    max_json_values: int = 65536
 
     @property
     def max_body_bytes(self) -> int:
@@ -46,6 +50,8 @@ class Limits:
             raise ValueError(f"--max-body-mb must be > 0, got {self.max_body_mb}")
         if self.max_prompt_chars < 1:
             raise ValueError(f"--max-prompt-chars must be >= 1, got {self.max_prompt_chars}")
+        if self.max_json_values < 64:
+            raise ValueError(f"--max-json-values must be >= 64, got {self.max_json_values}")
 
 
 def check_prompts(prompts: dict[str, str | list[str] | None], most: int) -> None:
@@ -61,30 +67,41 @@ def check_prompts(prompts: dict[str, str | list[str] | None], most: int) -> None
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is answered 413 (``{"error": "too_large", "field":
-    "body", ...}``, ``Connection: close``) without reading the rest; the app under it sees the client leave."""
+    """ASGI middleware: a request body over ``limits.max_body_bytes``, or with more than ``limits.max_json_values``
+    JSON values, is answered 413 (``{"error": "too_large", "field": "body", ...}``, ``Connection: close``)
+    without reading the rest; the app under it sees the client leave.
 
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    JSON values are counted from the bytes as they stream, without parsing: each value after the first in an array
+    or object follows a comma, and each array or object opens with a bracket, so the count of ``,``, ``[`` and
+    ``{`` bounds them (commas and brackets inside strings count too: an over-count, never an under-count). It
+    bounds what parsing costs: a body of short values (``{},{},...``) is 10-20 times its size as Python objects.
+    """
+
+    def __init__(self, app, limits: Limits, metrics: Metrics):
+        self.app, self.limits, self.metrics = app, limits, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._refuse(send)
-        state = {"seen": 0, "refused": False, "started": False}
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
+            return await self._refuse(send, "body")
+        state = {"bytes": 0, "values": 0, "refused": False, "started": False}
 
         async def counted() -> dict:
             if state["refused"]:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
-                state["seen"] += len(message.get("body", b""))
-                if state["seen"] > self.limit:
+                chunk = message.get("body", b"")
+                state["bytes"] += len(chunk)
+                state["values"] += chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
+                over = "body" if state["bytes"] > self.limits.max_body_bytes else None
+                over = over or ("json_values" if state["values"] > self.limits.max_json_values else None)
+                if over:
                     state["refused"] = True
                     if not state["started"]:
-                        await self._refuse(send)
+                        await self._refuse(send, over)
                     return {"type": "http.disconnect"}  # to the app, the client has gone
             return message
 
@@ -97,10 +114,14 @@ class BodyLimit:
 
         await self.app(scope, counted, guarded)
 
-    async def _refuse(self, send) -> None:
-        self.metrics.errors.labels("too_large", "body").inc()
-        mb = f"{self.limit / MB:g}"
-        detail = f"the request body is over the server's {mb} MB limit (--max-body-mb); send a smaller one"
+    async def _refuse(self, send, reason: str) -> None:
+        self.metrics.errors.labels("too_large", reason).inc()
+        if reason == "body":
+            detail = (f"the request body is over the server's {self.limits.max_body_mb:g} MB limit "
+                      "(--max-body-mb); send a smaller one")  # fmt: skip
+        else:
+            detail = (f"the request body has over {self.limits.max_json_values} JSON values (--max-json-values; "
+                      "commas and brackets in strings count); send fewer")  # fmt: skip
         content = json.dumps({"error": "too_large", "field": "body", "detail": detail}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
                    (b"connection", b"close")]  # fmt: skip

@@ -21,8 +21,8 @@ class Metrics:
         self.responses = Counter("sdrt_responses", "requests answered, by endpoint and status", ["endpoint", "status"],
                                  registry=r)  # fmt: skip
         self.errors = Counter(
-            "sdrt_errors", "requests that failed, by kind (and, for a limit, reason: body, image_size, image_format, "
-            "image_data, prompt_length)", ["kind", "reason"], registry=r,
+            "sdrt_errors", "requests that failed, by kind (and, for a limit, reason: body, json_values, image_size, "
+            "image_format, image_data, prompt_length)", ["kind", "reason"], registry=r,
         )  # fmt: skip
         self.images = Counter("sdrt_images_generated", "images delivered to clients", registry=r)
         self.batch_images = Histogram("sdrt_batch_images", "images per engine batch formed", buckets=BATCH_BUCKETS,

@@ -166,6 +166,7 @@ class ServeArgs(BaseModel):
     retries: int = 3
     max_body_mb: float = 32.0
     max_prompt_chars: int = 8192
+    max_json_values: int = 65536
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -68,7 +68,7 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0, limit
         await engine.stop()
 
     app = FastAPI(title="sdrt", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, metrics=metrics)
+    app.add_middleware(BodyLimit, limits=limits, metrics=metrics)
     app.add_middleware(_Timing, metrics=metrics)  # added last: outermost, so it also times and counts the 413s
 
     @app.exception_handler(RequestValidationError)
@@ -292,7 +292,7 @@ def options_of(args) -> EngineOptions:
 
 def limits_of(args) -> Limits:
     """The per-request limits the flags (or `serve_ray.ServeArgs`) ask for; a bad one is an `SdrtError`."""
-    limits = Limits(args.max_body_mb, args.max_prompt_chars)
+    limits = Limits(args.max_body_mb, args.max_prompt_chars, args.max_json_values)
     try:
         limits.check()
     except ValueError as err:

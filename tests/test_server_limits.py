@@ -1,6 +1,6 @@
-"""`sdrt serve` survives hostile and careless clients: an over-limit body, a decompression-bomb image and a
-megabyte prompt each get their 4xx within 2 s, the server's memory barely moves, and the next normal request
-gets the same image as before.
+"""`sdrt serve` survives hostile and careless clients: an over-limit body, a body of millions of tiny JSON values,
+a decompression-bomb image and a megabyte prompt each get their 4xx within 2 s, the server's memory barely
+moves, and the next normal request gets the same image as before.
 
 The server is the real command (`sdrt serve`, through `sdrt.runtime.cli.main`) in a subprocess, so that its
 resident memory (/proc/<pid>/status VmRSS) is its own; PIL's DecompressionBombWarning is an error in it, so a
@@ -114,9 +114,11 @@ def hostile() -> dict[str, tuple[str, dict, int, str]]:
     stream = {"content-type": "application/json"}
     declared = {**stream, "content-length": str(BODY_MB * MB)}
     bomb, words = bomb_png(), "fox " * 2_000_000  # 8 MB, 2 million words
+    values = json.dumps(body(prompt=["ab"] * 5_000_000)).encode()  # 29 MB: 5 million strings of 2 characters
     return {
         "declared 300 MB body": ("/v1/images", {"content": zeros(BODY_MB * MB), "headers": declared}, 413, "body"),
         "chunked 300 MB body": ("/v1/images", {"content": zeros(BODY_MB * MB), "headers": stream}, 413, "body"),
+        "5 million prompts": ("/v1/images", {"content": values, "headers": stream}, 413, "body"),
         "12000x12000 image": ("/v1/images", {"json": body(image=bomb)}, 400, "image"),
         "12000x12000 mask": ("/v1/images", {"json": body(image=bomb_png(64), mask=bomb)}, 400, "mask"),
         "12000x12000 init_images.0": ("/sdapi/v1/img2img", {"json": {"prompt": PROMPT, "init_images": [bomb]}}, 400,
@@ -146,6 +148,7 @@ def test_hostile_requests_get_4xx_fast_and_cost_no_memory(served):
     assert rss1 - rss0 < RSS_GROWTH_MB, f"server grew from {rss0:.0f} to {rss1:.0f} MB"
     assert after.status_code == 200 and after.json()["images"] == before.json()["images"]
     assert served.metric("sdrt_errors_total", kind="too_large", reason="body") == 2
+    assert served.metric("sdrt_errors_total", kind="too_large", reason="json_values") == 1
     assert served.metric("sdrt_errors_total", kind="bad_request", reason="image_size") == 3
     assert served.metric("sdrt_errors_total", kind="bad_request", reason="prompt_length") == 2
 
@@ -187,7 +190,7 @@ def test_an_image_is_sized_from_its_header_and_never_reaches_the_bomb_check():
 
 def test_bad_limit_flags_fail_before_loading(exports):
     root = exports.get("sd1", "fp32")
-    for flag, value in (("--max-body-mb", "0"), ("--max-prompt-chars", "0")):
+    for flag, value in (("--max-body-mb", "0"), ("--max-prompt-chars", "0"), ("--max-json-values", "1")):
         r = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "serve", str(root), flag, value],
                            capture_output=True, text=True, timeout=60, env={**os.environ})  # fmt: skip
         assert r.returncode == 2 and flag in r.stderr, r.stderr
@@ -202,3 +205,10 @@ def test_a_deadline_that_passes_while_preparing_drops_the_request_there(served):
     assert r.status_code == 504 and r.json()["error"] == "deadline", r.text
     assert served.metric("sdrt_dropped_total", reason="deadline", stage="preparing") == dropped + 1
     assert served.metric("sdrt_batch_requests_count") == batches
+
+
+def test_help_names_the_limit_flags():
+    r = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "serve", "--help"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    for flag in ("--max-body-mb", "--max-prompt-chars", "--max-json-values"):
+        assert r.returncode == 0 and flag in r.stdout, r.stdout
