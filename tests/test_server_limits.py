@@ -26,7 +26,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from sdrt.runtime.serve_api import ApiError, decode_image
-from sdrt.runtime.serve_limits import MB
+from sdrt.runtime.serve_limits import MB, check_prompts
 
 pytestmark = pytest.mark.xdist_group("server")
 
@@ -212,3 +212,11 @@ def test_help_names_the_limit_flags():
                        timeout=60)  # fmt: skip
     for flag in ("--max-body-mb", "--max-prompt-chars", "--max-json-values"):
         assert r.returncode == 0 and flag in r.stdout, r.stdout
+
+
+def test_a_long_prompt_in_a_list_is_named_by_its_index():
+    check_prompts({"prompt": ["a red fox", "fox " * 3], "negative_prompt": None}, 12)  # 12 characters pass
+    with pytest.raises(ApiError) as err:
+        check_prompts({"prompt": ["a red fox", "fox " * 4], "negative_prompt": None}, 12)
+    assert (err.value.status, err.value.field, err.value.reason) == (400, "prompt.1", "prompt_length")
+    assert "16 characters" in err.value.message and "--max-prompt-chars" in err.value.message
