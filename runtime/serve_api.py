@@ -21,12 +21,13 @@ import secrets
 from dataclasses import dataclass, fields
 from typing import Any
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.runtime.samplers import SAMPLERS
 
-MAX_INIT_PIXELS = 4096 * 4096  # an init image is resized to the engine's size; refuse decompression bombs
+# the formats an init image or mask may come in, by the bytes that start the file (WebP: RIFF....WEBP)
+IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": PngImagePlugin.PngImageFile, b"\xff\xd8\xff": JpegImagePlugin.JpegImageFile}
 
 # web-UI sampler names (and the k-diffusion aliases older clients send) -> sdrt samplers
 WEBUI_SAMPLERS = {
@@ -51,11 +52,14 @@ SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sample
 
 
 class ApiError(Exception):
-    """A request the server will not run: HTTP ``status``, a metrics ``kind``, the ``field`` at fault."""
+    """A request the server will not run: HTTP ``status``, a metrics ``kind`` (and ``reason``, for the limits:
+    ``image_size``, ``prompt_length``, ...), the ``field`` at fault."""
 
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None, retry_after: int | None = None):
-        super().__init__(status, kind, message, field, retry_after)
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None, retry_after: int | None = None,
+                 reason: str = ""):  # fmt: skip
+        super().__init__(status, kind, message, field, retry_after, reason)
         self.status, self.kind, self.message, self.field, self.retry_after = status, kind, message, field, retry_after
+        self.reason = reason
 
 
 def bad_request(field: str, message: str) -> ApiError:
@@ -109,9 +113,9 @@ class ImagesRequest(BaseModel):
     strength: float | None = Field(None, description="img2img default 0.8, inpainting default 1")
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
-    def calls(self) -> list[Call]:
-        image = decode_image(self.image, "image") if self.image is not None else None
-        mask = decode_image(self.mask, "mask") if self.mask is not None else None
+    def calls(self, max_pixels: int) -> list[Call]:
+        image = decode_image(self.image, "image", max_pixels) if self.image is not None else None
+        mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         sampler = sampler_name(self.sampler, None, "sampler")
         return [
             Call(self.prompt, self.negative_prompt, self.steps, self.guidance, self.height, self.width, self.n,
@@ -139,7 +143,7 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1
     enable_hr: bool = False
 
-    def calls(self) -> list[Call]:
+    def calls(self, max_pixels: int) -> list[Call]:
         return self._calls([None])
 
     def _calls(self, images: list[Image.Image | None], strength: float | None = None, mask=None) -> list[Call]:
@@ -173,9 +177,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: str | None = None
     inpainting_mask_invert: int = 0
 
-    def calls(self) -> list[Call]:
-        images = [decode_image(s, f"init_images.{i}") for i, s in enumerate(self.init_images)]
-        mask = decode_image(self.mask, "mask") if self.mask is not None else None
+    def calls(self, max_pixels: int) -> list[Call]:
+        images = [decode_image(s, f"init_images.{i}", max_pixels) for i, s in enumerate(self.init_images)]
+        mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         if mask is not None and self.inpainting_mask_invert:
             mask = ImageOps.invert(mask.convert("L"))
         return self._calls(images, self.denoising_strength, mask)
@@ -198,19 +202,37 @@ def sampler_name(name: str | None, scheduler: str | None, field: str) -> str | N
     raise bad_request(field, f"unknown sampler {name!r}; samplers are: {known}")
 
 
-def decode_image(data: str, field: str) -> Image.Image:
-    """A base64 image (raw or as a ``data:image/...;base64,`` URL), fully read; 400 naming ``field`` if not."""
+def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
+    """A base64 PNG, JPEG or WebP (raw or as a ``data:image/...;base64,`` URL), its size checked from its header
+    against ``max_pixels`` and only then decoded; 400 naming ``field`` if not."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
         raw = base64.b64decode(data, validate=True)
-        img = Image.open(io.BytesIO(raw))
-        if img.width * img.height > MAX_INIT_PIXELS:
-            raise ValueError(f"{img.width}x{img.height} is larger than {MAX_INIT_PIXELS} pixels")
+    except (binascii.Error, ValueError) as err:
+        raise _image_error(field, f"is not base64 ({err})", "image_data") from None
+    plugin = next((p for magic, p in IMAGE_FORMATS.items() if raw.startswith(magic)), None)
+    if plugin is None and raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        plugin = WebPImagePlugin.WebPImageFile
+    if plugin is None:
+        raise _image_error(field, "is not a PNG, JPEG or WebP image", "image_format")
+    try:
+        img = plugin(io.BytesIO(raw))  # reads the header only; Image.open's bomb check is never reached
+    except (OSError, ValueError, SyntaxError) as err:
+        raise _image_error(field, f"has a damaged header: {str(err).splitlines()[0]}", "image_data") from None
+    if img.width * img.height > max_pixels:
+        raise _image_error(field, f"is {img.width}x{img.height}, over the {max_pixels} pixels this server takes "
+                           "(4 times the engine's largest side, squared); scale it down", "image_size")  # fmt: skip
+    try:
         img.load()
-        return img
-    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise bad_request(field, f"{field} is not a base64 PNG or JPEG image: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _image_error(field, f"cannot be decoded: {str(err).splitlines()[0]}", "image_data") from None
+    return img
+
+
+def _image_error(field: str, problem: str, reason: str) -> ApiError:
+    fix = "" if reason == "image_size" else "; send a base64 PNG, JPEG or WebP (or a data: URL)"
+    return ApiError(400, "bad_request", f"{field} {problem}{fix}", field, reason=reason)
 
 
 def encode_png(pixels, parameters: str) -> bytes:

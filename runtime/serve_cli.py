@@ -43,6 +43,14 @@ def add_parser(sub) -> None:
     s.add_argument("--timeout-s", type=float, default=300.0, metavar="S",
                    help="deadline of a request (clients may ask less with X-Request-Timeout); past it, 504 and its "
                    "work dropped (default 300)")  # fmt: skip
+    s.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB",
+                   help="largest request body; past it, 413 before the rest is read (default 32)")  # fmt: skip
+    s.add_argument("--max-prompt-chars", type=int, default=8192, metavar="N",
+                   help="longest prompt or negative prompt, in characters; past it, 400 (default 8192; CLIP reads "
+                   "only the first 75 tokens)")  # fmt: skip
+    s.add_argument("--max-json-values", type=int, default=65536, metavar="N",
+                   help="most JSON values in a request body (counted as its commas and brackets, before parsing); "
+                   "past it, 413 (default 65536)")  # fmt: skip
     s.add_argument(
         "--warmup-steps",
         type=int,

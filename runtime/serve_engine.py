@@ -55,6 +55,7 @@ class LocalEngine:
         if options.max_batch is not None and options.max_batch < 1:
             raise SdrtError(f"--max-batch must be >= 1, got {options.max_batch}")
         self.pipe, self.options, self.metrics = pipe, options, metrics
+        self.max_px = int(pipe.shapes["max_px"])
         self.max_images = min(options.max_batch or most, most)  # the engine's graphs take no more
         if options.max_queue < self.max_images:
             raise SdrtError(f"--max-queue {options.max_queue} is below one batch ({self.max_images} images); raise it")
@@ -97,8 +98,15 @@ class LocalEngine:
         if not self._ready.is_set():
             raise Closed("the engine is still warming up")
         deadline = time.monotonic() + timeout_s
-        reqs = await asyncio.to_thread(self._requests, calls)
-        jobs = self.batcher.submit(reqs, max(deadline - time.monotonic(), 0.0))
+        try:  # resizing init images and masks: in a thread, never on the batch worker
+            reqs = await asyncio.to_thread(self._requests, calls)
+        except asyncio.CancelledError:
+            self.metrics.dropped.labels("cancelled", "preparing").inc()
+            raise
+        if time.monotonic() >= deadline:
+            self.metrics.dropped.labels("deadline", "preparing").inc()
+            raise Expired(f"no answer within {timeout_s:g} s: the deadline passed while the request was prepared")
+        jobs = self.batcher.submit(reqs, deadline - time.monotonic())
         try:
             outputs = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), deadline - time.monotonic())
         except asyncio.TimeoutError:

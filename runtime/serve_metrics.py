@@ -20,7 +20,10 @@ class Metrics:
         )
         self.responses = Counter("sdrt_responses", "requests answered, by endpoint and status", ["endpoint", "status"],
                                  registry=r)  # fmt: skip
-        self.errors = Counter("sdrt_errors", "requests that failed, by kind", ["kind"], registry=r)
+        self.errors = Counter(
+            "sdrt_errors", "requests that failed, by kind (and, for a limit, reason: body, json_values, image_size, "
+            "image_format, image_data, prompt_length)", ["kind", "reason"], registry=r,
+        )  # fmt: skip
         self.images = Counter("sdrt_images_generated", "images delivered to clients", registry=r)
         self.batch_images = Histogram("sdrt_batch_images", "images per engine batch formed", buckets=BATCH_BUCKETS,
                                       registry=r)  # fmt: skip
@@ -28,7 +31,7 @@ class Metrics:
             "sdrt_batch_requests", "requests joined per engine batch formed", buckets=BATCH_BUCKETS, registry=r
         )
         self.dropped = Counter(
-            "sdrt_dropped", "engine requests dropped (reason: deadline, cancelled; stage: queued, running)",
+            "sdrt_dropped", "engine requests dropped (reason: deadline, cancelled; stage: preparing, queued, running)",
             ["reason", "stage"], registry=r,
         )  # fmt: skip
         self.retries = Counter("sdrt_replica_retries", "calls sent again after their replica died (Ray)", registry=r)

@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from pydantic import BaseModel
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -36,8 +36,9 @@ from sdrt.runtime.manifest import read_manifest
 from sdrt.runtime.serve_api import Call
 from sdrt.runtime.serve_batch import Closed, Expired, QueueFull
 from sdrt.runtime.serve_engine import EngineOptions, Generated, LocalEngine
+from sdrt.runtime.serve_limits import Limits
 from sdrt.runtime.serve_metrics import Metrics
-from sdrt.runtime.server import create_app, options_of
+from sdrt.runtime.server import create_app, limits_of, options_of
 
 log = logging.getLogger("sdrt")
 GRACE_S = 5.0  # past a call's deadline, how long the ingress waits for its replica's own 504 before giving up
@@ -74,8 +75,8 @@ class EngineReplica:
 class RayEngine:
     """The `server.Engine` shape over a handle to `EngineReplica`s: retries on another replica when one dies."""
 
-    def __init__(self, handle: DeploymentHandle, model: str, metrics: Metrics, retries: int = 3):
-        self.handle, self.model, self.metrics, self.retries = handle, model, metrics, retries
+    def __init__(self, handle: DeploymentHandle, model: str, max_px: int, metrics: Metrics, retries: int = 3):
+        self.handle, self.model, self.max_px, self.metrics, self.retries = handle, model, max_px, metrics, retries
         self._waiting = 0  # engine calls sent and not yet answered
         self._seen: OrderedDict[str, None] = OrderedDict()
         metrics.watch_queue(lambda: self._waiting)
@@ -123,7 +124,8 @@ class RayEngine:
                 raise err.cause from None
             except BackPressureError:
                 raise QueueFull(1) from None
-            except RayActorError as err:  # the replica died with the call: another one takes it
+            except (RayActorError, OutOfMemoryError) as err:  # the replica died with the call (killed, or by Ray's
+                # memory monitor: its in-flight calls may fail as OutOfMemoryError, not ActorDiedError): retry
                 if attempt == self.retries:
                     raise Closed(f"engine replicas died {attempt + 1} times under this request: {err}") from None
                 self.metrics.retries.inc()
@@ -134,11 +136,13 @@ class RayEngine:
 
 @serve.ingress()
 class Ingress:
-    """The HTTP API of `sdrt.runtime.server`, in front of the engine replicas."""
+    """The HTTP API of `sdrt.runtime.server`, in front of the engine replicas: the body, image and prompt limits
+    are checked here, before anything is sent to a replica."""
 
-    def __init__(self, engine: DeploymentHandle, model: str, timeout_s: float, retries: int):
+    def __init__(self, engine: DeploymentHandle, model: str, max_px: int, timeout_s: float, retries: int,
+                 limits: Limits):  # fmt: skip
         metrics = Metrics()
-        self._http = create_app(RayEngine(engine, model, metrics, retries), metrics, timeout_s)
+        self._http = create_app(RayEngine(engine, model, max_px, metrics, retries), metrics, timeout_s, limits)
 
     def __serve_build_asgi_app__(self):
         return self._http
@@ -160,6 +164,9 @@ class ServeArgs(BaseModel):
     max_replicas: int | None = None
     replica_cpus: float = 1.0
     retries: int = 3
+    max_body_mb: float = 32.0
+    max_prompt_chars: int = 8192
+    max_json_values: int = 65536
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -168,7 +175,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     args = ServeArgs.model_validate(args)
     load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph}
     return build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
-                     args.replica_cpus, args.retries)  # fmt: skip
+                     args.replica_cpus, args.retries, limits_of(args))  # fmt: skip
 
 
 def build_app(
@@ -180,6 +187,7 @@ def build_app(
     max_replicas: int | None = None,
     replica_cpus: float = 1.0,
     retries: int = 3,
+    limits: Limits | None = None,
 ) -> serve.Application:
     """Ingress -> engine replicas for engine directory ``root`` (a path every Ray node can read)."""
     manifest = read_manifest(Path(root))  # the model's name and batch limit, without loading any engine
@@ -205,17 +213,19 @@ def build_app(
     ingress = serve.deployment(Ingress).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
     source = manifest["source"]
     model = str(source.get("name") or source.get("path", "?"))
-    return ingress.bind(engine.bind(str(Path(root).resolve()), load, options), model, timeout_s, retries)
+    replicas = engine.bind(str(Path(root).resolve()), load, options)
+    return ingress.bind(replicas, model, int(manifest["shapes"]["max_px"]), timeout_s, retries, limits or Limits())
 
 
 def main(args) -> int:
     """`sdrt serve --ray DIR`: start (or join) a Ray cluster, deploy, and serve until SIGINT or SIGTERM; then
     Serve stops routing and each replica answers what it has in flight before it exits."""
+    limits = limits_of(args)  # a bad flag fails before Ray starts
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
     load = {"backend": args.backend, "device": args.device, "cuda_graph": not args.no_cuda_graph}
     app = build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
-                    args.replica_cpus)  # fmt: skip
+                    args.replica_cpus, limits=limits)  # fmt: skip
     serve.run(app, name="sdrt", route_prefix="/")
     log.info("serving %s on Ray Serve at http://%s:%d", args.dir, args.host, args.port)
     stop = threading.Event()

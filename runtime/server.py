@@ -27,6 +27,7 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.serve_api import ApiError, Call, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
 from sdrt.runtime.serve_batch import Closed, Expired, QueueFull
 from sdrt.runtime.serve_engine import EngineOptions, Generated
+from sdrt.runtime.serve_limits import BodyLimit, Limits, check_prompts
 from sdrt.runtime.serve_metrics import Metrics
 
 log = logging.getLogger("sdrt")
@@ -39,6 +40,7 @@ class Engine(Protocol):
     """What the HTTP layer drives: `serve_engine.LocalEngine`, or `serve_ray.RayEngine` over replicas of it."""
 
     model: str
+    max_px: int  # the engine's largest image side: what bounds the init images it is sent
 
     async def start(self) -> None: ...
     async def ready(self) -> bool: ...
@@ -50,9 +52,11 @@ class Disconnected(Exception):
     """The client went away before its answer was ready; its work was dropped."""
 
 
-def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> FastAPI:
+def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0, limits: Limits | None = None) -> FastAPI:
     """The app over ``engine``. Its lifespan warms the engine in the background (``/readyz`` says when it is done)
-    and, at shutdown, after uvicorn has stopped accepting and answered the requests in flight, drains it."""
+    and, at shutdown, after uvicorn has stopped accepting and answered the requests in flight, drains it.
+    ``limits`` (default: `Limits`' defaults) bound what one request may cost (see `sdrt.runtime.serve_limits`)."""
+    limits = limits or Limits()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,7 +68,8 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> Fa
         await engine.stop()
 
     app = FastAPI(title="sdrt", lifespan=lifespan)
-    app.add_middleware(_Timing, metrics=metrics)
+    app.add_middleware(BodyLimit, limits=limits, metrics=metrics)
+    app.add_middleware(_Timing, metrics=metrics)  # added last: outermost, so it also times and counts the 413s
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -74,33 +79,50 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0) -> Fa
             where = "body"
         return _error(bad_request(where, f"{where}: {first['msg']}"), metrics)
 
-    _generation_routes(app, _Generation(engine, metrics, timeout_s))
+    _generation_routes(app, _Generation(engine, metrics, timeout_s, limits))
     _operation_routes(app, engine, metrics)
     return app
 
 
 class _Generation:
-    """One generation request from parsed body to answer: calls, deadline, the wait, every failure as JSON."""
+    """One generation request from parsed body to answer: limits, calls, deadline, the wait, every failure as
+    JSON."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, timeout_s: float):
-        self.engine, self.metrics, self.timeout_s = engine, metrics, timeout_s
+    def __init__(self, engine: Engine, metrics: Metrics, timeout_s: float, limits: Limits):
+        self.engine, self.metrics, self.timeout_s, self.limits = engine, metrics, timeout_s, limits
+        self.max_pixels = limits.max_image_pixels(engine.max_px)
 
-    async def __call__(self, request: Request, make: Callable[[], list[Call]], names: dict[str, str],
+    async def __call__(self, request: Request, body: Txt2ImgRequest | ImagesRequest, names: dict[str, str],
                        timeout: float | None, answer: Callable[[Generated], Response]) -> Response:  # fmt: skip
         self.metrics.in_flight.inc()
         try:
-            calls = make()
-            work = self.engine.run(calls, _timeout(request, timeout, self.timeout_s))
+            check_prompts({"prompt": body.prompt, "negative_prompt": body.negative_prompt},
+                          self.limits.max_prompt_chars)  # fmt: skip
+            work = self._work(body, _timeout(request, timeout, self.timeout_s))
             gen = await _until_disconnected(request, work)
             self.metrics.images.inc(sum(len(p) for p in gen.pngs))
             return answer(gen)
         except asyncio.CancelledError:  # the server cancels a handler whose client left (Ray Serve does)
-            self.metrics.errors.labels("disconnected").inc()
+            self.metrics.errors.labels("disconnected", "").inc()
             raise
         except Exception as err:  # noqa: BLE001 - every failure becomes one JSON answer
             return _error(_as_api_error(err, names), self.metrics)
         finally:
             self.metrics.in_flight.dec()
+
+    async def _work(self, body: Txt2ImgRequest | ImagesRequest, timeout_s: float) -> Generated:
+        """Decode the body's images into calls (in a thread: the event loop goes on serving), then run them. A
+        client that leaves or a deadline that passes meanwhile drops the request before it reaches the engine."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            calls: list[Call] = await asyncio.to_thread(body.calls, self.max_pixels)
+        except asyncio.CancelledError:
+            self.metrics.dropped.labels("cancelled", "preparing").inc()
+            raise
+        if time.monotonic() >= deadline:
+            self.metrics.dropped.labels("deadline", "preparing").inc()
+            raise Expired(f"no answer within {timeout_s:g} s: the deadline passed while its images were decoded")
+        return await self.engine.run(calls, deadline - time.monotonic())
 
 
 def _generation_routes(app: FastAPI, serve: _Generation) -> None:
@@ -114,15 +136,15 @@ def _generation_routes(app: FastAPI, serve: _Generation) -> None:
         if raw and body.n != 1:
             return _error(ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"),
                           serve.metrics)  # fmt: skip
-        return await serve(request, body.calls, api.V1_FIELDS, body.timeout_s, lambda g: _v1_answer(g, raw))
+        return await serve(request, body, api.V1_FIELDS, body.timeout_s, lambda g: _v1_answer(g, raw))
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> Response:
-        return await serve(request, body.calls, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
+        return await serve(request, body, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request) -> Response:
-        return await serve(request, body.calls, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
+        return await serve(request, body, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
 
 
 def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
@@ -210,7 +232,7 @@ def _as_api_error(err: Exception, names: dict[str, str]) -> ApiError:
 
 
 def _error(err: ApiError, metrics: Metrics) -> JSONResponse:
-    metrics.errors.labels(err.kind).inc()
+    metrics.errors.labels(err.kind, err.reason).inc()
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     body = {"error": err.kind, "field": err.field, "detail": err.message}
     return JSONResponse(body, status_code=err.status, headers=headers)
@@ -268,6 +290,16 @@ def options_of(args) -> EngineOptions:
     return EngineOptions(args.max_batch, args.batch_window_ms, args.max_queue, args.warmup_steps)
 
 
+def limits_of(args) -> Limits:
+    """The per-request limits the flags (or `serve_ray.ServeArgs`) ask for; a bad one is an `SdrtError`."""
+    limits = Limits(args.max_body_mb, args.max_prompt_chars, args.max_json_values)
+    try:
+        limits.check()
+    except ValueError as err:
+        raise SdrtError(str(err)) from None
+    return limits
+
+
 def main(args) -> int:
     """`sdrt serve DIR`: load (a damaged directory fails here, before the port opens), then serve until SIGINT or
     SIGTERM; at either, uvicorn stops accepting, answers the requests in flight, and the engine drains."""
@@ -278,11 +310,12 @@ def main(args) -> int:
 
     if args.timeout_s <= 0:
         raise SdrtError(f"--timeout-s must be > 0, got {args.timeout_s}")
+    limits = limits_of(args)
     pipe = Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph)
     metrics = Metrics()
     metrics.watch_gpu()
     engine = LocalEngine(pipe, options_of(args), metrics)
-    app = create_app(engine, metrics, args.timeout_s)
+    app = create_app(engine, metrics, args.timeout_s, limits)
     log.info("serving %s (%s on %s, batches of up to %d images) at http://%s:%d", args.dir, pipe.backend.name,
              pipe.device, engine.max_images, args.host, args.port)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",

@@ -130,3 +130,30 @@ def test_replica_killed_under_load_loses_no_request(cluster):
     assert len(ok) == len(bodies), "a call on the killed replica was not retried on the other"
     r = post(body(999))
     assert r.status_code == 200 and np.array_equal(pixels(r.json()["images"][0]), alone(pipe, body(999)))
+
+
+def test_ingress_refuses_what_the_limits_refuse(cluster):
+    """The body, image and prompt limits hold at the ingress: each answer within 2 s, before any replica works."""
+    url, _ = cluster
+    big = 300 << 20
+
+    def zeros():
+        for _ in range(big >> 20):
+            yield b"0" * (1 << 20)
+
+    stream = {"content-type": "application/json"}
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, format="PNG")
+    cases = [
+        ({"content": zeros(), "headers": {**stream, "content-length": str(big)}}, 413, "body"),
+        ({"content": zeros(), "headers": stream}, 413, "body"),
+        ({"json": {**body(1), "image": base64.b64encode(bomb.getvalue()).decode()}}, 400, "image"),
+        ({"json": {**body(1), "prompt": "fox " * 2_000_000}}, 400, "prompt"),
+    ]
+    for kw, status, field in cases:
+        t = time.monotonic()
+        r = httpx.post(url + "/v1/images", timeout=CLIENT_TIMEOUT_S, **kw)
+        took = time.monotonic() - t
+        print(f"{status} {field}: {r.status_code} in {took:.2f} s")
+        assert (r.status_code, r.json()["field"]) == (status, field), r.text[:300]
+        assert took < 2.0, f"{field}: answered after {took:.2f} s"
