@@ -137,11 +137,11 @@ class TensorRTBackend(Backend):
         return tuple(out[name] for name in self.manifest["graphs"][graph]["outputs"])
 
     def close(self) -> None:
+        if self.kernels is not None:
+            self.kernels.save()  # the kernels compiled for this GPU, for the next start (while the engines live)
         for runner in self.runners.values():
             runner.__exit__(None, None, None)
         self.runners.clear()
-        if self.kernels is not None:
-            self.kernels.save()  # the kernels compiled for this GPU, for the next start
 
 
 class TorchBackend(Backend):
