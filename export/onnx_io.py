@@ -152,7 +152,21 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
     onnx.save_model(
         model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data, size_threshold=1024
     )
-    return [path.name, data] if big else [path.name]
+    files = [path.name, data] if big else [path.name]
+    for name in files:  # onnx writes external data through a temporary file, mode 0600: make it an ordinary file
+        os.chmod(path.parent / name, 0o666 & ~current_umask())
+    return files
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc; elsewhere set and restore)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _conditioning_nodes(graph: onnx.GraphProto, fp32_inputs: tuple[str, ...]) -> list[str]:

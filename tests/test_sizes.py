@@ -1,5 +1,5 @@
 """Sizes as the model decides them: VAE scale factors 4 and 2, latents the U-Net's downsampling does not divide,
-the native size as every stage's default, export cost that follows the model, and the engine directory's files.
+the native size as every stage's default, export cost that follows the model, and readable files.
 
 References are diffusers' own pipelines on the same folders (tests/conftest.py): sdrt must give the picture
 diffusers gives at every size diffusers accepts, within the exported range.
@@ -8,11 +8,13 @@ diffusers gives at every size diffusers accepts, within the exported range.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 
@@ -76,11 +78,15 @@ def test_sizes_off_the_multiple_are_one_line_errors(kind, height, multiple, pipe
 
 @pytest.fixture(scope="module")
 def native96(folders, tmp_path_factory) -> Path:
-    """sd1-native96 exported with every default (range, batch) and torch programs."""
+    """sd1-native96 exported with every default (range, batch) and torch programs, under umask 022."""
     from sdrt.runtime.cli import main
 
     dest = tmp_path_factory.mktemp("native96") / "engine"
-    assert main(["export", str(folders["sd1-native96"]), str(dest), "--precision", "fp32", "--torch-programs"]) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(folders["sd1-native96"]), str(dest), "--precision", "fp32", "--torch-programs"]) == 0
+    finally:
+        os.umask(old)
     return dest
 
 
@@ -106,6 +112,36 @@ def test_torch_programs_take_any_size(native96, folders):
     """The torch.export programs take the upsample-to-skip-size path too (latent 9x15)."""
     pipe = Pipeline.load(native96, backend="torch", device="cpu")
     compare(pipe, folders["sd1-native96"], SD, 72, 120)
+
+
+def test_engine_files_are_readable_like_any_file(native96):
+    """Every file 0644 and every folder 0755 under umask 022 (ONNX writes its external data 0600 otherwise)."""
+    modes = {str(p.relative_to(native96)): p.stat().st_mode & 0o777 for p in native96.rglob("*")}
+    assert modes and all(mode == (0o755 if (native96 / p).is_dir() else 0o644) for p, mode in modes.items()), modes
+
+
+def test_external_data_is_written_with_the_umask(tmp_path, monkeypatch):
+    import onnx
+    from onnx import helper
+
+    from sdrt.export import onnx_io
+
+    w = np.ones((64, 64), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    monkeypatch.setattr(onnx_io, "_EXTERNAL_DATA_BYTES", 1000)
+    old = os.umask(0o022)
+    try:
+        assert onnx_io.save_onnx(model, tmp_path / "g.onnx") == ["g.onnx", "g.onnx.data"]
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"g.onnx": 0o644, "g.onnx.data": 0o644}
 
 
 # -- export cost follows the model, not the declared range ---------------------------------------------------------
