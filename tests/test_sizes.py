@@ -163,3 +163,30 @@ def test_wide_range_export_costs_what_the_model_costs(folders, tmp_path):
         assert all(max(s["latent"]) <= 9 for s in entry["verify"]["shapes"])  # 64 px = latent 8, and 9
     pipe = Pipeline.load(dest, backend="onnxruntime", device="cpu")
     compare(pipe, folders["sdxl"], XL, 104, 88)
+
+
+# -- what sdrt cannot trace is refused at export -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (dict(sample_size=[8, 12]), "unsupported U-Net sample_size [8, 12]"),
+        (dict(down_block_types=("DownBlock2D", "SimpleCrossAttnDownBlock2D"),
+              up_block_types=("SimpleCrossAttnUpBlock2D", "UpBlock2D")),
+         "unsupported U-Net: up block 0 (SimpleCrossAttnUpBlock2D) has no plain Upsample2D"),
+    ],
+)  # fmt: skip
+def test_unsupported_unets_are_refused_in_one_line(change, msg, tmp_path):
+    import diffusers
+    from conftest import UNETS, build_pipeline
+
+    from sdrt.export.directory import export_model
+
+    pipe = build_pipeline("sd1")
+    pipe.unet = diffusers.UNet2DConditionModel(**dict(UNETS["sd1"], **change))
+    pipe.save_pretrained(tmp_path / "model")
+    with pytest.raises(SdrtError) as err:
+        export_model(str(tmp_path / "model"), tmp_path / "engine", precision="fp32")
+    assert msg in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing left behind
