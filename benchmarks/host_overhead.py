@@ -31,6 +31,7 @@ class NullBackend(Backend):
 
     def __init__(self, root: Path, manifest: dict, device: torch.device):
         super().__init__(root, manifest, device)
+        self.factor = int(manifest["latent"]["vae_scale_factor"])  # pixels per latent
         self.cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -38,7 +39,7 @@ class NullBackend(Backend):
         key = (graph, *(tuple(v.shape) for v in feeds.values()))
         if key not in self.cache:
             self.cache[key] = tuple(
-                torch.zeros(resolve_shape(o["shape"], feeds, entry["inputs"]), dtype=torch.float32)
+                torch.zeros(resolve_shape(o["shape"], feeds, entry["inputs"], self.factor), dtype=torch.float32)
                 for o in entry["outputs"].values()
             )
         return self.cache[key]

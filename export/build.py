@@ -27,11 +27,9 @@ from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx, write_atomic
 from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
 from sdrt.runtime import trt_family
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import check_files, read_manifest, sha256_file, write_manifest
+from sdrt.runtime.manifest import check_files, default_size, read_manifest, sha256_file, write_manifest
 from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily
 
-# The size each family was trained at: the default static size, and the opt point of a dynamic profile.
-NATIVE_PX = {"sd": 512, "sdxl": 1024}
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 INSTALL_HINT = ("pip install tensorrt on a machine with an NVIDIA GPU and driver, or pip install 'sdrt[rtx]' "
                 "(TensorRT for RTX: builds without a GPU, for RTX GPUs)")  # fmt: skip
@@ -39,7 +37,7 @@ INSTALL_HINT = ("pip install tensorrt on a machine with an NVIDIA GPU and driver
 
 @dataclass(frozen=True)
 class BuildOptions:
-    height: int | None = None  # px; static size (or the dynamic profile's opt); default: the family's native size
+    height: int | None = None  # px; static size (or the dynamic profile's opt); default: the model's native size
     width: int | None = None
     batch: int = 1  # images per prompt; the U-Net and text encoders see 2x as many rows (classifier-free guidance)
     dynamic: bool = False  # one profile over the exported ranges instead of one static shape
@@ -67,8 +65,7 @@ def _check_px(flag: str, px: int, shapes: dict[str, int]) -> None:
 def target_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int, int]:
     """(images, height px, width px) of the static profile (or the dynamic one's opt), checked against the export."""
     s = manifest["shapes"]
-    native = NATIVE_PX.get(manifest.get("family"), s["max_px"])
-    native = max(s["min_px"], min(s["max_px"], native // s["px_multiple"] * s["px_multiple"]))
+    native = default_size(manifest)  # what `sdrt generate` asks for without --height/--width
     h = native if opts.height is None else opts.height
     w = native if opts.width is None else opts.width
     _check_px("--height", h, s)

@@ -32,7 +32,14 @@ from sdrt.export.onnx_io import (
 from sdrt.export.presets import get_preset
 from sdrt.export.verify import check_graph_file, compare, reference_cases
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import FORMAT_VERSION, check_files, hash_files, read_manifest, write_manifest
+from sdrt.runtime.manifest import (
+    FORMAT_VERSION,
+    Geometry,
+    check_files,
+    hash_files,
+    read_manifest,
+    write_manifest,
+)
 
 
 class Progress:
@@ -66,7 +73,8 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _default_dims(c: Components) -> G.Dims:
-    lo, hi = get_preset(c.source["name"]).sizes if c.source["kind"] == "preset" else c.family.size_range
+    """The preset's declared range, else the one the model's own native size gives (`Geometry.default_range`)."""
+    lo, hi = get_preset(c.source["name"]).sizes if c.source["kind"] == "preset" else G.geometry(c).default_range()
     return G.Dims(lo, hi)
 
 
@@ -148,11 +156,12 @@ def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> 
         "latent": {
             "channels": vae.latent_channels,
             "scaling_factor": float(vae.scaling_factor),
-            "vae_scale_factor": G.VAE_FACTOR,
+            "vae_scale_factor": dims.geometry.vae_scale_factor,  # pixels per latent
         },
         "unet": {
             "in_channels": c.unet.config.in_channels,
-            "sample_size": c.unet.config.sample_size,  # latent side it was trained at: default image = 8x this
+            "sample_size": dims.geometry.sample_size,  # latent side it was trained at: native px = factor x this
+            "downsampling": dims.geometry.unet_downsampling,  # 2 ** down blocks that downsample
             "addition_embed_type": c.unet.config.addition_embed_type,
         },
         "pipeline": {"force_zeros_for_empty_prompt": c.zero_negatives},  # SDXL: an unset negative is zeros
@@ -208,9 +217,7 @@ def export_model(
     p = progress or Progress()
     with p.step(f"load {model}"):
         c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae)
-    dims = dims or _default_dims(c)
-    if dims.min_px % 64 or dims.max_px % 64 or not 64 <= dims.min_px <= dims.max_px or dims.max_images < 1:
-        raise SdrtError(f"bad shape range {dims.min_px}..{dims.max_px} px: sizes are multiples of 64, min <= max")
+    dims = (dims or _default_dims(c)).for_model(G.geometry(c))
     stage = _stage_dir(dest)
     try:
         manifest = _manifest(c, dims, precision, _tokenizer_entries(c, stage))
@@ -250,7 +257,7 @@ def verify_directory(root: str | os.PathLike, *, progress: Progress | None = Non
     with p.step("load the source modules"):
         c = _source_components(manifest["source"])
     d = manifest["shapes"]
-    dims = G.Dims(d["min_px"], d["max_px"], d["max_images"])
+    dims = G.Dims(d["min_px"], d["max_px"], d["max_images"], Geometry.from_manifest(manifest))
     report: dict[str, Any] = {"files": len(manifest["files"]), "graphs": {}}
     for g in G.graphs_for(c) if not isinstance(c, str) else []:
         entry = manifest["graphs"][g.name]

@@ -1,41 +1,70 @@
 """The four graphs of DESIGN.md as traceable modules, with their I/O names and the shapes they accept.
 
-Shapes are written with symbols: ``B`` rows, ``h``/``w`` latent height and width (a multiple of 8, so the
-U-Net's three 2x downsamplings stay exact), ``H``/``W`` = 8h/8w pixels. `Dims` gives each symbol its range.
+Shapes are written with symbols: ``B`` rows, ``h``/``w`` latent height and width (any size: the U-Net always
+upsamples to its skip connections' sizes, as diffusers does for sizes its downsamplings do not divide), ``H``/``W``
+= f·h / f·w pixels, f the VAE's scale factor. `Dims` gives each symbol its range.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sdrt.export.load import Components
-from sdrt.export.presets import MAX_IMAGES
-
-LATENT_MULTIPLE = 8  # latent sizes are multiples of 8 -> image sizes are multiples of 64
-VAE_FACTOR = 8
+from sdrt.export.presets import MAX_IMAGES, geometry_of
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import Geometry
 
 
 @dataclass(frozen=True)
 class Dims:
-    """Declared ranges: images per prompt (``max_images``) and pixel sizes (``min_px``..``max_px``)."""
+    """Declared ranges: images per prompt (``max_images``) and pixel sizes (``min_px``..``max_px``); with the
+    model's `Geometry` (set by `for_model` at export), the latent sizes they mean."""
 
     min_px: int
     max_px: int
     max_images: int = MAX_IMAGES
+    geometry: Geometry | None = None
+
+    def for_model(self, geometry: Geometry) -> Dims:
+        """These ranges for a model of ``geometry``; a range it cannot take is a one-line error naming the fix."""
+        m, lo = geometry.px_multiple, geometry.smallest_px
+        if self.min_px % m or self.max_px % m or not self.min_px <= self.max_px or self.max_images < 1:
+            raise SdrtError(
+                f"bad shape range {self.min_px}..{self.max_px} px: sizes are multiples of {m} for this model "
+                "(its VAE scale factor and diffusers' multiple of 8), min <= max"
+            )
+        if self.min_px < lo:
+            raise SdrtError(
+                f"--min-size {self.min_px} is below this model's smallest size, {lo} px (the U-Net's deepest feature "
+                f"map must be at least 2x2); use --min-size {lo} or more"
+            )
+        return dataclasses.replace(self, geometry=geometry)
+
+    @property
+    def factor(self) -> int:
+        if self.geometry is None:
+            raise ValueError("Dims.for_model(geometry) first: latent sizes depend on the model")
+        return self.geometry.vae_scale_factor
 
     def rows(self, graph: str) -> tuple[int, int]:
         # text encoder and U-Net see conditional + unconditional rows under classifier-free guidance
         return (1, 2 * self.max_images) if graph in ("text_encoder", "text_encoder_2", "unet") else (1, self.max_images)
 
     def latent(self) -> tuple[int, int]:
-        return self.min_px // VAE_FACTOR, self.max_px // VAE_FACTOR
+        return self.min_px // self.factor, self.max_px // self.factor
 
     def as_json(self) -> dict[str, Any]:
-        step = LATENT_MULTIPLE * VAE_FACTOR
-        return {"min_px": self.min_px, "max_px": self.max_px, "px_multiple": step, "max_images": self.max_images}
+        m = self.geometry.px_multiple if self.geometry else None
+        return {"min_px": self.min_px, "max_px": self.max_px, "px_multiple": m, "max_images": self.max_images}
+
+
+def geometry(c: Components) -> Geometry:
+    """The loaded model's own sizes (VAE scale factor, U-Net downsampling, native latent size)."""
+    return geometry_of(c.unet.config, c.vae.config)
 
 
 @dataclass
@@ -70,14 +99,62 @@ class TextEncoder(torch.nn.Module):
         return (states, out.text_embeds) if self.pooled else states
 
 
+class _SkipSizes:
+    """The size entering each U-Net down block, recorded as the U-Net runs (a forward pre-hook on each): the size
+    the up block that feeds its skip connection must upsample to."""
+
+    def __init__(self) -> None:
+        self.sizes: list[Any] = []
+
+    def record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.sizes.append(x.shape[-2:])
+
+
+class _UpsampleTo(torch.nn.Module):
+    """diffusers' Upsample2D (nearest, then its conv) always given the skip connection's size, as diffusers' U-Net
+    forward does when the latent is not a multiple of its downsampling; for multiples, nearest at twice the size
+    is the same picture. The conv keeps its module path, so the weights keep their names."""
+
+    def __init__(self, up: torch.nn.Module, skip: _SkipSizes, index: int):
+        super().__init__()
+        self.conv, self.skip, self.index = up.conv, skip, index
+
+    def forward(self, hidden_states: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        size = self.skip.sizes[self.index]
+        return self.conv(torch.nn.functional.interpolate(hidden_states, size=size, mode="nearest"))
+
+
+def _plain_upsampler(up: Any) -> bool:
+    return (type(up).__name__ == "Upsample2D" and up.use_conv and up.interpolate and up.name == "conv"
+            and up.norm is None and not up.use_conv_transpose)  # fmt: skip
+
+
 class UNet(torch.nn.Module):
-    """(sample, timestep[, text_embeds, time_ids]) -> noise_pred; the U-Net's output, whatever it predicts."""
+    """(sample, timestep[, text_embeds, time_ids]) -> noise_pred; the U-Net's output, whatever it predicts.
+
+    diffusers' forward checks whether the latent divides by 2 ** (upsamplers) and only then forwards the skip
+    connections' sizes to the upsamplers; a traced graph cannot branch on a dynamic size, so this module always
+    takes that path: each upsampler reaches the recorded size of its skip connection, and the U-Net's divisibility
+    check is turned off (num_upsamplers = 0) so that it never forwards sizes of its own."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
-        self.unet = unet
+        self.unet, self.skip = unet, _SkipSizes()
+        ups = unet.up_blocks
+        for j, block in enumerate(ups[:-1]):
+            samplers = getattr(block, "upsamplers", None)
+            if samplers is None or len(samplers) != 1 or not _plain_upsampler(samplers[0]):
+                raise SdrtError(f"unsupported U-Net: up block {j} ({type(block).__name__}) has no plain Upsample2D")
+            samplers[0] = _UpsampleTo(samplers[0], self.skip, len(ups) - 2 - j)  # down block len-2-j's input size
+        if len(unet.down_blocks) != len(ups) or getattr(ups[-1], "upsamplers", None) is not None:
+            raise SdrtError("unsupported U-Net: down and up blocks do not pair up as UNet2DConditionModel's do")
+        for block in unet.down_blocks:
+            block.register_forward_pre_hook(self.skip.record, with_kwargs=True)
+        unet.num_upsamplers = 0
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        self.skip.sizes.clear()
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
@@ -169,23 +246,25 @@ def graphs_for(c: Components) -> list[Graph]:
     return out
 
 
-def concrete(shape: tuple[int | str, ...], rows: int, h: int, w: int) -> tuple[int, ...]:
-    """A symbolic shape at rows ``B`` and latent size ``h`` x ``w``."""
-    values = {"B": rows, "h": h, "w": w, "H": h * VAE_FACTOR, "W": w * VAE_FACTOR}
+def concrete(shape: tuple[int | str, ...], rows: int, h: int, w: int, factor: int) -> tuple[int, ...]:
+    """A symbolic shape at rows ``B`` and latent size ``h`` x ``w`` (pixels: ``factor`` x latent)."""
+    values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor}
     return tuple(values[d] if isinstance(d, str) else d for d in shape)
 
 
-def sample_inputs(g: Graph, rows: int, h: int, w: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def sample_inputs(
+    g: Graph, dims: Dims, rows: int, h: int, w: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """Random inputs of the right meaning: token ids in the vocabulary, timesteps in [0, 1000), images in [-1, 1]."""
-    out = {}
+    out, f = {}, dims.factor
     for name, (shape, dtype) in g.inputs.items():
-        s = concrete(shape, rows, h, w)
+        s = concrete(shape, rows, h, w, f)
         if dtype == torch.int32:
             out[name] = torch.randint(0, g.vocab_size, s, generator=generator, dtype=torch.int32)
         elif name == "timestep":
             out[name] = torch.randint(0, 1000, s, generator=generator).float()
         elif name == "time_ids":  # (orig h, orig w, crop top, crop left, target h, target w)
-            out[name] = torch.tensor([h * 8, w * 8, 0, 0, h * 8, w * 8], dtype=torch.float32).repeat(rows, 1)
+            out[name] = torch.tensor([h * f, w * f, 0, 0, h * f, w * f], dtype=torch.float32).repeat(rows, 1)
         elif name == "images":
             out[name] = torch.rand(s, generator=generator) * 2 - 1
         else:
@@ -193,23 +272,23 @@ def sample_inputs(g: Graph, rows: int, h: int, w: int, generator: torch.Generato
     return out
 
 
-# The trace example: 2 rows, latent 16x24. torch.export specialises any symbol whose example value is 0 or 1 and
-# may unify symbols with equal examples, so every symbol gets its own example >= 2; the symbol ranges always
-# include it. The graph is valid for all sizes; the declared range (manifest "shapes") is what profiles use.
-TRACE_ROWS, TRACE_HK, TRACE_WK = 2, 2, 3
+# The trace example: 2 rows, a latent just above the smallest the U-Net takes, odd (not a multiple of its
+# downsampling) and non-square. torch.export specialises any symbol whose example value is 0 or 1 and may unify
+# symbols with equal examples, so every symbol gets its own example >= 2; the symbol ranges always include it.
+# The graph is valid for all sizes in them; the declared range (manifest "shapes") is what profiles use.
+TRACE_ROWS = 2
+
+
+def trace_latent(dims: Dims) -> tuple[int, int]:
+    lo = dims.geometry.min_latent
+    return lo + 1, lo + 3
 
 
 def dynamic_shapes(g: Graph, dims: Dims) -> dict[str, dict[int, Any]]:
     """torch.export dimension objects for every symbolic axis, sharing one object per symbol."""
     Dim = torch.export.Dim
     rows = Dim("B", min=1, max=max(dims.rows(g.name)[1], TRACE_ROWS))
-    hi = max(dims.latent()[1] // LATENT_MULTIPLE, TRACE_WK)
-    hk, wk = Dim("hk", min=1, max=hi), Dim("wk", min=1, max=hi)
-    sym = {
-        "B": rows,
-        "h": LATENT_MULTIPLE * hk,
-        "w": LATENT_MULTIPLE * wk,
-        "H": LATENT_MULTIPLE * VAE_FACTOR * hk,
-        "W": LATENT_MULTIPLE * VAE_FACTOR * wk,
-    }
+    lo, hi = dims.geometry.min_latent, max(dims.latent()[1], *trace_latent(dims))
+    h, w = Dim("h", min=lo, max=hi), Dim("w", min=lo, max=hi)
+    sym = {"B": rows, "h": h, "w": w, "H": dims.factor * h, "W": dims.factor * w}
     return {n: {i: sym[d] for i, d in enumerate(shape) if isinstance(d, str)} for n, (shape, _) in g.inputs.items()}

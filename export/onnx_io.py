@@ -20,16 +20,7 @@ from typing import Any
 import onnx
 import torch
 
-from sdrt.export.graphs import (
-    LATENT_MULTIPLE,
-    TRACE_HK,
-    TRACE_ROWS,
-    TRACE_WK,
-    Dims,
-    Graph,
-    dynamic_shapes,
-    sample_inputs,
-)
+from sdrt.export.graphs import TRACE_ROWS, Dims, Graph, dynamic_shapes, sample_inputs, trace_latent
 
 OPSET = 21  # GroupNormalization-21 / LayerNormalization keep their statistics in float32 (stash_type=1)
 # Weights go to one `<graph>.onnx.data` file beside the graph above this size: required past protobuf's 2 GB limit,
@@ -47,8 +38,8 @@ FP32_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization",
 
 def export_torch(g: Graph, dims: Dims, path: Path, opset: int = OPSET) -> None:
     """Trace ``g.module`` with torch.export (dynamic rows and sizes) and write fp32 ONNX to ``path``."""
-    h, w = TRACE_HK * LATENT_MULTIPLE, TRACE_WK * LATENT_MULTIPLE
-    example = sample_inputs(g, rows=TRACE_ROWS, h=h, w=w, generator=torch.Generator().manual_seed(0))
+    h, w = trace_latent(dims)
+    example = sample_inputs(g, dims, rows=TRACE_ROWS, h=h, w=w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             g.module,
@@ -68,8 +59,8 @@ def export_torch(g: Graph, dims: Dims, path: Path, opset: int = OPSET) -> None:
 def save_torch_program(g: Graph, dims: Dims, path: Path, fp16: bool) -> None:
     """``torch.export`` the module (in fp16 where the graph is fp16, as diffusers runs it) and save it as a .pt2
     program, which the runtime's torch backend loads with torch alone."""
-    h, w = TRACE_HK * LATENT_MULTIPLE, TRACE_WK * LATENT_MULTIPLE
-    example = sample_inputs(g, rows=TRACE_ROWS, h=h, w=w, generator=torch.Generator().manual_seed(0))
+    h, w = trace_latent(dims)
+    example = sample_inputs(g, dims, rows=TRACE_ROWS, h=h, w=w, generator=torch.Generator().manual_seed(0))
     module = g.module
     if fp16:
         module = _half_copy(module)
@@ -161,7 +152,21 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
     onnx.save_model(
         model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data, size_threshold=1024
     )
-    return [path.name, data] if big else [path.name]
+    files = [path.name, data] if big else [path.name]
+    for name in files:  # onnx writes external data through a temporary file, mode 0600: make it an ordinary file
+        os.chmod(path.parent / name, 0o666 & ~current_umask())
+    return files
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc; elsewhere set and restore)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _conditioning_nodes(graph: onnx.GraphProto, fp32_inputs: tuple[str, ...]) -> list[str]:

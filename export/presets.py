@@ -7,10 +7,12 @@ data (`Family`), never an `if` chain in the export code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import Geometry
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,6 @@ class Family:
     text_encoders: tuple[str, ...]  # component names, in conditioning order
     penultimate_hidden_states: bool  # SDXL conditions on the penultimate layer (no final norm)
     pooled_from: str | None  # which text encoder also yields `pooled_embeddings`
-    size_range: tuple[int, int]  # default pixel range of the dynamic graphs
     vae_fp16: bool  # False where the VAE overflows in fp16 (SDXL's)
 
 
@@ -36,7 +37,6 @@ SD = Family(
     text_encoders=("text_encoder",),
     penultimate_hidden_states=False,
     pooled_from=None,
-    size_range=(256, 1024),
     vae_fp16=True,
 )
 SDXL = Family(
@@ -49,13 +49,21 @@ SDXL = Family(
     text_encoders=("text_encoder", "text_encoder_2"),
     penultimate_hidden_states=True,
     pooled_from="text_encoder_2",
-    size_range=(512, 1536),
     vae_fp16=False,
 )
 FAMILIES = (SD, SDXL)
 SUPPORTED = "SD 1.x and 2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline)"
 
 MAX_IMAGES = 4  # default batch range: 1..4 images, so 2..8 rows under classifier-free guidance
+
+
+def geometry_of(unet: Mapping[str, Any], vae: Mapping[str, Any]) -> Geometry:
+    """The sizes a U-Net and VAE config decide, as diffusers computes them: vae_scale_factor =
+    2 ** (len(block_out_channels) - 1); every U-Net down block but the last halves the size."""
+    sample = unet.get("sample_size")
+    if not isinstance(sample, int) or isinstance(sample, bool):
+        raise SdrtError(f"unsupported U-Net sample_size {sample!r}: sdrt needs one integer (square native size)")
+    return Geometry(2 ** (len(vae["block_out_channels"]) - 1), 2 ** (len(unet["down_block_types"]) - 1), sample)
 
 
 def family_of_pipeline(class_name: str) -> Family:
@@ -81,13 +89,17 @@ class Preset:
     vae: dict[str, Any]
     text_encoders: tuple[TextEncoderSpec, ...]
     scheduler: tuple[str, dict[str, Any]]
-    size_range: tuple[int, int] | None = None  # overrides the family's range (small presets)
+    size_range: tuple[int, int] | None = None  # overrides the model's default range (small presets)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def geometry(self) -> Geometry:
+        return geometry_of(self.unet, self.vae)
+
+    @property
     def sizes(self) -> tuple[int, int]:
-        return self.size_range or self.family.size_range
+        return self.size_range or self.geometry.default_range()
 
 
 _SCALED_LINEAR = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)

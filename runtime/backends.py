@@ -19,19 +19,20 @@ BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
 
-def resolve_shape(shape: list, feeds: dict[str, torch.Tensor], inputs: dict[str, Any]) -> tuple[int, ...]:
-    """A manifest shape with symbols (B, h, w, H, W) at the sizes of ``feeds``."""
+def resolve_shape(shape: list, feeds: dict[str, torch.Tensor], inputs: dict[str, Any], factor: int) -> tuple[int, ...]:
+    """A manifest shape with symbols (B, h, w, H, W) at the sizes of ``feeds``; ``factor``: pixels per latent (the
+    manifest's VAE scale factor)."""
     values: dict[str, int] = {}
     for name, entry in inputs.items():
         for sym, size in zip(entry["shape"], feeds[name].shape, strict=True):
             if isinstance(sym, str):
                 values[sym] = int(size)
     if "h" in values:
-        values.setdefault("H", values["h"] * 8)
-        values.setdefault("W", values["w"] * 8)
+        values.setdefault("H", values["h"] * factor)
+        values.setdefault("W", values["w"] * factor)
     if "H" in values:
-        values.setdefault("h", values["H"] // 8)
-        values.setdefault("w", values["W"] // 8)
+        values.setdefault("h", values["H"] // factor)
+        values.setdefault("w", values["W"] // factor)
     return tuple(values[d] if isinstance(d, str) else int(d) for d in shape)
 
 
@@ -88,6 +89,7 @@ class OnnxRuntimeBackend(Backend):
             outs = session.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})
             return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
         entry = self.manifest["graphs"][graph]
+        factor = int(self.manifest["latent"]["vae_scale_factor"])
         binding = session.io_binding()
         for name, x in feeds.items():
             x = x.contiguous()
@@ -95,7 +97,9 @@ class OnnxRuntimeBackend(Backend):
         outs = []
         for name, spec in entry["outputs"].items():
             y = torch.empty(
-                resolve_shape(spec["shape"], feeds, entry["inputs"]), dtype=_TORCH[spec["dtype"]], device=self.device
+                resolve_shape(spec["shape"], feeds, entry["inputs"], factor),
+                dtype=_TORCH[spec["dtype"]],
+                device=self.device,
             )
             binding.bind_output(name, "cuda", self.device.index or 0, _np(y.dtype), list(y.shape), y.data_ptr())
             outs.append(y)

@@ -212,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture to take configs and tokenizer from (default: the Hugging Face cache)",
     )
     e.add_argument("--seed", type=int, help="for a preset: the seed of its random weights (default: the preset's)")
-    e.add_argument("--min-size", type=int, help="smallest image side the graphs accept, px (multiple of 64)")
-    e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (multiple of 64)")
+    e.add_argument("--min-size", type=int, help="smallest image side the graphs accept, px (a multiple of 8 and of "
+                   "the VAE scale factor; default: half the model's native size)")  # fmt: skip
+    e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (as --min-size; default: "
+                   "twice the native size)")  # fmt: skip
     e.add_argument("--max-batch", type=int, help="most images per prompt the graphs accept (default 4)")
     e.add_argument(
         "--vae",

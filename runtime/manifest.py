@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,56 @@ def check_files(root: str | os.PathLike, manifest: dict[str, Any], names: list[s
         elif sha256_file(root / name) != recorded[name]:
             problems.append(f"{name}: SHA-256 differs from the manifest (damaged or replaced)")
     return problems
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The checkpoint's own sizes, read from it at export (DESIGN.md: "The model's numbers, never constants"), and
+    every size default derived from them: the one definition export, build, runtime and server use."""
+
+    vae_scale_factor: int  # pixels per latent: 2 ** (VAE blocks - 1)
+    unet_downsampling: int  # the U-Net's total downsampling: 2 ** (down blocks that downsample)
+    sample_size: int  # latent side the U-Net was trained at
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Geometry:
+        unet, latent = manifest["unet"], manifest["latent"]
+        factor = int(latent.get("vae_scale_factor", 8))
+        return cls(factor, int(unet.get("downsampling", 8)), int(unet.get("sample_size") or 64))
+
+    @property
+    def px_multiple(self) -> int:
+        """Image sides are multiples of this: diffusers' pipelines take multiples of 8 (check_inputs) and make the
+        latent px // vae_scale_factor, which is exact for multiples of both."""
+        return math.lcm(8, self.vae_scale_factor)
+
+    @property
+    def native_px(self) -> int:
+        """The size the U-Net was trained at, as diffusers' default: sample_size x vae_scale_factor (rounded down
+        to a valid size)."""
+        return max(self.sample_size * self.vae_scale_factor // self.px_multiple, 1) * self.px_multiple
+
+    @property
+    def min_latent(self) -> int:
+        """The smallest latent side the traced U-Net takes: its deepest feature map must be at least 2 x 2 (at 1 x 1
+        the tracer specialises broadcasting)."""
+        return 2 * self.unet_downsampling
+
+    @property
+    def smallest_px(self) -> int:
+        return -(-self.min_latent * self.vae_scale_factor // self.px_multiple) * self.px_multiple
+
+    def default_range(self) -> tuple[int, int]:
+        """(min px, max px) of a default export: half to twice the native size (SD 1.5: 256-1024, SD 2.1: 384-1536,
+        SDXL: 512-2048, which holds its training buckets from 512x2048 to 2048x512)."""
+        m = self.px_multiple
+        lo = max(self.native_px // 2 // m * m, self.smallest_px)
+        return lo, max(lo, -(-2 * self.native_px // m) * m)
+
+
+def default_size(manifest: dict[str, Any]) -> int:
+    """The image side a request without a size gets, and `sdrt build`'s static profile: the native size, within the
+    exported range."""
+    shapes = manifest["shapes"]
+    native = Geometry.from_manifest(manifest).native_px
+    return min(max(native, shapes["min_px"]), shapes["max_px"]) // shapes["px_multiple"] * shapes["px_multiple"]

@@ -25,7 +25,7 @@ from PIL import Image
 from sdrt.runtime.backends import Backend, open_backend
 from sdrt.runtime.capture import CaptureCache
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import check_files, read_manifest
+from sdrt.runtime.manifest import Geometry, check_files, default_size, read_manifest
 from sdrt.runtime.request import Layout, Request, host_inputs, open_image
 from sdrt.runtime.samplers import SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, default_sampler
@@ -57,6 +57,7 @@ class Pipeline:
         self.shapes = manifest["shapes"]
         self.scaling_factor = float(manifest["latent"]["scaling_factor"])
         self.latent_channels = int(manifest["latent"]["channels"])
+        self.geometry = Geometry.from_manifest(manifest)
         self.cuda_graph = cuda_graph and self.device.type == "cuda" and backend.capturable
         probe = getattr(backend, "capturable_on", None)  # TensorRT asks its engines (TensorRT for RTX may refuse)
         if self.cuda_graph and probe is not None and not probe(torch.cuda.Stream(self.device)):
@@ -176,16 +177,18 @@ class Pipeline:
         return self._plans[key]
 
     def default_size(self) -> tuple[int, int]:
-        """(height, width) a request without a size gets: the U-Net's native size within the engine's range."""
+        """(height, width) a request without a size gets: the U-Net's native size within the engine's range (the
+        manifest's `default_size`, which `sdrt build` also uses)."""
         return self._size("height", None), self._size("width", None)
 
     def _size(self, what: str, px: int | None) -> int:
         lo, hi, m = self.shapes["min_px"], self.shapes["max_px"], self.shapes["px_multiple"]
-        if px is None:  # the size the U-Net was trained at, within the engine's range
-            px = min(max(int(self.manifest["unet"].get("sample_size") or 64) * 8, lo), hi) // m * m
-        if not isinstance(px, int) or px % 8:
-            raise SdrtError(f"{what} {px!r} is not a multiple of 8")
-        if px % m or not lo <= px <= hi:
+        if px is None:
+            px = default_size(self.manifest)
+        if not isinstance(px, int) or isinstance(px, bool) or px % m:
+            near = f"; use {px // m * m} or {px // m * m + m}" if isinstance(px, int) else ""
+            raise SdrtError(f"{what} {px!r} is not a multiple of {m} (this model's size step){near}")
+        if not lo <= px <= hi:
             near = sorted({min(max(round(px / m) * m, lo), hi)})
             raise SdrtError(
                 f"{what} {px} is outside this engine's sizes ({lo}-{hi} px in steps of {m}); use {near[0]}, "
@@ -211,8 +214,8 @@ class Pipeline:
         with self._lock:
             t0 = time.perf_counter()
             plan = self.plan(key.sampler, key.steps, key.strength)
-            host = host_inputs(reqs, plan, self.tokenizers, self.latent_channels, self._encodes_init(key),
-                               self.zero_negatives)  # fmt: skip
+            latent = (self.latent_channels, self.geometry.vae_scale_factor)
+            host = host_inputs(reqs, plan, self.tokenizers, latent, self._encodes_init(key), self.zero_negatives)
             self.timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
             if self.cuda_graph:
                 pixels = self._captured.replay(self, layout, plan.to(self.device), host, self.timings)

@@ -93,7 +93,12 @@ class Layout:
 
 
 def host_inputs(
-    reqs: list[Request], plan: Plan, tokenizers: list, latent_channels: int, encodes_init: bool, zero_negatives: bool
+    reqs: list[Request],
+    plan: Plan,
+    tokenizers: list,
+    latent: tuple[int, int],
+    encodes_init: bool,
+    zero_negatives: bool,
 ) -> dict[str, torch.Tensor]:
     """Everything a batch reads, on the host. Per request, from its own generator, in diffusers' order: the init
     image's posterior sample (where `encodes_init`: img2img, or inpainting with a 4-channel U-Net or strength < 1),
@@ -102,9 +107,11 @@ def host_inputs(
     input_ids[_2] [2P or P, 77]: every request's negatives, then every request's prompts (uncond rows first).
     keep_negative [P]: 0 where a negative was not given and the model zeroes those (SDXL), else 1.
     rows [B]: the prompt each image row is conditioned on (a prompt's images are consecutive, as diffusers has them).
+    ``latent``: (channels, VAE scale factor) of the model.
     """
     first = reqs[0]
-    h, w = first.height // 8, first.width // 8
+    latent_channels, factor = latent
+    h, w = first.height // factor, first.width // factor
     prompts = [p for r in reqs for p in r.prompts]
     negatives = [n for r in reqs for n in r.negatives]
     texts = [n or "" for n in negatives] + prompts if first.cfg else prompts

@@ -76,6 +76,24 @@ UNETS = {
 # inpainting checkpoints: the same U-Nets reading 4 latent + 1 mask + 4 masked-image channels
 UNETS["sd1-inpaint"] = dict(UNETS["sd1"], in_channels=9)
 UNETS["sdxl-inpaint"] = dict(UNETS["sdxl"], in_channels=9)
+# VAEs with fewer blocks: diffusers' vae_scale_factor = 2 ** (len(block_out_channels) - 1) is 4 and 2
+VAES = {
+    "sd1-vae4": dict(
+        VAE,
+        block_out_channels=(16, 16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    ),
+    "sd1-vae2": dict(
+        VAE,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ),
+}
+UNETS.update({kind: UNETS["sd1"] for kind in VAES})
+# a U-Net trained at 12 latents: native 96 px, which is neither SD's 512 nor this test set's 64
+UNETS["sd1-native96"] = dict(UNETS["sd1"], sample_size=12)
 SINGLE_FILE_KINDS = ("sd1", "sd2", "sdxl")
 SIZES = ["--min-size", "64", "--max-size", "192", "--max-batch", "2"]  # small ranges keep the checks fast
 
@@ -99,7 +117,7 @@ def build_pipeline(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     ids = dict(bos_token_id=512, eos_token_id=513)
     unet = diffusers.UNet2DConditionModel(**UNETS[kind])
-    vae = diffusers.AutoencoderKL(**VAE, scaling_factor=0.13025 if kind.startswith("sdxl") else 0.18215)
+    vae = diffusers.AutoencoderKL(**VAES.get(kind, VAE), scaling_factor=0.13025 if kind.startswith("sdxl") else 0.18215)
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     if kind.startswith("sdxl"):
         te1 = CLIPTextModel(CLIPTextConfig(**CLIP, hidden_act="quick_gelu", pad_token_id=513, **ids))

@@ -83,16 +83,18 @@ def test_dynamic_profile_spans_the_exported_ranges(tiny):
     m = read_manifest(tiny)
     opts = BuildOptions(dynamic=True)
     unet = profile_shapes(m, "unet", opts)["sample"]
-    assert unet == {"min": [1, 4, 8, 8], "opt": [2, 4, 24, 24], "max": [4, 4, 24, 24]}
+    assert unet == {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [4, 4, 24, 24]}
     enc = profile_shapes(m, "vae_encoder", opts)["images"]
-    assert enc == {"min": [1, 3, 64, 64], "opt": [1, 3, 192, 192], "max": [2, 3, 192, 192]}
+    assert enc == {"min": [1, 3, 64, 64], "opt": [1, 3, 64, 64], "max": [2, 3, 192, 192]}
     dec = profile_shapes(m, "vae_decoder", BuildOptions(dynamic=True, height=128, width=64, batch=2))["latent"]
     assert dec == {"min": [1, 4, 8, 8], "opt": [2, 4, 16, 8], "max": [2, 4, 24, 24]}
 
 
 def test_default_static_size_is_the_native_size_within_the_exported_range(tiny):
     m = read_manifest(tiny)
-    assert target_shape(m, BuildOptions()) == (1, 192, 192)  # SD's 512 px, clamped to this export's 64-192
+    assert target_shape(m, BuildOptions()) == (1, 64, 64)  # the U-Net's sample_size 8 x the VAE's factor 8
+    m["unet"]["sample_size"] = 64  # SD 1.5's: 512 px
+    assert target_shape(m, BuildOptions()) == (1, 192, 192)  # clamped to this export's 64-192
     m["shapes"].update(min_px=256, max_px=1024)
     assert target_shape(m, BuildOptions()) == (1, 512, 512)
 
@@ -100,11 +102,11 @@ def test_default_static_size_is_the_native_size_within_the_exported_range(tiny):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--height", "100"], "--height 100 is not a multiple of 64; use 64 or 128"),
+        (["--height", "100"], "--height 100 is not a multiple of 8; use 96 or 104"),
         (["--width", "256"], "--width 256 is outside the 64-192 px"),
         (["--height", "0"], "--height 0 is outside"),
         (["--batch", "3"], "--batch 3 is outside the 1-2 images"),
-        (["--dynamic", "--width", "90"], "--width 90 is not a multiple of 64"),
+        (["--dynamic", "--width", "90"], "--width 90 is not a multiple of 8"),
     ],
 )
 def test_bad_static_sizes_are_one_line_errors(tiny, capsys, args, expected):
@@ -120,8 +122,8 @@ def test_bad_static_sizes_are_one_line_errors(tiny, capsys, args, expected):
 CHANGES = {
     "onnx": (lambda m: m["files"].update({"unet.onnx": "0" * 64}), {}, {}, "the ONNX graph changed"),
     "precision": (lambda m: m["graphs"]["unet"].update(precision="fp32"), {}, {}, "precision fp16 -> fp32"),
-    "size": (None, {"height": 128}, {}, "profile static 1 image(s) 192x192 -> static 1 image(s) 128x192"),
-    "batch": (None, {"batch": 2}, {}, "-> static 2 image(s) 192x192"),
+    "size": (None, {"height": 128}, {}, "profile static 1 image(s) 64x64 -> static 1 image(s) 128x64"),
+    "batch": (None, {"batch": 2}, {}, "-> static 2 image(s) 64x64"),
     "dynamic": (None, {"dynamic": True}, {}, "-> dynamic 1-2 image(s) 64-192 px"),
     "workspace": (None, {"workspace_gib": 4.0}, {}, "workspace_gib None -> 4.0"),
     "version": (None, {}, {"version": "10.10.0.1"}, "version 10.9.0.34 -> 10.10.0.1"),

@@ -128,7 +128,8 @@ def test_manifest_describes_the_directory(kind, exports, folders):
         assert ([i.name for i in g.graph.input], [o.name for o in g.graph.output]) == io[name]
         assert all(e <= entry["verify"]["tolerance"] for e in entry["verify"]["rel_l2"].values())
         assert len(entry["verify"]["shapes"]) >= 2
-    assert m["shapes"] == {"min_px": 64, "max_px": 192, "px_multiple": 64, "max_images": 2}
+    assert m["shapes"] == {"min_px": 64, "max_px": 192, "px_multiple": 8, "max_images": 2}
+    assert (m["latent"]["vae_scale_factor"], m["unet"]["downsampling"], m["unet"]["sample_size"]) == (8, 2, 8)
     assert m["source"]["kind"] == "diffusers" and m["precision"] == "fp16"
     assert {"torch", "diffusers", "onnx", "onnxruntime"} <= set(m["tools"])
     # the schedule and latent scaling are the checkpoint's own

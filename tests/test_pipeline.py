@@ -143,7 +143,7 @@ def test_threads_share_one_pipeline(pipes):
     "kw,msg",
     [
         (dict(height=100), "not a multiple of 8"),
-        (dict(height=72), "outside this engine's sizes"),
+        (dict(height=56), "outside this engine's sizes"),
         (dict(width=512), "outside this engine's sizes"),
         (dict(num_inference_steps=0), "steps must be"),
         (dict(guidance_scale=float("nan")), "guidance must be a finite number"),

@@ -190,7 +190,7 @@ def test_sdapi_txt2img_and_img2img(server, pipe):
     "path,patch,field",
     [
         ("/v1/images", {"steps": 0}, "steps"),
-        ("/v1/images", {"height": 72}, "height"),
+        ("/v1/images", {"height": 76}, "height"),
         ("/v1/images", {"sampler": "heun"}, "sampler"),
         ("/v1/images", {"n": 3}, "n"),
         ("/v1/images", {"image": "not base64!"}, "image"),
