@@ -15,7 +15,7 @@ PROMPT = "a watercolor fox in the snow, detailed"
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 @pytest.fixture(scope="module")
