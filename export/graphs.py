@@ -156,7 +156,10 @@ class UNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         self.skip.sizes.clear()
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        try:
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        finally:  # no trace's symbolic sizes left on the module: torch 2.11 cannot deepcopy them (fp16 programs)
+            self.skip.sizes.clear()
 
 
 class VaeDecoder(torch.nn.Module):
