@@ -1,11 +1,21 @@
-"""Build-time stage: checkpoint -> verified ONNX engine directory (and TensorRT plans where TensorRT exists).
+"""Build-time stage: checkpoint -> verified ONNX engine directory; ONNX -> TensorRT engines (`sdrt build`).
 
-Needs the ``export`` extra (diffusers, transformers, onnx). The runtime never imports this package.
+The export needs the ``export`` extra (diffusers, transformers, onnx); the build only the ``build`` extra (onnx)
+and a TensorRT. Names are imported on first use, so ``sdrt.export.cli`` and ``sdrt.export.presets`` work on a
+runtime-only install. The runtime never imports this package.
 """
 
-from sdrt.export.directory import export_model, verify_directory
-from sdrt.export.graphs import Dims
-from sdrt.export.load import Components, load_model
-from sdrt.export.presets import PRESETS
+from importlib import import_module
+from typing import Any
 
-__all__ = ["Components", "Dims", "PRESETS", "export_model", "load_model", "verify_directory"]
+_NAMES = {
+    "Components": "load", "load_model": "load", "Dims": "graphs", "PRESETS": "presets",
+    "export_model": "directory", "verify_directory": "directory",
+}  # fmt: skip
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(import_module(f"sdrt.export.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'sdrt.export' has no attribute {name!r}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx
 
-from sdrt.export.directory import Progress
+from sdrt.export.progress import Progress
 from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx, write_atomic
 from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
 from sdrt.runtime import trt_family

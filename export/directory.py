@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import onnx
 
@@ -30,6 +28,7 @@ from sdrt.export.onnx_io import (
     save_torch_program,
 )
 from sdrt.export.presets import get_preset
+from sdrt.export.progress import Progress
 from sdrt.export.verify import check_graph_file, compare, reference_cases
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import (
@@ -40,24 +39,6 @@ from sdrt.runtime.manifest import (
     read_manifest,
     write_manifest,
 )
-
-
-class Progress:
-    """Prints each step as it starts and ends, with its elapsed time (export of a full model takes minutes)."""
-
-    def __init__(self, stream: TextIO | None = None):
-        self.stream = stream or sys.stderr
-        self.t0 = time.perf_counter()
-
-    def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.t0:7.1f}s] {text}", file=self.stream, flush=True)
-
-    @contextmanager
-    def step(self, what: str):
-        self.say(f"{what} ...")
-        t = time.perf_counter()
-        yield
-        self.say(f"{what} done in {time.perf_counter() - t:.1f}s")
 
 
 def _tool_versions() -> dict[str, str]:

@@ -21,8 +21,8 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
-from sdrt.runtime.serve_engine import EngineOptions  # noqa: E402
-from sdrt.runtime.serve_ray import build_app  # noqa: E402
+from sdrt.serve.engine import EngineOptions  # noqa: E402
+from sdrt.serve.ray_app import build_app  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # its fixtures are made once per process: keep it in one
 

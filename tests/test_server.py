@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sdrt.runtime.cli import png_parameters
+from sdrt.runtime.generate import png_parameters
 from sdrt.runtime.pipeline import Pipeline
-from sdrt.runtime.serve_engine import EngineOptions, LocalEngine
-from sdrt.runtime.serve_metrics import Metrics
-from sdrt.runtime.server import create_app
+from sdrt.serve.app import create_app
+from sdrt.serve.engine import EngineOptions, LocalEngine
+from sdrt.serve.metrics import Metrics
 
 pytestmark = pytest.mark.xdist_group("server")  # its fixtures are made once per process: keep it in one
 

@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sdrt.runtime.serve_api import ApiError, decode_image
-from sdrt.runtime.serve_limits import MB, check_prompts
+from sdrt.serve.api import ApiError, decode_image
+from sdrt.serve.limits import MB, check_prompts
 
 pytestmark = pytest.mark.xdist_group("server")
 

@@ -22,13 +22,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from sdrt.runtime import serve_api as api
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.serve_api import ApiError, Call, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
-from sdrt.runtime.serve_batch import Closed, Expired, QueueFull
-from sdrt.runtime.serve_engine import EngineOptions, Generated
-from sdrt.runtime.serve_limits import BodyLimit, Limits, check_prompts
-from sdrt.runtime.serve_metrics import Metrics
+from sdrt.serve import api
+from sdrt.serve.api import ApiError, Call, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
+from sdrt.serve.batch import Closed, Expired, QueueFull
+from sdrt.serve.engine import EngineOptions, Generated
+from sdrt.serve.limits import BodyLimit, Limits, check_prompts
+from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt")
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
@@ -37,7 +37,7 @@ ENDPOINTS = ("/v1/images", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/
 
 
 class Engine(Protocol):
-    """What the HTTP layer drives: `serve_engine.LocalEngine`, or `serve_ray.RayEngine` over replicas of it."""
+    """What the HTTP layer drives: `engine.LocalEngine`, or `ray_app.RayEngine` over replicas of it."""
 
     model: str
     max_px: int  # the engine's largest image side: what bounds the init images it is sent
@@ -55,7 +55,7 @@ class Disconnected(Exception):
 def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0, limits: Limits | None = None) -> FastAPI:
     """The app over ``engine``. Its lifespan warms the engine in the background (``/readyz`` says when it is done)
     and, at shutdown, after uvicorn has stopped accepting and answered the requests in flight, drains it.
-    ``limits`` (default: `Limits`' defaults) bound what one request may cost (see `sdrt.runtime.serve_limits`)."""
+    ``limits`` (default: `Limits`' defaults) bound what one request may cost (see `sdrt.serve.limits`)."""
     limits = limits or Limits()
 
     @asynccontextmanager
@@ -291,7 +291,7 @@ def options_of(args) -> EngineOptions:
 
 
 def limits_of(args) -> Limits:
-    """The per-request limits the flags (or `serve_ray.ServeArgs`) ask for; a bad one is an `SdrtError`."""
+    """The per-request limits the flags (or `ray_app.ServeArgs`) ask for; a bad one is an `SdrtError`."""
     limits = Limits(args.max_body_mb, args.max_prompt_chars, args.max_json_values)
     try:
         limits.check()
@@ -306,7 +306,7 @@ def main(args) -> int:
     import uvicorn
 
     from sdrt.runtime.pipeline import Pipeline
-    from sdrt.runtime.serve_engine import LocalEngine
+    from sdrt.serve.engine import LocalEngine
 
     if args.timeout_s <= 0:
         raise SdrtError(f"--timeout-s must be > 0, got {args.timeout_s}")

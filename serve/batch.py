@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.serve_metrics import Metrics
+from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt")
 

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.errors import needs_extra
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve with the stage the flags ask for, imported only now (FastAPI, uvicorn, Ray are slow to import)."""
-    try:
+    with needs_extra("sdrt serve", "serve"):
         if args.ray:
-            from sdrt.runtime.serve_ray import main as serve_main
+            from sdrt.serve.ray_app import main as serve_main
         else:
-            from sdrt.runtime.server import main as serve_main
-    except ImportError as err:
-        raise SdrtError(
-            f"sdrt serve needs its extra dependencies ({err.name} is missing): pip install 'sdrt[serve]'"
-        ) from None
+            from sdrt.serve.app import main as serve_main
     return serve_main(args)
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """`sdrt serve DIR [options]` on the CLI's subparsers."""
     s = sub.add_parser(
         "serve",

@@ -1,8 +1,8 @@
 """The engine behind the HTTP API: validated calls in, PNGs out. `LocalEngine` drives one Pipeline in-process.
 
-The HTTP layer (`sdrt.runtime.server`) talks to anything with this shape: ``start()`` (warm up, in the
+The HTTP layer (`sdrt.serve.app`) talks to anything with this shape: ``start()`` (warm up, in the
 background), ``ready()``, ``run(calls, timeout_s) -> Generated``, ``stop()`` (drain). `LocalEngine` is that over
-a `Pipeline` and its `Batcher`; `sdrt.runtime.serve_ray` is the same over Ray Serve replicas of it.
+a `Pipeline` and its `Batcher`; `sdrt.serve.ray_app` is the same over Ray Serve replicas of it.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from sdrt.runtime.cli import png_parameters
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.generate import png_parameters
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.runtime.serve_api import Call, echo_v1, encode_png
-from sdrt.runtime.serve_batch import Batcher, Closed, Expired, Output
-from sdrt.runtime.serve_metrics import Metrics
+from sdrt.serve.api import Call, echo_v1, encode_png
+from sdrt.serve.batch import Batcher, Closed, Expired, Output
+from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt")
 

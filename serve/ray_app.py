@@ -5,7 +5,7 @@ Two deployments:
   replica is a process with ``replica_cpus`` CPUs. Serve routes every engine call to the replica with the
   shorter queue and scales between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica (queued
   and running: the queue depth), aiming at two engine batches' worth each.
-- `Ingress`: `sdrt.runtime.server`'s FastAPI app over `RayEngine`. A call whose replica dies (killed, out of
+- `Ingress`: `sdrt.serve.app`'s FastAPI app over `RayEngine`. A call whose replica dies (killed, out of
   memory, node lost) is sent again to another replica, until its deadline: generation is a pure function of the
   request, so the retry gives the same images. Past ``retries``, the client gets a 503 with Retry-After.
 
@@ -33,12 +33,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from sdrt.runtime.manifest import read_manifest
-from sdrt.runtime.serve_api import Call
-from sdrt.runtime.serve_batch import Closed, Expired, QueueFull
-from sdrt.runtime.serve_engine import EngineOptions, Generated, LocalEngine
-from sdrt.runtime.serve_limits import Limits
-from sdrt.runtime.serve_metrics import Metrics
-from sdrt.runtime.server import create_app, limits_of, options_of
+from sdrt.serve.api import Call
+from sdrt.serve.app import create_app, limits_of, options_of
+from sdrt.serve.batch import Closed, Expired, QueueFull
+from sdrt.serve.engine import EngineOptions, Generated, LocalEngine
+from sdrt.serve.limits import Limits
+from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt")
 GRACE_S = 5.0  # past a call's deadline, how long the ingress waits for its replica's own 504 before giving up
@@ -136,7 +136,7 @@ class RayEngine:
 
 @serve.ingress()
 class Ingress:
-    """The HTTP API of `sdrt.runtime.server`, in front of the engine replicas: the body, image and prompt limits
+    """The HTTP API of `sdrt.serve.app`, in front of the engine replicas: the body, image and prompt limits
     are checked here, before anything is sent to a replica."""
 
     def __init__(self, engine: DeploymentHandle, model: str, max_px: int, timeout_s: float, retries: int,
@@ -170,7 +170,7 @@ class ServeArgs(BaseModel):
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """The application ``serve run sdrt.runtime.serve_ray:app_builder dir=ENGINES`` deploys (``args`` as
+    """The application ``serve run sdrt.serve.ray_app:app_builder dir=ENGINES`` deploys (``args`` as
     `ServeArgs`; a bad value is a validation error naming the field)."""
     args = ServeArgs.model_validate(args)
     load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph}

@@ -1,0 +1,213 @@
+"""The build-time stage's commands: `sdrt export`, `verify`, `build` and `presets`.
+
+Only argparse at import: `sdrt --help` and `sdrt presets` work on a runtime-only install, and each command imports
+what it needs when it runs (the export extra for export and verify, the build extra for build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sdrt.runtime.errors import SdrtError, needs_extra
+
+PRECISIONS = ("fp16", "fp32")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with needs_extra("sdrt export", "export"):
+        from sdrt.export.directory import export_model
+        from sdrt.export.graphs import Dims
+
+    dims = None
+    if args.min_size or args.max_size or args.max_batch:
+        c_lo, c_hi = (args.min_size, args.max_size)
+        if not (c_lo and c_hi):
+            raise SdrtError("give --min-size and --max-size together")
+        dims = Dims(c_lo, c_hi, args.max_batch or 4)
+    export_model(
+        args.model,
+        args.dir,
+        precision=args.precision,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        config=args.config,
+        seed=args.seed,
+        dims=dims,
+        torch_programs=args.torch_programs,
+        vae=args.vae,
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with needs_extra("sdrt verify", "export"):
+        from sdrt.export.directory import verify_directory
+
+    report = verify_directory(args.dir)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print(
+        f"{args.dir}: OK ({report['files']} files match their SHA-256"
+        + (f", {len(report['graphs'])} graphs match their source)" if report["graphs"] else ")")
+    )
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    with needs_extra("sdrt build", "build"):
+        from sdrt.export.build import BuildOptions, build_directory
+
+    if args.workspace is not None and args.workspace <= 0:
+        raise SdrtError(f"--workspace {args.workspace} must be a positive number of GiB")
+    opts = BuildOptions(
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        dynamic=args.dynamic,
+        workspace_gib=args.workspace,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        backend=args.backend,
+        force=args.force,
+        compute_capabilities=args.compute_capability,
+    )
+    report = build_directory(args.dir, opts)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print(report["operator_check"])
+    for problem in report["operators"]:
+        print(f"  {problem}")
+    if "skipped" in report:
+        print(f"{report['skipped']}; {report['install']}")
+        return 0
+    for name, r in report["graphs"].items():
+        done = f"{r['action']} ({r['why']})" if r["action"] != "built" else "built"
+        print(f"{name:15s} {done}" + (f" in {r['seconds']:.1f}s" if r["action"] != "skipped" else ""))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from sdrt.export.presets import PRESETS
+
+    for p in PRESETS.values():
+        lo, hi = p.sizes
+        print(f"{p.name:10s} {p.family.name:5s} {lo}-{hi} px  {p.description}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """export, verify, build and presets on the `sdrt` command's subparsers."""
+    e = sub.add_parser(
+        "export",
+        help="checkpoint -> verified ONNX engine directory",
+        description="Trace CLIP, U-Net and VAE of MODEL to ONNX in DIR, verify each graph with ONNX "
+        "Runtime against PyTorch, and write manifest.json.",
+    )
+    e.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a preset (see `sdrt presets`), a diffusers folder, or one .safetensors checkpoint",
+    )
+    e.add_argument("dir", metavar="DIR", help="the engine directory to write")
+    e.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp16",
+        help="fp16 (default): real fp16 graphs for TensorRT; fp32: for verification and the CPU",
+    )
+    e.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    e.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load .ckpt/.pt/.bin pickle weights (they can run code: only for files you trust)",
+    )
+    e.add_argument(
+        "--config",
+        metavar="DIR",
+        help="for a single-file checkpoint: a diffusers folder of the same "
+        "architecture to take configs and tokenizer from (default: the Hugging Face cache)",
+    )
+    e.add_argument("--seed", type=int, help="for a preset: the seed of its random weights (default: the preset's)")
+    e.add_argument("--min-size", type=int, help="smallest image side the graphs accept, px (a multiple of 8 and of "
+                   "the VAE scale factor; default: half the model's native size)")  # fmt: skip
+    e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (as --min-size; default: "
+                   "twice the native size)")  # fmt: skip
+    e.add_argument("--max-batch", type=int, help="most images per prompt the graphs accept (default 4)")
+    e.add_argument(
+        "--vae",
+        metavar="DIR",
+        help="a diffusers VAE folder to use instead of the model's own, exported in fp16 (an fp16-safe SDXL VAE; "
+        "SDXL's own VAE stays float32 because it overflows in fp16)",
+    )
+    e.add_argument(
+        "--torch-programs",
+        action="store_true",
+        help="also save each graph as a torch.export program (*.pt2) for the runtime's torch backend",
+    )
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser(
+        "verify",
+        help="re-check an engine directory",
+        description="Check every file of DIR against its SHA-256 in the manifest, run the ONNX "
+        "checker, and re-run ONNX Runtime against the source modules when the source is available.",
+    )
+    v.add_argument("dir", metavar="DIR")
+    v.add_argument("--json", action="store_true", help="print the full report as JSON")
+    v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser(
+        "build",
+        help="ONNX graphs of DIR -> TensorRT plans",
+        description="Build a TensorRT plan beside each ONNX graph of DIR (unet.onnx -> unet.plan) with TensorRT "
+        "(on the GPU that will run it) or TensorRT for RTX (ahead of time, no GPU needed, for RTX GPUs), skipping "
+        "plans whose build key (ONNX hash, precision, profile, builder options, TensorRT family and version, GPU or "
+        "target compute capabilities) matches. NVIDIA's ONNX parser checks every graph first. Without either "
+        "TensorRT, DIR is left as it is, ready for ONNX Runtime (TensorRT's published operator list is checked).",
+    )
+    b.add_argument("dir", metavar="DIR")
+    b.add_argument(
+        "--backend",
+        choices=("auto", "tensorrt", "tensorrt-rtx"),
+        default="auto",
+        help="auto (default): TensorRT on a data-centre GPU, TensorRT for RTX on an RTX GPU or without a GPU, "
+        "whichever is installed; without either, say so and leave DIR for ONNX Runtime. tensorrt / tensorrt-rtx: "
+        "require that one",
+    )
+    b.add_argument(
+        "--compute-capability",
+        metavar="CC,CC",
+        help="TensorRT for RTX: the GPUs' compute capabilities the engines target (default 8.6,8.9,12.0)",
+    )
+    b.add_argument(
+        "--height",
+        type=int,
+        metavar="PX",
+        help="image height of the static profile, px (with --dynamic: its opt size); default: the model's native size",
+    )
+    b.add_argument("--width", type=int, metavar="PX", help="image width, px; as --height")
+    b.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per prompt of the static profile (default 1); the U-Net and text encoders get 2x rows",
+    )
+    b.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="one profile over the exported size and batch ranges instead of one static shape (slower plans)",
+    )
+    b.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit (default: TensorRT's)")
+    b.add_argument(
+        "--timing-cache",
+        metavar="PATH",
+        help="TensorRT: tactic timing cache reused across builds (default: ~/.cache/sdrt/, one per version and GPU)",
+    )
+    b.add_argument("--force", action="store_true", help="rebuild plans even when their build key matches")
+    b.add_argument("--json", action="store_true", help="print the full report as JSON")
+    b.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("presets", help="list the built-in presets")
+    p.set_defaults(func=cmd_presets)

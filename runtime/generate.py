@@ -1,0 +1,108 @@
+"""`sdrt generate`: an engine directory and a prompt -> PNG files that carry their generation parameters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdrt.runtime.errors import SdrtError
+
+
+def png_parameters(req, model: str, index: int) -> str:
+    """The `parameters` text chunk in the format image tools already read (prompt, negative, key: value list)."""
+    fields = [
+        f"Steps: {req.steps}", f"Sampler: {req.sampler}", f"CFG scale: {req.guidance:g}", f"Seed: {req.seed}",
+        f"Size: {req.width}x{req.height}", f"Model: {model}",
+    ]  # fmt: skip
+    if req.image is not None:
+        fields.append(f"Denoising strength: {req.strength:g}")
+    if req.batch > 1:
+        fields += [f"Batch size: {req.batch}", f"Batch pos: {index}"]
+    prompt = req.prompts[index // req.images_per_prompt]
+    negative = req.negatives[index // req.images_per_prompt]
+    return f"{prompt}\n" + (f"Negative prompt: {negative}\n" if negative else "") + ", ".join(fields)
+
+
+def _out_paths(out: str | None, seed: int, count: int) -> list[str]:
+    from pathlib import Path
+
+    if out is None:
+        return [f"sdrt-{seed}-{i}.png" for i in range(count)]
+    path = Path(out)
+    if count == 1:
+        return [str(path)]
+    return [str(path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}")) for i in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from PIL import Image, PngImagePlugin
+
+    from sdrt.runtime.pipeline import Pipeline
+
+    if args.init_image is None and (args.strength is not None or args.mask is not None):
+        raise SdrtError(f"{'--strength' if args.mask is None else '--mask'} needs --init-image")
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    req = pipe.request(
+        args.prompt, args.negative_prompt, args.steps, args.guidance, args.height, args.width, args.batch,
+        args.seed, args.sampler, args.init_image, args.strength, args.mask,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    pixels = pipe.generate(req, progress=not args.quiet)
+    total_ms = (time.perf_counter() - t1) * 1e3
+    source = pipe.manifest["source"]
+    model = source.get("name") or source.get("path", "?")
+    for i, path in enumerate(_out_paths(args.out, req.seed, req.batch)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", png_parameters(req, str(model), i))
+        Image.fromarray(pixels[i].numpy()).save(path, pnginfo=info)
+        print(path)
+    if args.verbose:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in pipe.timings.items())
+        print(
+            f"backend {pipe.backend.name} on {pipe.device}, cuda graph {'on' if pipe.cuda_graph else 'off'}: "
+            f"load {load_ms:.0f} ms, request {total_ms:.1f} ms ({stages})",
+            file=sys.stderr,
+        )
+    pipe.close()
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """generate on the `sdrt` command's subparsers."""
+    g = sub.add_parser(
+        "generate",
+        help="engine directory + prompt -> PNG images",
+        description="Generate images from an engine directory: txt2img, img2img with --init-image, inpainting with "
+        "--init-image and --mask (an inpainting checkpoint's 9-channel U-Net, or any checkpoint by blending the kept "
+        "region back after every step, as diffusers does). The PNGs carry the generation parameters in their "
+        "`parameters` text chunk.",
+    )
+    g.add_argument("dir", metavar="DIR", help="an engine directory from `sdrt export`")
+    g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--negative-prompt", metavar="TEXT",
+                   help="what to steer away from (default: none; SDXL then uses zeros, as diffusers)")  # fmt: skip
+    g.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    g.add_argument("--sampler", help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm or pndm "
+                   "(default: the checkpoint's own scheduler)")  # fmt: skip
+    g.add_argument("--seed", type=int, help="seed of torch.Generator('cpu'), as in diffusers (default: random)")
+    g.add_argument("--height", type=int, help="px (default: the model's native size, or the init image's)")
+    g.add_argument("--width", type=int, help="px (default: the model's native size, or the init image's)")
+    g.add_argument("--batch", type=int, default=1, help="images for the prompt (default 1)")
+    g.add_argument("--init-image", metavar="PATH", help="img2img: start from this image")
+    g.add_argument("--mask", metavar="PATH", help="inpainting: white repaints, black keeps (needs --init-image)")
+    g.add_argument("--strength", type=float, help="img2img / inpainting: how much to change the image, in (0, 1] "
+                   "(default 0.8 for img2img, 1 for inpainting)")  # fmt: skip
+    g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
+                   help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as built), else torch "
+                   "programs where exported; else ONNX Runtime")  # fmt: skip
+    g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
+    g.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of one captured graph")
+    g.add_argument("--out", metavar="PATH", help="output PNG (with -N suffixes for several; default sdrt-SEED-N.png)")
+    g.add_argument("--verbose", action="store_true", help="print per-stage timings")
+    g.add_argument("--quiet", action="store_true", help="no progress line")
+    g.set_defaults(func=cmd_generate)
