@@ -8,7 +8,10 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 MODEL         ?= sd15
 NAME          ?= $(MODEL)
-PRECISION     ?= fp16
+# a GPU (nvidia-smi sees one): fp16 graphs for TensorRT; without one, fp32, which ONNX Runtime's CPU provider runs
+# several times faster than fp16
+HAS_GPU       := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PRECISION     ?= $(if $(HAS_GPU),fp16,fp32)
 EXPORT_FLAGS  ?=
 BUILD_FLAGS   ?=
 PROMPT        ?= a photograph of an astronaut riding a horse
@@ -31,7 +34,7 @@ GPU_OUT       ?= build/gpu-rehearsal
 help:
 	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve,rtx]"
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
-	@echo "make demo      make engines, then generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
+	@echo "make demo      export MODEL, build (GPU only) and generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
 	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them; TEST_WORKERS processes)"
 	@echo "make lint      ruff"
@@ -65,8 +68,18 @@ engines: setup engines/$(NAME)/manifest.json
 engines/$(NAME)/manifest.json:
 	$(BIN)/sdrt export $(MODEL) engines/$(NAME) --precision $(PRECISION) $(EXPORT_FLAGS)
 
-demo: engines
+# on a GPU: the engines at the model's native size; without one: ONNX Runtime at the smallest exported size, and
+# no engine build (its engines are for RTX GPUs: `make engines` builds them)
+demo: setup engines/$(NAME)/manifest.json
+ifeq ($(HAS_GPU),1)
+	$(BIN)/sdrt build engines/$(NAME) $(BUILD_FLAGS)
 	$(BIN)/sdrt generate engines/$(NAME) "$(PROMPT)" --steps $(STEPS) --seed 0 --out engines/$(NAME)-demo.png --verbose
+else
+	@px=$$($(BIN)/python -c "import json; print(json.load(open('engines/$(NAME)/manifest.json'))['shapes']['min_px'])"); \
+	echo "demo: no GPU here: $(PRECISION) graphs on ONNX Runtime's CPU provider at $${px}x$${px} px, no engine build"; \
+	$(BIN)/sdrt generate engines/$(NAME) "$(PROMPT)" --steps $(STEPS) --seed 0 --height $$px --width $$px \
+	  --out engines/$(NAME)-demo.png --verbose
+endif
 
 # every available backend (CUDA graph on and off) and diffusers, interleaved; on the CPU use PRECISION=fp32
 bench: engines

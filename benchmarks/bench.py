@@ -32,7 +32,8 @@ from sdrt.benchmarks.measure import Clock, Memory, Spans, psnr, stats
 from sdrt.benchmarks.report import STAGES, device_name, device_slug, finite, software, write_all
 from sdrt.runtime.backends import available_backends
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.samplers import make_plan
 
@@ -157,8 +158,9 @@ def make_request(pipe: Pipeline, opts: Options, device: torch.device) -> Request
     cuda = device.type == "cuda"
     size = None if cuda else pipe.shapes["min_px"]
     steps = opts.steps if opts.steps is not None else (GPU_STEPS if cuda else CPU_STEPS)
-    return pipe.request(opts.prompt, None, steps, opts.guidance, opts.height or size, opts.width or size,
-                        opts.batch, opts.seed, opts.sampler, None, 0.8)  # fmt: skip
+    params = Params(prompt=opts.prompt, steps=steps, guidance=opts.guidance, height=opts.height or size,
+                    width=opts.width or size, n=opts.batch, seed=opts.seed, sampler=opts.sampler)  # fmt: skip
+    return pipe.request(params)
 
 
 def run_bench(opts: Options) -> tuple[dict[str, Any], list[Path]]:
@@ -271,8 +273,7 @@ def summarise(entry: Entry, reference: np.ndarray | None, bounds: dict[str, floa
 
 
 def assemble(opts, manifest, device, req, unet_calls, entries, order, flops, flops_note, matmul) -> dict[str, Any]:
-    source = manifest["source"]
-    model = source.get("name") or Path(source.get("path", "model")).stem
+    model = model_name(manifest)
     baseline = next((e for e in entries if e.contender.name == "diffusers-eager"), None)
     reference = baseline.images[0] if baseline else None
     bounds = lower_bounds(flops, flops["unet_calls"], matmul["tflops"]) if flops else None
@@ -287,7 +288,7 @@ def assemble(opts, manifest, device, req, unet_calls, entries, order, flops, flo
         "device": device_name(device),
         "device_type": device.type,
         "model": model,
-        "source": source,
+        "source": manifest["source"],
         "engine_precision": manifest["precision"],
         "height": req.height,
         "width": req.width,

@@ -8,7 +8,11 @@ from sdrt.runtime.errors import needs_extra
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    with needs_extra("sdrt bench", "bench"):
+    with needs_extra("sdrt bench", "bench"):  # checked before any engine loads: a run takes minutes
+        import matplotlib  # noqa: F401  (the chart)
+
+        if not args.no_baseline:
+            import diffusers  # noqa: F401  (the baseline)
         from sdrt.benchmarks.bench import main as bench_main
     return bench_main(args)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from sdrt.runtime.backends import Backend, resolve_shape
-from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
 
 
@@ -50,23 +51,25 @@ def measure(root: Path, steps: int, runs: int, sampler: str, px: int | None) -> 
     pipe = Pipeline(root, manifest, NullBackend(root, manifest, torch.device("cpu")), cuda_graph=False)
     kw = dict(num_inference_steps=steps, sampler=sampler, height=px, width=px, seed=0)
     pipe("warm-up", **kw)
-    times = []
+    times, stages = [], {}
     for i in range(runs):
         t = time.perf_counter()
-        pipe(f"a photograph of an astronaut riding a horse {i}", **kw)
+        prompt = f"a photograph of an astronaut riding a horse {i}"
+        req = pipe.request(Params(prompt=prompt, steps=steps, sampler=sampler, height=px, width=px, seed=0))
+        stages = pipe.generate_batch([req]).timings_ms
         times.append((time.perf_counter() - t) * 1e3)
     p50 = statistics.median(times)
     return {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "engine": str(root),
-        "model": manifest["source"].get("name", manifest["source"].get("path")),
-        "height": pipe.request("x", None, steps, 7.5, px, px, 1, 0, sampler, None, 1.0).height,
+        "model": model_name(manifest),
+        "height": req.height,
         "steps": steps,
         "sampler": sampler,
         "runs": runs,
         "request_ms": {"p50": p50, "min": min(times), "max": max(times)},
         "per_step_ms_p50": p50 / steps,
-        "last_stage_ms": pipe.timings,
+        "last_stage_ms": stages,
         "torch": torch.__version__,
     }
 

@@ -82,6 +82,7 @@ def batches_formed(before: dict, after: dict) -> dict:
 
 def check_images(root: str, bodies: list[dict], results: list[dict]) -> list[int]:
     """Seeds whose served image differs from `Pipeline.generate` of the same request alone."""
+    from sdrt.runtime.params import Params
     from sdrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(root)  # the backend and device `sdrt serve` picks by default
@@ -89,7 +90,8 @@ def check_images(root: str, bodies: list[dict], results: list[dict]) -> list[int
     for b, r in zip(bodies, results, strict=True):
         if r["status"] != 200:
             continue
-        req = pipe.request(b["prompt"], None, b["steps"], 7.5, b["height"], b["width"], 1, b["seed"], b["sampler"])
+        req = pipe.request(Params(prompt=b["prompt"], steps=b["steps"], height=b["height"], width=b["width"],
+                                  seed=b["seed"], sampler=b["sampler"]))  # fmt: skip
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r["answer"]["images"][0]))))
         if not np.array_equal(served, pipe.generate(req).numpy()[0]):
             wrong.append(b["seed"])

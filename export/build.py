@@ -27,7 +27,14 @@ from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx, write_atomic
 from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
 from sdrt.runtime import trt_family
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import check_files, default_size, read_manifest, sha256_file, write_manifest
+from sdrt.runtime.manifest import (
+    check_files,
+    concrete_shape,
+    default_size,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -78,12 +85,6 @@ def target_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int
     return opts.batch, h, w
 
 
-def _concrete(shape: list, rows: int, h: int, w: int, factor: int) -> list[int]:
-    # symbols (export/graphs.py): B rows, h/w latent, H/W pixels = factor * latent
-    values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor}
-    return [values[d] if isinstance(d, str) else d for d in shape]
-
-
 def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> dict[str, dict[str, list[int]]]:
     """{input: {"min", "opt", "max": shape}} for graph ``name``: one static shape, or the export's ranges."""
     graph, s = manifest["graphs"][name], manifest["shapes"]
@@ -94,7 +95,7 @@ def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> d
     lo = (graph["rows"][0], s["min_px"] // factor, s["min_px"] // factor) if opts.dynamic else opt
     hi = (graph["rows"][1], s["max_px"] // factor, s["max_px"] // factor) if opts.dynamic else opt
     return {
-        n: {k: _concrete(i["shape"], *v, factor) for k, v in (("min", lo), ("opt", opt), ("max", hi))}
+        n: {k: list(concrete_shape(i["shape"], *v, factor)) for k, v in (("min", lo), ("opt", opt), ("max", hi))}
         for n, i in graph["inputs"].items()
     }
 

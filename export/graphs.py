@@ -16,7 +16,7 @@ import torch
 from sdrt.export.load import Components
 from sdrt.export.presets import MAX_IMAGES, geometry_of
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import Geometry
+from sdrt.runtime.manifest import Geometry, concrete_shape
 
 
 @dataclass(frozen=True)
@@ -249,19 +249,13 @@ def graphs_for(c: Components) -> list[Graph]:
     return out
 
 
-def concrete(shape: tuple[int | str, ...], rows: int, h: int, w: int, factor: int) -> tuple[int, ...]:
-    """A symbolic shape at rows ``B`` and latent size ``h`` x ``w`` (pixels: ``factor`` x latent)."""
-    values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor}
-    return tuple(values[d] if isinstance(d, str) else d for d in shape)
-
-
 def sample_inputs(
     g: Graph, dims: Dims, rows: int, h: int, w: int, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """Random inputs of the right meaning: token ids in the vocabulary, timesteps in [0, 1000), images in [-1, 1]."""
     out, f = {}, dims.factor
     for name, (shape, dtype) in g.inputs.items():
-        s = concrete(shape, rows, h, w, f)
+        s = concrete_shape(shape, rows, h, w, f)
         if dtype == torch.int32:
             out[name] = torch.randint(0, g.vocab_size, s, generator=generator, dtype=torch.int32)
         elif name == "timestep":

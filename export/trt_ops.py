@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 import onnx.inliner
@@ -232,8 +231,3 @@ def check_model(model: onnx.ModelProto, graph: str = "") -> list[OpProblem]:
 
     visit(model.graph, set())
     return problems
-
-
-def check_file(path: str | Path, graph: str = "") -> list[OpProblem]:
-    """`check_model` on an ONNX file, read without its external weights (the structure is all it needs)."""
-    return check_model(onnx.load(str(path), load_external_data=False), graph or Path(path).stem)

@@ -1,13 +1,14 @@
 """Run-time stage: engine directory -> images. Imports torch, numpy, pillow, tokenizers and one backend only.
 
-``from sdrt.runtime import Pipeline``; the import is deferred so that the CLI's other commands start fast.
+``from sdrt.runtime import Params, Pipeline``; the Pipeline import is deferred (the CLI starts fast).
 """
 
 from typing import Any
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import Params
 
-__all__ = ["Pipeline", "SdrtError"]
+__all__ = ["Params", "Pipeline", "SdrtError"]
 
 
 def __getattr__(name: str) -> Any:

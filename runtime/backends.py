@@ -7,6 +7,7 @@ ONNX Runtime runs step by step (its CUDA provider captures graphs of its own, no
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import concrete_shape
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
@@ -27,13 +29,9 @@ def resolve_shape(shape: list, feeds: dict[str, torch.Tensor], inputs: dict[str,
         for sym, size in zip(entry["shape"], feeds[name].shape, strict=True):
             if isinstance(sym, str):
                 values[sym] = int(size)
-    if "h" in values:
-        values.setdefault("H", values["h"] * factor)
-        values.setdefault("W", values["w"] * factor)
-    if "H" in values:
-        values.setdefault("h", values["H"] // factor)
-        values.setdefault("w", values["W"] // factor)
-    return tuple(values[d] if isinstance(d, str) else int(d) for d in shape)
+    h = values["h"] if "h" in values else values.get("H", 0) // factor
+    w = values["w"] if "w" in values else values.get("W", 0) // factor
+    return concrete_shape(shape, values.get("B", 0), h, w, factor)
 
 
 class Backend:
@@ -53,6 +51,12 @@ class Backend:
 
     def close(self) -> None:
         pass
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class OnnxRuntimeBackend(Backend):
@@ -127,10 +131,12 @@ class TensorRTBackend(Backend):
         trt = import_family(FAMILIES[family])[0]
         self.kernels = KernelCache(kernel_cache_path(env.version, env.gpu)) if FAMILIES[family].portable else None
         self.runners: dict[str, TrtRunner] = {}
-        for graph in manifest["graphs"]:
-            check_plan(root, manifest, graph, env, verify_hash=False)
-            runner = TrtRunner(root / manifest["engines"][graph]["file"], trt, self.kernels)
-            self.runners[graph] = runner.__enter__()
+        with contextlib.ExitStack() as opened:  # a plan that fails to load releases those loaded before it
+            for graph in manifest["graphs"]:
+                check_plan(root, manifest, graph, env, verify_hash=False)
+                path = root / manifest["engines"][graph]["file"]
+                self.runners[graph] = opened.enter_context(TrtRunner(path, trt, self.kernels))
+            self._runners = opened.pop_all()
 
     def capturable_on(self, stream) -> bool:
         """Whether every plan's work on ``stream`` can be recorded into a CUDA graph."""
@@ -143,8 +149,7 @@ class TensorRTBackend(Backend):
     def close(self) -> None:
         if self.kernels is not None:
             self.kernels.save()  # the kernels compiled for this GPU, for the next start (while the engines live)
-        for runner in self.runners.values():
-            runner.__exit__(None, None, None)
+        self._runners.close()
         self.runners.clear()
 
 

@@ -17,7 +17,7 @@ MAX_CAPTURED = 4  # captured request graphs kept per pipeline (least recently us
 
 
 class Captured:
-    """`Pipeline._body` for one `Layout`, recorded once. The body reads only these buffers, so a replay with new
+    """`Pipeline.body` for one `Layout`, recorded once. The body reads only these buffers, so a replay with new
     host values is the request those values describe."""
 
     def __init__(self, pipe: Pipeline, layout: Layout, plan: Plan, host: dict[str, torch.Tensor]):
@@ -28,11 +28,11 @@ class Captured:
         side = torch.cuda.Stream(pipe.device)
         side.wait_stream(torch.cuda.current_stream(pipe.device))
         with torch.cuda.stream(side):  # warm-up: engines allocate, kernels load, outside the capture
-            pipe._body(layout, plan, self.buf)
+            pipe.body(layout, plan, self.buf)
         torch.cuda.current_stream(pipe.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = pipe._body(layout, plan, self.buf)
+            self.out = pipe.body(layout, plan, self.buf)
         self.plan = plan  # the graph reads its tensors: keep them alive
 
     def replay(self, host: dict[str, torch.Tensor], timings: dict[str, float]) -> torch.Tensor:

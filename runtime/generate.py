@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def png_parameters(req, model: str, index: int) -> str:
@@ -39,35 +40,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from PIL import Image, PngImagePlugin
 
+    from sdrt.runtime.params import Params
     from sdrt.runtime.pipeline import Pipeline
 
     if args.init_image is None and (args.strength is not None or args.mask is not None):
-        raise SdrtError(f"{'--strength' if args.mask is None else '--mask'} needs --init-image")
-    t0 = time.perf_counter()
-    pipe = Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph)
-    load_ms = (time.perf_counter() - t0) * 1e3
-    req = pipe.request(
-        args.prompt, args.negative_prompt, args.steps, args.guidance, args.height, args.width, args.batch,
-        args.seed, args.sampler, args.init_image, args.strength, args.mask,
+        field = "strength" if args.mask is None else "mask"
+        raise SdrtError(f"--{field} needs --init-image", field=field)
+    params = Params(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        height=args.height, width=args.width, n=args.batch, seed=args.seed, sampler=args.sampler,
+        image=args.init_image, strength=args.strength, mask=args.mask,
     )  # fmt: skip
-    t1 = time.perf_counter()
-    pixels = pipe.generate(req, progress=not args.quiet)
-    total_ms = (time.perf_counter() - t1) * 1e3
-    source = pipe.manifest["source"]
-    model = source.get("name") or source.get("path", "?")
-    for i, path in enumerate(_out_paths(args.out, req.seed, req.batch)):
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", png_parameters(req, str(model), i))
-        Image.fromarray(pixels[i].numpy()).save(path, pnginfo=info)
-        print(path)
-    if args.verbose:
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in pipe.timings.items())
-        print(
-            f"backend {pipe.backend.name} on {pipe.device}, cuda graph {'on' if pipe.cuda_graph else 'off'}: "
-            f"load {load_ms:.0f} ms, request {total_ms:.1f} ms ({stages})",
-            file=sys.stderr,
-        )
-    pipe.close()
+    t0 = time.perf_counter()
+    with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph) as pipe:
+        load_ms = (time.perf_counter() - t0) * 1e3
+        req = pipe.request(params)
+        t1 = time.perf_counter()
+        (pixels,), timings = pipe.generate_batch([req], progress=not args.quiet)
+        total_ms = (time.perf_counter() - t1) * 1e3
+        for i, path in enumerate(_out_paths(args.out, req.seed, req.batch)):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", png_parameters(req, pipe.model_name, i))
+            Image.fromarray(pixels[i].numpy()).save(path, pnginfo=info)
+            print(path)
+        if args.verbose:
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+            print(
+                f"backend {pipe.backend.name} on {pipe.device}, cuda graph {'on' if pipe.cuda_graph else 'off'}: "
+                f"load {load_ms:.0f} ms, request {total_ms:.1f} ms ({stages})",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -85,8 +87,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("prompt", metavar="PROMPT")
     g.add_argument("--negative-prompt", metavar="TEXT",
                    help="what to steer away from (default: none; SDXL then uses zeros, as diffusers)")  # fmt: skip
-    g.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}); <= 1: none")  # fmt: skip
     g.add_argument("--sampler", help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm or pndm "
                    "(default: the checkpoint's own scheduler)")  # fmt: skip
     g.add_argument("--seed", type=int, help="seed of torch.Generator('cpu'), as in diffusers (default: random)")

@@ -127,3 +127,17 @@ def default_size(manifest: dict[str, Any]) -> int:
     shapes = manifest["shapes"]
     native = Geometry.from_manifest(manifest).native_px
     return min(max(native, shapes["min_px"]), shapes["max_px"]) // shapes["px_multiple"] * shapes["px_multiple"]
+
+
+def concrete_shape(shape: list | tuple, rows: int, h: int, w: int, factor: int) -> tuple[int, ...]:
+    """A graph's symbolic shape (the manifest's, or export/graphs.py's) at ``rows`` (``B``) and latent size ``h`` x
+    ``w``; ``H`` / ``W`` are pixels, ``factor`` x latent (the manifest's VAE scale factor)."""
+    values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor}
+    return tuple(values[d] if isinstance(d, str) else int(d) for d in shape)
+
+
+def model_name(manifest: dict[str, Any]) -> str:
+    """The model's display name (PNG parameters, the server's answers, benchmark files): the preset's name, else
+    the name of the folder or file it was exported from."""
+    source = manifest["source"]
+    return str(source.get("name") or Path(source.get("path", "model")).stem)

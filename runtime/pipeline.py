@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -25,7 +25,8 @@ from PIL import Image
 from sdrt.runtime.backends import Backend, open_backend
 from sdrt.runtime.capture import CaptureCache
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import Geometry, check_files, default_size, read_manifest
+from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
+from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, ImageArg, Params
 from sdrt.runtime.request import Layout, Request, host_inputs, open_image
 from sdrt.runtime.samplers import SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, default_sampler
@@ -47,6 +48,7 @@ class Pipeline:
         if manifest["family"] not in FAMILIES:
             raise SdrtError(f"{root}: {manifest['family']} engine directories are not supported by this runtime")
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, backend.device
+        self.model_name = model_name(manifest)
         self.text_encoders = [g for g in ("text_encoder", "text_encoder_2") if g in manifest["graphs"]]
         self.tokenizers = [PromptTokenizer(root, t) for t in manifest["tokenizers"].values()]
         self.pooled = "pooled_embeddings" in manifest["graphs"][self.text_encoders[-1]]["outputs"]  # SDXL
@@ -63,8 +65,7 @@ class Pipeline:
         if self.cuda_graph and probe is not None and not probe(torch.cuda.Stream(self.device)):
             log.warning("%s: the engines cannot be captured into a CUDA graph here; running step by step", root)
             self.cuda_graph = False
-        self.timings: dict[str, float] = {}
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # held for each batch; holding it pauses the pipeline
         self._captured = CaptureCache()
         self._plans: dict[tuple, Plan] = {}
 
@@ -90,83 +91,87 @@ class Pipeline:
         self._captured.clear()
         self.backend.close()
 
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- the public call ---------------------------------------------------------------------------------------
 
     def __call__(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         sampler: str | None = None,
-        image: Image.Image | str | Path | None = None,
+        image: ImageArg | None = None,
         strength: float | None = None,
-        mask_image: Image.Image | str | Path | None = None,
+        mask_image: ImageArg | None = None,
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
-        ``mask_image`` (white is repainted; strength 1 unless given)."""
-        req = self.request(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
-            seed, sampler, image, strength, mask_image,
+        ``mask_image`` (white is repainted; strength 1 unless given). Arguments named as diffusers names them."""
+        params = Params(
+            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
+            height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
+            strength=strength, mask=mask_image,
         )  # fmt: skip
-        pixels = self.generate(req, progress=progress)
+        pixels = self.generate(self.request(params), progress=progress)
         return [Image.fromarray(a) for a in pixels.numpy()]
 
-    def request(self, prompt, negative_prompt, steps, guidance, height, width, n, seed, sampler, image=None,
-                strength=None, mask=None) -> Request:  # fmt: skip
-        """Validate the arguments into a `Request`; every problem is a one-line SdrtError that names the fix."""
-        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise SdrtError("prompt must be a string or a non-empty list of strings")
-        negatives = (negative_prompt,) * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
-            else tuple(negative_prompt)  # fmt: skip
-        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives if p is not None):
-            raise SdrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per prompt")
-        if not isinstance(steps, int) or steps < 1:
-            raise SdrtError(f"steps must be a whole number >= 1, got {steps!r}")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise SdrtError(f"guidance must be a finite number, got {guidance!r}")
-        if not isinstance(n, int) or n < 1 or len(prompts) * n > self.shapes["max_images"]:
-            raise SdrtError(
-                f"{len(prompts)} prompt(s) x {n} image(s) is outside the engine's 1-{self.shapes['max_images']} "
-                "images per call; lower the batch or re-export with a larger --max-batch"
-            )
-        if seed is None:
-            seed = secrets.randbits(63)
-        if not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise SdrtError(f"seed must be a whole number in [0, 2^64), got {seed!r}")
-        sampler = sampler or self.default_sampler
+    def request(self, params: Params) -> Request:
+        """Check `params` against this engine into a `Request`; every problem is a one-line SdrtError that names
+        the fix and, in ``field``, the argument at fault."""
+        p = params
+        prompts = (p.prompt,) if isinstance(p.prompt, str) else tuple(p.prompt)
+        if not prompts or not all(isinstance(x, str) for x in prompts):
+            raise SdrtError("prompt must be a string or a non-empty list of strings", field="prompt")
+        negatives = (p.negative_prompt,) * len(prompts) if p.negative_prompt is None or isinstance(
+            p.negative_prompt, str) else tuple(p.negative_prompt)  # fmt: skip
+        if len(negatives) != len(prompts) or not all(isinstance(x, str) for x in negatives if x is not None):
+            raise SdrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per "
+                            "prompt", field="negative_prompt")  # fmt: skip
+        if not isinstance(p.steps, int) or isinstance(p.steps, bool) or p.steps < 1:
+            raise SdrtError(f"steps must be a whole number >= 1, got {p.steps!r}", field="steps")
+        if not isinstance(p.guidance, (int, float)) or not math.isfinite(p.guidance):
+            raise SdrtError(f"guidance must be a finite number, got {p.guidance!r}", field="guidance")
+        n, most = p.n, self.shapes["max_images"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or len(prompts) * n > most:
+            raise SdrtError(f"{len(prompts)} prompt(s) x {n!r} image(s) is outside the engine's 1-{most} images per "
+                            "call; lower the batch or re-export with a larger --max-batch", field="n")  # fmt: skip
+        seed = secrets.randbits(63) if p.seed is None else p.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise SdrtError(f"seed must be a whole number in [0, 2^64), got {seed!r}", field="seed")
+        sampler = p.sampler or self.default_sampler
         if sampler not in SAMPLERS:
-            raise SdrtError(f"unknown sampler {sampler!r}; samplers are: {', '.join(SAMPLERS)}")
-        init, mask_img = self._images(image, mask)
+            raise SdrtError(f"unknown sampler {sampler!r}; samplers are: {', '.join(SAMPLERS)}", field="sampler")
+        init, mask_img = self._images(p.image, p.mask)
+        height, width, strength = p.height, p.width, 1.0
         if init is not None:
-            strength = (1.0 if mask_img is not None else 0.8) if strength is None else strength
-            if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise SdrtError(f"strength must be in (0, 1], got {strength!r}")
+            strength = (1.0 if mask_img is not None else IMG2IMG_STRENGTH) if p.strength is None else p.strength
+            if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+                raise SdrtError(f"strength must be in (0, 1], got {strength!r}", field="strength")
             height, width = height or init.height, width or init.width
-        else:
-            strength = 1.0
         height, width = self._size("height", height), self._size("width", width)
         init = init and init.convert("RGB").resize((width, height), Image.LANCZOS)
         mask_img = mask_img and mask_img.convert("L").resize((width, height), Image.LANCZOS)
-        req = Request(prompts, negatives, steps, float(guidance), height, width, n, seed, sampler, float(strength),
-                      init, mask_img)  # fmt: skip
-        try:
-            self.plan(req.sampler, req.steps, req.strength)
-        except ValueError as err:
-            raise SdrtError(str(err)) from None
+        req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
+                      float(strength), init, mask_img)  # fmt: skip
+        self.plan(req.sampler, req.steps, req.strength)  # a step count the schedule cannot honour: ScheduleError
         return req
 
     def _images(self, image, mask) -> tuple[Image.Image | None, Image.Image | None]:
         if mask is not None and image is None:
-            raise SdrtError("a mask needs the image it masks: give --init-image with --mask")
+            raise SdrtError("a mask needs the image it masks: give --init-image with --mask", field="mask")
         if self.unet_channels != self.latent_channels and mask is None:
-            raise SdrtError("this is an inpainting model: give --init-image and --mask (white is repainted)")
+            raise SdrtError("this is an inpainting model: give --init-image and --mask (white is repainted)",
+                            field="image" if image is None else "mask")  # fmt: skip
         return (open_image(image) if image is not None else None), (open_image(mask, "mask") if mask else None)
 
     def plan(self, sampler: str, steps: int, strength: float) -> Plan:
@@ -187,12 +192,13 @@ class Pipeline:
             px = default_size(self.manifest)
         if not isinstance(px, int) or isinstance(px, bool) or px % m:
             near = f"; use {px // m * m} or {px // m * m + m}" if isinstance(px, int) else ""
-            raise SdrtError(f"{what} {px!r} is not a multiple of {m} (this model's size step){near}")
+            raise SdrtError(f"{what} {px!r} is not a multiple of {m} (this model's size step){near}", field=what)
         if not lo <= px <= hi:
             near = sorted({min(max(round(px / m) * m, lo), hi)})
             raise SdrtError(
                 f"{what} {px} is outside this engine's sizes ({lo}-{hi} px in steps of {m}); use {near[0]}, "
-                "or re-export with --min-size/--max-size"
+                "or re-export with --min-size/--max-size",
+                field=what,
             )
         return px
 
@@ -200,38 +206,42 @@ class Pipeline:
 
     def generate(self, req: Request, progress: bool = False) -> torch.Tensor:
         """uint8 images [B, H, W, 3] on the CPU."""
-        return self.generate_batch([req], progress)[0]
+        return self.generate_batch([req], progress).pixels[0]
 
-    def generate_batch(self, reqs: list[Request], progress: bool = False) -> list[torch.Tensor]:
+    def generate_batch(self, reqs: list[Request], progress: bool = False) -> Batch:
         """Requests with one `Request.join_key` as one engine batch: uint8 [B_i, H, W, 3] per request, each exactly
-        what the request gives alone (its own seed's draws, its own prompts, guidance and init image)."""
+        what the request gives alone (its own seed's draws, its own prompts, guidance and init image), with the
+        batch's stage timings."""
         layout = Layout.of(reqs)
         if layout.images > self.shapes["max_images"]:
             raise SdrtError(
-                f"{layout.images} images in one batch; this engine takes at most {self.shapes['max_images']}"
+                f"{layout.images} images in one batch; this engine takes at most {self.shapes['max_images']}",
+                field="n",
             )
         key = layout.join_key
-        with self._lock:
+        with self.lock:
             t0 = time.perf_counter()
             plan = self.plan(key.sampler, key.steps, key.strength)
             latent = (self.latent_channels, self.geometry.vae_scale_factor)
             host = host_inputs(reqs, plan, self.tokenizers, latent, self._encodes_init(key), self.zero_negatives)
-            self.timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
+            timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
             if self.cuda_graph:
-                pixels = self._captured.replay(self, layout, plan.to(self.device), host, self.timings)
+                pixels = self._captured.replay(self, layout, plan.to(self.device), host, timings)
             else:
                 buf = {k: v.to(self.device) for k, v in host.items()}
                 work = _Progress(len(plan.timesteps), progress)
-                pixels = self._body(layout, plan.to(self.device), buf, self._stage, work).cpu()
-        return list(pixels.split([r.batch for r in reqs]))
+                pixels = self.body(layout, plan.to(self.device), buf, _Stages(timings, self.device), work).cpu()
+        return Batch(list(pixels.split([r.batch for r in reqs])), timings)
 
     def _encodes_init(self, key) -> bool:
         """Whether the init image is VAE-encoded: img2img; inpainting at strength < 1 or with a 4-channel U-Net."""
         return key.image and (not key.mask or key.strength < 1 or self.unet_channels == self.latent_channels)
 
-    def _body(self, layout: Layout, plan: Plan, buf: dict[str, torch.Tensor], stage=None, progress=None):
-        """The batch, from device buffers to uint8 pixels; no host synchronisation anywhere inside. Structure comes
-        from the layout's join key and the engine, never from buffer values."""
+    def body(self, layout: Layout, plan: Plan, buf: dict[str, torch.Tensor], stage=None, progress=None):
+        """The batch, from device buffers to uint8 pixels; no host synchronisation anywhere inside, so that it can
+        be captured as one CUDA graph (runtime/capture.py). Structure comes from the layout's join key and the
+        engine, never from buffer values. ``stage(name)``: a context around each stage (timing); ``progress``: its
+        ``step()`` called per U-Net call."""
         stage, key = stage or _no_stage, layout.join_key
         with stage("text_encoder_ms"):
             cond = self._conditioning(key.cfg, buf)  # U-Net feeds, [2B or B, ...], uncond rows first
@@ -313,19 +323,33 @@ class Pipeline:
 
         return denoise
 
-    @contextlib.contextmanager
-    def _stage(self, name: str):
-        """Wall time of one stage into self.timings (step-by-step path; on a GPU it synchronises at its ends)."""
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        t = time.perf_counter()
-        yield
-        sync()
-        self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+
+class Batch(NamedTuple):
+    """What `Pipeline.generate_batch` returns: each request's uint8 pixels [B_i, H, W, 3], and the batch's stage
+    timings in ms (step by step: each stage; a graph replay: host_prepare_ms and graph_ms)."""
+
+    pixels: list[torch.Tensor]
+    timings_ms: dict[str, float]
 
 
 def _no_stage(name: str) -> contextlib.nullcontext:
     return contextlib.nullcontext()
+
+
+class _Stages:
+    """Wall time of each stage of the step-by-step path into ``timings`` (on a GPU it synchronises at its ends)."""
+
+    def __init__(self, timings: dict[str, float], device: torch.device):
+        self.timings = timings
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.sync()
+        t = time.perf_counter()
+        yield
+        self.sync()
+        self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - t) * 1e3
 
 
 class _Progress:

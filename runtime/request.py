@@ -1,4 +1,5 @@
-"""One validated request, and the host tensors a batch of them reads, drawn in diffusers' order.
+"""One validated request (`Request`, made from `Params` by `Pipeline.request`), and the host tensors a batch of
+them reads, drawn in diffusers' order.
 
 Requests with the same `Request.join_key` (size, steps, sampler, strength, guidance on or off, init image, mask)
 can run as one engine batch: the host lays their rows out one request after another, and each request's random
@@ -9,7 +10,6 @@ gets alone. The layout's counts (`Layout`) are what a captured CUDA graph depend
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import ImageArg
 from sdrt.runtime.samplers import Plan
 
 
@@ -63,11 +64,6 @@ class Request:
         """Requests with equal join keys run through the same graph body and may share one engine batch."""
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
                        self.image is not None, self.mask is not None)  # fmt: skip
-
-    @property
-    def key(self) -> tuple:
-        """What a captured graph of this request alone depends on (see `Layout.key`)."""
-        return Layout.of([self]).key
 
 
 @dataclass(frozen=True)
@@ -162,8 +158,8 @@ def _mask(mask: Image.Image) -> torch.Tensor:
     return (values >= 0.5).float()
 
 
-def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
-    """A PIL image, read fully (a damaged file is a one-line error)."""
+def open_image(image: ImageArg, field: str = "image") -> Image.Image:
+    """A PIL image, read fully (a damaged file is a one-line error about ``field``)."""
     if isinstance(image, Image.Image):
         return image
     try:
@@ -171,4 +167,5 @@ def open_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
             img.load()
             return img.copy()
     except (OSError, ValueError) as err:
-        raise SdrtError(f"cannot read {what} {image}: {str(err).splitlines()[0]}") from None
+        what = "init image" if field == "image" else field
+        raise SdrtError(f"cannot read {what} {image}: {str(err).splitlines()[0]}", field=field) from None

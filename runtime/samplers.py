@@ -229,19 +229,21 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0) -> Plan:
     """The host-side plan for `steps` steps (img2img: `strength` < 1, as StableDiffusionImg2ImgPipeline cuts it)."""
     if sampler not in SAMPLERS:
-        raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}", field="sampler")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ScheduleError(f"steps must be a whole number >= 1, got {steps!r}")
+        raise ScheduleError(f"steps must be a whole number >= 1, got {steps!r}", field="steps")
     if not 0.0 < strength <= 1.0:
-        raise ScheduleError(f"strength must be in (0, 1], got {strength!r}")
+        raise ScheduleError(f"strength must be in (0, 1], got {strength!r}", field="strength")
     _, cfg = sch.resolve(schedule, sampler)
     if steps > cfg["num_train_timesteps"]:
-        raise ScheduleError(f"steps ({steps}) cannot exceed the {cfg['num_train_timesteps']} training timesteps")
+        raise ScheduleError(f"steps ({steps}) cannot exceed the {cfg['num_train_timesteps']} training timesteps",
+                            field="steps")  # fmt: skip
     init_timestep = min(int(steps * strength), steps)
     if init_timestep < 1:
         raise ScheduleError(
             f"strength {strength} of {steps} steps runs no step; raise --strength to at least "
-            f"{1 / steps:.3g} or use more steps"
+            f"{1 / steps:.3g} or use more steps",
+            field="strength",
         )
     start = steps - init_timestep  # diffusers' t_start * scheduler.order; every scheduler mirrored has order 1
     return _PLANNERS[sampler](sampler, cfg, schedule.alphas_cumprod, steps, start)

@@ -154,7 +154,8 @@ def default_sampler(schedule: NoiseSchedule) -> str:
         known = ", ".join(sorted({cls for cls, _ in SCHEDULERS.values()}))
         raise ScheduleError(
             f"the checkpoint's scheduler {name} has no matching sampler (known: {known}); "
-            f"choose one with --sampler ({', '.join(SCHEDULERS)})"
+            f"choose one with --sampler ({', '.join(SCHEDULERS)})",
+            field="sampler",
         )
     return table[name]
 
@@ -167,7 +168,9 @@ def resolve(schedule: NoiseSchedule, sampler: str) -> tuple[str, dict[str, Any]]
         if key in DEFAULTS[cls] and cfg[key] not in allowed:  # (a key the class does not take is ignored)
             why = _WHY.get(key, f"supported: {', '.join(map(repr, allowed))}")
             raise ScheduleError(
-                f"sampler {sampler!r}: {cls} option {key}={cfg[key]!r} is not supported ({why}); pick another --sampler"
+                f"sampler {sampler!r}: {cls} option {key}={cfg[key]!r} is not supported ({why}); "
+                "pick another --sampler",
+                field="sampler",
             )
     # the betas in the manifest are the checkpoint class's; a class that would build different ones cannot agree
     own = schedule.config_for(schedule.scheduler_class) if schedule.scheduler_class in DEFAULTS else cfg

@@ -1,6 +1,6 @@
-"""What `sdrt serve` accepts and answers: JSON bodies -> `pipe.request` arguments, results -> PNGs and echoes.
+"""What `sdrt serve` accepts and answers: JSON bodies -> `Params`, results -> PNGs and echoes.
 
-Two request shapes map onto the same engine call, `Call` (the arguments of `Pipeline.request` by name):
+Each request shape maps onto the same engine call, `Params` (what `Pipeline.request` checks):
 - ``POST /v1/images``: sdrt's own names (``guidance``, ``sampler``, ``n``, ``image``, ``strength``); ``n`` images
   come from one seed, as `sdrt generate --batch n` and diffusers' ``num_images_per_prompt`` give them.
 - ``POST /sdapi/v1/txt2img`` and ``img2img``: the body the web-UI clients send. As there, image ``i`` of a batch
@@ -16,14 +16,14 @@ import base64
 import binascii
 import io
 import json
-import re
 import secrets
-from dataclasses import dataclass, fields
 from typing import Any
 
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
 from sdrt.runtime.samplers import SAMPLERS
 
 # the formats an init image or mask may come in, by the bytes that start the file (WebP: RIFF....WEBP)
@@ -38,15 +38,9 @@ WEBUI_SAMPLERS = {
 WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M",
                "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM", "pndm": "PLMS"}  # fmt: skip
 
-# the start of each `Pipeline.request` message -> the argument it is about
-_MESSAGE_FIELDS = [
-    (r"prompt must", "prompt"), (r"\d+ negative prompts", "negative_prompt"), (r"steps", "steps"),
-    (r"guidance", "guidance"), (r"\d+ prompt\(s\) x", "n"), (r"seed", "seed"), (r"unknown sampler", "sampler"),
-    (r"the checkpoint's scheduler", "sampler"), (r"strength", "strength"), (r"cannot read init image", "image"),
-    (r"this is an inpainting model", "image"), (r"a mask needs", "mask"), (r"cannot read mask", "mask"),
-    (r"height", "height"), (r"width", "width"), (r"\d+ images in one request", "n"),
-]  # fmt: skip
-V1_FIELDS = {name: name for _, name in _MESSAGE_FIELDS}
+# `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it
+V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
+                                     "sampler", "image", "strength", "mask")}  # fmt: skip
 SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
                 "image": "init_images", "strength": "denoising_strength"}  # fmt: skip
 
@@ -66,33 +60,9 @@ def bad_request(field: str, message: str) -> ApiError:
     return ApiError(400, "bad_request", message, field)
 
 
-def field_of(message: str, names: dict[str, str]) -> str:
-    """The request field a `Pipeline.request` error message is about, in the endpoint's own spelling."""
-    for pattern, arg in _MESSAGE_FIELDS:
-        if re.match(pattern, message):
-            return names[arg]
-    return "body"
-
-
-@dataclass(frozen=True)
-class Call:
-    """One engine request: exactly the arguments of `Pipeline.request`, by name."""
-
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None
-    steps: int
-    guidance: float
-    height: int | None
-    width: int | None
-    n: int
-    seed: int | None
-    sampler: str | None
-    image: Image.Image | None
-    strength: float | None  # None: the pipeline's default (0.8 for img2img, 1 for inpainting)
-    mask: Image.Image | None = None  # inpainting: white is repainted
-
-    def kwargs(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+def field_of(err: SdrtError, names: dict[str, str]) -> str:
+    """The request field an engine error is about, in the endpoint's own spelling ("body" when no one field is)."""
+    return names.get(err.field, "body") if err.field else "body"
 
 
 class ImagesRequest(BaseModel):
@@ -101,8 +71,8 @@ class ImagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str | list[str]
     negative_prompt: str | list[str] | None = None
-    steps: int = 50
-    guidance: float = 7.5
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
     seed: int | None = None
     height: int | None = None
     width: int | None = None
@@ -113,13 +83,14 @@ class ImagesRequest(BaseModel):
     strength: float | None = Field(None, description="img2img default 0.8, inpainting default 1")
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
-    def calls(self, max_pixels: int) -> list[Call]:
+    def calls(self, max_pixels: int) -> list[Params]:
         image = decode_image(self.image, "image", max_pixels) if self.image is not None else None
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         sampler = sampler_name(self.sampler, None, "sampler")
         return [
-            Call(self.prompt, self.negative_prompt, self.steps, self.guidance, self.height, self.width, self.n,
-                 self.seed, sampler, image, self.strength, mask)
+            Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
+                   height=self.height, width=self.width, n=self.n, seed=self.seed, sampler=sampler, image=image,
+                   strength=self.strength, mask=mask)
         ]  # fmt: skip
 
 
@@ -143,10 +114,10 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1
     enable_hr: bool = False
 
-    def calls(self, max_pixels: int) -> list[Call]:
+    def calls(self, max_pixels: int) -> list[Params]:
         return self._calls([None])
 
-    def _calls(self, images: list[Image.Image | None], strength: float | None = None, mask=None) -> list[Call]:
+    def _calls(self, images: list[Image.Image | None], strength: float | None = None, mask=None) -> list[Params]:
         if self.enable_hr:
             raise bad_request("enable_hr", "enable_hr (hires fix) is not supported; send enable_hr false")
         for name in ("batch_size", "n_iter"):
@@ -158,8 +129,9 @@ class Txt2ImgRequest(BaseModel):
         seed = secrets.randbits(32) if self.seed == -1 else self.seed
         count = self.batch_size * self.n_iter  # image i has seed + i, as in the web UI
         return [
-            Call(self.prompt, self.negative_prompt, self.steps, self.cfg_scale, self.height, self.width, 1,
-                 (seed + i) % 2**64, sampler, images[i % len(images)], strength, mask)
+            Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
+                   height=self.height, width=self.width, n=1, seed=(seed + i) % 2**64, sampler=sampler,
+                   image=images[i % len(images)], strength=strength, mask=mask)
             for i in range(count)
         ]  # fmt: skip
 
@@ -177,7 +149,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: str | None = None
     inpainting_mask_invert: int = 0
 
-    def calls(self, max_pixels: int) -> list[Call]:
+    def calls(self, max_pixels: int) -> list[Params]:
         images = [decode_image(s, f"init_images.{i}", max_pixels) for i, s in enumerate(self.init_images)]
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         if mask is not None and self.inpainting_mask_invert:

@@ -23,8 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import Params
 from sdrt.serve import api
-from sdrt.serve.api import ApiError, Call, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
+from sdrt.serve.api import ApiError, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
 from sdrt.serve.batch import Closed, Expired, QueueFull
 from sdrt.serve.engine import EngineOptions, Generated
 from sdrt.serve.limits import BodyLimit, Limits, check_prompts
@@ -44,7 +45,7 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
     async def ready(self) -> bool: ...
-    async def run(self, calls: list[Call], timeout_s: float) -> Generated: ...
+    async def run(self, calls: list[Params], timeout_s: float) -> Generated: ...
     async def stop(self) -> None: ...
 
 
@@ -115,7 +116,7 @@ class _Generation:
         client that leaves or a deadline that passes meanwhile drops the request before it reaches the engine."""
         deadline = time.monotonic() + timeout_s
         try:
-            calls: list[Call] = await asyncio.to_thread(body.calls, self.max_pixels)
+            calls: list[Params] = await asyncio.to_thread(body.calls, self.max_pixels)
         except asyncio.CancelledError:
             self.metrics.dropped.labels("cancelled", "preparing").inc()
             raise
@@ -218,7 +219,7 @@ def _as_api_error(err: Exception, names: dict[str, str]) -> ApiError:
     if isinstance(err, ApiError):
         return err
     if isinstance(err, SdrtError):
-        return bad_request(api.field_of(str(err), names), str(err))
+        return bad_request(api.field_of(err, names), str(err))
     if isinstance(err, QueueFull):
         return ApiError(503, "queue_full", "the server's queue is full; retry later", retry_after=err.retry_after)
     if isinstance(err, Closed):

@@ -180,9 +180,7 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         start = time.monotonic()
         try:
-            with self.pipe._lock:  # re-entrant: held so that the timings read are this batch's
-                pixels = self.pipe.generate_batch([j.req for j in batch])
-                stages = dict(self.pipe.timings)
+            pixels, stages = self.pipe.generate_batch([j.req for j in batch])
         except Exception as err:  # one failed batch must not stop the worker: its requests get the error
             log.exception("engine batch of %d request(s) failed", len(batch))
             for job in batch:

@@ -17,8 +17,9 @@ from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.generate import png_parameters
+from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.serve.api import Call, echo_v1, encode_png
+from sdrt.serve.api import echo_v1, encode_png
 from sdrt.serve.batch import Batcher, Closed, Expired, Output
 from sdrt.serve.metrics import Metrics
 
@@ -59,10 +60,9 @@ class LocalEngine:
         self.max_images = min(options.max_batch or most, most)  # the engine's graphs take no more
         if options.max_queue < self.max_images:
             raise SdrtError(f"--max-queue {options.max_queue} is below one batch ({self.max_images} images); raise it")
-        source = pipe.manifest["source"]
-        self.model = str(source.get("name") or source.get("path", "?"))
+        self.model = pipe.model_name
         self.batcher = Batcher(pipe, self.max_images, options.window_ms / 1e3, options.max_queue, metrics, name)
-        metrics.watch_queue(self.batcher.depth)
+        metrics.watch_queue(self.batcher.depth, self.batcher.running)
         self._ready = threading.Event()
 
     def warm(self) -> None:
@@ -74,7 +74,7 @@ class LocalEngine:
         if self.pipe.unet_channels != self.pipe.latent_channels:  # an inpainting U-Net takes only image + mask
             size = self.pipe.default_size()[::-1]  # PIL: (width, height)
             image, mask = Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255)
-        req = self.pipe.request("", None, self.options.warmup_steps, 7.5, None, None, 1, 0, None, image, None, mask)
+        req = self.pipe.request(Params(prompt="", steps=self.options.warmup_steps, seed=0, image=image, mask=mask))
         for k in range(1, self.max_images + 1):
             self.pipe.generate_batch([req] * k)
         log.info("warm: %dx%d, %d steps, batches of 1-%d in %.1f s", req.width, req.height, req.steps,
@@ -92,7 +92,7 @@ class LocalEngine:
         self.batcher.close()
         await asyncio.to_thread(self.batcher.join)
 
-    async def run(self, calls: list[Call], timeout_s: float) -> Generated:
+    async def run(self, calls: list[Params], timeout_s: float) -> Generated:
         """Validate ``calls`` (an `SdrtError` names the problem), queue them, wait for all, encode their PNGs.
         Past ``timeout_s``: `Expired`, with their work dropped; cancelled (the client left): dropped too."""
         if not self._ready.is_set():
@@ -120,11 +120,12 @@ class LocalEngine:
             raise
         return await asyncio.to_thread(self._encode, reqs, outputs)
 
-    def _requests(self, calls: list[Call]) -> list[Request]:
-        reqs = [self.pipe.request(**c.kwargs()) for c in calls]
+    def _requests(self, calls: list[Params]) -> list[Request]:
+        reqs = [self.pipe.request(c) for c in calls]
         images = sum(r.batch for r in reqs)
         if images > self.options.max_queue:
-            raise SdrtError(f"{images} images in one request exceed the server's queue of {self.options.max_queue}")
+            raise SdrtError(f"{images} images in one request exceed the server's queue of {self.options.max_queue}",
+                            field="n")  # fmt: skip
         return reqs
 
     def _encode(self, reqs: list[Request], outputs: list[Output]) -> Generated:

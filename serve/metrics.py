@@ -11,7 +11,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class Metrics:
-    """Everything `/metrics` shows. ``queue_depth`` and GPU memory are read when scraped, not pushed."""
+    """Everything `/metrics` shows. Queue depth, the running batch and GPU memory are read when scraped, not pushed."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -39,11 +39,14 @@ class Metrics:
         self.queue_depth = Gauge(
             "sdrt_queue_depth", "engine requests waiting for a batch (Ray: sent to replicas, unanswered)", registry=r
         )
+        self.running = Gauge("sdrt_batch_running", "engine requests in the batch being run", registry=r)
         self.gpu_memory = Gauge("sdrt_gpu_memory_bytes", "torch CUDA memory (kind: allocated, reserved)", ["kind"],
                                 registry=r)  # fmt: skip
 
-    def watch_queue(self, depth: Callable[[], float]) -> None:
+    def watch_queue(self, depth: Callable[[], float], running: Callable[[], float] | None = None) -> None:
         self.queue_depth.set_function(depth)
+        if running is not None:
+            self.running.set_function(running)
 
     def watch_gpu(self) -> None:
         """Report this process's CUDA memory when there is a GPU (nothing is reported without one)."""

@@ -32,8 +32,8 @@ from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from sdrt.runtime.manifest import read_manifest
-from sdrt.serve.api import Call
+from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.params import Params
 from sdrt.serve.app import create_app, limits_of, options_of
 from sdrt.serve.batch import Closed, Expired, QueueFull
 from sdrt.serve.engine import EngineOptions, Generated, LocalEngine
@@ -59,7 +59,7 @@ class EngineReplica:
         self.engine = LocalEngine(pipe, options, Metrics(), name)
         self.engine.warm()
 
-    async def run(self, calls: list[Call], timeout_s: float) -> Generated:
+    async def run(self, calls: list[Params], timeout_s: float) -> Generated:
         return await self.engine.run(calls, timeout_s)
 
     async def ready(self) -> bool:
@@ -93,7 +93,7 @@ class RayEngine:
         except Exception:  # noqa: BLE001 - no replica answers: not ready, whatever the reason
             return False
 
-    async def run(self, calls: list[Call], timeout_s: float) -> Generated:
+    async def run(self, calls: list[Params], timeout_s: float) -> Generated:
         deadline = time.monotonic() + timeout_s
         self._waiting += len(calls)
         try:
@@ -109,7 +109,7 @@ class RayEngine:
             self._seen.popitem(last=False)
         return gen
 
-    async def _call(self, calls: list[Call], deadline: float) -> Generated:
+    async def _call(self, calls: list[Params], deadline: float) -> Generated:
         for attempt in range(self.retries + 1):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -211,8 +211,7 @@ def build_app(
         **scaling,
     )
     ingress = serve.deployment(Ingress).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
-    source = manifest["source"]
-    model = str(source.get("name") or source.get("path", "?"))
+    model = model_name(manifest)
     replicas = engine.bind(str(Path(root).resolve()), load, options)
     return ingress.bind(replicas, model, int(manifest["shapes"]["max_px"]), timeout_s, retries, limits or Limits())
 

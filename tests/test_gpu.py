@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu")]  # gpu: skipped without CUDA
@@ -102,11 +103,13 @@ def test_sdxl_inpainting_and_joined_batches_replay_as_one_graph(xl_inpaint_engin
     graph = Pipeline.load(xl_inpaint_engine, backend="torch", device="cuda", cuda_graph=True)
     steps = Pipeline.load(xl_inpaint_engine, backend="torch", device="cuda", cuda_graph=False)
     reqs = [
-        graph.request(p, None, 6, 6.0, 128, 192, 1, s, "euler_a", image, 1.0, mask) for p, s in (("a", 1), ("b", 2))
-    ]
-    joined = graph.generate_batch(reqs)
+        graph.request(Params(prompt=p, steps=6, guidance=6.0, height=128, width=192, seed=s, sampler="euler_a",
+                             image=image, strength=1.0, mask=mask))
+        for p, s in (("a", 1), ("b", 2))
+    ]  # fmt: skip
+    joined = graph.generate_batch(reqs).pixels
     for i, (j, r) in enumerate(zip(joined, reqs, strict=True)):
-        alone = graph.generate_batch([r])[0]  # its own capture, then a replay of it
+        alone = graph.generate_batch([r]).pixels[0]  # its own capture, then a replay of it
         record_property(f"joined_{i}_bit_equal_alone", bool(torch.equal(j, alone)))
         assert psnr(j.numpy(), alone.numpy()) >= 50.0
         assert psnr(j.numpy(), steps.generate(r).numpy()) >= 50.0

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.request import Layout
 
 SCHEDULERS = {  # sdrt sampler -> (diffusers scheduler class, extra config)
     "ddim": ("DDIMScheduler", {}),
@@ -229,7 +233,7 @@ def test_capture_key_separates_what_changes_the_captured_graph(pipes):
     args = dict(negative_prompt=None, steps=4, guidance=7.5, height=64, width=64, seed=0, sampler="euler")
 
     def key(prompt, n, image=None, strength=1.0):
-        return pipe.request(prompt, n=n, image=image, strength=strength, **args).key
+        return Layout.of([pipe.request(Params(prompt=prompt, n=n, image=image, strength=strength, **args))]).key
 
     assert key(["a", "b"], 1) != key(["a"], 2)  # same batch of 2, different input_ids rows
     assert key("a", 1) != key("a", 1, image=Image.new("RGB", (64, 64)))  # img2img at strength 1 adds the encoder
@@ -242,10 +246,10 @@ def test_joined_requests_give_exactly_their_images_alone(pipes, kind):
     guidance (and init image), come out byte-identical to the same requests run alone."""
     pipe = pipes[kind]
     common = dict(steps=4, height=64, width=128, sampler="euler_a")
-    a = pipe.request("a red fox", "blurry", guidance=7.5, n=1, seed=11, image=None, **common)
-    b = pipe.request("a boat at dusk", None, guidance=3.0, n=1, seed=12, image=None, **common)
+    a = pipe.request(Params(prompt="a red fox", negative_prompt="blurry", guidance=7.5, seed=11, **common))
+    b = pipe.request(Params(prompt="a boat at dusk", guidance=3.0, seed=12, **common))
     assert a.join_key == b.join_key
-    joined = pipe.generate_batch([a, b])
+    joined = pipe.generate_batch([a, b]).pixels
     alone = [pipe.generate(r) for r in (a, b)]
     for j, s in zip(joined, alone, strict=True):
         assert j.shape == s.shape == (1, 64, 128, 3) and torch.equal(j, s)
@@ -253,21 +257,23 @@ def test_joined_requests_give_exactly_their_images_alone(pipes, kind):
     rng = np.random.default_rng(0)
     inits = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
     reqs = [
-        pipe.request(p, None, 4, 6.0, 64, 64, 1, s, "ddim", im, 0.5)
+        pipe.request(Params(prompt=p, steps=4, guidance=6.0, height=64, width=64, seed=s, sampler="ddim", image=im,
+                            strength=0.5))
         for p, s, im in zip("xy", (1, 2), inits, strict=True)
-    ]
-    for j, r in zip(pipe.generate_batch(reqs), reqs, strict=True):
+    ]  # fmt: skip
+    for j, r in zip(pipe.generate_batch(reqs).pixels, reqs, strict=True):
         assert torch.equal(j, pipe.generate(r))
 
 
 def test_requests_that_differ_in_shape_do_not_join(pipes):
     pipe = pipes["sd1"]
-    a = pipe.request("x", None, 4, 7.5, 64, 64, 1, 0, "euler")
+    base = Params(prompt="x", steps=4, height=64, width=64, seed=0, sampler="euler")
+    a = pipe.request(base)
     for other in (
-        pipe.request("x", None, 4, 7.5, 64, 128, 1, 0, "euler"),  # size
-        pipe.request("x", None, 5, 7.5, 64, 64, 1, 0, "euler"),  # steps
-        pipe.request("x", None, 4, 7.5, 64, 64, 1, 0, "ddim"),  # sampler
-        pipe.request("x", None, 4, 1.0, 64, 64, 1, 0, "euler"),  # no guidance: no uncond rows
+        pipe.request(replace(base, width=128)),  # size
+        pipe.request(replace(base, steps=5)),  # steps
+        pipe.request(replace(base, sampler="ddim")),  # sampler
+        pipe.request(replace(base, guidance=1.0)),  # no guidance: no uncond rows
     ):
         assert other.join_key != a.join_key
         with pytest.raises(ValueError, match="join keys"):

@@ -14,6 +14,7 @@ from PIL import Image
 from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
 
 H, W = 64, 128  # non-square everywhere
@@ -104,9 +105,13 @@ def test_inpainting_matches_diffusers(kind, cls, sampler, strength, pipes, folde
 def test_inpainting_requests_join_and_stay_themselves(pipes):
     image, mask = init_and_mask()
     pipe = pipes["sd1-inpaint"]
-    reqs = [pipe.request(p, None, 4, 6.0, H, W, 1, s, "euler_a", image, 1.0, mask) for p, s in (("a", 1), ("b", 2))]
+    reqs = [
+        pipe.request(Params(prompt=p, steps=4, guidance=6.0, height=H, width=W, seed=s, sampler="euler_a", image=image,
+                            strength=1.0, mask=mask))
+        for p, s in (("a", 1), ("b", 2))
+    ]  # fmt: skip
     assert reqs[0].join_key == reqs[1].join_key
-    for joined, req in zip(pipe.generate_batch(reqs), reqs, strict=True):
+    for joined, req in zip(pipe.generate_batch(reqs).pixels, reqs, strict=True):
         assert torch.equal(joined, pipe.generate(req))
 
 

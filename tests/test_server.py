@@ -22,6 +22,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from sdrt.runtime.generate import png_parameters
+from sdrt.runtime.params import DEFAULT_GUIDANCE, Params
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.serve.app import create_app
 from sdrt.serve.engine import EngineOptions, LocalEngine
@@ -102,8 +103,10 @@ def pixels(b64png: str) -> np.ndarray:
 
 def alone(pipe: Pipeline, b: dict, image=None, mask=None) -> np.ndarray:
     """The request run by itself, straight on the pipeline: what the server must reproduce byte for byte."""
-    req = pipe.request(b["prompt"], b.get("negative_prompt"), b["steps"], b.get("guidance", 7.5), b["height"],
-                       b["width"], b.get("n", 1), b["seed"], b["sampler"], image, b.get("strength"), mask)  # fmt: skip
+    req = pipe.request(Params(prompt=b["prompt"], negative_prompt=b.get("negative_prompt"), steps=b["steps"],
+                              guidance=b.get("guidance", DEFAULT_GUIDANCE), height=b["height"], width=b["width"],
+                              n=b.get("n", 1), seed=b["seed"], sampler=b["sampler"], image=image,
+                              strength=b.get("strength"), mask=mask))  # fmt: skip
     return pipe.generate(req).numpy()
 
 
@@ -132,7 +135,8 @@ def test_v1_images_match_generate_alone(server, pipe):
     assert [pixels(s).tobytes() for s in out["images"]] == [a.tobytes() for a in ref]
     assert out["parameters"] | {"model": None} == {**b, "model": None}
     assert {"queue_ms", "denoise_ms", "encode_ms"} <= out["timings_ms"].keys()
-    req = pipe.request(b["prompt"], "blurry", STEPS, 6.0, 64, 64, 2, 11, "euler")
+    req = pipe.request(Params(prompt=b["prompt"], negative_prompt="blurry", steps=STEPS, guidance=6.0, height=64,
+                              width=64, n=2, seed=11, sampler="euler"))  # fmt: skip
     text = Image.open(io.BytesIO(base64.b64decode(out["images"][1]))).text["parameters"]
     assert text == png_parameters(req, out["parameters"]["model"], 1)
     raw = server.post("/v1/images", body(11), headers={"Accept": "image/png"})
@@ -158,7 +162,7 @@ def test_concurrent_mixed_requests_join_and_each_gets_its_own_images(server, pip
 
 
 def test_requests_that_wait_together_join_one_batch(server, pipe):
-    with ThreadPoolExecutor(3) as pool, pipe._lock:  # the worker stalls on its first batch; two queue behind
+    with ThreadPoolExecutor(3) as pool, pipe.lock:  # the worker stalls on its first batch; two queue behind
         futures = [pool.submit(server.post, "/v1/images", body(1))]
         server.wait_for(0, 1)
         futures += [pool.submit(server.post, "/v1/images", body(s)) for s in (2, 3)]
@@ -218,7 +222,7 @@ def test_bad_timeout_header_and_png_for_several_images(server):
 def test_full_queue_is_503_with_retry_after(pipe):
     s = LiveServer(pipe, max_queue=2, max_batch=1)
     try:
-        with ThreadPoolExecutor(3) as pool, pipe._lock:
+        with ThreadPoolExecutor(3) as pool, pipe.lock:
             admitted = [pool.submit(s.post, "/v1/images", body(21))]
             s.wait_for(0, 1)  # the worker holds it, stalled on the lock
             admitted += [pool.submit(s.post, "/v1/images", body(seed)) for seed in (22, 23)]
@@ -235,7 +239,7 @@ def test_full_queue_is_503_with_retry_after(pipe):
 def test_deadline_is_504_and_its_work_is_dropped(server, pipe):
     dropped = server.metric("sdrt_dropped_total", reason="deadline", stage="queued")
     batches = server.metric("sdrt_batch_requests_sum")
-    with ThreadPoolExecutor(1) as pool, pipe._lock:
+    with ThreadPoolExecutor(1) as pool, pipe.lock:
         first = pool.submit(server.post, "/v1/images", body(31))
         server.wait_for(0, 1)
         t = time.monotonic()
@@ -250,7 +254,7 @@ def test_deadline_is_504_and_its_work_is_dropped(server, pipe):
 def test_client_that_disconnects_leaves_no_work(server, pipe):
     dropped = server.metric("sdrt_dropped_total", reason="cancelled", stage="queued")
     batches = server.metric("sdrt_batch_requests_sum")
-    with ThreadPoolExecutor(1) as pool, pipe._lock:
+    with ThreadPoolExecutor(1) as pool, pipe.lock:
         first = pool.submit(server.post, "/v1/images", body(41))
         server.wait_for(0, 1)
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
@@ -303,7 +307,7 @@ def test_inpainting_engine_warms_up_and_serves_masked_requests(exports):
 def test_graceful_shutdown_finishes_requests_in_flight(pipe):
     s = LiveServer(pipe)
     with ThreadPoolExecutor(3) as pool:
-        with pipe._lock:
+        with pipe.lock:
             futures = [pool.submit(s.post, "/v1/images", body(60 + i)) for i in range(3)]
             deadline = time.monotonic() + 10
             while s.metric("sdrt_requests_in_flight") < 3:

@@ -1,0 +1,39 @@
+"""What a caller asks for: `Params`, the one request type of the Python call, `sdrt generate`, the server and the
+benchmarks, with sdrt's defaults. Light on purpose (no torch): the command line reads the defaults at start."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+IMG2IMG_STRENGTH = 0.8  # inpainting: 1.0
+
+ImageArg = Union["Image.Image", str, Path]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    """One generation as a caller asks for it, by keyword: the Python call, `sdrt generate`, every server endpoint
+    and the benchmarks build one, and `Pipeline.request` checks it into a `Request`. sdrt's defaults live here; None
+    means "the model's or the image's": the native size (or the init image's), the checkpoint's sampler, a random
+    seed, strength 0.8 for img2img and 1 for inpainting."""
+
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str | None] | None = None
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance only above 1, as diffusers
+    height: int | None = None  # px
+    width: int | None = None  # px
+    n: int = 1  # images per prompt, all from the one seed (diffusers' num_images_per_prompt)
+    seed: int | None = None
+    sampler: str | None = None
+    image: ImageArg | None = None  # img2img / inpainting: the init image
+    strength: float | None = None
+    mask: ImageArg | None = None  # inpainting, with image: white is repainted, black kept
