@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.serve import api, openai_api
@@ -80,6 +81,14 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0, limit
         if first.get("type") == "json_invalid" or not where:  # the body is not JSON (loc is a byte offset)
             where = "body"
         return _error(bad_request(where, f"{where}: {first['msg']}"), metrics, request.scope["path"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        """No such path (404) or method (405): the same JSON body as every other failure, not FastAPI's own."""
+        kind = "not_found" if err.status_code == 404 else "bad_request"
+        answer = _error(ApiError(err.status_code, kind, str(err.detail)), metrics, request.scope["path"])
+        answer.headers.update(err.headers or {})  # 405's Allow
+        return answer
 
     _generation_routes(app, _Generation(engine, metrics, timeout_s, limits))
     _operation_routes(app, engine, metrics)

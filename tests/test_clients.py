@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -142,6 +143,16 @@ def test_openai_requests_keep_the_servers_limits(client, server):
     assert err.value.status_code == 413 and (err.value.param, err.value.code) == ("body", "too_large")
     assert err.value.type == "invalid_request_error" and "--max-json-values" in err.value.message
     assert server.metric("sdrt_errors_total", kind="too_large", reason="json_values") == before + 1
+
+
+def test_a_wrong_method_or_path_answers_in_the_endpoints_error_shape(server):
+    """405 (with Allow) on the OpenAI path in OpenAI's shape, so its client reads it; 404 elsewhere in sdrt's."""
+    r = httpx.get(server.url + "/v1/images/generations")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"] | {"message": None} == {"message": None, "type": "invalid_request_error", "param": None,
+                                                      "code": "bad_request"}  # fmt: skip
+    r = httpx.post(server.url + "/v1/images/edits", json={})
+    assert r.status_code == 404 and r.json() == {"error": "not_found", "field": None, "detail": "Not Found"}
 
 
 def test_serve_help_names_the_openai_endpoint():
