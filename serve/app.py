@@ -1,9 +1,11 @@
 """`sdrt serve`: the HTTP API (FastAPI on uvicorn) over an engine that batches concurrent requests.
 
 Endpoints: ``POST /v1/images``, ``POST /sdapi/v1/txt2img`` and ``/sdapi/v1/img2img`` (the web-UI request shape),
-``GET /sdapi/v1/samplers``, ``GET /healthz`` (process up), ``GET /readyz`` (warm), ``GET /metrics`` (Prometheus).
+``POST /v1/images/generations`` (OpenAI's request and answer), ``GET /sdapi/v1/samplers``, ``GET /healthz``
+(process up), ``GET /readyz`` (warm), ``GET /metrics`` (Prometheus).
 
-Every failure is one JSON body ``{"error": kind, "field": ..., "detail": message}``: 400 names the field at fault;
+Every failure is one JSON body ``{"error": kind, "field": ..., "detail": message}`` (on the OpenAI endpoint,
+OpenAI's ``{"error": {"message", "type", "param", "code"}}``): 400 names the field at fault;
 503 (queue full, warming up, shutting down) carries ``Retry-After``; 504 means the deadline passed and the work
 was dropped; 500 is an internal failure, after which the server goes on serving. A request's deadline is the
 server's ``--timeout-s``, or less when the client asks (``X-Request-Timeout`` seconds, or ``timeout_s``).
@@ -21,10 +23,11 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
-from sdrt.serve import api
+from sdrt.serve import api, openai_api
 from sdrt.serve.api import ApiError, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
 from sdrt.serve.batch import Closed, Expired, QueueFull
 from sdrt.serve.engine import EngineOptions, Generated
@@ -33,8 +36,8 @@ from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt")
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
-ENDPOINTS = ("/v1/images", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/healthz", "/readyz",
-             "/metrics")  # fmt: skip
+ENDPOINTS = ("/v1/images", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/sdapi/v1/samplers",
+             "/healthz", "/readyz", "/metrics")  # fmt: skip
 
 
 class Engine(Protocol):
@@ -78,7 +81,15 @@ def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0, limit
         where = _field_path(first.get("loc", ()))
         if first.get("type") == "json_invalid" or not where:  # the body is not JSON (loc is a byte offset)
             where = "body"
-        return _error(bad_request(where, f"{where}: {first['msg']}"), metrics)
+        return _error(bad_request(where, f"{where}: {first['msg']}"), metrics, request.scope["path"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        """No such path (404) or method (405): the same JSON body as every other failure, not FastAPI's own."""
+        kind = "not_found" if err.status_code == 404 else "bad_request"
+        answer = _error(ApiError(err.status_code, kind, str(err.detail)), metrics, request.scope["path"])
+        answer.headers.update(err.headers or {})  # 405's Allow
+        return answer
 
     _generation_routes(app, _Generation(engine, metrics, timeout_s, limits))
     _operation_routes(app, engine, metrics)
@@ -107,7 +118,7 @@ class _Generation:
             self.metrics.errors.labels("disconnected", "").inc()
             raise
         except Exception as err:  # noqa: BLE001 - every failure becomes one JSON answer
-            return _error(_as_api_error(err, names), self.metrics)
+            return _error(_as_api_error(err, names), self.metrics, request.scope["path"])
         finally:
             self.metrics.in_flight.dec()
 
@@ -146,6 +157,11 @@ def _generation_routes(app: FastAPI, serve: _Generation) -> None:
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request) -> Response:
         return await serve(request, body, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
+
+    @app.post("/v1/images/generations")
+    async def generations(body: openai_api.GenerationsRequest, request: Request) -> Response:
+        """OpenAI's image API (`sdrt.serve.openai_api`)."""
+        return await serve(request, body, openai_api.FIELDS, body.timeout_s, openai_api.answer)
 
 
 def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
@@ -232,10 +248,12 @@ def _as_api_error(err: Exception, names: dict[str, str]) -> ApiError:
     return ApiError(500, "internal", f"internal error: {type(err).__name__}: {err}")
 
 
-def _error(err: ApiError, metrics: Metrics) -> JSONResponse:
+def _error(err: ApiError, metrics: Metrics, path: str = "") -> JSONResponse:
     metrics.errors.labels(err.kind, err.reason).inc()
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     body = {"error": err.kind, "field": err.field, "detail": err.message}
+    if path in openai_api.PATHS:
+        body = openai_api.error_body(err)
     return JSONResponse(body, status_code=err.status, headers=headers)
 
 

@@ -21,9 +21,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """`sdrt serve DIR [options]` on the CLI's subparsers."""
     s = sub.add_parser(
         "serve",
-        help="HTTP server: /v1/images and the web-UI /sdapi/v1 API, with dynamic batching",
-        description="Serve an engine directory over HTTP: POST /v1/images, /sdapi/v1/txt2img and /sdapi/v1/img2img; "
-        "GET /healthz, /readyz and /metrics (Prometheus). Concurrent requests of one size, step count and sampler "
+        help="HTTP server: /v1/images, the web-UI /sdapi/v1 API and OpenAI's /v1/images/generations, with dynamic "
+        "batching",
+        description="Serve an engine directory over HTTP: POST /v1/images, /sdapi/v1/txt2img and /sdapi/v1/img2img "
+        "(the web UI's API), /v1/images/generations (OpenAI's image API: the openai client works with "
+        "base_url=http://HOST:PORT/v1); GET /healthz, /readyz and /metrics (Prometheus). Concurrent requests of one "
+        "size, step count and sampler "
         "join one engine batch; each still gets exactly the images its seed gives alone. With --ray, the same API on "
         "Ray Serve with one engine replica per GPU.",
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from sdrt.serve import openai_api
 from sdrt.serve.api import ApiError
 from sdrt.serve.metrics import Metrics
 
@@ -85,7 +86,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
-            return await self._refuse(send, "body")
+            return await self._refuse(send, "body", scope["path"])
         state = {"bytes": 0, "values": 0, "refused": False, "started": False}
 
         async def counted() -> dict:
@@ -101,7 +102,7 @@ class BodyLimit:
                 if over:
                     state["refused"] = True
                     if not state["started"]:
-                        await self._refuse(send, over)
+                        await self._refuse(send, over, scope["path"])
                     return {"type": "http.disconnect"}  # to the app, the client has gone
             return message
 
@@ -114,7 +115,7 @@ class BodyLimit:
 
         await self.app(scope, counted, guarded)
 
-    async def _refuse(self, send, reason: str) -> None:
+    async def _refuse(self, send, reason: str, path: str) -> None:
         self.metrics.errors.labels("too_large", reason).inc()
         if reason == "body":
             detail = (f"the request body is over the server's {self.limits.max_body_mb:g} MB limit "
@@ -122,7 +123,10 @@ class BodyLimit:
         else:
             detail = (f"the request body has over {self.limits.max_json_values} JSON values (--max-json-values; "
                       "commas and brackets in strings count); send fewer")  # fmt: skip
-        content = json.dumps({"error": "too_large", "field": "body", "detail": detail}).encode()
+        body = {"error": "too_large", "field": "body", "detail": detail}
+        if path in openai_api.PATHS:  # in the shape that endpoint's clients read
+            body = openai_api.error_body(ApiError(413, "too_large", detail, "body", reason=reason))
+        content = json.dumps(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
                    (b"connection", b"close")]  # fmt: skip
         await send({"type": "http.response.start", "status": 413, "headers": headers})

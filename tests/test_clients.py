@@ -1,0 +1,200 @@
+"""Real clients against `sdrt serve` on a real port: the official ``openai`` package on ``/v1/images/generations``
+and ``webuiapi`` (the Python client written for the AUTOMATIC1111 web UI's API) on ``/sdapi/v1``. Every image they
+decode is byte-identical to `Pipeline.generate` of the same request run alone, and every refusal reaches the caller
+as the client's own exception, naming the field.
+
+The server is `test_server.LiveServer` (uvicorn in a thread on an ephemeral port) over the module's pipeline, which
+also computes the references.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import webuiapi
+from openai.types import ImagesResponse
+from PIL import Image
+from test_server import LiveServer, alone
+
+from sdrt.runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.xdist_group("clients")  # one server for the module: keep it in one process
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe(exports):
+    p = Pipeline.load(exports.get("sd1", "fp32"), backend="onnxruntime", device="cpu")
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    s = LiveServer(pipe)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    # sdrt checks no key, but the client insists on one; no retries: each answer is the server's first
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def webui(server) -> webuiapi.WebUIApi:
+    host, port = server.url.removeprefix("http://").split(":")
+    return webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler", steps=STEPS)
+
+
+def request(seed: int, **kw) -> dict:
+    """A request in `Pipeline.request`'s names, for `test_server.alone`."""
+    return {"prompt": "a red fox", "steps": STEPS, "seed": seed, "height": 64, "width": 64, "sampler": "euler", **kw}
+
+
+def decoded(b64png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64png))))
+
+
+def noise_image(seed: int, mode: str = "RGB") -> Image.Image:
+    shape = (64, 64, 3) if mode == "RGB" else (64, 64)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+# -- openai ----------------------------------------------------------------------------------------------------------
+
+
+def test_openai_images_are_the_pipelines(client, server, pipe):
+    """n images from one seed (as /v1/images), sdrt's own fields in extra_body, OpenAI's answer shape."""
+    extra = {"seed": 3, "steps": STEPS, "sampler": "euler", "negative_prompt": "blurry", "guidance": 6.0}
+    t0 = int(time.time())
+    resp = client.images.generate(model="sdrt", prompt="a red fox", n=2, size="64x64", response_format="b64_json",
+                                  extra_body=extra)  # fmt: skip
+    assert isinstance(resp, ImagesResponse) and len(resp.data) == 2
+    ref = alone(pipe, request(3, n=2, negative_prompt="blurry", guidance=6.0))
+    assert [decoded(d.b64_json).tobytes() for d in resp.data] == [a.tobytes() for a in ref]
+    assert t0 <= resp.created <= time.time() and (resp.size, resp.output_format) == ("64x64", "png")
+    assert resp.model_extra["parameters"]["seed"] == 3 and resp.data[0].url is None
+    assert server.metric("sdrt_responses_total", endpoint="/v1/images/generations", status="200") >= 1
+
+
+def test_openai_size_is_width_by_height_and_absent_is_the_models_own(client, pipe):
+    """``128x64`` is landscape; a web-UI sampler name works; any model name is accepted; without a seed one is
+    drawn and echoed, and it gives the same image."""
+    resp = client.images.generate(model="dall-e-3", prompt="a lighthouse", size="128x64",
+                                  extra_body={"steps": STEPS, "sampler": "Euler a"})  # fmt: skip
+    seed = resp.model_extra["parameters"]["seed"]
+    image = decoded(resp.data[0].b64_json)
+    assert image.shape == (64, 128, 3) and resp.size == "128x64"
+    ref = alone(pipe, request(seed, prompt="a lighthouse", width=128, sampler="euler_a"))[0]
+    assert np.array_equal(image, ref)
+    resp = client.images.generate(prompt="a lighthouse", extra_body={"steps": STEPS, "seed": 5})
+    height, width = pipe.default_size()
+    assert resp.size == f"{width}x{height}" and len(resp.data) == 1
+    ref = alone(pipe, request(5, prompt="a lighthouse", height=height, width=width, sampler=None))[0]
+    assert np.array_equal(decoded(resp.data[0].b64_json), ref)
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"size": "64by64"}, "size"),
+        ({"size": "76x64"}, "size"),  # the engine's sizes step by 8
+        ({"size": "64x256"}, "size"),  # and stop at 192
+        ({"response_format": "url"}, "response_format"),
+        ({"output_format": "jpeg"}, "output_format"),
+        ({"n": 3}, "n"),  # the engine's batch is 2
+        ({"extra_body": {"stepz": 4}}, "stepz"),
+        ({"extra_body": {"sampler": "heun"}}, "sampler"),
+        ({"extra_body": {"seed": -1}}, "seed"),
+        ({"extra_body": {"steps": "many"}}, "steps"),
+    ],
+)
+def test_openai_bad_request_raises_bad_request_error_naming_the_param(client, kw, param):
+    kw = {"size": "64x64", **kw, "extra_body": {"steps": STEPS, "seed": 1, **kw.get("extra_body", {})}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="a red fox", **kw)
+    assert err.value.param == param, err.value.body
+    assert err.value.body == {"message": err.value.body["message"], "type": "invalid_request_error", "param": param,
+                              "code": "bad_request"}  # fmt: skip
+    if param == "response_format":
+        assert "b64_json" in err.value.message
+
+
+def test_openai_requests_keep_the_servers_limits(client, server):
+    """A prompt over --max-prompt-chars is a 400 naming it; a body over --max-json-values a 413 in OpenAI's shape
+    (the body middleware answers it before the app parses anything)."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="fox " * 2100, extra_body={"steps": STEPS})  # 8400 characters
+    assert err.value.param == "prompt" and "--max-prompt-chars" in err.value.message
+    before = server.metric("sdrt_errors_total", kind="too_large", reason="json_values")
+    with pytest.raises(openai.APIStatusError) as err:
+        client.images.generate(prompt="," * 70_000, extra_body={"steps": STEPS})
+    assert err.value.status_code == 413 and (err.value.param, err.value.code) == ("body", "too_large")
+    assert err.value.type == "invalid_request_error" and "--max-json-values" in err.value.message
+    assert server.metric("sdrt_errors_total", kind="too_large", reason="json_values") == before + 1
+
+
+def test_a_wrong_method_or_path_answers_in_the_endpoints_error_shape(server):
+    """405 (with Allow) on the OpenAI path in OpenAI's shape, so its client reads it; 404 elsewhere in sdrt's."""
+    r = httpx.get(server.url + "/v1/images/generations")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"] | {"message": None} == {"message": None, "type": "invalid_request_error", "param": None,
+                                                      "code": "bad_request"}  # fmt: skip
+    r = httpx.post(server.url + "/v1/images/edits", json={})
+    assert r.status_code == 404 and r.json() == {"error": "not_found", "field": None, "detail": "Not Found"}
+
+
+def test_serve_help_names_the_openai_endpoint():
+    r = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "serve", "--help"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "/v1/images/generations" in r.stdout, r.stdout
+
+
+# -- webuiapi --------------------------------------------------------------------------------------------------------
+
+
+def test_webuiapi_txt2img_and_a_batch(webui, pipe):
+    """Image i of a web-UI batch has seed + i; the Karras schedule comes as the web UI's separate scheduler."""
+    r = webui.txt2img(prompt="a red fox", negative_prompt="blurry", seed=40, cfg_scale=6.0, width=64, height=64)
+    assert np.array_equal(np.asarray(r.image), alone(pipe, request(40, negative_prompt="blurry", guidance=6.0))[0])
+    r = webui.txt2img(prompt="a red fox", seed=50, batch_size=2, cfg_scale=7.5, width=64, height=64,
+                      sampler_name="DPM++ 2M", scheduler="Karras")  # fmt: skip
+    assert r.info["all_seeds"] == [50, 51] and r.info["sampler_name"] == "DPM++ 2M Karras" and len(r.images) == 2
+    for i, image in enumerate(r.images):
+        assert np.array_equal(np.asarray(image), alone(pipe, request(50 + i, sampler="dpmpp_2m_karras"))[0]), i
+
+
+def test_webuiapi_img2img_and_inpainting_batch(webui, pipe):
+    init = noise_image(0)
+    r = webui.img2img(images=[init], prompt="a red fox", seed=7, denoising_strength=0.5, cfg_scale=7.5,
+                      sampler_name="DDIM", steps=4, width=64, height=64)  # fmt: skip
+    ref = alone(pipe, request(7, steps=4, sampler="ddim", strength=0.5), image=init)[0]
+    assert np.array_equal(np.asarray(r.image), ref) and r.info["denoising_strength"] == 0.5
+    mask = Image.fromarray(np.where(np.arange(64)[:, None] < 32, 255, 0).astype(np.uint8).repeat(64, 1))
+    r = webui.img2img(images=[init], mask_image=mask, prompt="a red fox", seed=9, batch_size=2,
+                      denoising_strength=0.9, cfg_scale=7.5, width=64, height=64)  # fmt: skip
+    assert r.info["all_seeds"] == [9, 10]
+    for i, image in enumerate(r.images):
+        ref = alone(pipe, request(9 + i, strength=0.9), image=init, mask=mask)[0]
+        assert np.array_equal(np.asarray(image), ref), i
+
+
+def test_webuiapi_refusals_and_samplers(webui):
+    with pytest.raises(RuntimeError) as err:  # what webuiapi raises for any status but 200: (status, body text)
+        webui.txt2img(prompt="a red fox", enable_hr=True, width=64, height=64)
+    assert err.value.args[0] == 400 and '"field":"enable_hr"' in err.value.args[1]
+    with pytest.raises(RuntimeError) as err:
+        webui.txt2img(prompt="a red fox", sampler_name="Heun", width=64, height=64)
+    assert err.value.args[0] == 400 and '"field":"sampler_name"' in err.value.args[1]
+    assert {"Euler a", "Euler", "DDIM", "DPM++ 2M"} <= {s["name"] for s in webui.get_samplers()}
