@@ -1,9 +1,11 @@
-"""Conformance sweep: seeded random model configurations, each exported fp32 and generated at drawn valid sizes
-against diffusers' own pipeline on the same folder.
+"""Conformance sweep: seeded random model configurations, each exported fp32 once and compared against diffusers'
+own pipelines on the same folder: txt2img, img2img and inpainting, at drawn sizes, strengths and image counts.
 
-The default run checks a small fixed set of draws; ``SDRT_SWEEP=N`` adds N more (seeds 1000..1000+N-1). A draw
-names everything it chose, so a failure is reproduced by its seed alone. A configuration sdrt does not support
-must be refused at export with a one-line error naming what is unsupported, never give a wrong picture.
+The default run checks a small fixed set of draws that together cover SD and SDXL txt2img, img2img, inpainting
+with a 4-channel U-Net (diffusers blends the kept region) and with a 9-channel inpainting U-Net; ``SDRT_SWEEP=N``
+adds N more (seeds 1000..1000+N-1). A draw names everything it chose, so a failure is reproduced by its seed
+alone. A configuration sdrt does not support must be refused at export with a one-line error naming what is
+unsupported, never give a wrong picture.
 """
 
 from __future__ import annotations
@@ -11,19 +13,53 @@ from __future__ import annotations
 import io
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import CLIP, tokenizer
-from test_pipeline import PROMPT, check, diffusers_images, sdrt_images
+from PIL import Image
+from test_pipeline import PROMPT, check, diffusers_images, psnr, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
 
-FIXED = [0, 1]  # the default run's draws: an SD-like and an SDXL-like configuration
-SEEDS = FIXED + [1000 + i for i in range(int(os.environ.get("SDRT_SWEEP", "0")))]
+# The default run's draws: what each pins (the rest is drawn from its seed as usual). One export per draw costs far
+# more than its comparisons (a U-Net trace: ~45 s; a comparison: ~5-10 s), so three small exports, each compared
+# at every kind it can run: SD and SDXL txt2img, img2img and 4-channel inpainting, and an SD 9-channel U-Net.
+FIXED: dict[int, dict[str, Any]] = {
+    0: dict(sdxl=False, blocks=2, latent=4, nine=False),
+    1: dict(sdxl=True, blocks=2, latent=4, nine=False),
+    2: dict(sdxl=False, blocks=2, latent=4, nine=True),
+}
+SEEDS = list(FIXED) + [1000 + i for i in range(int(os.environ.get("SDRT_SWEEP", "0")))]
+STEPS = 3  # every case: enough for img2img at strength >= 0.4 to run a step (diffusers: int(steps * strength))
+PIPELINES = {  # (family, kind) -> diffusers' pipeline class that is the reference
+    ("sd", "txt2img"): "StableDiffusionPipeline",
+    ("sd", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
+    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One comparison: ``kind`` (txt2img, img2img, inpaint) at height x width px, ``images`` per prompt."""
+
+    kind: str
+    height: int
+    width: int
+    images: int
+    strength: float | None = None  # img2img and inpainting
+
+    def key(self, d: Draw) -> str:
+        """The record_property key: psnr_<kind>[_4ch|_9ch][_sdxl]_<H>x<W>_n<images>."""
+        kind = self.kind + (f"_{d.unet['in_channels']}ch" if self.kind == "inpaint" else "")
+        return f"psnr_{kind}{'_sdxl' if d.sdxl else ''}_{self.height}x{self.width}_n{self.images}"
 
 
 @dataclass
@@ -33,19 +69,30 @@ class Draw:
     unet: dict[str, Any]
     vae: dict[str, Any]
     scheduler: dict[str, Any]
-    sizes: list[tuple[int, int]]  # (height, width) px to generate at
+    cases: list[Case] = field(default_factory=list)
 
     @property
     def factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.unet["block_out_channels"]) - 1)
+
+    @property
+    def nine(self) -> bool:  # an inpainting U-Net: latents + mask + masked-image latents
+        return self.unet["in_channels"] != self.unet["out_channels"]
+
 
 def draw(seed: int) -> Draw:
     """One configuration: U-Net down blocks (2-4), widths, heads, projections, upcast attention, cross-attention
-    width, VAE depth (factor 2/4/8), latent channels, scaling factor, epsilon / v-prediction, SD / SDXL."""
+    width, 4- or 9-channel input, VAE depth (factor 2/4/8), latent channels, scaling factor, epsilon / v-prediction,
+    SD / SDXL; and its cases: txt2img, img2img and inpainting (diffusers' inpainting pipelines take 4 latent
+    channels only), each at a drawn size, strength and 1 or 2 images per prompt."""
     rng = random.Random(seed)
-    sdxl = seed % 2 == 1 if seed in FIXED else rng.random() < 0.5
-    blocks = rng.choice([2, 3, 4]) if seed not in FIXED else 2 + seed
+    pin = FIXED.get(seed, {})
+    sdxl = pin.get("sdxl", rng.random() < 0.5)
+    blocks = pin.get("blocks", rng.choice([2, 3, 4]))
     base = rng.choice([16, 32])
     channels = tuple(base * min(2**i, 4) for i in range(blocks))
     attn = [rng.random() < 0.7 for _ in range(blocks)]
@@ -53,11 +100,13 @@ def draw(seed: int) -> Draw:
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     heads = tuple(rng.choice([1, 2, 4]) for _ in range(blocks))
-    latent = rng.choice([4, 4, 6])
+    latent = pin.get("latent", rng.choice([4, 4, 6]))
+    nine = pin.get("nine", latent == 4 and rng.random() < 0.3)
     unet: dict[str, Any] = dict(
         block_out_channels=channels, layers_per_block=1, norm_num_groups=8, sample_size=rng.choice([8, 12, 16]),
-        down_block_types=down, up_block_types=up, attention_head_dim=heads, in_channels=latent, out_channels=latent,
-        use_linear_projection=rng.random() < 0.5, upcast_attention=rng.random() < 0.3,
+        down_block_types=down, up_block_types=up, attention_head_dim=heads, in_channels=2 * latent + 1 if nine
+        else latent, out_channels=latent, use_linear_projection=rng.random() < 0.5,
+        upcast_attention=rng.random() < 0.3,
     )  # fmt: skip
     if sdxl:
         unet.update(cross_attention_dim=32 + 64, addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -74,10 +123,15 @@ def draw(seed: int) -> Draw:
     prediction = rng.choice(["epsilon", "v_prediction"])
     scheduler = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                      timestep_spacing="leading", prediction_type=prediction)  # fmt: skip
-    d = Draw(seed, sdxl, unet, vae, scheduler, [])
-    down_factor, step = 2 ** (blocks - 1), max(8, d.factor)
-    lo = -(-max(2 * down_factor * d.factor, 32) // step) * step  # a 2x2 deepest feature map at least
-    d.sizes = [(lo + step * rng.randrange(0, 4), lo + step * rng.randrange(1, 5)) for _ in range(2)]
+    d = Draw(seed, sdxl, unet, vae, scheduler)
+    kinds = ("inpaint", "inpaint") if nine else ("txt2img", "img2img") + (("inpaint",) if latent == 4 else ())
+    step = max(8, d.factor)
+    lo = -(-max(2 * d.downsampling * d.factor, 32) // step) * step  # a 2x2 deepest feature map at least
+    for kind in kinds:
+        height, width = lo + step * rng.randrange(0, 4), lo + step * rng.randrange(1, 5)
+        images = rng.choice([1, 2])
+        strengths = {"img2img": round(rng.uniform(0.4, 0.95), 2), "inpaint": rng.choice([1.0, 0.75, 0.5])}
+        d.cases.append(Case(kind, height, width, images, strengths.get(kind)))
     return d
 
 
@@ -96,14 +150,49 @@ def build(d: Draw, folder: Path) -> None:
         te2 = CLIPTextModelWithProjection(
             CLIPTextConfig(**dict(CLIP, hidden_size=64), hidden_act="gelu", pad_token_id=0, **ids)
         )
-        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, unet=unet, text_encoder=te, text_encoder_2=te2,
-                                                   tokenizer=tokenizer("<|endoftext|>"), tokenizer_2=tokenizer("!"),
-                                                   scheduler=sched)  # fmt: skip
+        cls = diffusers.StableDiffusionXLInpaintPipeline if d.nine else diffusers.StableDiffusionXLPipeline
+        pipe = cls(vae=vae, unet=unet, text_encoder=te, text_encoder_2=te2, tokenizer=tokenizer("<|endoftext|>"),
+                   tokenizer_2=tokenizer("!"), scheduler=sched)  # fmt: skip
     else:
-        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer("<|endoftext|>"),
-                                                 unet=unet, scheduler=sched, safety_checker=None,
-                                                 feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        cls = diffusers.StableDiffusionInpaintPipeline if d.nine else diffusers.StableDiffusionPipeline
+        pipe = cls(vae=vae, text_encoder=te, tokenizer=tokenizer("<|endoftext|>"), unet=unet, scheduler=sched,
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(folder)
+
+
+def init_and_mask(seed: int, height: int, width: int) -> tuple[Image.Image, Image.Image]:
+    """A structured init image (gradients, a drawn pattern and noise) and a mask repainting a drawn rectangle that
+    leaves a kept border, both exactly height x width so neither side resizes them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    waves = [np.sin(2 * np.pi * (f * xx + g * yy)) for f, g in rng.uniform(1, 8, (3, 2))]
+    pixels = 128 + 90 * np.stack(waves, -1) + rng.integers(-30, 30, (height, width, 3))
+    rows, cols = ([rng.integers(n // 8, n // 3), rng.integers(2 * n // 3, n - n // 8)] for n in (height, width))
+    mask = np.zeros((height, width), np.uint8)
+    mask[rows[0] : rows[1], cols[0] : cols[1]] = 255
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), Image.fromarray(mask)
+
+
+def compare(pipe: Pipeline, d: Draw, folder: Path, case: Case) -> tuple[float, str | None]:
+    """sdrt's and diffusers' pictures for one case: (PSNR, None) or (PSNR, what failed)."""
+    kw: dict[str, Any] = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, seed=d.seed,
+                              num_images_per_prompt=case.images)  # fmt: skip
+    size = dict(height=case.height, width=case.width)
+    if case.kind != "txt2img":
+        image, mask = init_and_mask(d.seed, case.height, case.width)
+        kw.update(image=image, strength=case.strength)
+        if case.kind == "inpaint":
+            kw["mask_image"] = mask
+    ref_kw = kw if case.kind == "img2img" else dict(kw, **size)  # img2img: diffusers takes the image's size
+    ref = diffusers_images(folder, "euler", pipeline=PIPELINES["sdxl" if d.sdxl else "sd", case.kind], **ref_kw)
+    ours = None
+    try:
+        ours = sdrt_images(pipe, sampler="euler", **kw, **size)
+        assert ours.shape == (case.images, case.height, case.width, 3), f"shape {ours.shape}"
+        return check(ours, ref), None
+    except (AssertionError, SdrtError) as err:  # the draw's other cases still run and are recorded
+        db = psnr(ours, ref) if ours is not None and ours.shape == ref.shape else float("nan")
+        return db, str(err)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -114,19 +203,35 @@ def test_drawn_configuration_matches_diffusers(seed, tmp_path, record_property):
     d = draw(seed)
     record_property("draw", repr(d))
     build(d, tmp_path / "model")
-    lo = min(min(s) for s in d.sizes)
-    hi = max(max(s) for s in d.sizes)
-    try:
-        export_model(str(tmp_path / "model"), tmp_path / "engine", precision="fp32", dims=Dims(lo, hi, 1),
+    lo = min(min(c.height, c.width) for c in d.cases)
+    hi = max(max(c.height, c.width) for c in d.cases)
+    dims = Dims(lo, hi, max(c.images for c in d.cases))
+    try:  # one export serves every case of the draw
+        export_model(str(tmp_path / "model"), tmp_path / "engine", precision="fp32", dims=dims,
                      progress=Progress(io.StringIO()))  # fmt: skip
     except SdrtError as err:  # a refusal is allowed: one line naming what is unsupported
         assert "\n" not in str(err) and "unsupported" in str(err)
         pytest.skip(f"refused: {err}")
     pipe = Pipeline.load(tmp_path / "engine", backend="onnxruntime", device="cpu")
-    name = "StableDiffusionXLPipeline" if d.sdxl else "StableDiffusionPipeline"
-    for height, width in d.sizes:
-        kw = dict(prompt=PROMPT, num_inference_steps=3, guidance_scale=5.0, height=height, width=width, seed=seed)
-        db = check(sdrt_images(pipe, sampler="euler", **kw),
-                   diffusers_images(tmp_path / "model", "euler", pipeline=name, **kw))  # fmt: skip
-        record_property(f"psnr_{height}x{width}", round(float(db), 1))  # xdist sends plain floats only
+    failures = []
+    for case in d.cases:
+        db, failed = compare(pipe, d, tmp_path / "model", case)
+        record_property(case.key(d), round(float(db), 1))  # xdist sends plain floats only
+        if failed:
+            failures.append(f"{case}: {failed}")
     pipe.close()
+    assert not failures, f"seed {seed}: " + "; ".join(failures)
+
+
+def test_fixed_draws_cover_every_kind():
+    """The default run's draws (no export here) between them hold every kind the sweep checks."""
+    draws = [draw(seed) for seed in FIXED]
+    cases = [(d, c) for d in draws for c in d.cases]
+    assert {(d.sdxl, c.kind) for d, c in cases if c.kind == "txt2img"} == {(False, "txt2img"), (True, "txt2img")}
+    assert any(c.kind == "img2img" for _, c in cases)
+    assert {d.nine for d, c in cases if c.kind == "inpaint"} == {False, True}
+    assert {c.images for _, c in cases} == {1, 2}
+    assert any(c.height != c.width for _, c in cases)
+    assert any(c.height % 64 or c.width % 64 for _, c in cases)
+    assert any((c.height // d.factor) % d.downsampling or (c.width // d.factor) % d.downsampling for d, c in cases)
+    assert any(c.strength is not None and c.strength < 1 for _, c in cases)
