@@ -96,6 +96,9 @@ UNETS.update({kind: UNETS["sd1"] for kind in VAES})
 UNETS["sd1-native96"] = dict(UNETS["sd1"], sample_size=12)
 SINGLE_FILE_KINDS = ("sd1", "sd2", "sdxl")
 SIZES = ["--min-size", "64", "--max-size", "192", "--max-batch", "2"]  # small ranges keep the checks fast
+# exports that also carry torch programs (`--torch-programs`), so the torch backend's tests read the export the
+# other modules share instead of tracing the same folder again
+TORCH_PROGRAMS = {("sd1", "fp16")}
 
 
 def tokenizer(pad_token: str):
@@ -238,6 +241,7 @@ class Exports:
             if todo:
                 model = self._fixture("single_files")[kind] if single_file else self.folders[kind]
                 extra = ["--config", str(self._fixture("configs")[kind])] if single_file else []
+                extra += ["--torch-programs"] if (name, precision) in TORCH_PROGRAMS else []
                 rc = main(["export", str(model), str(dest), "--precision", precision, *SIZES, *extra])
                 assert rc == 0, f"export of {name} ({precision}) failed"
         return dest
@@ -248,6 +252,26 @@ def exports(tmp_path_factory, folders, request) -> Exports:
     root = shared_root(tmp_path_factory) / "exports"
     root.mkdir(exist_ok=True)
     return Exports(root, folders, request.getfixturevalue)
+
+
+@pytest.fixture(scope="session")
+def native96(folders, tmp_path_factory) -> Path:
+    """sd1-native96 (the sd1 model trained at 12 latents) exported fp32 with every default (range 48-192 px,
+    4 images) and torch programs, under umask 022: test_sizes' defaults and file modes, and the torch backend's
+    fp32 programs, read this one export."""
+    from sdrt.runtime.cli import main
+
+    dest = shared_root(tmp_path_factory) / "exports" / "sd1-native96-defaults-fp32"
+    dest.parent.mkdir(exist_ok=True)
+    with once(dest) as todo:
+        if todo:
+            old = os.umask(0o022)
+            try:
+                args = ["export", str(folders["sd1-native96"]), str(dest), "--precision", "fp32", "--torch-programs"]
+                assert main(args) == 0
+            finally:
+                os.umask(old)
+    return dest
 
 
 def pytest_collection_modifyitems(config, items):

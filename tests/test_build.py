@@ -1,6 +1,7 @@
-"""`sdrt build` on a real exported tiny-sd1 directory: profiles, build keys, the runtime's plan check, the operator
-table, and the path without TensorRT. Real TensorRT for RTX builds are in test_build_rtx.py; the one TensorRT build
-(marked `tensorrt`) skips where TensorRT or a GPU is missing."""
+"""`sdrt build` on a real exported directory (the session's sd1 fp16 export, tiny-sd1's architecture): profiles,
+build keys, the runtime's plan check, the operator table, and the path without TensorRT. Real TensorRT for RTX
+builds are in test_build_rtx.py; the one TensorRT build (marked `tensorrt`) skips where TensorRT or a GPU is
+missing."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from sdrt.export import Dims, export_model
 from sdrt.export.build import (
     BuildOptions,
     build_directory,
@@ -46,11 +46,10 @@ ENV = TrtEnvironment("tensorrt", "10.9.0.34", "NVIDIA L4", "8.9")
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    """tiny-sd1 exported in fp16 for 64-192 px and 1-2 images (so 1-4 U-Net rows), once per session."""
-    dest = tmp_path_factory.mktemp("build") / "tiny-sd1"
-    export_model("tiny-sd1", dest, precision="fp16", dims=Dims(64, 192, 2), progress=Progress(io.StringIO()))
-    return dest
+def tiny(exports) -> Path:
+    """The session's sd1 fp16 export (tiny-sd1's architecture, written by diffusers; 64-192 px and 1-2 images, so
+    1-4 U-Net rows), shared with the other modules: read only here, `engine_dir` copies it for writing tests."""
+    return exports.get("sd1", "fp16")
 
 
 @pytest.fixture

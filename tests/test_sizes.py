@@ -21,6 +21,7 @@ from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
 
+NATIVE96 = pytest.mark.xdist_group("native96")  # with test_torch_backend.py: one worker makes the export both read
 SD = "StableDiffusionPipeline"
 XL = "StableDiffusionXLPipeline"
 
@@ -74,28 +75,17 @@ def test_sizes_off_the_multiple_are_one_line_errors(kind, height, multiple, pipe
 
 
 # -- defaults from the model: a U-Net trained at 12 latents (96 px), exported with the default range -------------
+# (the `native96` export is a session fixture in conftest.py: the torch backend's tests read it too)
 
 
-@pytest.fixture(scope="module")
-def native96(folders, tmp_path_factory) -> Path:
-    """sd1-native96 exported with every default (range, batch) and torch programs, under umask 022."""
-    from sdrt.runtime.cli import main
-
-    dest = tmp_path_factory.mktemp("native96") / "engine"
-    old = os.umask(0o022)
-    try:
-        assert main(["export", str(folders["sd1-native96"]), str(dest), "--precision", "fp32", "--torch-programs"]) == 0
-    finally:
-        os.umask(old)
-    return dest
-
-
+@NATIVE96
 def test_default_range_holds_the_native_size(native96):
     m = json.loads((native96 / "manifest.json").read_text())
     assert m["unet"]["sample_size"] == 12 and m["unet"]["downsampling"] == 2 and m["latent"]["vae_scale_factor"] == 8
     assert m["shapes"] == {"min_px": 48, "max_px": 192, "px_multiple": 8, "max_images": 4}  # native/2 .. 2 x native
 
 
+@NATIVE96
 def test_build_profile_generate_and_diffusers_agree_on_the_default_size(native96, folders):
     """`sdrt build`'s static profile is the size `sdrt generate` asks for without one, which is diffusers'
     default (sample_size x vae_scale_factor), and the picture is diffusers'."""
@@ -108,12 +98,14 @@ def test_build_profile_generate_and_diffusers_agree_on_the_default_size(native96
     check(sdrt_images(pipe, sampler="euler", **kw), diffusers_images(folders["sd1-native96"], "euler", **kw))
 
 
+@NATIVE96
 def test_torch_programs_take_any_size(native96, folders):
     """The torch.export programs take the upsample-to-skip-size path too (latent 9x15)."""
     pipe = Pipeline.load(native96, backend="torch", device="cpu")
     compare(pipe, folders["sd1-native96"], SD, 72, 120)
 
 
+@NATIVE96
 def test_engine_files_are_readable_like_any_file(native96):
     """Every file 0644 and every folder 0755 under umask 022 (ONNX writes its external data 0600 otherwise)."""
     modes = {str(p.relative_to(native96)): p.stat().st_mode & 0o777 for p in native96.rglob("*")}
