@@ -274,6 +274,18 @@ def native96(folders, tmp_path_factory) -> Path:
     return dest
 
 
+def pytest_configure(config):
+    """pytest-xdist workers share the machine's cores: torch's default (a thread per core in every worker) leaves
+    OpenMP threads spinning at barriers for cores another worker holds, which makes eager diffusers on these small
+    models ~12x slower with 2 workers on 2 cores. Each worker takes its share, and so do the processes it starts."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = max(1, cores // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only where CUDA is available; elsewhere they are reported as skipped, not failed."""
     if torch.cuda.is_available():
