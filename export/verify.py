@@ -71,12 +71,13 @@ def reference_cases(g: Graph, dims: Dims) -> list[Case]:
     return cases
 
 
-def compare(path: Path, g: Graph, cases: list[Case], precision: str, threads: int = 0) -> dict[str, Any]:
-    """Run ``path`` in ONNX Runtime (CPU EP) on each case's inputs; report the relative L2 error per output."""
+def compare(path: Path, g: Graph, cases: list[Case], precision: str, threads: int | None = None) -> dict[str, Any]:
+    """Run ``path`` in ONNX Runtime (CPU EP) on each case's inputs; report the relative L2 error per output.
+    ``threads``: intra-op threads, by default torch's count (which follows OMP_NUM_THREADS)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
     opts.log_severity_level = 3
     # The graph as written, not an optimised copy: this also keeps the CPU provider from constant-folding its
     # fp16->fp32 weight casts into a second, float32 copy of every weight (5 GB for SD 1.5's U-Net).

@@ -64,14 +64,16 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, threads: int = 0):
+    def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, threads: int | None = None):
+        """``threads``: ONNX Runtime's intra-op threads on the CPU; by default torch's own count
+        (`torch.get_num_threads()`, which follows OMP_NUM_THREADS), so the two thread pools never oversubscribe."""
         super().__init__(root, manifest, device)
         import onnxruntime as ort
 
         self.ort = ort
         if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise SdrtError("this onnxruntime has no CUDA provider: pip install onnxruntime-gpu, or use --device cpu")
-        self.threads = threads
+        self.threads = torch.get_num_threads() if threads is None else threads
         self.sessions: dict[str, Any] = {}
 
     def session(self, graph: str):
