@@ -20,6 +20,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from sdrt.export.directory import export_model
         from sdrt.export.graphs import Dims
 
+    loras = None
+    if args.lora:
+        from sdrt.export.lora import parse_fuse_arg
+
+        loras = [parse_fuse_arg(text) for text in args.lora]
     dims = None
     if args.min_size or args.max_size or args.max_batch:
         c_lo, c_hi = (args.min_size, args.max_size)
@@ -37,6 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         dims=dims,
         torch_programs=args.torch_programs,
         vae=args.vae,
+        loras=loras,
     )
     return 0
 
@@ -154,6 +160,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--torch-programs",
         action="store_true",
         help="also save each graph as a torch.export program (*.pt2) for the runtime's torch backend",
+    )
+    e.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA .safetensors file into the exported weights at SCALE (default 1); repeatable, they add up. "
+        "For one fixed combination at full speed; `sdrt lora add` keeps adapters switchable per request instead",
     )
     e.set_defaults(func=cmd_export)
 

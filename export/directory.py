@@ -193,9 +193,11 @@ def export_model(
     progress: Progress | None = None,
     torch_programs: bool = False,
     vae: str | None = None,
+    loras: list[tuple[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (preset, diffusers folder or single file) to the engine directory ``dest``; ``vae``: a
-    diffusers VAE folder to use instead of the model's own, exported in fp16 (for an fp16-safe SDXL VAE)."""
+    diffusers VAE folder to use instead of the model's own, exported in fp16 (for an fp16-safe SDXL VAE);
+    ``loras``: (LoRA file, scale) pairs fused into the exported weights."""
     if precision not in ("fp16", "fp32"):
         raise SdrtError(f"unknown precision {precision!r}; use fp16 or fp32")
     dest = Path(dest)
@@ -206,6 +208,11 @@ def export_model(
     p = progress or Progress()
     with p.step(f"load {model}"):
         c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae)
+    if loras:
+        from sdrt.export.lora import fuse_loras
+
+        with p.step("fuse LoRA " + ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)):
+            c = fuse_loras(c, loras)
     dims = (dims or _default_dims(c)).for_model(G.geometry(c))
     stage = _stage_dir(dest)
     try:

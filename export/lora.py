@@ -11,6 +11,7 @@ without reading ONNX). Everything is checked before anything is written: a bad f
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -180,3 +181,74 @@ def add_lora(root: str | os.PathLike, file: str | os.PathLike, name: str | None 
     manifest["files"] = dict(sorted(manifest["files"].items()))
     write_manifest(root, manifest)
     return {"name": name, **manifest["loras"][name]}
+
+
+def parse_fuse_arg(text: str) -> tuple[str, float]:
+    """`--lora FILE[:SCALE]` of `sdrt export` -> (file, scale), checked before anything slow starts; the scale
+    defaults to 1."""
+    file, sep, scale = text.rpartition(":")
+    try:
+        value = float(scale) if sep and file else None
+    except ValueError:
+        value = None  # a ':' in the file's name, no scale
+    if value is None:
+        file, value = text, 1.0
+    if not math.isfinite(value):
+        raise SdrtError(f"--lora {text}: the scale must be a finite number")
+    if not Path(file).is_file():
+        raise SdrtError(f"--lora {file}: no such file")
+    return file, value
+
+
+def _check_fits(state: dict[str, torch.Tensor], pipe: Any, file: Path) -> None:
+    """Every factor of ``state`` (diffusers' PEFT keys) lands on a Linear / Conv2d of the pipeline's modules with
+    the shapes of its weight; else one line naming the first key that does not fit."""
+    for key in sorted(state):
+        if not key.endswith(_PEFT_SUFFIXES):
+            raise SdrtError(f"{file}: {key} is not a plain LoRA factor (DoRA, LoHa, LoKr, biases are not supported)")
+        component, module = key.rsplit(".lora_", 1)[0].split(".", 1)
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise SdrtError(f"{file}: {key} is for a {component} this model does not have: an adapter for another "
+                            "model family?")  # fmt: skip
+        target = None
+        for path in dict.fromkeys((module, module.removeprefix("text_model."))):  # flattened CLIPTextModel too
+            try:
+                target = model.get_submodule(path)
+                break
+            except AttributeError:
+                continue
+        weight = getattr(target, "weight", None)
+        if weight is None or weight.ndim not in (2, 4):
+            raise SdrtError(f"{file}: {key} matches no Linear or Conv2d of the {component}; an adapter for another "
+                            "model?")  # fmt: skip
+        factor = state[key]
+        fits = factor.shape[1:] == weight.shape[1:] if ".lora_A." in key else factor.shape[0] == weight.shape[0]
+        if not fits:
+            raise SdrtError(f"{file}: {key} has shape {list(factor.shape)}, which does not fit {module}.weight "
+                            f"{list(weight.shape)}; an adapter for another model?")  # fmt: skip
+
+
+def fuse_loras(c: Any, loras: list[tuple[str, float]]) -> Any:
+    """Bake adapters into the modules of ``c`` (export/load.py's Components) at their scales, for `sdrt export
+    --lora FILE:SCALE`: diffusers loads each file, weights it (`set_adapters`), fuses it into the base weights
+    (`fuse_lora`) and removes its layers, so the exported graphs hold W0 + sum of scale_i * dW_i under the model's own
+    weight names and run at full speed. Every file is checked against the modules before any is loaded; the source
+    records each file's SHA-256 and scale, so `sdrt verify` fuses the same again."""
+    pipe = c.to_diffusers()
+    files = []
+    for text, scale in loras:
+        file = Path(text)
+        if not file.is_file():
+            raise SdrtError(f"--lora {file}: no such file")
+        _check_fits(_read(file, c.family.name)[0], pipe, file)
+        files.append((file, scale))
+    names = [f"fused_{i}" for i in range(len(files))]
+    for name, (file, _) in zip(names, files, strict=True):
+        pipe.load_lora_weights(str(file), adapter_name=name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in files])
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()
+    records = [{"path": str(f.resolve()), "sha256": sha256_file(f), "scale": s} for f, s in files]
+    c.source = {**c.source, "loras": records}
+    return c

@@ -228,3 +228,54 @@ def test_lora_add_refuses_in_one_line_and_writes_nothing(engine, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
     assert before == {p.name: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+FUSE_ARGS = ["--precision", "fp32", "--min-size", "64", "--max-size", "64", "--max-batch", "1"]
+
+
+def test_export_fuses_loras_as_diffusers_weighs_them(folders, files, tmp_path):
+    """`sdrt export --lora FILE:SCALE` twice: the graphs hold both adapters at their scales, against diffusers with
+    the same two files as weighted (unfused) adapters; `sdrt verify` fuses the same files again and agrees."""
+    import json
+
+    from sdrt.runtime.cli import main
+
+    root = tmp_path / "fused"
+    loras = ["--lora", f"{files['kohya']}:0.7", "--lora", f"{files['peft']}:0.5"]
+    assert main(["export", str(folders["sd1"]), str(root), *FUSE_ARGS, *loras]) == 0
+    ref = reference(folders["sd1"], {files["kohya"]: 0.7, files["peft"]: 0.5})
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as p:
+        ours = sdrt_images(p, **KW)
+    db = check(ours, ref)
+    assert psnr(ours, reference(folders["sd1"], {})) < db - 10, "the fused adapters barely change the picture"
+    source = json.loads((root / "manifest.json").read_text())["source"]
+    assert [(e["path"].rsplit("/", 1)[1], e["scale"]) for e in source["loras"]] == [
+        ("kohya.safetensors", 0.7),
+        ("peft.safetensors", 0.5),
+    ]
+    assert main(["verify", str(root)]) == 0
+    print(f"export --lora kohya:0.7 --lora peft:0.5: PSNR {db:.1f} dB against diffusers' weighted adapters")
+
+
+@pytest.mark.parametrize(
+    "kind,msg",
+    [
+        ("sdxl", "is for a text_encoder_2 this model does not have"),
+        ("nomatch", "matches no Linear or Conv2d of the unet"),
+        ("shape", "has shape [48, 4], which does not fit"),
+        ("missing", "no such file"),
+        ("scale", "the scale must be a finite number"),
+    ],
+)
+def test_export_lora_refuses_in_one_line_and_writes_nothing(folders, tmp_path, capsys, kind, msg):
+    from sdrt.runtime.cli import main
+
+    file = tmp_path / "none.safetensors" if kind == "missing" else _bad_file(tmp_path, "shape")
+    if kind not in ("missing", "scale"):
+        file = _bad_file(tmp_path, kind)
+    arg = f"{file}:nan" if kind == "scale" else f"{file}:0.5"
+    dest = tmp_path / "out"
+    assert main(["export", str(folders["sd1"]), str(dest), *FUSE_ARGS, "--lora", arg]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdrt: error")]
+    assert len(err) == 1 and msg in err[0], err
+    assert not dest.exists() and not list(tmp_path.glob(".out.*"))
