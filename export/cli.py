@@ -1,4 +1,4 @@
-"""The build-time stage's commands: `sdrt export`, `verify`, `build` and `presets`.
+"""The build-time stage's commands: `sdrt export`, `verify`, `build`, `lora add` and `presets`.
 
 Only argparse at import: `sdrt --help` and `sdrt presets` work on a runtime-only install, and each command imports
 what it needs when it runs (the export extra for export and verify, the build extra for build).
@@ -20,6 +20,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from sdrt.export.directory import export_model
         from sdrt.export.graphs import Dims
 
+    loras = None
+    if args.lora:
+        from sdrt.export.lora import parse_fuse_arg
+
+        loras = [parse_fuse_arg(text) for text in args.lora]
     dims = None
     if args.min_size or args.max_size or args.max_batch:
         c_lo, c_hi = (args.min_size, args.max_size)
@@ -37,6 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         dims=dims,
         torch_programs=args.torch_programs,
         vae=args.vae,
+        loras=loras,
     )
     return 0
 
@@ -87,6 +93,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora_add(args: argparse.Namespace) -> int:
+    with needs_extra("sdrt lora add", "export"):
+        from sdrt.export.lora import add_lora
+
+    entry = add_lora(args.dir, args.file, name=args.name, force=args.force)
+    counts = ", ".join(f"{n} {g} weights" for g, n in entry["weights"].items())
+    print(f"{args.dir}: added LoRA {entry['name']} ({counts}); use it with --lora {entry['name']}[:SCALE]")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from sdrt.export.presets import PRESETS
 
@@ -97,7 +113,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """export, verify, build and presets on the `sdrt` command's subparsers."""
+    """export, verify, build, lora and presets on the `sdrt` command's subparsers."""
     e = sub.add_parser(
         "export",
         help="checkpoint -> verified ONNX engine directory",
@@ -144,6 +160,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--torch-programs",
         action="store_true",
         help="also save each graph as a torch.export program (*.pt2) for the runtime's torch backend",
+    )
+    e.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA .safetensors file into the exported weights at SCALE (default 1); repeatable, they add up. "
+        "For one fixed combination at full speed; `sdrt lora add` keeps adapters switchable per request instead",
     )
     e.set_defaults(func=cmd_export)
 
@@ -208,6 +231,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--force", action="store_true", help="rebuild plans even when their build key matches")
     b.add_argument("--json", action="store_true", help="print the full report as JSON")
     b.set_defaults(func=cmd_build)
+
+    lo = sub.add_parser("lora", help="LoRA adapters of an engine directory").add_subparsers(
+        dest="lora_command", required=True, metavar="ACTION"
+    )
+    la = lo.add_parser(
+        "add",
+        help="import a LoRA file into DIR",
+        description="Map a LoRA .safetensors file (kohya / web-UI lora_unet_*, lora_te*_*, LoCon; diffusers / PEFT "
+        "lora_A / lora_B) onto the weights of DIR's graphs and store it as low-rank factors beside them, for "
+        "`sdrt generate --lora NAME[:SCALE]` and Params(loras={NAME: SCALE}).",
+    )
+    la.add_argument("dir", metavar="DIR")
+    la.add_argument("file", metavar="FILE", help="a LoRA .safetensors file (pickle files are refused)")
+    la.add_argument("--name", help="the adapter's name (default: the file's name without .safetensors)")
+    la.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    la.set_defaults(func=cmd_lora_add)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=cmd_presets)

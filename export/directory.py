@@ -6,6 +6,7 @@ check, so a failed or interrupted export never leaves something that looks compl
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -30,6 +31,7 @@ from sdrt.export.onnx_io import (
 from sdrt.export.presets import get_preset
 from sdrt.export.progress import Progress
 from sdrt.export.verify import check_graph_file, compare, reference_cases
+from sdrt.export.weights import add_dtypes, parameter_fingerprints, weight_map
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import (
     FORMAT_VERSION,
@@ -68,15 +70,20 @@ def _export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Prog
     with p.step(f"{g.name}: trace to ONNX"):
         cases = reference_cases(g, dims)
         export_torch(g, dims, src)
+        prefix, params = parameter_fingerprints(g.module)
     if torch_program:
         with p.step(f"{g.name}: save torch program ({graph_precision_name})"):
             save_torch_program(g, dims, stage / f"{g.name}.pt2", fp16=graph_precision_name == "fp16")
     g.release()
     release_exporter_memory()
     with p.step(f"{g.name}: save {graph_precision_name}"):
+        weights = weight_map(prefix, params, src)
+        del params
         model = fp16_from_fp32(src, g) if graph_precision_name == "fp16" else onnx.load(str(src))
         files = save_onnx(model, stage / f"{g.name}.onnx")
         dtypes, io = graph_precision(model), io_types(model)
+        weights = add_dtypes(weights, model)
+        (stage / f"{g.name}.weights.json").write_text(json.dumps(weights, indent=1) + "\n")
         del model
         shutil.rmtree(tmp)
     with p.step(f"{g.name}: check (ONNX checker, ONNX Runtime vs PyTorch at {len(cases)} shapes)"):
@@ -93,6 +100,7 @@ def _export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Prog
         "file": f"{g.name}.onnx",
         "files": files,
         "torch_program": f"{g.name}.pt2" if torch_program else None,
+        "weights": f"{g.name}.weights.json",  # PyTorch parameter name -> initializer, layout (sdrt lora add)
         "precision": graph_precision_name,
         "initializer_elements": dtypes,
         "inputs": {n: {"shape": list(shape), "dtype": io[n]} for n, (shape, _) in g.inputs.items()},
@@ -185,9 +193,11 @@ def export_model(
     progress: Progress | None = None,
     torch_programs: bool = False,
     vae: str | None = None,
+    loras: list[tuple[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (preset, diffusers folder or single file) to the engine directory ``dest``; ``vae``: a
-    diffusers VAE folder to use instead of the model's own, exported in fp16 (for an fp16-safe SDXL VAE)."""
+    diffusers VAE folder to use instead of the model's own, exported in fp16 (for an fp16-safe SDXL VAE);
+    ``loras``: (LoRA file, scale) pairs fused into the exported weights."""
     if precision not in ("fp16", "fp32"):
         raise SdrtError(f"unknown precision {precision!r}; use fp16 or fp32")
     dest = Path(dest)
@@ -198,6 +208,11 @@ def export_model(
     p = progress or Progress()
     with p.step(f"load {model}"):
         c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae)
+    if loras:
+        from sdrt.export.lora import fuse_loras
+
+        with p.step("fuse LoRA " + ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)):
+            c = fuse_loras(c, loras)
     dims = (dims or _default_dims(c)).for_model(G.geometry(c))
     stage = _stage_dir(dest)
     try:

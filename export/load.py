@@ -124,6 +124,16 @@ def components_from_source(source: dict[str, Any]) -> Components:
         c = with_vae(c, folder)
         if c.source["vae"]["sha256"] != source["vae"]["sha256"]:
             raise SdrtError(f"source VAE {folder} has changed since the export (SHA-256 differs); re-export")
+    if source.get("loras"):  # adapters fused at export (`sdrt export --lora`): fused again, from the same files
+        from sdrt.export.lora import fuse_loras
+
+        for entry in source["loras"]:
+            file = Path(entry["path"])
+            if not file.is_file():
+                raise SourceMissing(f"fused LoRA {file} is not available")
+            if sha256_file(file) != entry["sha256"]:
+                raise SdrtError(f"fused LoRA {file} has changed since the export (SHA-256 differs); re-export")
+        c = fuse_loras(c, [(entry["path"], entry["scale"]) for entry in source["loras"]])
     return c
 
 

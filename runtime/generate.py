@@ -35,6 +35,15 @@ def _out_paths(out: str | None, seed: int, count: int) -> list[str]:
     return [str(path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}")) for i in range(count)]
 
 
+def _loras(args: list[str] | None) -> dict[str, float] | None:
+    from sdrt.runtime.lora import parse_lora_arg
+
+    out: dict[str, float] = {}
+    for name, scale in map(parse_lora_arg, args or []):
+        out[name] = out.get(name, 0.0) + scale  # the same adapter twice: its scales add up, as adapters do
+    return out or None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -49,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = Params(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, n=args.batch, seed=args.seed, sampler=args.sampler,
-        image=args.init_image, strength=args.strength, mask=args.mask,
+        image=args.init_image, strength=args.strength, mask=args.mask, loras=_loras(args.lora),
     )  # fmt: skip
     t0 = time.perf_counter()
     with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph) as pipe:
@@ -100,6 +109,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mask", metavar="PATH", help="inpainting: white repaints, black keeps (needs --init-image)")
     g.add_argument("--strength", type=float, help="img2img / inpainting: how much to change the image, in (0, 1] "
                    "(default 0.8 for img2img, 1 for inpainting)")  # fmt: skip
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME[:SCALE]",
+        help="apply an adapter added with `sdrt lora add` at SCALE (default 1); repeat to add several",
+    )
     g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
                    help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as built), else torch "
                    "programs where exported; else ONNX Runtime")  # fmt: skip

@@ -3,7 +3,7 @@ benchmarks, with sdrt's defaults. Light on purpose (no torch): the command line 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -37,3 +37,4 @@ class Params:
     image: ImageArg | None = None  # img2img / inpainting: the init image
     strength: float | None = None
     mask: ImageArg | None = None  # inpainting, with image: white is repainted, black kept
+    loras: Mapping[str, float] | None = None  # {adapter added with `sdrt lora add`: scale}; they add up

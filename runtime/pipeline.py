@@ -25,6 +25,7 @@ from PIL import Image
 from sdrt.runtime.backends import Backend, open_backend
 from sdrt.runtime.capture import CaptureCache
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.lora import Adapters, check_loras
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, ImageArg, Params
 from sdrt.runtime.request import Layout, Request, host_inputs, open_image
@@ -68,6 +69,7 @@ class Pipeline:
         self.lock = threading.RLock()  # held for each batch; holding it pauses the pipeline
         self._captured = CaptureCache()
         self._plans: dict[tuple, Plan] = {}
+        self.adapters = Adapters(root, manifest)
 
     @classmethod
     def load(
@@ -113,14 +115,16 @@ class Pipeline:
         image: ImageArg | None = None,
         strength: float | None = None,
         mask_image: ImageArg | None = None,
+        loras: dict[str, float] | None = None,
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
-        ``mask_image`` (white is repainted; strength 1 unless given). Arguments named as diffusers names them."""
+        ``mask_image`` (white is repainted; strength 1 unless given); ``loras``: {adapter: scale}, adapters added
+        with `sdrt lora add`. Arguments named as diffusers names them."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
-            strength=strength, mask=mask_image,
+            strength=strength, mask=mask_image, loras=loras,
         )  # fmt: skip
         pixels = self.generate(self.request(params), progress=progress)
         return [Image.fromarray(a) for a in pixels.numpy()]
@@ -161,8 +165,12 @@ class Pipeline:
         height, width = self._size("height", height), self._size("width", width)
         init = init and init.convert("RGB").resize((width, height), Image.LANCZOS)
         mask_img = mask_img and mask_img.convert("L").resize((width, height), Image.LANCZOS)
+        loras = check_loras(self.manifest, p.loras)
+        if loras and not self.backend.lora:
+            raise SdrtError(f"the {self.backend.name} backend cannot apply LoRA adapters yet; use --backend "
+                            "onnxruntime or torch", field="loras")  # fmt: skip
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
-                      float(strength), init, mask_img)  # fmt: skip
+                      float(strength), init, mask_img, loras)  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength)  # a step count the schedule cannot honour: ScheduleError
         return req
 
@@ -222,6 +230,7 @@ class Pipeline:
         with self.lock:
             t0 = time.perf_counter()
             plan = self.plan(key.sampler, key.steps, key.strength)
+            self.adapters.apply(self.backend, key.loras)  # W0 + the request's adapters, from the base every time
             latent = (self.latent_channels, self.geometry.vae_scale_factor)
             host = host_inputs(reqs, plan, self.tokenizers, latent, self._encodes_init(key), self.zero_negatives)
             timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}

@@ -1,7 +1,8 @@
 """One validated request (`Request`, made from `Params` by `Pipeline.request`), and the host tensors a batch of
 them reads, drawn in diffusers' order.
 
-Requests with the same `Request.join_key` (size, steps, sampler, strength, guidance on or off, init image, mask)
+Requests with the same `Request.join_key` (size, steps, sampler, strength, guidance on or off, init image, mask,
+LoRA adapters)
 can run as one engine batch: the host lays their rows out one request after another, and each request's random
 draws come from its own ``torch.Generator("cpu").manual_seed(seed)``, so every request gets exactly the images it
 gets alone. The layout's counts (`Layout`) are what a captured CUDA graph depends on; the rest is data.
@@ -32,6 +33,7 @@ class JoinKey(NamedTuple):
     cfg: bool
     image: bool
     mask: bool
+    loras: tuple[tuple[str, float], ...] = ()  # one adapter set per engine batch (not part of a capture key)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Request:
     strength: float  # 1.0 for txt2img
     image: Image.Image | None = None  # RGB at (width, height)
     mask: Image.Image | None = None  # L at (width, height): white is repainted, black is kept
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter, scale), sorted by name (runtime/lora.py)
 
     @property
     def batch(self) -> int:
@@ -63,7 +66,7 @@ class Request:
     def join_key(self) -> JoinKey:
         """Requests with equal join keys run through the same graph body and may share one engine batch."""
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
-                       self.image is not None, self.mask is not None)  # fmt: skip
+                       self.image is not None, self.mask is not None, self.loras)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class Layout:
 
     @property
     def key(self) -> tuple:
-        return (*self.join_key, self.prompts, self.images, self.inits)
+        # adapters change weights in place, not the captured graph: requests with any adapters replay one capture
+        return (*self.join_key._replace(loras=()), self.prompts, self.images, self.inits)
 
 
 def host_inputs(

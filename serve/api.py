@@ -7,6 +7,9 @@ Each request shape maps onto the same engine call, `Params` (what `Pipeline.requ
   has seed ``seed + i``, so each image of a batch is the one a single-image request with that seed gives; the
   ``batch_size`` calls then join one engine batch in the server.
 
+LoRA adapters (added with `sdrt lora add`) come as ``loras: {NAME: scale}`` on ``/v1/images`` and as the web UI's
+``<lora:NAME:SCALE>`` tags in the prompt on ``/sdapi`` (`prompt_loras`); either way they become ``Params.loras``.
+
 Problems are `ApiError`s that name the offending field as the client spelled it.
 """
 
@@ -16,7 +19,9 @@ import base64
 import binascii
 import io
 import json
+import re
 import secrets
+from collections import Counter
 from typing import Any
 
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
@@ -38,11 +43,17 @@ WEBUI_SAMPLERS = {
 WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M",
                "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM", "pndm": "PLMS"}  # fmt: skip
 
-# `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it
+# `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it; the web UI's adapters are
+# tags in its prompt
 V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
-                                     "sampler", "image", "strength", "mask")}  # fmt: skip
+                                     "sampler", "image", "strength", "mask", "loras")}  # fmt: skip
 SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
-                "image": "init_images", "strength": "denoising_strength"}  # fmt: skip
+                "image": "init_images", "strength": "denoising_strength", "loras": "prompt"}  # fmt: skip
+
+# the web UI's extra-network tags, <KIND:ARG:ARG...> (its modules/extra_networks.py, re_extra_net); its Lora
+# extension answers to "lora" and to the alias "lyco"
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+LORA_KINDS = ("lora", "lyco")
 
 
 class ApiError(Exception):
@@ -81,6 +92,7 @@ class ImagesRequest(BaseModel):
     image: str | None = Field(None, description="img2img: the init image, base64 (or a data: URL)")
     mask: str | None = Field(None, description="inpainting, with image: white is repainted, base64")
     strength: float | None = Field(None, description="img2img default 0.8, inpainting default 1")
+    loras: dict[str, Any] | None = Field(None, description="{adapter added with `sdrt lora add`: scale}; they add up")
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
     def calls(self, max_pixels: int) -> list[Params]:
@@ -90,7 +102,7 @@ class ImagesRequest(BaseModel):
         return [
             Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                    height=self.height, width=self.width, n=self.n, seed=self.seed, sampler=sampler, image=image,
-                   strength=self.strength, mask=mask)
+                   strength=self.strength, mask=mask, loras=self.loras)
         ]  # fmt: skip
 
 
@@ -127,11 +139,12 @@ class Txt2ImgRequest(BaseModel):
         if not -1 <= self.seed < 2**64:
             raise bad_request("seed", f"seed must be -1 (random) or in [0, 2^64), got {self.seed}")
         seed = secrets.randbits(32) if self.seed == -1 else self.seed
+        prompt, loras = prompt_loras(self.prompt)  # the negative prompt is text, as in the web UI
         count = self.batch_size * self.n_iter  # image i has seed + i, as in the web UI
         return [
-            Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
+            Params(prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
                    height=self.height, width=self.width, n=1, seed=(seed + i) % 2**64, sampler=sampler,
-                   image=images[i % len(images)], strength=strength, mask=mask)
+                   image=images[i % len(images)], strength=strength, mask=mask, loras=loras or None)
             for i in range(count)
         ]  # fmt: skip
 
@@ -172,6 +185,41 @@ def sampler_name(name: str | None, scheduler: str | None, field: str) -> str | N
         return WEBUI_SAMPLERS[name.lower()]
     known = ", ".join([*WEBUI_NAMES.values(), *SAMPLERS])
     raise bad_request(field, f"unknown sampler {name!r}; samplers are: {known}")
+
+
+def prompt_loras(prompt: str) -> tuple[str, dict[str, float]]:
+    """The web UI's LoRA tags, ``<lora:NAME>`` (scale 1) or ``<lora:NAME:SCALE>``, anywhere in a prompt -> the
+    prompt without them and ``{NAME: scale}``. As in the web UI, each tag is replaced by nothing (CLIP's tokenizer
+    drops the spaces left behind) and different adapters add up; only the prompt is parsed, a tag in the negative
+    prompt is text (the web UI's `parse_extra_network_prompts` reads the prompts alone).
+
+    The same name twice does what it does in the web UI (extensions-builtin/Lora/networks.py, `load_networks`):
+    both tags get the one network object, whose multiplier ends as the last tag's, and that network is applied once
+    per tag, so ``<lora:a:0.2> <lora:a:0.3>`` is ``a`` at 2 x 0.3 = 0.6 (equal scales simply add up).
+
+    What sdrt cannot honour is a 400 naming ``prompt``: another kind of extra network (``<hypernet:...>``),
+    separate text-encoder and U-Net scales (``<lora:a:0.5:0.8>``, ``te=``, ``unet=``, ``dyn=``), a scale that is
+    not a number. Names and scales are then checked by the engine (`check_loras`: ``loras``, i.e. ``prompt`` here).
+    """
+    tags: list[tuple[str, float]] = []
+
+    def take(m: re.Match) -> str:
+        kind, args = m.group(1), m.group(2).split(":")
+        if kind not in LORA_KINDS:
+            raise bad_request("prompt", f"prompt tag {m.group(0)!r}: sdrt applies LoRA adapters only, as "
+                              "<lora:NAME:SCALE>")  # fmt: skip
+        if len(args) > 2 or any("=" in a for a in args):
+            raise bad_request("prompt", f"prompt tag {m.group(0)!r}: give <lora:NAME> or <lora:NAME:SCALE>, one "
+                              "scale for text encoder and U-Net (te=, unet=, dyn= are not supported)")  # fmt: skip
+        try:
+            tags.append((args[0], float(args[1]) if len(args) > 1 else 1.0))
+        except ValueError:
+            raise bad_request("prompt", f"prompt tag {m.group(0)!r}: the scale {args[1]!r} is not a number") from None
+        return ""
+
+    text = EXTRA_NETWORK_TAG.sub(take, prompt)
+    last, count = dict(tags), Counter(name for name, _ in tags)
+    return text, {name: count[name] * scale for name, scale in last.items()}
 
 
 def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
@@ -231,14 +279,17 @@ def echo_v1(req, model: str) -> dict[str, Any]:
     }  # fmt: skip
     if req.image is not None:
         out["strength"] = req.strength
+    if req.loras:
+        out["loras"] = dict(req.loras)
     return out
 
 
-def webui_info(parameters: list[dict[str, Any]], infotexts: list[str], model: str) -> str:
-    """The web UI's ``info`` string (JSON) for calls echoed by `echo_v1`: where its clients read seeds back from."""
+def webui_info(parameters: list[dict[str, Any]], infotexts: list[str], model: str, prompt: str) -> str:
+    """The web UI's ``info`` string (JSON) for calls echoed by `echo_v1`: where its clients read seeds back from.
+    ``prompt`` is the one sent, its ``<lora:...>`` tags kept, as the web UI echoes it."""
     first = parameters[0]
     info = {
-        "prompt": first["prompt"], "all_prompts": [p["prompt"] for p in parameters],
+        "prompt": prompt, "all_prompts": [prompt] * len(parameters),
         "negative_prompt": first["negative_prompt"], "all_negative_prompts": [p["negative_prompt"] for p in parameters],
         "seed": first["seed"], "all_seeds": [p["seed"] for p in parameters], "width": first["width"],
         "height": first["height"], "sampler_name": WEBUI_NAMES.get(first["sampler"], first["sampler"]),

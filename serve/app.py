@@ -271,7 +271,7 @@ def _v1_answer(gen: Generated, raw_png: bool) -> Response:
 def _sdapi_answer(gen: Generated, body: Txt2ImgRequest, model: str) -> JSONResponse:
     texts = [t for call in gen.infotexts for t in call]
     images = [api.b64(p) for call in gen.pngs for p in call]
-    info = api.webui_info(gen.parameters, texts, model)
+    info = api.webui_info(gen.parameters, texts, model, body.prompt)
     return JSONResponse({"images": images, "parameters": body.echo(), "info": info})
 
 

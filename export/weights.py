@@ -1,0 +1,98 @@
+"""Which ONNX initializer holds each PyTorch weight: the map `sdrt lora add` keys adapters by.
+
+torch.onnx's dynamo exporter keeps a parameter's name only where the graph uses it as it is (convolutions, Gemm);
+a Linear layer on 3-D activations becomes a MatMul whose weight the exporter's optimiser has transposed and
+constant-folded into an initializer named ``val_N``. Names cannot say which is which, so the weights are matched by
+value: every 2-D or larger parameter, as it is and (2-D) transposed, against every initializer of the fp32 trace.
+A parameter whose value two initializers share (or that shares one with another parameter) is marked ``shared``:
+changing that initializer would change more than the one weight, so adapters refuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+WEIGHTS_FORMAT = 1
+
+
+def _digest(data: bytes, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    return hashlib.blake2b(data, digest_size=16).hexdigest(), shape
+
+
+def parameter_fingerprints(module: torch.nn.Module) -> tuple[str, dict[tuple, list[tuple[str, bool]]]]:
+    """(prefix, {fingerprint: [(name, transposed)]}) for every float parameter of 2 or more dimensions of the graph
+    module, named as the wrapped diffusers / transformers model names it (the wrapper's ``prefix`` removed)."""
+    out: dict[tuple, list[tuple[str, bool]]] = {}
+    prefixes = set()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim < 2 or not p.is_floating_point():
+                continue
+            prefix, fqn = name.split(".", 1)
+            prefixes.add(prefix)
+            w = p.detach().float().contiguous()
+            out.setdefault(_digest(w.numpy().tobytes(), tuple(w.shape)), []).append((fqn, False))
+            if w.ndim == 2:
+                t = w.t().contiguous()
+                out.setdefault(_digest(t.numpy().tobytes(), tuple(t.shape)), []).append((fqn, True))
+    if len(prefixes) > 1:
+        raise ValueError(f"graph module wraps more than one model: {sorted(prefixes)}")
+    return (prefixes.pop() + "." if prefixes else ""), out
+
+
+def _initializer_fingerprints(path: Path) -> dict[tuple, list[str]]:
+    """{fingerprint: [initializer names]} of a float32 ONNX file, reading one tensor's external data at a time."""
+    model = onnx.load(str(path), load_external_data=False)
+    out: dict[tuple, list[str]] = {}
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2:
+            continue
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(path.parent))
+        data = np.ascontiguousarray(numpy_helper.to_array(t), dtype=np.float32).tobytes()
+        out.setdefault(_digest(data, tuple(t.dims)), []).append(t.name)
+        t.ClearField("raw_data")
+    return out
+
+
+def weight_map(prefix: str, params: dict[tuple, list[tuple[str, bool]]], traced: Path) -> dict[str, Any]:
+    """The weights file of one graph: for each parameter found in the fp32 trace ``traced``, its initializer, that
+    initializer's shape, and whether the exporter stored it transposed. Dtypes are added by `add_dtypes`."""
+    inits = _initializer_fingerprints(traced)
+    weights: dict[str, dict[str, Any]] = {}
+    users: dict[str, int] = {}
+    for fp, names in inits.items():
+        for fqn, transposed in params.get(fp, []):
+            for init in names:
+                users[init] = users.get(init, 0) + 1
+                entry = {"initializer": init, "shape": list(fp[1]), "transposed": transposed}
+                if fqn in weights or len(names) > 1:
+                    entry["shared"] = True
+                weights[fqn] = entry
+    for entry in weights.values():
+        if users[entry["initializer"]] > 1:
+            entry["shared"] = True
+    return {"format": WEIGHTS_FORMAT, "prefix": prefix, "weights": dict(sorted(weights.items()))}
+
+
+def add_dtypes(weights: dict[str, Any], model: onnx.ModelProto) -> dict[str, Any]:
+    """Record each initializer's element type in the saved graph (fp16 conversion changes it, and may leave some
+    in float32); entries whose initializer the saved graph no longer has are dropped."""
+    dtypes = {
+        t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
+        for t in model.graph.initializer
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    }
+    kept = {}
+    for fqn, entry in weights["weights"].items():
+        if entry["initializer"] in dtypes:
+            kept[fqn] = {**entry, "dtype": dtypes[entry["initializer"]]}
+    return {**weights, "weights": kept}

@@ -1,0 +1,281 @@
+"""LoRA adapters: `sdrt lora add` and per-request `loras`, against diffusers' own load_lora_weights as reference.
+
+The adapter files are written here in the two formats users meet: kohya / web-UI (`lora_unet_*`, `lora_te_*`,
+`lora_down` / `lora_up` / `alpha`, with LoCon convolutions) and diffusers / PEFT (`lora_A` / `lora_B`, no alpha).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_pipeline import SCHEDULERS, check, psnr, sdrt_images
+
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.xdist_group("lora")
+KW = dict(prompt="a watercolor fox in the snow", negative_prompt="blurry", num_inference_steps=4, guidance_scale=6.0,
+          height=64, width=64, seed=21, sampler="euler")  # fmt: skip
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2", "ff.net.2")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def _targets(module: torch.nn.Module, suffixes: tuple[str, ...]):
+    for name, m in module.named_modules():
+        if name.endswith(suffixes) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            yield name, m
+
+
+def _factors(m: torch.nn.Module, rank: int, gen: torch.Generator, size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    w = m.weight
+    down = torch.randn((rank, *w.shape[1:]), generator=gen) * size
+    up = torch.randn((w.shape[0], rank, *([1, 1] if w.ndim == 4 else [])), generator=gen) * size
+    return down, up
+
+
+def kohya_lora(path, pipe, seed: int, rank: int = 4, alpha: float = 2.0, size: float = 0.3):
+    """A kohya / web-UI file: every attention projection, feed-forward out, LoCon resnet convs; alpha != rank."""
+    from safetensors.torch import save_file
+
+    gen, sd = torch.Generator().manual_seed(seed), {}
+    parts = [("lora_unet_", "", pipe.unet, UNET_TARGETS), ("lora_te_", "text_model.", pipe.text_encoder, TE_TARGETS)]
+    for prefix, inner, module, suffixes in parts:
+        for name, m in _targets(module, suffixes):
+            key = prefix + (inner + name).replace(".", "_")
+            sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = _factors(m, rank, gen, size)
+            sd[key + ".alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path))
+    return path
+
+
+def peft_lora(path, pipe, seed: int, rank: int = 2, size: float = 0.2):
+    """A diffusers / PEFT file: lora_A / lora_B under unet. and text_encoder.text_model., no alpha (scale 1)."""
+    from safetensors.torch import save_file
+
+    gen, sd = torch.Generator().manual_seed(seed), {}
+    parts = [("unet.", pipe.unet, ("to_q", "to_v", "to_out.0")), ("text_encoder.text_model.", pipe.text_encoder,
+             ("q_proj", "v_proj", "fc2"))]  # fmt: skip
+    for prefix, module, suffixes in parts:
+        for name, m in _targets(module, suffixes):
+            sd[f"{prefix}{name}.lora_A.weight"], sd[f"{prefix}{name}.lora_B.weight"] = _factors(m, rank, gen, size)
+    save_file(sd, str(path))
+    return path
+
+
+def reference(folder, adapters: dict, kw: dict = KW) -> np.ndarray:
+    """diffusers with the LoRA files: one fused at its scale (fuse_lora), or several as weighted PEFT adapters."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                             requires_safety_checker=False)  # fmt: skip
+    kw = dict(kw)
+    name, extra = SCHEDULERS[kw.pop("sampler")]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    names = [f"a{i}" for i in range(len(adapters))]
+    for n, file in zip(names, adapters, strict=True):
+        pipe.load_lora_weights(str(file), adapter_name=n)
+    if len(adapters) == 1:
+        pipe.fuse_lora(lora_scale=next(iter(adapters.values())))
+        pipe.unload_lora_weights()  # the fused weights stay; the (now zero-scaled) PEFT layers go
+    elif adapters:
+        pipe.set_adapters(names, list(adapters.values()))
+    seed = kw.pop("seed")
+    out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+    return np.stack([np.asarray(im) for im in out.images])
+
+
+@pytest.fixture(scope="module")
+def files(folders, tmp_path_factory):
+    import diffusers
+
+    root = tmp_path_factory.mktemp("lora-files")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)
+    return {"kohya": kohya_lora(root / "kohya.safetensors", pipe, 1), "peft": peft_lora(root / "peft.safetensors",
+            pipe, 2)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(exports, files, tmp_path_factory):
+    from sdrt.runtime.cli import main
+
+    root = tmp_path_factory.mktemp("lora-engine") / "sd1"
+    shutil.copytree(exports.get("sd1", "fp32"), root)
+    assert main(["lora", "add", str(root), str(files["kohya"])]) == 0
+    assert main(["lora", "add", str(root), str(files["peft"]), "--name", "p"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(engine):
+    with Pipeline.load(engine, backend="onnxruntime", device="cpu") as p:
+        yield p
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_kohya_lora_matches_diffusers(pipe, folders, files, scale, record_property):
+    ref = reference(folders["sd1"], {files["kohya"]: scale})
+    db = check(sdrt_images(pipe, loras={"kohya": scale}, **KW), ref)
+    plain = psnr(sdrt_images(pipe, **KW), ref)
+    record_property(f"kohya_{scale}_psnr_db", round(db, 1))
+    print(f"kohya LoRA at {scale}: PSNR {db:.1f} dB against diffusers; without the adapter {plain:.1f} dB")
+    assert plain < db - 10, "the adapter barely changes the picture: the comparison would say nothing"
+
+
+def test_peft_lora_and_two_adapters_match_diffusers(pipe, folders, files):
+    ref = reference(folders["sd1"], {files["peft"]: 1.0})
+    db = check(sdrt_images(pipe, loras={"p": 1.0}, **KW), ref)
+    assert psnr(sdrt_images(pipe, **KW), ref) < db - 10
+    both = reference(folders["sd1"], {files["kohya"]: 0.7, files["peft"]: 0.5})
+    db2 = check(sdrt_images(pipe, loras={"kohya": 0.7, "p": 0.5}, **KW), both)
+    print(f"PEFT LoRA: PSNR {db:.1f} dB; kohya 0.7 + PEFT 0.5: {db2:.1f} dB against diffusers")
+
+
+def test_switching_adapters_is_exact(engine, pipe):
+    """A -> B -> A -> none on one pipeline gives byte for byte what fresh loads give: nothing leaves a trace."""
+    sets = [{"kohya": 1.0}, {"p": 0.8, "kohya": 0.3}, {"kohya": 1.0}, None, {"kohya": 0.0}]
+    fresh = {}
+    for s in sets:
+        with Pipeline.load(engine, backend="onnxruntime", device="cpu") as p:
+            fresh[str(s)] = sdrt_images(p, loras=s, **KW)
+    for s in sets:
+        assert np.array_equal(sdrt_images(pipe, loras=s, **KW), fresh[str(s)]), s
+    assert np.array_equal(fresh["None"], fresh[str({"kohya": 0.0})])
+    assert not np.array_equal(fresh["None"], fresh[str(sets[0])])
+
+
+def test_cli_generate_with_lora(engine, pipe, tmp_path):
+    from PIL import Image
+
+    from sdrt.runtime.cli import main
+
+    out = tmp_path / "fox.png"
+    args = ["generate", str(engine), KW["prompt"], "--negative-prompt", KW["negative_prompt"], "--steps", "4",
+            "--guidance", "6", "--height", "64", "--width", "64", "--seed", "21", "--sampler", "euler",
+            "--backend", "onnxruntime", "--device", "cpu", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--lora", "kohya:0.25", "--lora", "p:0.5", "--lora", "kohya:0.25"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out))[None], sdrt_images(pipe, loras={"kohya": 0.5, "p": 0.5}, **KW))
+
+
+@pytest.mark.parametrize(
+    "loras,msg",
+    [
+        ({"nope": 1.0}, "unknown LoRA adapter 'nope'"),
+        ({"kohya": float("nan")}, "must be a finite number"),
+        ({"kohya": "1"}, "must be a finite number"),
+        (["kohya"], "must map adapter names to scales"),
+    ],
+)
+def test_bad_loras_are_one_line_and_change_nothing(pipe, loras, msg):
+    before = sdrt_images(pipe, loras={"p": 1.0}, **KW)
+    with pytest.raises(SdrtError, match=msg) as err:
+        sdrt_images(pipe, loras=loras, **KW)
+    assert err.value.field == "loras" and "\n" not in str(err.value)
+    assert np.array_equal(pipe.adapters.current.get("unet"), (("p", 1.0),))
+    assert np.array_equal(before, sdrt_images(pipe, loras={"p": 1.0}, **KW))
+
+
+def _bad_file(tmp_path, kind: str):
+    from safetensors.torch import save_file
+
+    r = 4
+    keys = {
+        # an SDXL adapter: its second text encoder's weights
+        "sdxl": {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (32, 32)},
+        "nomatch": {"lora_unet_down_blocks_7_attentions_0_proj_in": (32, 32)},
+        "shape": {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (48, 32)},
+    }[kind]
+    sd = {}
+    for k, (o, i) in keys.items():
+        sd[k + ".lora_down.weight"], sd[k + ".lora_up.weight"] = torch.ones(r, i), torch.ones(o, r)
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,msg",
+    [
+        ("sdxl", "for a text_encoder_2 graph this engine does not have"),
+        ("nomatch", "matches no weight of unet"),
+        ("shape", "gives a [48, 32] update for"),
+        ("pickle", "only .safetensors LoRA files are read"),
+        ("old", "exported without a weights map; re-export"),
+    ],
+)
+def test_lora_add_refuses_in_one_line_and_writes_nothing(engine, tmp_path, capsys, kind, msg):
+    from sdrt.runtime.cli import main
+
+    root = tmp_path / "e"
+    shutil.copytree(engine, root)
+    if kind == "pickle":
+        file = tmp_path / "x.pt"
+        torch.save({"a": torch.ones(1)}, file)
+    else:
+        file = _bad_file(tmp_path, "nomatch" if kind == "old" else kind)
+    if kind == "old":
+        import json
+
+        m = json.loads((root / "manifest.json").read_text())
+        for g in m["graphs"].values():
+            del g["weights"]
+        (root / "manifest.json").write_text(json.dumps(m))
+    before = {p.name: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert main(["lora", "add", str(root), str(file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+    assert before == {p.name: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+FUSE_ARGS = ["--precision", "fp32", "--min-size", "64", "--max-size", "64", "--max-batch", "1"]
+
+
+def test_export_fuses_loras_as_diffusers_weighs_them(folders, files, tmp_path):
+    """`sdrt export --lora FILE:SCALE` twice: the graphs hold both adapters at their scales, against diffusers with
+    the same two files as weighted (unfused) adapters; `sdrt verify` fuses the same files again and agrees."""
+    import json
+
+    from sdrt.runtime.cli import main
+
+    root = tmp_path / "fused"
+    loras = ["--lora", f"{files['kohya']}:0.7", "--lora", f"{files['peft']}:0.5"]
+    assert main(["export", str(folders["sd1"]), str(root), *FUSE_ARGS, *loras]) == 0
+    ref = reference(folders["sd1"], {files["kohya"]: 0.7, files["peft"]: 0.5})
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as p:
+        ours = sdrt_images(p, **KW)
+    db = check(ours, ref)
+    assert psnr(ours, reference(folders["sd1"], {})) < db - 10, "the fused adapters barely change the picture"
+    source = json.loads((root / "manifest.json").read_text())["source"]
+    assert [(e["path"].rsplit("/", 1)[1], e["scale"]) for e in source["loras"]] == [
+        ("kohya.safetensors", 0.7),
+        ("peft.safetensors", 0.5),
+    ]
+    assert main(["verify", str(root)]) == 0
+    print(f"export --lora kohya:0.7 --lora peft:0.5: PSNR {db:.1f} dB against diffusers' weighted adapters")
+
+
+@pytest.mark.parametrize(
+    "kind,msg",
+    [
+        ("sdxl", "is for a text_encoder_2 this model does not have"),
+        ("nomatch", "matches no Linear or Conv2d of the unet"),
+        ("shape", "has shape [48, 4], which does not fit"),
+        ("missing", "no such file"),
+        ("scale", "the scale must be a finite number"),
+    ],
+)
+def test_export_lora_refuses_in_one_line_and_writes_nothing(folders, tmp_path, capsys, kind, msg):
+    from sdrt.runtime.cli import main
+
+    file = tmp_path / "none.safetensors" if kind == "missing" else _bad_file(tmp_path, "shape")
+    if kind not in ("missing", "scale"):
+        file = _bad_file(tmp_path, kind)
+    arg = f"{file}:nan" if kind == "scale" else f"{file}:0.5"
+    dest = tmp_path / "out"
+    assert main(["export", str(folders["sd1"]), str(dest), *FUSE_ARGS, "--lora", arg]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdrt: error")]
+    assert len(err) == 1 and msg in err[0], err
+    assert not dest.exists() and not list(tmp_path.glob(".out.*"))
