@@ -10,7 +10,8 @@ from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def png_parameters(req, model: str, index: int) -> str:
-    """The `parameters` text chunk in the format image tools already read (prompt, negative, key: value list)."""
+    """The `parameters` text chunk in the format image tools already read (prompt, negative, key: value list); LoRA
+    adapters as the web UI writes them, `<lora:NAME:SCALE>` tags at the end of the prompt."""
     fields = [
         f"Steps: {req.steps}", f"Sampler: {req.sampler}", f"CFG scale: {req.guidance:g}", f"Seed: {req.seed}",
         f"Size: {req.width}x{req.height}", f"Model: {model}",
@@ -20,6 +21,7 @@ def png_parameters(req, model: str, index: int) -> str:
     if req.batch > 1:
         fields += [f"Batch size: {req.batch}", f"Batch pos: {index}"]
     prompt = req.prompts[index // req.images_per_prompt]
+    prompt += "".join(f" <lora:{name}:{scale:g}>" for name, scale in req.loras)
     negative = req.negatives[index // req.images_per_prompt]
     return f"{prompt}\n" + (f"Negative prompt: {negative}\n" if negative else "") + ", ".join(fields)
 

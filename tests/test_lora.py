@@ -158,6 +158,7 @@ def test_cli_generate_with_lora(engine, pipe, tmp_path):
             "--backend", "onnxruntime", "--device", "cpu", "--quiet", "--out", str(out)]  # fmt: skip
     assert main([*args, "--lora", "kohya:0.25", "--lora", "p:0.5", "--lora", "kohya:0.25"]) == 0
     assert np.array_equal(np.asarray(Image.open(out))[None], sdrt_images(pipe, loras={"kohya": 0.5, "p": 0.5}, **KW))
+    assert Image.open(out).text["parameters"].startswith(f"{KW['prompt']} <lora:kohya:0.5> <lora:p:0.5>\n")
 
 
 @pytest.mark.parametrize(
