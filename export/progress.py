@@ -1,7 +1,9 @@
-"""Progress of long build-time work: each step printed as it starts and ends, with its elapsed time."""
+"""Progress of long build-time work: each step printed as it starts and ends, with its elapsed time and the
+process's peak resident memory so far (an export of a large model is bounded by memory as much as by time)."""
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -23,4 +25,9 @@ class Progress:
         self.say(f"{what} ...")
         t = time.perf_counter()
         yield
-        self.say(f"{what} done in {time.perf_counter() - t:.1f}s")
+        self.say(f"{what} done in {time.perf_counter() - t:.1f}s (peak memory {peak_rss_gb():.2f} GB)")
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, GB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9

@@ -1,0 +1,103 @@
+"""Export footprint: wall time and peak resident memory of `sdrt export`, per model and per stage.
+
+    python -m sdrt.benchmarks.export_memory sd15 small-sdxl [--precision fp16] [--json PATH]
+
+Each export runs alone, in its own process, under `/usr/bin/time -v` (the whole process's peak resident memory);
+the stage lines are the export's own progress (seconds per stage, peak memory so far). MODEL is a preset, a
+diffusers folder, or `small-sdxl`: an SDXL-shaped folder of a few MB written here with diffusers' classes whose
+U-Net declares SDXL's native 128 latents, so its default range is 512-2048 px; what the export costs must follow
+the model, not the range. Nothing here is a GPU figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+STAGE = re.compile(r"\] (.+) done in ([\d.]+)s \(peak memory ([\d.]+) GB\)")
+
+
+def small_sdxl(folder: Path) -> Path:
+    """A few-MB SDXL-shaped diffusers folder (two text encoders, text_time conditioning) trained at 128 latents."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdrt.export.load import byte_level_clip_tokenizer
+
+    torch.manual_seed(0)
+    clip = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
+                max_position_embeddings=77, projection_dim=32, bos_token_id=512, eos_token_id=513)  # fmt: skip
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=32 + 64,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=vae, unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip, pad_token_id=513)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**dict(clip, hidden_size=64), pad_token_id=0)),
+        tokenizer=byte_level_clip_tokenizer("<|endoftext|>"), tokenizer_2=byte_level_clip_tokenizer("!"),
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def measure(model: str, precision: str, work: Path) -> dict:
+    """One export in its own process under /usr/bin/time -v: wall, peak RSS, and the export's stage lines."""
+    dest = work / f"engine-{Path(model).name}-{precision}"
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "sdrt.runtime.cli", "export", model, str(dest),
+           "--precision", precision, "--force"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"export of {model} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", r.stderr).group(1)
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
+    stages = [dict(stage=m[1], seconds=float(m[2]), peak_gb=float(m[3])) for m in STAGE.finditer(r.stderr)]
+    manifest = json.loads((dest / "manifest.json").read_text())
+    return dict(model=model, precision=precision, wall_s=round(seconds, 1), peak_gb=round(peak * 1024 / 1e9, 2),
+                range_px=[manifest["shapes"]["min_px"], manifest["shapes"]["max_px"]], stages=stages,
+                command=" ".join(cmd[2:]))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", metavar="MODEL", help="presets, diffusers folders, or small-sdxl")
+    ap.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="sdrt-export-memory-") as tmp:
+        work = Path(tmp)
+        for model in args.models:
+            path = str(small_sdxl(work / "small-sdxl")) if model == "small-sdxl" else model
+            r = measure(path, args.precision, work)
+            r["model"] = model
+            results.append(r)
+            print(f"\n{model} ({args.precision}, default range {r['range_px'][0]}-{r['range_px'][1]} px): "
+                  f"{r['wall_s']:.0f} s, peak {r['peak_gb']:.2f} GB")  # fmt: skip
+            for s in r["stages"]:
+                print(f"  {s['seconds']:7.1f} s  peak so far {s['peak_gb']:6.2f} GB  {s['stage']}")
+    machine = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(),
+                   cores=len(os.sched_getaffinity(0)), python=platform.python_version())  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(dict(machine=machine, results=results), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
