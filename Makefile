@@ -43,7 +43,8 @@ help:
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml
+# torch, then sdrt with the export extra: what `sdrt export` and `sdrt generate` need, all a CPU `make demo` installs
+$(VENV)/.export-done: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@set -e; mode="$(TORCH)"; \
 	if $(BIN)/python -c "import torch" 2>/dev/null && [ "$$mode" = auto ]; then mode=keep; fi; \
@@ -57,8 +58,13 @@ $(VENV)/.setup-done: pyproject.toml
 	  keep) ;; \
 	  *) echo "TORCH must be auto, cpu, cuda or keep" >&2; exit 2 ;; \
 	esac
-	$(BIN)/pip install -q -e '.[export,test,serve,rtx]'  # also brings torch's own dependencies
+	$(BIN)/pip install -q -e '.[export]'  # also brings torch's own dependencies
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+	touch $@
+
+# the rest: the server (and Ray), TensorRT for RTX, the test tools
+$(VENV)/.setup-done: $(VENV)/.export-done
+	$(BIN)/pip install -q -e '.[export,test,serve,rtx]'
 	touch $@
 
 # export once (remove engines/NAME or pass EXPORT_FLAGS=--force to redo it); build skips up-to-date plans
@@ -70,7 +76,8 @@ engines/$(NAME)/manifest.json:
 
 # on a GPU: the engines at the model's native size; without one: ONNX Runtime at the smallest exported size, and
 # no engine build (its engines are for RTX GPUs: `make engines` builds them)
-demo: setup engines/$(NAME)/manifest.json
+# without a GPU the demo needs only the export extra (no engine build), which installs in a fraction of the time
+demo: $(if $(HAS_GPU),setup,$(VENV)/.export-done) engines/$(NAME)/manifest.json
 ifeq ($(HAS_GPU),1)
 	$(BIN)/sdrt build engines/$(NAME) $(BUILD_FLAGS)
 	$(BIN)/sdrt generate engines/$(NAME) "$(PROMPT)" --steps $(STEPS) --seed 0 --out engines/$(NAME)-demo.png --verbose
