@@ -108,10 +108,12 @@ def describe_profile(manifest: dict[str, Any], opts: BuildOptions) -> str:
     return f"dynamic 1-{s['max_images']} image(s) {s['min_px']}-{s['max_px']} px, opt {images} image(s) {h}x{w}"
 
 
-def build_key(manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtEnvironment) -> dict[str, Any]:
-    """Everything a plan depends on. Equal keys (and an intact plan file) mean the plan need not be rebuilt."""
+def build_key(manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtEnvironment,
+              refittable: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    """Everything a plan depends on. Equal keys (and an intact plan file) mean the plan need not be rebuilt.
+    ``refittable``: the initializers the directory's LoRA adapters change (`refittable_weights`)."""
     graph = manifest["graphs"][name]
-    return {
+    key = {
         "onnx": {f: manifest["files"][f] for f in graph["files"]},
         "precision": graph["precision"],
         "profile": describe_profile(manifest, opts),
@@ -119,6 +121,22 @@ def build_key(manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtE
         "builder": {"workspace_gib": opts.workspace_gib},
         **env._asdict(),
     }
+    if refittable:  # absent without adapters: the keys of plans built before adapters existed stay valid
+        key["refittable"] = list(refittable)
+    return key
+
+
+def refittable_weights(root: Path, manifest: dict[str, Any], name: str) -> tuple[str, ...]:
+    """The initializers of graph ``name`` that any of the directory's LoRA adapters changes: the keys of
+    ``loras/base.safetensors`` (`sdrt lora add` keeps there the exported value of each), in name order."""
+    from sdrt.runtime.lora import BASE_FILE
+
+    if not manifest.get("loras") or not (root / BASE_FILE).is_file():
+        return ()
+    from safetensors import safe_open
+
+    with safe_open(str(root / BASE_FILE), "np") as base:
+        return tuple(sorted(k.split("/", 1)[1] for k in base.keys() if k.startswith(name + "/")))
 
 
 def stale_reasons(entry: dict[str, Any] | None, key: dict[str, Any], plan_sha256: str | None) -> list[str]:
@@ -130,6 +148,9 @@ def stale_reasons(entry: dict[str, Any] | None, key: dict[str, Any], plan_sha256
     reasons = []
     if old.get("onnx") != key["onnx"]:
         reasons.append("the ONNX graph changed")
+    if old.get("refittable", []) != key.get("refittable", []):
+        n, m = len(old.get("refittable", [])), len(key.get("refittable", []))
+        reasons.append(f"LoRA-refittable weights {n} -> {m} (adapters added or replaced)")
     if old.get("precision") != key["precision"]:
         reasons.append(f"precision {old.get('precision')} -> {key['precision']}")
     if old.get("profiles") != key["profiles"]:
@@ -229,16 +250,28 @@ def build_directory(root: str | os.PathLike, opts: BuildOptions, progress: Progr
     if family.timing_cache:
         cache = opts.timing_cache or default_timing_cache(env)
         cache.parent.mkdir(parents=True, exist_ok=True)
+    refit = any(refittable_weights(root, manifest, g) for g in manifest["graphs"])
+    if refit and family.portable and not env.gpu:
+        # TensorRT for RTX 1.7 compiles refittable attention (Myelin) regions with the GPU it builds on: on a machine
+        # without one the build fails deep inside, so these engines are built as plain ones
+        refit = False
+        report["lora"] = (f"{family.name} builds LoRA-refittable engines only on an RTX GPU: these plans run without "
+                          "adapters; build on the RTX GPU that runs them to apply adapters")  # fmt: skip
+        p.say(report["lora"])
+    elif refit and family.portable and len(env.compute_capability.split(",")) > 1:
+        raise SdrtError(f"{family.name} {env.version} builds refittable engines (this directory has LoRA adapters) "
+                        "for one compute capability at a time; pass --compute-capability with one")  # fmt: skip
     target = f"on {env.gpu} (sm {env.compute_capability})" if env.gpu else f"for sm {env.compute_capability}"
     p.say(f"{family.name} {env.version} {target}; {profile}" + (f"; timing cache {cache}" if cache else ""))
     for name in manifest["graphs"]:
-        report["graphs"][name] = _build_one(root, manifest, name, opts, (trt, env), cache, p)
+        report["graphs"][name] = _build_one(root, manifest, name, opts, (trt, env), cache, p, refit)
     return report
 
 
-def _build_one(root, manifest, name, opts, family, cache, p: Progress) -> dict[str, Any]:
+def _build_one(root, manifest, name, opts, family, cache, p: Progress, refit: bool) -> dict[str, Any]:
     trt, env = family
-    key = build_key(manifest, name, opts, env)
+    refittable = refittable_weights(root, manifest, name) if refit else ()
+    key = build_key(manifest, name, opts, env, refittable)
     entry = manifest.setdefault("engines", {}).get(name)
     plan = root / f"{name}.plan"
     reasons = stale_reasons(entry, key, sha256_file(plan) if plan.is_file() else None)
@@ -250,7 +283,7 @@ def _build_one(root, manifest, name, opts, family, cache, p: Progress) -> dict[s
     with p.step(f"{name}: build {plan.name} ({why})"):
         targets = tuple(env.compute_capability.split(",")) if not env.gpu else ()
         data = PlanFromOnnx(trt, root / manifest["graphs"][name]["file"], key["profiles"], opts.workspace_gib,
-                            cache, targets)()  # fmt: skip
+                            cache, targets, refittable)()  # fmt: skip
         write_atomic(plan, data)
         del data
         gc.collect()  # the builder, network and parser are gone with the loader's call: free them before the next

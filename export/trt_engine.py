@@ -56,14 +56,16 @@ class PlanFromOnnx:
     bytes-like) when called. The builder, network and parser live only inside the call.
 
     ``targets``: TensorRT for RTX's compute capabilities ("8.6", ...); ``timing_cache``: TensorRT's tactic timings
-    (read if the file exists, written back after the build); each is for its family only.
+    (read if the file exists, written back after the build); each is for its family only. ``refittable``: the
+    initializers LoRA adapters change, marked refittable one by one (REFIT_INDIVIDUAL) so every other weight keeps
+    its constant folding and fusions.
     """
 
     def __init__(self, trt: ModuleType, onnx_path: str | os.PathLike, profiles: Profiles,
                  workspace_gib: float | None, timing_cache: str | os.PathLike | None = None,
-                 targets: tuple[str, ...] = ()):  # fmt: skip
+                 targets: tuple[str, ...] = (), refittable: tuple[str, ...] = ()):  # fmt: skip
         self.trt, self.onnx_path, self.profiles = trt, Path(onnx_path), profiles
-        self.workspace_gib, self.targets = workspace_gib, targets
+        self.workspace_gib, self.targets, self.refittable = workspace_gib, targets, refittable
         self.timing_cache = Path(timing_cache) if timing_cache else None
 
     def __call__(self):
@@ -83,6 +85,7 @@ class PlanFromOnnx:
         if self.workspace_gib is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * (1 << 30)))
         self._set_targets(config)
+        self._mark_refittable(network, config)
         cache = self._load_timing_cache(config)
         engine = builder.build_serialized_network(network, config)
         if engine is None:
@@ -90,6 +93,15 @@ class PlanFromOnnx:
         if cache is not None:
             write_atomic(self.timing_cache, config.get_timing_cache().serialize())
         return engine
+
+    def _mark_refittable(self, network, config) -> None:
+        if not self.refittable:
+            return
+        config.set_flag(self.trt.BuilderFlag.REFIT_INDIVIDUAL)
+        for name in self.refittable:
+            if not network.mark_weights_refittable(name):
+                raise SdrtError(f"{self.onnx_path.name}: TensorRT cannot make weight {name} refittable (the parser "
+                                "did not keep it as one); a LoRA adapter cannot change it on this backend")  # fmt: skip
 
     def _set_targets(self, config) -> None:
         """The count first, then each target, every call checked; then read back, so the engine cannot silently

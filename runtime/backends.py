@@ -163,12 +163,38 @@ class TensorRTBackend(Backend):
         trt = import_family(FAMILIES[family])[0]
         self.kernels = KernelCache(kernel_cache_path(env.version, env.gpu)) if FAMILIES[family].portable else None
         self.runners: dict[str, TrtRunner] = {}
+        self.changed: dict[str, set[str]] = {}  # graph -> initializers refitted away from their exported value
         with contextlib.ExitStack() as opened:  # a plan that fails to load releases those loaded before it
             for graph in manifest["graphs"]:
                 check_plan(root, manifest, graph, env, verify_hash=False)
                 path = root / manifest["engines"][graph]["file"]
                 self.runners[graph] = opened.enter_context(TrtRunner(path, trt, self.kernels))
             self._runners = opened.pop_all()
+
+    lora = True  # plans built with the directory's adapters' weights refittable (`sdrt build` marks them)
+
+    def set_weights(self, graph: str, updates: list) -> None:
+        """Refit ``graph``'s plan on torch's stream: the updated weights get W0 + delta, the ones an earlier set
+        changed and this one does not get W0 back (both exactly as `loras/base.safetensors` holds them)."""
+        from safetensors import safe_open
+
+        from sdrt.runtime.lora import BASE_FILE
+
+        allowed = set(self.manifest["engines"][graph]["key"].get("refittable", []))
+        new = {u.initializer: u for u in updates}
+        if missing := sorted(set(new) - allowed):
+            raise SdrtError(f"{graph}.plan was built without {missing[0]} refittable (adapters added after the "
+                            f"build?); rebuild it with `sdrt build {self.root}`", field="loras")  # fmt: skip
+        values = {}
+        with safe_open(str(self.root / BASE_FILE), "pt") as base:
+            for name in sorted(set(new) | self.changed.get(graph, set())):
+                w0 = base.get_tensor(f"{graph}/{name}")
+                u = new.get(name)
+                w = w0 if u is None else (w0.float() + (u.delta.t() if u.transposed else u.delta)).to(w0.dtype)
+                values[name] = w.contiguous().to(self.device)
+        if values:
+            self.runners[graph].refit(values)
+        self.changed[graph] = set(new)
 
     def capturable_on(self, stream) -> bool:
         """Whether every plan's work on ``stream`` can be recorded into a CUDA graph."""

@@ -215,6 +215,25 @@ class TrtRunner:
             raise SdrtError(f"TensorRT failed to enqueue {self.path.name} (see the TensorRT log above)")
         return out
 
+    def refit(self, values: dict[str, Any], stream=None) -> None:
+        """Give the plan's refittable weights new values (CUDA tensors of the weight's dtype, in the initializer's
+        layout), on ``stream`` (default: torch's current stream); returns once the engine holds them, the tensors
+        may then go. The engine keeps its weight memory, so contexts and captured CUDA graphs stay valid."""
+        import torch
+
+        trt = self.trt
+        refitter = trt.Refitter(self.engine, _trt_logger(trt))
+        for name, x in values.items():
+            dtype = {torch.float16: trt.float16, torch.float32: trt.float32}[x.dtype]
+            weights = trt.Weights(dtype, x.data_ptr(), x.numel())
+            if not refitter.set_named_weights(name, weights, trt.TensorLocation.DEVICE):
+                raise SdrtError(f"{self.path.name}: weight {name} is not refittable in this plan; rebuild it with "
+                                "`sdrt build DIR` (adapters added after a build need a new one)")  # fmt: skip
+        stream = stream or torch.cuda.current_stream()
+        if not refitter.refit_cuda_engine_async(stream.cuda_stream):
+            raise SdrtError(f"TensorRT could not refit {self.path.name} (see the TensorRT log above)")
+        stream.synchronize()
+
 
 class KernelCache:
     """TensorRT for RTX's runtime cache of the kernels it compiles when an engine is loaded: one per backend,

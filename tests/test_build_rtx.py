@@ -92,6 +92,43 @@ def test_second_build_skips_and_a_changed_graph_rebuilds_alone(exported, tmp_pat
     assert {k for k in before if before[k] != after[k]} <= {"vae_decoder.plan"}
 
 
+def test_adapters_make_plans_refittable_only_where_the_builder_can(exported, folders, tmp_path):
+    """The weights a directory's adapters change are what `sdrt build` would mark refittable, recorded in the key
+    (more of them: a rebuild, saying why). TensorRT for RTX 1.7 cannot compile refittable attention regions without
+    a GPU (its Myelin compiler fails inside the build), so here the plans are built plain and the build says so."""
+    import diffusers
+    from safetensors import safe_open
+    from test_lora import peft_lora
+
+    from sdrt.export.build import build_key, refittable_weights, stale_reasons
+
+    root = copy_of(exported["sd1"], tmp_path)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)
+    assert main(["lora", "add", str(root), str(peft_lora(tmp_path / "p.safetensors", pipe, 2))]) == 0
+    with safe_open(str(root / "loras" / "base.safetensors"), "np") as base:
+        keys = sorted(base.keys())
+    m = read_manifest(root)
+    for graph in m["graphs"]:
+        mine = tuple(k.split("/", 1)[1] for k in keys if k.startswith(graph + "/"))
+        assert refittable_weights(root, m, graph) == mine
+    names = refittable_weights(root, m, "unet")
+    assert len(names) == 24 and refittable_weights(root, m, "vae_decoder") == ()
+
+    report = build(root, height=64, width=64)
+    assert "LoRA-refittable engines only on an RTX GPU" in report["lora"] and "\n" not in report["lora"]
+    m = read_manifest(root)
+    assert {r["action"] for r in report["graphs"].values()} == {"built"}
+    assert not any("refittable" in e["key"] for e in m["engines"].values())
+
+    env = TrtEnvironment(**{f: m["engines"]["unet"]["key"][f] for f in TrtEnvironment._fields})
+    opts = BuildOptions(height=64, width=64)
+    entry = {"file": "unet.plan", "sha256": "x", "key": build_key(m, "unet", opts, env, names[:10])}
+    assert entry["key"]["refittable"] == list(names[:10])
+    why = stale_reasons(entry, build_key(m, "unet", opts, env, names), "x")
+    assert why == ["LoRA-refittable weights 10 -> 24 (adapters added or replaced)"]
+    assert stale_reasons(entry, build_key(m, "unet", opts, env, names[:10]), "x") == []
+
+
 def test_targets_are_recorded_and_change_the_key(exported, tmp_path, capsys):
     root = copy_of(exported["sd1"], tmp_path)
     assert main(["build", str(root), "--backend", "tensorrt-rtx", "--compute-capability", "8.6,12.0"]) == 0

@@ -3,6 +3,8 @@ fp16 image on the same GPU. Marked `gpu`: skipped (not failed) where torch sees 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,53 @@ def test_sdxl_inpainting_and_joined_batches_replay_as_one_graph(xl_inpaint_engin
         record_property(f"joined_{i}_bit_equal_alone", bool(torch.equal(j, alone)))
         assert psnr(j.numpy(), alone.numpy()) >= 50.0
         assert psnr(j.numpy(), steps.generate(r).numpy()) >= 50.0
+
+
+@pytest.fixture(scope="module")
+def lora_engine(engine, folders, tmp_path_factory):
+    """The fp16 engine with two adapters added (kohya and PEFT files written by test_lora's helpers)."""
+    import shutil
+
+    import diffusers
+    from test_lora import kohya_lora, peft_lora
+
+    from sdrt.runtime.cli import main
+
+    root = tmp_path_factory.mktemp("gpu-lora") / "sd1-fp16"
+    shutil.copytree(engine, root)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)
+    assert main(["lora", "add", str(root), str(kohya_lora(root.parent / "k.safetensors", pipe, 1))]) == 0
+    assert main(["lora", "add", str(root), str(peft_lora(root.parent / "p.safetensors", pipe, 2)), "--name", "p"]) == 0
+    return root
+
+
+def _switching_is_exact(root, backend: str) -> None:
+    """A -> B -> A -> none through one captured graph, each byte for byte a fresh pipeline's first call."""
+    sets = [{"k": 1.0}, {"p": 0.8, "k": 0.3}, {"k": 1.0}, None]
+    fresh = {}
+    for s in sets:
+        with Pipeline.load(root, backend=backend, device="cuda", cuda_graph=True) as p:
+            fresh[str(s)] = images(p, sampler="euler", loras=s, **KW)
+    with Pipeline.load(root, backend=backend, device="cuda", cuda_graph=True) as p:
+        assert p.cuda_graph
+        for s in sets:
+            assert np.array_equal(images(p, sampler="euler", loras=s, **KW), fresh[str(s)]), s
+    assert psnr(fresh[str(sets[0])], fresh["None"]) < 40.0  # the adapter changes the picture
+
+
+def test_lora_switching_in_a_captured_graph_torch(lora_engine):
+    """In-place copies into the torch programs' parameters: the captured graph sees them without recapture."""
+    _switching_is_exact(lora_engine, "torch")
+
+
+@pytest.mark.tensorrt
+def test_lora_switching_in_a_captured_graph_tensorrt(lora_engine, tmp_path):
+    """TensorRT plans built with the adapters' weights refittable, refitted on the stream between requests."""
+    pytest.importorskip("tensorrt")
+    import shutil
+
+    from sdrt.runtime.cli import main
+
+    root = Path(shutil.copytree(lora_engine, tmp_path / "e"))
+    assert main(["build", str(root), "--backend", "tensorrt", "--height", "128", "--width", "192"]) == 0
+    _switching_is_exact(root, "tensorrt")
