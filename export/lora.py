@@ -90,10 +90,12 @@ def _factors(
         if graph not in maps:
             raise SdrtError(f"{file}: {key} is for a {graph} graph this engine does not have: an adapter for "
                             "another model family?")  # fmt: skip
-        weights = maps[graph]["weights"]
+        weights, unused = maps[graph]["weights"], set(maps[graph].get("unused", ()))
         fqn = module + ".weight"
-        if fqn not in weights and fqn.startswith("text_model."):  # flattened CLIPTextModel in recent transformers
+        if fqn not in weights and fqn not in unused and fqn.startswith("text_model."):  # flattened CLIPTextModel
             fqn = fqn.removeprefix("text_model.")
+        if fqn in unused:  # the graph never reads it (SDXL's first text encoder's last layer): nothing to change
+            continue
         entry = weights.get(fqn)
         if entry is None:
             raise SdrtError(f"{file}: {key} matches no weight of {graph}; an adapter for another model?")
