@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 
 from sdrt.export import graphs as G
 from sdrt.export.load import Components, SourceMissing, check_model_arg, components_from_source, load_model
@@ -31,7 +32,13 @@ from sdrt.export.onnx_io import (
 from sdrt.export.presets import get_preset
 from sdrt.export.progress import Progress
 from sdrt.export.verify import check_graph_file, compare, reference_cases
-from sdrt.export.weights import add_dtypes, parameter_fingerprints, weight_map
+from sdrt.export.weights import (
+    add_dtypes,
+    initializer_fingerprints,
+    parameter_fingerprints,
+    unreached_parameters,
+    weight_map,
+)
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import (
     FORMAT_VERSION,
@@ -71,14 +78,18 @@ def _export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Prog
         cases = reference_cases(g, dims)
         export_torch(g, dims, src)
         prefix, params = parameter_fingerprints(g.module)
+        inits = initializer_fingerprints(src)
+        h, w = G.trace_latent(dims)
+        example = G.sample_inputs(g, dims, G.TRACE_ROWS, h, w, torch.Generator().manual_seed(0)).values()
+        unused = unreached_parameters(g.module, tuple(example), prefix, params, inits)
     if torch_program:
         with p.step(f"{g.name}: save torch program ({graph_precision_name})"):
             save_torch_program(g, dims, stage / f"{g.name}.pt2", fp16=graph_precision_name == "fp16")
     g.release()
     release_exporter_memory()
     with p.step(f"{g.name}: save {graph_precision_name}"):
-        weights = weight_map(prefix, params, src)
-        del params
+        weights = weight_map(prefix, params, inits, unused)
+        del params, inits
         model = fp16_from_fp32(src, g) if graph_precision_name == "fp16" else onnx.load(str(src))
         files = save_onnx(model, stage / f"{g.name}.onnx")
         dtypes, io = graph_precision(model), io_types(model)

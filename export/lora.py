@@ -15,6 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,15 +29,17 @@ _PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipelin
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
-def _read(file: Path, family: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """diffusers' reading of the file: {component.module.lora_A/B.weight: tensor}, {component.module: alpha}."""
+def _read(file: Path, family: str, unet_config: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """diffusers' reading of the file: {component.module.lora_A/B.weight: tensor}, {component.module: alpha}.
+    ``unet_config`` (its ``layers_per_block``) lets diffusers renumber the original U-Net's blocks (`input_blocks.I.J`,
+    as kohya's SDXL files name them) to the diffusers U-Net's, as its own load_lora_weights does."""
     import diffusers
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     if file.suffix != ".safetensors":
         raise SdrtError(f"{file}: only .safetensors LoRA files are read (pickle files can run code); convert it first")
     try:
-        state, alphas = getattr(diffusers, _PIPELINES[family]).lora_state_dict(str(file))
+        state, alphas = getattr(diffusers, _PIPELINES[family]).lora_state_dict(str(file), unet_config=unet_config)
     except Exception as err:  # diffusers raises ValueError, KeyError, safetensors errors ... for what it cannot read
         raise SdrtError(f"{file}: diffusers cannot read it as a LoRA: {str(err).splitlines()[0]}") from None
     out: dict[str, torch.Tensor] = {}
@@ -90,10 +93,12 @@ def _factors(
         if graph not in maps:
             raise SdrtError(f"{file}: {key} is for a {graph} graph this engine does not have: an adapter for "
                             "another model family?")  # fmt: skip
-        weights = maps[graph]["weights"]
+        weights, unused = maps[graph]["weights"], set(maps[graph].get("unused", ()))
         fqn = module + ".weight"
-        if fqn not in weights and fqn.startswith("text_model."):  # flattened CLIPTextModel in recent transformers
+        if fqn not in weights and fqn not in unused and fqn.startswith("text_model."):  # flattened CLIPTextModel
             fqn = fqn.removeprefix("text_model.")
+        if fqn in unused:  # the graph never reads it (SDXL's first text encoder's last layer): nothing to change
+            continue
         entry = weights.get(fqn)
         if entry is None:
             raise SdrtError(f"{file}: {key} matches no weight of {graph}; an adapter for another model?")
@@ -117,6 +122,14 @@ def _factors(
     if not out:
         raise SdrtError(f"{file}: no LoRA weights found in it")
     return out
+
+
+def _unet_config(maps: dict[str, dict]) -> SimpleNamespace | None:
+    """The one setting of the U-Net's config diffusers' block renumbering reads, ``layers_per_block``, counted
+    from the resnets of the U-Net graph's first down block."""
+    names = set(maps.get("unet", {}).get("weights", ())) | set(maps.get("unet", {}).get("unused", ()))
+    layers = {m.group(1) for n in names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", n))}
+    return SimpleNamespace(layers_per_block=len(layers)) if layers else None
 
 
 def _base_values(root: Path, manifest: dict[str, Any], wanted: set[str]) -> dict[str, np.ndarray]:
@@ -155,7 +168,7 @@ def add_lora(root: str | os.PathLike, file: str | os.PathLike, name: str | None 
         raise SdrtError(f"{root} was exported without a weights map; re-export it with this sdrt "
                         f"(`sdrt export ... {root} --force`) to add LoRA adapters")  # fmt: skip
     maps = {g: graph_weights(root, manifest, g) for g in manifest["graphs"]}
-    factors = _factors(*_read(file, manifest["family"]), maps, file)
+    factors = _factors(*_read(file, manifest["family"], _unet_config(maps)), maps, file)
     (root / LORA_DIR).mkdir(exist_ok=True)
     base_path = root / BASE_FILE
     base = load_np(str(base_path)) if base_path.is_file() else {}
@@ -241,7 +254,7 @@ def fuse_loras(c: Any, loras: list[tuple[str, float]]) -> Any:
         file = Path(text)
         if not file.is_file():
             raise SdrtError(f"--lora {file}: no such file")
-        _check_fits(_read(file, c.family.name)[0], pipe, file)
+        _check_fits(_read(file, c.family.name, c.unet.config)[0], pipe, file)
         files.append((file, scale))
     names = [f"fused_{i}" for i in range(len(files))]
     for name, (file, _) in zip(names, files, strict=True):

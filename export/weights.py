@@ -6,11 +6,17 @@ constant-folded into an initializer named ``val_N``. Names cannot say which is w
 value: every 2-D or larger parameter, as it is and (2-D) transposed, against every initializer of the fp32 trace.
 A parameter whose value two initializers share (or that shares one with another parameter) is marked ``shared``:
 changing that initializer would change more than the one weight, so adapters refuse it.
+
+A parameter no initializer holds is listed as ``unused`` when the graph's outputs do not depend on it (autograd finds
+no path; the exporter dropped it): SDXL's first text encoder gives its penultimate layer's states, so its last layer
+is such a weight, and kohya files for SDXL carry adapters for it. An adapter on an unused weight changes nothing, in
+diffusers as here. A parameter that is used but not found stays out of the map: adapters refuse it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +54,7 @@ def parameter_fingerprints(module: torch.nn.Module) -> tuple[str, dict[tuple, li
     return (prefixes.pop() + "." if prefixes else ""), out
 
 
-def _initializer_fingerprints(path: Path) -> dict[tuple, list[str]]:
+def initializer_fingerprints(path: Path) -> dict[tuple, list[str]]:
     """{fingerprint: [initializer names]} of a float32 ONNX file, reading one tensor's external data at a time."""
     model = onnx.load(str(path), load_external_data=False)
     out: dict[tuple, list[str]] = {}
@@ -63,10 +69,43 @@ def _initializer_fingerprints(path: Path) -> dict[tuple, list[str]]:
     return out
 
 
-def weight_map(prefix: str, params: dict[tuple, list[tuple[str, bool]]], traced: Path) -> dict[str, Any]:
-    """The weights file of one graph: for each parameter found in the fp32 trace ``traced``, its initializer, that
-    initializer's shape, and whether the exporter stored it transposed. Dtypes are added by `add_dtypes`."""
-    inits = _initializer_fingerprints(traced)
+def unreached_parameters(
+    module: torch.nn.Module,
+    example: Sequence[torch.Tensor],
+    prefix: str,
+    params: dict[tuple, list[tuple[str, bool]]],
+    inits: dict[tuple, list[str]],
+) -> list[str]:
+    """The parameters (names without the wrapper's prefix) that no initializer holds and that the module's outputs
+    on ``example`` do not depend on. Only those few require grad, so the backward is as small as they are."""
+    found = {fqn for fp, names in params.items() if fp in inits for fqn, _ in names}
+    missing = sorted({fqn for names in params.values() for fqn, _ in names} - found)
+    if not missing:
+        return []
+    tensors = [module.get_parameter(prefix + fqn) for fqn in missing]
+    before = {p: p.requires_grad for p in module.parameters()}
+    try:
+        for p in before:
+            p.requires_grad_(False)
+        for t in tensors:
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            out = module(*example)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+        none = [None] * len(tensors)
+        grads = torch.autograd.grad([o.sum() for o in outs], tensors, allow_unused=True) if outs else none
+    finally:
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+    return [fqn for fqn, g in zip(missing, grads, strict=True) if g is None]
+
+
+def weight_map(
+    prefix: str, params: dict[tuple, list[tuple[str, bool]]], inits: dict[tuple, list[str]], unused: list[str]
+) -> dict[str, Any]:
+    """The weights file of one graph: for each parameter found among the fp32 trace's initializers ``inits``, its
+    initializer, that initializer's shape, and whether the exporter stored it transposed; and the parameters the
+    graph does not use. Dtypes are added by `add_dtypes`."""
     weights: dict[str, dict[str, Any]] = {}
     users: dict[str, int] = {}
     for fp, names in inits.items():
@@ -80,7 +119,7 @@ def weight_map(prefix: str, params: dict[tuple, list[tuple[str, bool]]], traced:
     for entry in weights.values():
         if users[entry["initializer"]] > 1:
             entry["shared"] = True
-    return {"format": WEIGHTS_FORMAT, "prefix": prefix, "weights": dict(sorted(weights.items()))}
+    return {"format": WEIGHTS_FORMAT, "prefix": prefix, "weights": dict(sorted(weights.items())), "unused": unused}
 
 
 def add_dtypes(weights: dict[str, Any], model: onnx.ModelProto) -> dict[str, Any]:

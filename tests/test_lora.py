@@ -36,41 +36,60 @@ def _factors(m: torch.nn.Module, rank: int, gen: torch.Generator, size: float) -
     return down, up
 
 
-def kohya_lora(path, pipe, seed: int, rank: int = 4, alpha: float = 2.0, size: float = 0.3):
-    """A kohya / web-UI file: every attention projection, feed-forward out, LoCon resnet convs; alpha != rank."""
+def kohya_parts(pipe, unet: bool = True, text: bool = True) -> list:
+    """(key prefix, module, target suffixes) of a kohya file: SD 1.x / 2.x's `lora_unet_` and `lora_te_`, or
+    SDXL's `lora_te1_` / `lora_te2_` for its two text encoders. kohya names text-encoder layers from `text_model.`
+    on, which transformers' flattened CLIPTextModel no longer has (CLIPTextModelWithProjection still has it)."""
+    second = getattr(pipe, "text_encoder_2", None)
+    te = [("lora_te1_", pipe.text_encoder), ("lora_te2_", second)] if second else [("lora_te_", pipe.text_encoder)]
+    return [("lora_unet_", pipe.unet, UNET_TARGETS)] * unet + [(p, m, TE_TARGETS) for p, m in te] * text
+
+
+def kohya_key(prefix: str, name: str) -> str:
+    if prefix.startswith("lora_te"):
+        name = "text_model." + name.removeprefix("text_model.")
+    return prefix + name.replace(".", "_")
+
+
+def kohya_lora(path, pipe, seed: int, rank: int = 4, alpha: float = 2.0, size: float = 0.3, parts=None, key=kohya_key):
+    """A kohya / web-UI file: every attention projection, feed-forward out, LoCon resnet convs; alpha != rank.
+    ``parts``: `kohya_parts` (default: U-Net and text encoder); ``key(prefix, module name)``: the file's key."""
     from safetensors.torch import save_file
 
     gen, sd = torch.Generator().manual_seed(seed), {}
-    parts = [("lora_unet_", "", pipe.unet, UNET_TARGETS), ("lora_te_", "text_model.", pipe.text_encoder, TE_TARGETS)]
-    for prefix, inner, module, suffixes in parts:
+    for prefix, module, suffixes in kohya_parts(pipe) if parts is None else parts:
         for name, m in _targets(module, suffixes):
-            key = prefix + (inner + name).replace(".", "_")
-            sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = _factors(m, rank, gen, size)
-            sd[key + ".alpha"] = torch.tensor(alpha)
+            k = key(prefix, name)
+            sd[k + ".lora_down.weight"], sd[k + ".lora_up.weight"] = _factors(m, rank, gen, size)
+            sd[k + ".alpha"] = torch.tensor(alpha)
     save_file(sd, str(path))
     return path
 
 
 def peft_lora(path, pipe, seed: int, rank: int = 2, size: float = 0.2):
-    """A diffusers / PEFT file: lora_A / lora_B under unet. and text_encoder.text_model., no alpha (scale 1)."""
+    """A diffusers / PEFT file: lora_A / lora_B under unet. and text_encoder(_2).text_model., no alpha (scale 1)."""
     from safetensors.torch import save_file
 
     gen, sd = torch.Generator().manual_seed(seed), {}
-    parts = [("unet.", pipe.unet, ("to_q", "to_v", "to_out.0")), ("text_encoder.text_model.", pipe.text_encoder,
-             ("q_proj", "v_proj", "fc2"))]  # fmt: skip
+    parts = [("unet.", pipe.unet, ("to_q", "to_v", "to_out.0"))]
+    for component in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, component, None) is not None:
+            parts.append((f"{component}.text_model.", getattr(pipe, component), ("q_proj", "v_proj", "fc2")))
     for prefix, module, suffixes in parts:
         for name, m in _targets(module, suffixes):
+            name = name.removeprefix("text_model.")
             sd[f"{prefix}{name}.lora_A.weight"], sd[f"{prefix}{name}.lora_B.weight"] = _factors(m, rank, gen, size)
     save_file(sd, str(path))
     return path
 
 
-def reference(folder, adapters: dict, kw: dict = KW) -> np.ndarray:
-    """diffusers with the LoRA files: one fused at its scale (fuse_lora), or several as weighted PEFT adapters."""
+def reference(folder, adapters: dict, kw: dict = KW, pipeline: str = "StableDiffusionPipeline") -> np.ndarray:
+    """diffusers' ``pipeline`` (a class name) with the LoRA files: one fused at its scale (fuse_lora), or several
+    as weighted PEFT adapters."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                             requires_safety_checker=False)  # fmt: skip
+    load = {} if "XL" in pipeline else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, pipeline).from_pretrained(folder, local_files_only=True, **load)
     kw = dict(kw)
     name, extra = SCHEDULERS[kw.pop("sampler")]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
