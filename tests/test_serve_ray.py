@@ -17,6 +17,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+# Ray Serve marks its HTTP proxy unhealthy after 3 health checks of 10 s missed, and restarts it: on 2 cores shared
+# with another test worker and an export (load average 6) it did, and the cluster fixture failed. Set before Ray
+# starts, so the controller it spawns reads them too.
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "30")
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
