@@ -250,7 +250,8 @@ def build_directory(root: str | os.PathLike, opts: BuildOptions, progress: Progr
     if family.timing_cache:
         cache = opts.timing_cache or default_timing_cache(env)
         cache.parent.mkdir(parents=True, exist_ok=True)
-    refit = any(refittable_weights(root, manifest, g) for g in manifest["graphs"])
+    refittable = {g: refittable_weights(root, manifest, g) for g in manifest["graphs"]}
+    refit = any(refittable.values())
     if refit and family.portable and not env.gpu:
         # TensorRT for RTX 1.7 compiles refittable attention (Myelin) regions with the GPU it builds on: on a machine
         # without one the build fails deep inside, so these engines are built as plain ones
@@ -264,13 +265,13 @@ def build_directory(root: str | os.PathLike, opts: BuildOptions, progress: Progr
     target = f"on {env.gpu} (sm {env.compute_capability})" if env.gpu else f"for sm {env.compute_capability}"
     p.say(f"{family.name} {env.version} {target}; {profile}" + (f"; timing cache {cache}" if cache else ""))
     for name in manifest["graphs"]:
-        report["graphs"][name] = _build_one(root, manifest, name, opts, (trt, env), cache, p, refit)
+        weights = refittable[name] if refit else ()
+        report["graphs"][name] = _build_one(root, manifest, name, opts, (trt, env), cache, p, weights)
     return report
 
 
-def _build_one(root, manifest, name, opts, family, cache, p: Progress, refit: bool) -> dict[str, Any]:
+def _build_one(root, manifest, name, opts, family, cache, p: Progress, refittable: tuple[str, ...]) -> dict[str, Any]:
     trt, env = family
-    refittable = refittable_weights(root, manifest, name) if refit else ()
     key = build_key(manifest, name, opts, env, refittable)
     entry = manifest.setdefault("engines", {}).get(name)
     plan = root / f"{name}.plan"

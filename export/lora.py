@@ -250,10 +250,8 @@ def fuse_loras(c: Any, loras: list[tuple[str, float]]) -> Any:
     records each file's SHA-256 and scale, so `sdrt verify` fuses the same again."""
     pipe = c.to_diffusers()
     files = []
-    for text, scale in loras:
+    for text, scale in loras:  # files checked to exist by the callers (parse_fuse_arg, components_from_source)
         file = Path(text)
-        if not file.is_file():
-            raise SdrtError(f"--lora {file}: no such file")
         _check_fits(_read(file, c.family.name, c.unet.config)[0], pipe, file)
         files.append((file, scale))
     names = [f"fused_{i}" for i in range(len(files))]

@@ -111,11 +111,10 @@ class OnnxRuntimeBackend(Backend):
 
         values = {}
         if updates:
-            with safe_open(str(self.root / BASE_FILE), "np") as base:
+            with safe_open(str(self.root / BASE_FILE), "pt") as base:
                 for u in updates:
-                    w0 = base.get_tensor(f"{graph}/{u.initializer}")  # exactly the exported initializer
-                    w = torch.from_numpy(w0).float() + (u.delta.t() if u.transposed else u.delta)
-                    values[u.initializer] = self.ort.OrtValue.ortvalue_from_numpy(w.numpy().astype(w0.dtype))
+                    w = u.applied_to(base.get_tensor(f"{graph}/{u.initializer}"))
+                    values[u.initializer] = self.ort.OrtValue.ortvalue_from_numpy(w.numpy())
         self.sessions.pop(graph, None)
         self.overrides[graph] = values
 
@@ -189,8 +188,7 @@ class TensorRTBackend(Backend):
         with safe_open(str(self.root / BASE_FILE), "pt") as base:
             for name in sorted(set(new) | self.changed.get(graph, set())):
                 w0 = base.get_tensor(f"{graph}/{name}")
-                u = new.get(name)
-                w = w0 if u is None else (w0.float() + (u.delta.t() if u.transposed else u.delta)).to(w0.dtype)
+                w = w0 if name not in new else new[name].applied_to(w0)
                 values[name] = w.contiguous().to(self.device)
         if values:
             self.runners[graph].refit(values)

@@ -36,6 +36,11 @@ class Update(NamedTuple):
     transposed: bool  # whether the initializer holds the parameter transposed
     delta: torch.Tensor
 
+    def applied_to(self, w0: torch.Tensor) -> torch.Tensor:
+        """W0 + delta in the initializer's layout and dtype; ``w0`` is the exported initializer, exactly as
+        ``loras/base.safetensors`` holds it (the backends that write initializers: ONNX Runtime, TensorRT)."""
+        return (w0.float() + (self.delta.t() if self.transposed else self.delta)).to(w0.dtype)
+
 
 def graph_weights(root: Path, manifest: dict[str, Any], graph: str) -> dict[str, Any]:
     """The graph's weights file (export/weights.py): {"prefix", "weights": {parameter: {initializer, shape, ...}}}."""
