@@ -25,6 +25,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from sdrt.export.lora import parse_fuse_arg
 
         loras = [parse_fuse_arg(text) for text in args.lora]
+    controlnets = None
+    if args.controlnet:
+        from sdrt.export.controlnet import parse_controlnet_arg
+
+        controlnets = [parse_controlnet_arg(text) for text in args.controlnet]
     dims = None
     if args.min_size or args.max_size or args.max_batch:
         c_lo, c_hi = (args.min_size, args.max_size)
@@ -43,6 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         torch_programs=args.torch_programs,
         vae=args.vae,
         loras=loras,
+        controlnets=controlnets,
     )
     return 0
 
@@ -167,6 +173,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="FILE[:SCALE]",
         help="fuse a LoRA .safetensors file into the exported weights at SCALE (default 1); repeatable, they add up. "
         "For one fixed combination at full speed; `sdrt lora add` keeps adapters switchable per request instead",
+    )
+    e.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="DIR[=NAME]",
+        help="also export this diffusers ControlNet folder (.safetensors) as graph controlnet_NAME (default NAME: the "
+        "folder's name), and the U-Net again with residual inputs (unet_controlnet); repeatable",
     )
     e.set_defaults(func=cmd_export)
 

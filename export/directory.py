@@ -205,10 +205,12 @@ def export_model(
     torch_programs: bool = False,
     vae: str | None = None,
     loras: list[tuple[str, float]] | None = None,
+    controlnets: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (preset, diffusers folder or single file) to the engine directory ``dest``; ``vae``: a
     diffusers VAE folder to use instead of the model's own, exported in fp16 (for an fp16-safe SDXL VAE);
-    ``loras``: (LoRA file, scale) pairs fused into the exported weights."""
+    ``loras``: (LoRA file, scale) pairs fused into the exported weights; ``controlnets``: (ControlNet folder, name)
+    pairs, each exported as ``controlnet_NAME`` with the U-Net again as ``unet_controlnet`` (export/controlnet.py)."""
     if precision not in ("fp16", "fp32"):
         raise SdrtError(f"unknown precision {precision!r}; use fp16 or fp32")
     dest = Path(dest)
@@ -225,10 +227,17 @@ def export_model(
         with p.step("fuse LoRA " + ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)):
             c = fuse_loras(c, loras)
     dims = (dims or _default_dims(c)).for_model(G.geometry(c))
+    cns = _load_controlnets(controlnets or [], c, dims, p)
     stage = _stage_dir(dest)
     try:
         manifest = _manifest(c, dims, precision, _tokenizer_entries(c, stage))
         graphs = G.graphs_for(c)
+        if cns:
+            from sdrt.export.controlnet import controlnet_graphs, manifest_entry
+
+            graphs += controlnet_graphs(graphs, cns)
+            manifest["controlnets"] = manifest_entry(cns)
+            cns = None
         c.unet = c.vae = c.text_encoders = None  # the graphs hold the only references: each is freed after its trace
         while graphs:
             g = graphs.pop(0)
@@ -243,6 +252,24 @@ def export_model(
         raise
     p.say(f"wrote {dest} ({precision}, {len(manifest['graphs'])} graphs, {dims.min_px}-{dims.max_px} px)")
     return manifest
+
+
+def _load_controlnets(args: list[tuple[str, str]], c: Components, dims: G.Dims, p: Progress) -> list:
+    """Each ControlNet loaded and checked against the model before anything is written."""
+    if not args:
+        return []
+    from sdrt.export.controlnet import check_fits, load_controlnet
+
+    names = [name for _, name in args]
+    if len(set(names)) != len(names):
+        raise SdrtError(f"--controlnet names must differ: {', '.join(names)}")
+    out = []
+    for path, name in args:
+        with p.step(f"load ControlNet {name} from {path}"):
+            cn = load_controlnet(path, name)
+        check_fits(cn, c, dims.geometry.vae_scale_factor)
+        out.append(cn)
+    return out
 
 
 def _source_components(source: dict[str, Any]) -> Components | str:

@@ -8,6 +8,7 @@ upsamples to its skip connections' sizes, as diffusers does for sizes its downsa
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,10 @@ class Dims:
 
     def rows(self, graph: str) -> tuple[int, int]:
         # text encoder and U-Net see conditional + unconditional rows under classifier-free guidance
-        return (1, 2 * self.max_images) if graph in ("text_encoder", "text_encoder_2", "unet") else (1, self.max_images)
+        guided = graph in ("text_encoder", "text_encoder_2", "unet", "unet_controlnet") or graph.startswith(
+            "controlnet_"
+        )
+        return (1, 2 * self.max_images) if guided else (1, self.max_images)
 
     def latent(self) -> tuple[int, int]:
         return self.min_px // self.factor, self.max_px // self.factor
@@ -264,6 +268,8 @@ def sample_inputs(
             out[name] = torch.tensor([h * f, w * f, 0, 0, h * f, w * f], dtype=torch.float32).repeat(rows, 1)
         elif name == "images":
             out[name] = torch.rand(s, generator=generator) * 2 - 1
+        elif name in ("controlnet_cond", "conditioning_scale"):  # a control image in [0, 1]; scales around 1
+            out[name] = torch.rand(s, generator=generator) + (0.5 if name == "conditioning_scale" else 0.0)
         else:
             out[name] = torch.randn(s, generator=generator)
     return out
@@ -281,11 +287,21 @@ def trace_latent(dims: Dims) -> tuple[int, int]:
     return lo + 1, lo + 3
 
 
-def dynamic_shapes(g: Graph, dims: Dims) -> dict[str, dict[int, Any]]:
+def dynamic_shapes(g: Graph, dims: Dims) -> dict[str, dict[int, Any]] | tuple:
     """torch.export dimension objects for every symbolic axis, sharing one object per symbol."""
     Dim = torch.export.Dim
     rows = Dim("B", min=1, max=max(dims.rows(g.name)[1], TRACE_ROWS))
     lo, hi = dims.geometry.min_latent, max(dims.latent()[1], *trace_latent(dims))
     h, w = Dim("h", min=lo, max=hi), Dim("w", min=lo, max=hi)
     sym = {"B": rows, "h": h, "w": w, "H": dims.factor * h, "W": dims.factor * w}
-    return {n: {i: sym[d] for i, d in enumerate(shape) if isinstance(d, str)} for n, (shape, _) in g.inputs.items()}
+    # "h/4" (ControlNet residuals): ceil(h / 4) is no affine function of h; torch.export derives it (Dim.AUTO)
+    out = {
+        n: {i: sym.get(d, Dim.AUTO) for i, d in enumerate(shape) if isinstance(d, str)}
+        for n, (shape, _) in g.inputs.items()
+    }
+    params = inspect.signature(g.module.forward).parameters.values()
+    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return out
+    # forward(a, b, *rest) (ControlNet graphs): positional, the inputs after the named ones as one tuple
+    n, per_input = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params), list(out.values())
+    return (*per_input[:n], tuple(per_input[n:]))

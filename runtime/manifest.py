@@ -131,9 +131,15 @@ def default_size(manifest: dict[str, Any]) -> int:
 
 def concrete_shape(shape: list | tuple, rows: int, h: int, w: int, factor: int) -> tuple[int, ...]:
     """A graph's symbolic shape (the manifest's, or export/graphs.py's) at ``rows`` (``B``) and latent size ``h`` x
-    ``w``; ``H`` / ``W`` are pixels, ``factor`` x latent (the manifest's VAE scale factor)."""
+    ``w``; ``H`` / ``W`` are pixels, ``factor`` x latent (the manifest's VAE scale factor); ``h/N`` is ceil(h / N),
+    the size after one stride-2 conv per halving (the U-Net's down path: ControlNet residuals)."""
     values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor}
-    return tuple(values[d] if isinstance(d, str) else int(d) for d in shape)
+
+    def size(d: str) -> int:
+        base, _, n = d.partition("/")
+        return -(-values[base] // int(n)) if n else values[d]
+
+    return tuple(size(d) if isinstance(d, str) else int(d) for d in shape)
 
 
 def model_name(manifest: dict[str, Any]) -> str:

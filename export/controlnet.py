@@ -1,0 +1,167 @@
+"""ControlNet graphs (`sdrt export --controlnet PATH[=NAME]`): each ControlNet as its own graph
+``controlnet_NAME``, and the U-Net a second time with the residual inputs, ``unet_controlnet`` (DESIGN.md).
+
+A residual's size is the U-Net's down path at that depth: every Downsample2D (3x3, stride 2, padding 1) gives
+ceil(side / 2), so the k-th level is ceil(h / 2**k), written ``h/2**k`` in shapes (`concrete_shape` reads it).
+The U-Net's graph takes such inputs with sizes torch.export derives from ``h`` and ``w`` (Dim.AUTO).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrt.export import graphs as G
+from sdrt.export.load import Components
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import sha256_file
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class LoadedControlNet:
+    name: str
+    model: Any  # diffusers ControlNetModel, fp32 eval
+    source: dict[str, Any]
+
+
+def parse_controlnet_arg(text: str) -> tuple[str, str]:
+    """``PATH[=NAME]`` -> (path, name); the name defaults to the folder's name."""
+    path, _, name = text.partition("=")
+    name = name or Path(path.rstrip("/")).name
+    if not _NAME.match(name):
+        raise SdrtError(f"--controlnet {text}: the name {name!r} must be letters, digits, '.', '_' or '-'")
+    return path, name
+
+
+def load_controlnet(path: str, name: str) -> LoadedControlNet:
+    """A diffusers ControlNetModel folder with .safetensors weights (pickle is never loaded)."""
+    folder = Path(path)
+    config = folder / "config.json"
+    try:
+        cls = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        cls = None
+    if cls != "ControlNetModel":
+        raise SdrtError(f"--controlnet {path}: not a diffusers ControlNet folder (config.json of ControlNetModel)")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise SdrtError(f"--controlnet {path} has no .safetensors weights; convert them, pickle files are not loaded")
+    import diffusers
+
+    model = diffusers.ControlNetModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    model.eval().float()
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in [config, *weights]}
+    return LoadedControlNet(name, model, {"path": str(folder.resolve()), "files": files})
+
+
+def check_fits(cn: LoadedControlNet, c: Components, vae_scale_factor: int) -> None:
+    """A ControlNet fits the model when its inputs and residuals are the U-Net's: name the first thing that differs."""
+    a, u = cn.model.config, c.unet.config
+    pairs = [
+        ("cross-attention width", a.cross_attention_dim, u.cross_attention_dim),
+        ("family (added conditioning)", a.addition_embed_type, u.addition_embed_type),
+        ("latent channels", a.in_channels, u.in_channels),
+        ("block channels", tuple(a.block_out_channels), tuple(u.block_out_channels)),
+        ("down blocks", tuple(a.down_block_types), tuple(u.down_block_types)),
+        ("layers per block", a.layers_per_block, u.layers_per_block),
+    ]
+    for what, theirs, ours in pairs:
+        if theirs != ours:
+            raise SdrtError(f"--controlnet {cn.name}: its {what} is {theirs}, the model's U-Net has {ours}")
+    down = 2 ** (len(a.conditioning_embedding_out_channels) - 1)
+    if down != vae_scale_factor:
+        raise SdrtError(f"--controlnet {cn.name}: its control image is downsampled {down}x, the model's VAE "
+                        f"{vae_scale_factor}x")  # fmt: skip
+
+
+def residual_shapes(cn: torch.nn.Module) -> tuple[list[tuple], tuple]:
+    """Shapes (with symbols) of the down-block residuals and of the mid-block residual, from the module's blocks."""
+    ch, level, levels = cn.config.block_out_channels, 1, [(cn.config.block_out_channels[0], 1)]
+    for i, block in enumerate(cn.down_blocks):
+        levels += [(ch[i], level)] * len(block.resnets)
+        if getattr(block, "downsamplers", None) is not None:
+            level *= 2
+            levels.append((ch[i], level))
+    if len(levels) != len(cn.controlnet_down_blocks):
+        raise SdrtError(f"unsupported ControlNet: {len(cn.controlnet_down_blocks)} residuals, {len(levels)} expected")
+
+    def shape(channels: int, f: int) -> tuple:
+        return ("B", channels, "h" if f == 1 else f"h/{f}", "w" if f == 1 else f"w/{f}")
+
+    return [shape(c, f) for c, f in levels], shape(ch[-1], level)
+
+
+class ControlNet(torch.nn.Module):
+    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids], controlnet_cond, conditioning_scale)
+    -> (down residuals..., mid residual), each scaled per row as diffusers' ``conditioning_scale`` scales them."""
+
+    def __init__(self, model: torch.nn.Module, added: bool):
+        super().__init__()
+        self.model, self.added = model, added
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        text_embeds, time_ids, cond, scale = rest if self.added else (None, None, *rest)
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        down, mid = self.model(sample, timestep, encoder_hidden_states, cond, 1.0, added_cond_kwargs=added,
+                               return_dict=False)  # fmt: skip
+        s = scale.view(-1, 1, 1, 1)  # [B] -> per row
+        return (*[d * s for d in down], mid * s)
+
+
+class UNetResiduals(torch.nn.Module):
+    """The U-Net graph's module (`graphs.UNet`) with the ControlNet residuals added: diffusers'
+    down_block_additional_residuals and mid_block_additional_residual."""
+
+    def __init__(self, unet: G.UNet, added: bool):
+        super().__init__()
+        self.wrapper, self.added = unet, added
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        text_embeds, time_ids = rest[:2] if self.added else (None, None)
+        residuals = rest[2:] if self.added else rest
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        self.wrapper.skip.sizes.clear()
+        try:
+            return self.wrapper.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                                     down_block_additional_residuals=tuple(residuals[:-1]),
+                                     mid_block_additional_residual=residuals[-1], return_dict=False)[0]  # fmt: skip
+        finally:
+            self.wrapper.skip.sizes.clear()
+
+
+def _names(down: list) -> tuple[str, ...]:
+    return (*[f"down_residual_{i}" for i in range(len(down))], "mid_residual")
+
+
+def controlnet_graphs(graphs: list[G.Graph], cns: list[LoadedControlNet]) -> list[G.Graph]:
+    """``unet_controlnet`` (sharing the ``unet`` graph's module) and one ``controlnet_NAME`` per ControlNet."""
+    if not cns:
+        return []
+    unet = next(g for g in graphs if g.name == "unet")
+    f32, added = torch.float32, "text_embeds" in unet.inputs
+    down, mid = residual_shapes(cns[0].model)
+    base = {k: unet.inputs[k] for k in unet.inputs}  # sample, timestep, states(, text_embeds, time_ids)
+    res = {n: (s, f32) for n, s in zip(_names(down), [*down, mid], strict=True)}
+    out = [G.Graph("unet_controlnet", UNetResiduals(unet.module, added).eval(), {**base, **res}, unet.outputs,
+                   unet.output_shapes, keep_fp32_inputs=unet.keep_fp32_inputs,
+                   upcast_attention=unet.upcast_attention)]  # fmt: skip
+    sample = base["sample"][0]
+    for cn in cns:
+        cn_in = {**base, "controlnet_cond": (("B", 3, "H", "W"), f32), "conditioning_scale": (("B",), f32)}
+        cn_in["sample"] = (("B", cn.model.config.in_channels, *sample[2:]), f32)
+        module = ControlNet(cn.model, added).eval()
+        out.append(G.Graph(f"controlnet_{cn.name}", module, cn_in, _names(down), (*down, mid),
+                           keep_fp32_inputs=(*unet.keep_fp32_inputs, "conditioning_scale"),
+                           upcast_attention=bool(getattr(cn.model.config, "upcast_attention", False))))  # fmt: skip
+    return out
+
+
+def manifest_entry(cns: list[LoadedControlNet]) -> dict[str, Any]:
+    return {cn.name: {"graph": f"controlnet_{cn.name}", "source": cn.source} for cn in cns}
