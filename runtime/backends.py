@@ -50,6 +50,7 @@ class Backend:
         raise NotImplementedError
 
     lora = False  # whether `set_weights` can apply LoRA adapters
+    controlnet = False  # whether ControlNet requests are supported (the ControlNet graphs run through `run`)
 
     def set_weights(self, graph: str, updates: list) -> None:
         """Give ``graph`` the exported weights plus these `runtime.lora.Update` deltas (none: the exported ones)."""
@@ -70,6 +71,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     lora = True
+    controlnet = True
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, threads: int | None = None):
         """``threads``: ONNX Runtime's intra-op threads on the CPU; by default torch's own count
@@ -215,6 +217,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     lora = True
+    controlnet = True
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, compile: bool = False):
         super().__init__(root, manifest, device)

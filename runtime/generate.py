@@ -18,6 +18,9 @@ def png_parameters(req, model: str, index: int) -> str:
     ]  # fmt: skip
     if req.image is not None:
         fields.append(f"Denoising strength: {req.strength:g}")
+    if req.control is not None:
+        c = req.control
+        fields.append(f"ControlNet: {c.name} (scale {c.scale:g}, steps {c.start:g}-{c.end:g})")
     if req.batch > 1:
         fields += [f"Batch size: {req.batch}", f"Batch pos: {index}"]
     prompt = req.prompts[index // req.images_per_prompt]
@@ -61,6 +64,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, n=args.batch, seed=args.seed, sampler=args.sampler,
         image=args.init_image, strength=args.strength, mask=args.mask, loras=_loras(args.lora),
+        controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
+        control_start=args.control_start, control_end=args.control_end,
     )  # fmt: skip
     t0 = time.perf_counter()
     with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph) as pipe:
@@ -117,6 +122,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="NAME[:SCALE]",
         help="apply an adapter added with `sdrt lora add` at SCALE (default 1); repeat to add several",
     )
+    g.add_argument("--controlnet", metavar="NAME", help="a ControlNet exported with `sdrt export --controlnet`")
+    g.add_argument("--control-image", metavar="PATH", help="its control image (default size: this image's)")
+    g.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale (default 1)")
+    g.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where it starts (default 0)")
+    g.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where it ends (default 1)")
     g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
                    help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as built), else torch "
                    "programs where exported; else ONNX Runtime")  # fmt: skip

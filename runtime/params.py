@@ -38,3 +38,8 @@ class Params:
     strength: float | None = None
     mask: ImageArg | None = None  # inpainting, with image: white is repainted, black kept
     loras: Mapping[str, float] | None = None  # {adapter added with `sdrt lora add`: scale}; they add up
+    controlnet: str | None = None  # a ControlNet exported with `sdrt export --controlnet DIR=NAME`, by NAME
+    control_image: ImageArg | None = None  # its control image (the request's size defaults to this image's)
+    control_scale: float = 1.0  # diffusers' controlnet_conditioning_scale
+    control_start: float = 0.0  # diffusers' control_guidance_start / _end: the fraction of steps it acts in
+    control_end: float = 1.0

@@ -24,6 +24,7 @@ from PIL import Image
 
 from sdrt.runtime.backends import Backend, open_backend
 from sdrt.runtime.capture import CaptureCache
+from sdrt.runtime.control import Residuals, check_control, resized
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.lora import Adapters, check_loras
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
@@ -116,15 +117,23 @@ class Pipeline:
         strength: float | None = None,
         mask_image: ImageArg | None = None,
         loras: dict[str, float] | None = None,
+        controlnet: str | None = None,
+        control_image: ImageArg | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
         ``mask_image`` (white is repainted; strength 1 unless given); ``loras``: {adapter: scale}, adapters added
-        with `sdrt lora add`. Arguments named as diffusers names them."""
+        with `sdrt lora add`; ``controlnet`` (a name given at `sdrt export --controlnet`) with ``control_image``
+        as diffusers' ControlNet pipeline takes it. Arguments named as diffusers names them."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
-            strength=strength, mask=mask_image, loras=loras,
+            strength=strength, mask=mask_image, loras=loras, controlnet=controlnet, control_image=control_image,
+            control_scale=controlnet_conditioning_scale, control_start=control_guidance_start,
+            control_end=control_guidance_end,
         )  # fmt: skip
         pixels = self.generate(self.request(params), progress=progress)
         return [Image.fromarray(a) for a in pixels.numpy()]
@@ -156,7 +165,11 @@ class Pipeline:
         if sampler not in SAMPLERS:
             raise SdrtError(f"unknown sampler {sampler!r}; samplers are: {', '.join(SAMPLERS)}", field="sampler")
         init, mask_img = self._images(p.image, p.mask)
+        control = check_control(self.manifest, self.backend, p)
         height, width, strength = p.height, p.width, 1.0
+        if control is not None:  # diffusers' default size: the control image's, down to the size step
+            m = self.shapes["px_multiple"]
+            height, width = height or control.image.height // m * m, width or control.image.width // m * m
         if init is not None:
             strength = (1.0 if mask_img is not None else IMG2IMG_STRENGTH) if p.strength is None else p.strength
             if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
@@ -170,7 +183,7 @@ class Pipeline:
             raise SdrtError(f"the {self.backend.name} backend cannot apply LoRA adapters yet; use --backend "
                             "onnxruntime or torch", field="loras")  # fmt: skip
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
-                      float(strength), init, mask_img, loras)  # fmt: skip
+                      float(strength), init, mask_img, loras, control and resized(control, width, height))  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength)  # a step count the schedule cannot honour: ScheduleError
         return req
 
@@ -268,7 +281,8 @@ class Pipeline:
                     extra = torch.cat([mask, masked], dim=1)  # [B, 1 + 4, h, w]
                     extra = torch.cat([extra, extra]) if key.cfg else extra
         with stage("denoise_ms"):
-            denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress)
+            residuals = key.controlnet and Residuals(self.backend, key.controlnet, key.cfg, buf)
+            denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals)
             latents = sample(plan, denoise, x, buf["noise"], after)
         with stage("vae_decoder_ms"):
             images = self.backend.run(
@@ -310,7 +324,8 @@ class Pipeline:
             feeds["time_ids"] = torch.cat([time_ids, time_ids]) if cfg else time_ids
         return feeds
 
-    def _denoiser(self, cfg: bool, plan: Plan, cond: dict[str, torch.Tensor], guidance: torch.Tensor, extra, progress):
+    def _denoiser(self, cfg: bool, plan: Plan, cond: dict[str, torch.Tensor], guidance: torch.Tensor, extra, progress,
+                  residuals=None):  # fmt: skip
         """The one denoiser contract: sigma-space x at call i -> x0, with guidance and the prediction type inside."""
         sample_dtype, prediction = self.backend.dtype("unet", "sample"), self.schedule.prediction_type
         guidance = guidance.view(-1, 1, 1, 1)  # [B, 1, 1, 1]: each request's own scale
@@ -321,7 +336,10 @@ class Pipeline:
             x_in = x * plan.c_in[i]  # diffusers' scale_model_input
             x_in = torch.cat([x_in, x_in]) if cfg else x_in  # [2B, 4, h, w]
             x_in = torch.cat([x_in, extra], dim=1) if extra is not None else x_in  # inpainting U-Net: [2B, 9, h, w]
-            out = self.backend.run("unet", {"sample": x_in.to(sample_dtype), "timestep": timesteps[i], **cond})[0]
+            feeds = {"sample": x_in.to(sample_dtype), "timestep": timesteps[i], **cond}
+            if residuals:  # ControlNet: its residuals go to the U-Net graph that takes them
+                feeds.update(residuals(feeds, i))
+            out = self.backend.run("unet_controlnet" if residuals else "unet", feeds)[0]
             out = out.float()
             if cfg:
                 uncond, text = out.chunk(2)

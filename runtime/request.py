@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdrt.runtime.control import Control, control_host
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import ImageArg
 from sdrt.runtime.samplers import Plan
@@ -34,6 +35,7 @@ class JoinKey(NamedTuple):
     image: bool
     mask: bool
     loras: tuple[tuple[str, float], ...] = ()  # one adapter set per engine batch (not part of a capture key)
+    controlnet: str | None = None  # the ControlNet graph the body runs (its scales and image are data)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Request:
     image: Image.Image | None = None  # RGB at (width, height)
     mask: Image.Image | None = None  # L at (width, height): white is repainted, black is kept
     loras: tuple[tuple[str, float], ...] = ()  # (adapter, scale), sorted by name (runtime/lora.py)
+    control: Control | None = None  # ControlNet: name, control image at (width, height), scale, start, end
 
     @property
     def batch(self) -> int:
@@ -66,7 +69,8 @@ class Request:
     def join_key(self) -> JoinKey:
         """Requests with equal join keys run through the same graph body and may share one engine batch."""
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
-                       self.image is not None, self.mask is not None, self.loras)  # fmt: skip
+                       self.image is not None, self.mask is not None, self.loras,
+                       self.control and self.control.name)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,8 @@ def host_inputs(
         if encodes_init:
             host["posterior_noise"] = torch.cat(draws["posterior_noise"])
         host["image_rows"] = torch.arange(len(reqs)).repeat_interleave(torch.tensor([r.batch for r in reqs]))
+    if first.control is not None:
+        host.update(control_host(reqs, len(plan.timesteps)))
     if first.mask is not None:
         masks = torch.cat([_mask(r.mask) for r in reqs])  # [R, 1, H, W], 1 = repaint
         host["masked_image"] = host["image"] * (masks < 0.5)
