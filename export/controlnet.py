@@ -67,7 +67,7 @@ def check_fits(cn: LoadedControlNet, c: Components, vae_scale_factor: int) -> No
     pairs = [
         ("cross-attention width", a.cross_attention_dim, u.cross_attention_dim),
         ("family (added conditioning)", a.addition_embed_type, u.addition_embed_type),
-        ("latent channels", a.in_channels, u.in_channels),
+        ("latent channels", a.in_channels, c.vae.config.latent_channels),  # a 9-channel U-Net: still 4
         ("block channels", tuple(a.block_out_channels), tuple(u.block_out_channels)),
         ("down blocks", tuple(a.down_block_types), tuple(u.down_block_types)),
         ("layers per block", a.layers_per_block, u.layers_per_block),

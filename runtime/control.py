@@ -1,14 +1,16 @@
-"""ControlNet at run time: a request's control (checked against the engine directory), the host buffers it reads,
-and the residuals each U-Net call adds, as diffusers' StableDiffusionControlNetPipeline computes them.
+"""ControlNet at run time: a request's ControlNets (checked against the engine directory), the host buffers they
+read, and the residuals each U-Net call adds, as diffusers' ControlNet pipelines (and MultiControlNetModel, for
+several) compute them.
 
-The per-step scale (the conditioning scale times diffusers' ``controlnet_keep`` for control_guidance_start/end) is
-a [calls, rows] buffer filled before the batch runs, like the sampler's timesteps: scales and windows are data, so
-requests that differ only in them share one engine batch and one captured graph.
+Each ControlNet's per-step scale (its conditioning scale times diffusers' ``controlnet_keep`` for
+control_guidance_start/end) is a [calls, rows] buffer filled before the batch runs, like the sampler's timesteps:
+scales and windows are data, so requests that differ only in them share one engine batch and one captured graph.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -16,11 +18,12 @@ import torch
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.params import ControlNetArg, ImageArg
 
 
 class Control(NamedTuple):
-    """One request's ControlNet: the graph's name, the control image (RGB at the request's size), its scale and
-    the fraction of steps it acts in, [start, end]."""
+    """One ControlNet of a request: the name, the control image (RGB; at the request's size once `resized`), its
+    scale and the fraction of steps it acts in, [start, end]."""
 
     name: str
     image: Image.Image
@@ -29,36 +32,64 @@ class Control(NamedTuple):
     end: float
 
 
-def check_control(manifest: dict[str, Any], backend: Any, p: Any) -> Control | None:
-    """`Params`' ControlNet fields -> a `Control` with the image read (not yet resized), or a one-line error."""
+def controlnet_args(
+    controlnet: str | Sequence[str] | None,
+    control_image: ImageArg | Sequence[ImageArg] | None,
+    scale: float | Sequence[float] = 1.0,
+    start: float | Sequence[float] = 0.0,
+    end: float | Sequence[float] = 1.0,
+) -> tuple[ControlNetArg, ...]:
+    """diffusers' spelling (one value, or one per ControlNet as for MultiControlNetModel; a single scale, start or
+    end applies to every ControlNet) -> `ControlNetArg`s, or a one-line error naming the argument."""
+    if controlnet is None and control_image is None:
+        return ()
+    if controlnet is None or control_image is None:
+        missing = "controlnet" if controlnet is None else "control_image"
+        raise SdrtError(f"ControlNet needs both a control image and a ControlNet name: give {missing}", field=missing)
+    names = [controlnet] if isinstance(controlnet, str) else list(controlnet)
+    images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+    if len(images) != len(names):
+        raise SdrtError(f"{len(names)} ControlNet(s) and {len(images)} control image(s): give one image per "
+                        "ControlNet", field="control_image")  # fmt: skip
+    per = {}
+    for field, value in (("control_scale", scale), ("control_start", start), ("control_end", end)):
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * len(names)
+        if len(values) != len(names):
+            raise SdrtError(f"{len(values)} values of {field} for {len(names)} ControlNets: give one, or one per "
+                            "ControlNet", field=field)  # fmt: skip
+        per[field] = values
+    columns = zip(names, images, per["control_scale"], per["control_start"], per["control_end"], strict=True)
+    return tuple(ControlNetArg(*column) for column in columns)
+
+
+def check_controls(manifest: dict[str, Any], backend: Any, args: Sequence[ControlNetArg]) -> tuple[Control, ...]:
+    """`Params.controlnets` -> `Control`s with their images read (not yet resized), or a one-line error."""
     from sdrt.runtime.request import open_image
 
-    if p.controlnet is None and p.control_image is None:
-        return None
+    if not args:
+        return ()
     have = sorted(manifest.get("controlnets", {}))
-    if p.controlnet is None or p.control_image is None:
-        missing = "controlnet" if p.controlnet is None else "control_image"
-        hint = f" (this directory has: {', '.join(have)})" if have and missing == "controlnet" else ""
-        raise SdrtError(f"ControlNet needs both a control image and a ControlNet name: give {missing}{hint}",
-                        field=missing)  # fmt: skip
-    if p.controlnet not in have:
-        has = f"it has {', '.join(have)}" if have else "re-export it with `sdrt export ... --controlnet DIR=NAME`"
-        raise SdrtError(f"this engine directory has no ControlNet {p.controlnet!r}; {has}", field="controlnet")
+    controls = []
+    for a in args:
+        if not isinstance(a, ControlNetArg):
+            raise SdrtError(f"a ControlNet is given as ControlNetArg(name, image, ...), got {a!r}", field="controlnets")
+        if a.name not in have:
+            has = f"it has {', '.join(have)}" if have else "re-export it with `sdrt export ... --controlnet DIR=NAME`"
+            raise SdrtError(f"this engine directory has no ControlNet {a.name!r}; {has}", field="controlnet")
+        s, start, end = a.scale, a.start, a.end
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+            raise SdrtError(f"control scale must be a finite number, got {s!r}", field="control_scale")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, end)) or not (
+            0 <= start < end <= 1
+        ):
+            raise SdrtError(f"control start and end must satisfy 0 <= start < end <= 1, got {start!r} and {end!r}",
+                            field="control_start")  # fmt: skip
+        image = open_image(a.image, "control image").convert("RGB")
+        controls.append(Control(a.name, image, float(s), float(start), float(end)))
     if not getattr(backend, "controlnet", False):
         raise SdrtError(f"the {backend.name} backend cannot run ControlNet yet; use --backend onnxruntime or torch",
                         field="controlnet")  # fmt: skip
-    if p.image is not None or p.mask is not None:
-        raise SdrtError("ControlNet with an init image or mask is not supported yet; use txt2img", field="image")
-    if p.loras:
-        raise SdrtError("LoRA adapters together with ControlNet are not supported yet", field="loras")
-    s, a, b = p.control_scale, p.control_start, p.control_end
-    if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
-        raise SdrtError(f"control scale must be a finite number, got {s!r}", field="control_scale")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) or not 0 <= a < b <= 1:
-        raise SdrtError(f"control start and end must satisfy 0 <= start < end <= 1, got {a!r} and {b!r}",
-                        field="control_start")  # fmt: skip
-    image = open_image(p.control_image, "control image").convert("RGB")
-    return Control(p.controlnet, image, float(s), float(a), float(b))
+    return tuple(controls)
 
 
 def resized(c: Control, width: int, height: int) -> Control:
@@ -74,33 +105,42 @@ def keep(calls: int, start: float, end: float) -> list[float]:
 
 
 def control_host(reqs: list, calls: int) -> dict[str, torch.Tensor]:
-    """control_image [B, 3, H, W] in [0, 1] (each request's image on each of its rows), control_scale [calls, B]."""
-    images, scales = [], []
-    for r in reqs:
-        pixels = torch.from_numpy(np.asarray(r.control.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        images.append(pixels[None].expand(r.batch, -1, -1, -1))
-        k = torch.tensor(keep(calls, r.control.start, r.control.end), dtype=torch.float32)
-        scales.append((r.control.scale * k)[:, None].expand(-1, r.batch))
-    return {"control_image": torch.cat(images).contiguous(), "control_scale": torch.cat(scales, 1).contiguous()}
+    """Per ControlNet k of the batch: control_image_k [B, 3, H, W] in [0, 1] (each request's image on each of its
+    rows) and control_scale_k [calls, B]."""
+    host = {}
+    for k in range(len(reqs[0].control)):
+        images, scales = [], []
+        for r in reqs:
+            c = r.control[k]
+            pixels = torch.from_numpy(np.asarray(c.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            images.append(pixels[None].expand(r.batch, -1, -1, -1))
+            scales.append((c.scale * torch.tensor(keep(calls, c.start, c.end)))[:, None].expand(-1, r.batch))
+        host[f"control_image_{k}"] = torch.cat(images).contiguous()
+        host[f"control_scale_{k}"] = torch.cat(scales, 1).contiguous()
+    return host
 
 
 class Residuals:
-    """The ControlNet graph's residuals for U-Net call i, as the unet_controlnet graph's extra feeds. Under
-    classifier-free guidance both halves get the control image and the scale (diffusers without guess_mode)."""
+    """The summed residuals of a batch's ControlNets for U-Net call i, as the unet_controlnet graph's extra feeds.
+    Under classifier-free guidance both halves get the control images and scales (diffusers without guess_mode).
+    A ControlNet reads the latents without an inpainting U-Net's extra channels, as diffusers feeds it."""
 
-    def __init__(self, backend: Any, name: str, cfg: bool, buf: dict[str, torch.Tensor]):
-        self.backend, self.graph = backend, f"controlnet_{name}"
-        image, scale = buf["control_image"], buf["control_scale"]  # [B, 3, H, W], [calls, B]
-        image = torch.cat([image, image]) if cfg else image
-        self.image = image.to(backend.dtype(self.graph, "controlnet_cond"))
-        self.scale = (torch.cat([scale, scale], dim=1) if cfg else scale).contiguous()  # [calls, rows]
-        self.outputs = list(backend.manifest["graphs"][self.graph]["outputs"])
+    def __init__(self, backend: Any, names: Sequence[str], cfg: bool, buf: dict[str, torch.Tensor]):
+        self.backend, self.graphs, self.images, self.scales = backend, [f"controlnet_{n}" for n in names], [], []
+        for k, graph in enumerate(self.graphs):
+            image, scale = buf[f"control_image_{k}"], buf[f"control_scale_{k}"]  # [B, 3, H, W], [calls, B]
+            image = torch.cat([image, image]) if cfg else image
+            self.images.append(image.to(backend.dtype(graph, "controlnet_cond")))
+            self.scales.append((torch.cat([scale, scale], dim=1) if cfg else scale).contiguous())  # [calls, rows]
+        self.outputs = list(backend.manifest["graphs"][self.graphs[0]]["outputs"])
 
-    def __call__(self, feeds: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-        dtype = self.backend.dtype
-        ins = {k: v.to(dtype(self.graph, k)) for k, v in feeds.items()}
-        ins.update(
-            controlnet_cond=self.image, conditioning_scale=self.scale[i].to(dtype(self.graph, "conditioning_scale"))
-        )
-        outs = self.backend.run(self.graph, ins)
-        return {n: o.to(dtype("unet_controlnet", n)) for n, o in zip(self.outputs, outs, strict=True)}
+    def __call__(self, x_in: torch.Tensor, feeds: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        """``x_in``: the scaled latents [rows, C, h, w]; ``feeds``: the U-Net's conditioning feeds."""
+        dtype, total = self.backend.dtype, None
+        for graph, image, scale in zip(self.graphs, self.images, self.scales, strict=True):
+            ins = {k: v.to(dtype(graph, k)) for k, v in feeds.items()}
+            ins.update(sample=x_in.to(dtype(graph, "sample")), controlnet_cond=image,
+                       conditioning_scale=scale[i].to(dtype(graph, "conditioning_scale")))  # fmt: skip
+            outs = [o.float() for o in self.backend.run(graph, ins)]
+            total = outs if total is None else [t + o for t, o in zip(total, outs, strict=True)]
+        return {n: t.to(dtype("unet_controlnet", n)) for n, t in zip(self.outputs, total, strict=True)}

@@ -11,16 +11,17 @@ from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 def png_parameters(req, model: str, index: int) -> str:
     """The `parameters` text chunk in the format image tools already read (prompt, negative, key: value list); LoRA
-    adapters as the web UI writes them, `<lora:NAME:SCALE>` tags at the end of the prompt."""
+    adapters as the web UI writes them, `<lora:NAME:SCALE>` tags at the end of the prompt; ControlNets as its
+    ControlNet extension does."""
     fields = [
         f"Steps: {req.steps}", f"Sampler: {req.sampler}", f"CFG scale: {req.guidance:g}", f"Seed: {req.seed}",
         f"Size: {req.width}x{req.height}", f"Model: {model}",
     ]  # fmt: skip
     if req.image is not None:
         fields.append(f"Denoising strength: {req.strength:g}")
-    if req.control is not None:
-        c = req.control
-        fields.append(f"ControlNet: {c.name} (scale {c.scale:g}, steps {c.start:g}-{c.end:g})")
+    for k, c in enumerate(req.control):  # as the web UI's ControlNet extension writes its units
+        fields.append(f'ControlNet {k}: "Model: {c.name}, Weight: {c.scale:g}, Guidance Start: {c.start:g}, '
+                      f'Guidance End: {c.end:g}"')  # fmt: skip
     if req.batch > 1:
         fields += [f"Batch size: {req.batch}", f"Batch pos: {index}"]
     prompt = req.prompts[index // req.images_per_prompt]
@@ -49,11 +50,17 @@ def _loras(args: list[str] | None) -> dict[str, float] | None:
     return out or None
 
 
+def _each(values: list[float] | None, default: float) -> float | list[float]:
+    """A repeatable --control-* flag: given once (or not at all), it applies to every ControlNet."""
+    return default if not values else values[0] if len(values) == 1 else values
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from PIL import Image, PngImagePlugin
 
+    from sdrt.runtime.control import controlnet_args
     from sdrt.runtime.params import Params
     from sdrt.runtime.pipeline import Pipeline
 
@@ -64,8 +71,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, n=args.batch, seed=args.seed, sampler=args.sampler,
         image=args.init_image, strength=args.strength, mask=args.mask, loras=_loras(args.lora),
-        controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale,
-        control_start=args.control_start, control_end=args.control_end,
+        controlnets=controlnet_args(args.controlnet, args.control_image, _each(args.control_scale, 1.0),
+                                    _each(args.control_start, 0.0), _each(args.control_end, 1.0)),
     )  # fmt: skip
     t0 = time.perf_counter()
     with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph) as pipe:
@@ -122,11 +129,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="NAME[:SCALE]",
         help="apply an adapter added with `sdrt lora add` at SCALE (default 1); repeat to add several",
     )
-    g.add_argument("--controlnet", metavar="NAME", help="a ControlNet exported with `sdrt export --controlnet`")
-    g.add_argument("--control-image", metavar="PATH", help="its control image (default size: this image's)")
-    g.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale (default 1)")
-    g.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where it starts (default 0)")
-    g.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where it ends (default 1)")
+    g.add_argument("--controlnet", metavar="NAME", action="append",
+                   help="a ControlNet exported with `sdrt export --controlnet`; repeat (with one --control-image "
+                   "each) to add several")  # fmt: skip
+    g.add_argument("--control-image", metavar="PATH", action="append",
+                   help="the ControlNet's control image, taken as given (an edge map, a depth map, ...); default size "
+                   "without --init-image: the first control image's")  # fmt: skip
+    for flag, default, what in (("scale", 1, "conditioning scale"), ("start", 0, "fraction of steps where it starts"),
+                                ("end", 1, "fraction of steps where it ends")):  # fmt: skip
+        g.add_argument(
+            f"--control-{flag}",
+            type=float,
+            action="append",
+            metavar="X",
+            help=f"ControlNet {what} (default {default}); once for all, or once per --controlnet",
+        )
     g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
                    help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as built), else torch "
                    "programs where exported; else ONNX Runtime")  # fmt: skip

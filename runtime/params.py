@@ -18,12 +18,25 @@ IMG2IMG_STRENGTH = 0.8  # inpainting: 1.0
 ImageArg = Union["Image.Image", str, Path]
 
 
+@dataclass(frozen=True)
+class ControlNetArg:
+    """One ControlNet of a request: a name given at `sdrt export --controlnet DIR=NAME`, its control image (taken
+    as given: an edge map, a depth map, ...), diffusers' controlnet_conditioning_scale and the fraction of the steps
+    it acts in (control_guidance_start / _end)."""
+
+    name: str
+    image: ImageArg
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class Params:
     """One generation as a caller asks for it, by keyword: the Python call, `sdrt generate`, every server endpoint
     and the benchmarks build one, and `Pipeline.request` checks it into a `Request`. sdrt's defaults live here; None
-    means "the model's or the image's": the native size (or the init image's), the checkpoint's sampler, a random
-    seed, strength 0.8 for img2img and 1 for inpainting."""
+    means "the model's or the image's": the native size (or the init image's, else the first control image's), the
+    checkpoint's sampler, a random seed, strength 0.8 for img2img and 1 for inpainting."""
 
     prompt: str | Sequence[str]
     negative_prompt: str | Sequence[str | None] | None = None
@@ -38,8 +51,4 @@ class Params:
     strength: float | None = None
     mask: ImageArg | None = None  # inpainting, with image: white is repainted, black kept
     loras: Mapping[str, float] | None = None  # {adapter added with `sdrt lora add`: scale}; they add up
-    controlnet: str | None = None  # a ControlNet exported with `sdrt export --controlnet DIR=NAME`, by NAME
-    control_image: ImageArg | None = None  # its control image (the request's size defaults to this image's)
-    control_scale: float = 1.0  # diffusers' controlnet_conditioning_scale
-    control_start: float = 0.0  # diffusers' control_guidance_start / _end: the fraction of steps it acts in
-    control_end: float = 1.0
+    controlnets: Sequence[ControlNetArg] = ()  # ControlNets exported with `sdrt export --controlnet`; they add up

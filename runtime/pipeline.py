@@ -10,21 +10,20 @@ branches inside the loop.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from PIL import Image
 
 from sdrt.runtime.backends import Backend, open_backend
 from sdrt.runtime.capture import CaptureCache
-from sdrt.runtime.control import Residuals, check_control, resized
+from sdrt.runtime.control import Residuals, check_controls, controlnet_args, resized
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.lora import Adapters, check_loras
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
@@ -32,6 +31,7 @@ from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGT
 from sdrt.runtime.request import Layout, Request, host_inputs, open_image
 from sdrt.runtime.samplers import SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, default_sampler
+from sdrt.runtime.stages import Batch, Progress, Stages, no_stage
 from sdrt.runtime.tokenizer import PromptTokenizer
 
 log = logging.getLogger("sdrt")
@@ -117,23 +117,24 @@ class Pipeline:
         strength: float | None = None,
         mask_image: ImageArg | None = None,
         loras: dict[str, float] | None = None,
-        controlnet: str | None = None,
-        control_image: ImageArg | None = None,
-        controlnet_conditioning_scale: float = 1.0,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        controlnet: str | list[str] | None = None,
+        control_image: ImageArg | list[ImageArg] | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
         ``mask_image`` (white is repainted; strength 1 unless given); ``loras``: {adapter: scale}, adapters added
-        with `sdrt lora add`; ``controlnet`` (a name given at `sdrt export --controlnet`) with ``control_image``
-        as diffusers' ControlNet pipeline takes it. Arguments named as diffusers names them."""
+        with `sdrt lora add`; ``controlnet`` (a name given at `sdrt export --controlnet`, or a list of names: their
+        residuals add up, as diffusers' MultiControlNetModel) with ``control_image`` (one per ControlNet) as
+        diffusers' ControlNet pipelines take it. Arguments named as diffusers names them."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
-            strength=strength, mask=mask_image, loras=loras, controlnet=controlnet, control_image=control_image,
-            control_scale=controlnet_conditioning_scale, control_start=control_guidance_start,
-            control_end=control_guidance_end,
+            strength=strength, mask=mask_image, loras=loras,
+            controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
+                                        control_guidance_start, control_guidance_end),
         )  # fmt: skip
         pixels = self.generate(self.request(params), progress=progress)
         return [Image.fromarray(a) for a in pixels.numpy()]
@@ -165,16 +166,16 @@ class Pipeline:
         if sampler not in SAMPLERS:
             raise SdrtError(f"unknown sampler {sampler!r}; samplers are: {', '.join(SAMPLERS)}", field="sampler")
         init, mask_img = self._images(p.image, p.mask)
-        control = check_control(self.manifest, self.backend, p)
+        controls = check_controls(self.manifest, self.backend, p.controlnets)
         height, width, strength = p.height, p.width, 1.0
-        if control is not None:  # diffusers' default size: the control image's, down to the size step
-            m = self.shapes["px_multiple"]
-            height, width = height or control.image.height // m * m, width or control.image.width // m * m
         if init is not None:
             strength = (1.0 if mask_img is not None else IMG2IMG_STRENGTH) if p.strength is None else p.strength
             if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
                 raise SdrtError(f"strength must be in (0, 1], got {strength!r}", field="strength")
             height, width = height or init.height, width or init.width
+        if controls:  # diffusers' default size without an init image: the control image's, down to the size step
+            m, first = self.shapes["px_multiple"], controls[0].image
+            height, width = height or first.height // m * m, width or first.width // m * m
         height, width = self._size("height", height), self._size("width", width)
         init = init and init.convert("RGB").resize((width, height), Image.LANCZOS)
         mask_img = mask_img and mask_img.convert("L").resize((width, height), Image.LANCZOS)
@@ -182,8 +183,12 @@ class Pipeline:
         if loras and not self.backend.lora:
             raise SdrtError(f"the {self.backend.name} backend cannot apply LoRA adapters yet; use --backend "
                             "onnxruntime or torch", field="loras")  # fmt: skip
+        if loras and controls:
+            raise SdrtError("LoRA adapters together with ControlNet are not supported yet: drop one of them",
+                            field="loras")  # fmt: skip
+        controls = tuple(resized(c, width, height) for c in controls)
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
-                      float(strength), init, mask_img, loras, control and resized(control, width, height))  # fmt: skip
+                      float(strength), init, mask_img, loras, controls)  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength)  # a step count the schedule cannot honour: ScheduleError
         return req
 
@@ -251,8 +256,8 @@ class Pipeline:
                 pixels = self._captured.replay(self, layout, plan.to(self.device), host, timings)
             else:
                 buf = {k: v.to(self.device) for k, v in host.items()}
-                work = _Progress(len(plan.timesteps), progress)
-                pixels = self.body(layout, plan.to(self.device), buf, _Stages(timings, self.device), work).cpu()
+                work = Progress(len(plan.timesteps), progress)
+                pixels = self.body(layout, plan.to(self.device), buf, Stages(timings, self.device), work).cpu()
         return Batch(list(pixels.split([r.batch for r in reqs])), timings)
 
     def _encodes_init(self, key) -> bool:
@@ -264,7 +269,7 @@ class Pipeline:
         be captured as one CUDA graph (runtime/capture.py). Structure comes from the layout's join key and the
         engine, never from buffer values. ``stage(name)``: a context around each stage (timing); ``progress``: its
         ``step()`` called per U-Net call."""
-        stage, key = stage or _no_stage, layout.join_key
+        stage, key = stage or no_stage, layout.join_key
         with stage("text_encoder_ms"):
             cond = self._conditioning(key.cfg, buf)  # U-Net feeds, [2B or B, ...], uncond rows first
         with stage("start_ms"):
@@ -281,7 +286,7 @@ class Pipeline:
                     extra = torch.cat([mask, masked], dim=1)  # [B, 1 + 4, h, w]
                     extra = torch.cat([extra, extra]) if key.cfg else extra
         with stage("denoise_ms"):
-            residuals = key.controlnet and Residuals(self.backend, key.controlnet, key.cfg, buf)
+            residuals = key.controlnets and Residuals(self.backend, key.controlnets, key.cfg, buf)
             denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals)
             latents = sample(plan, denoise, x, buf["noise"], after)
         with stage("vae_decoder_ms"):
@@ -335,10 +340,11 @@ class Pipeline:
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
             x_in = x * plan.c_in[i]  # diffusers' scale_model_input
             x_in = torch.cat([x_in, x_in]) if cfg else x_in  # [2B, 4, h, w]
+            feeds = {"timestep": timesteps[i], **cond}
+            if residuals:  # ControlNet: the residuals go to the U-Net graph that takes them
+                feeds.update(residuals(x_in, feeds, i))
             x_in = torch.cat([x_in, extra], dim=1) if extra is not None else x_in  # inpainting U-Net: [2B, 9, h, w]
-            feeds = {"sample": x_in.to(sample_dtype), "timestep": timesteps[i], **cond}
-            if residuals:  # ControlNet: its residuals go to the U-Net graph that takes them
-                feeds.update(residuals(feeds, i))
+            feeds["sample"] = x_in.to(sample_dtype)
             out = self.backend.run("unet_controlnet" if residuals else "unet", feeds)[0]
             out = out.float()
             if cfg:
@@ -349,47 +355,3 @@ class Pipeline:
             return to_x0(x, out, plan.sigmas[i], prediction)
 
         return denoise
-
-
-class Batch(NamedTuple):
-    """What `Pipeline.generate_batch` returns: each request's uint8 pixels [B_i, H, W, 3], and the batch's stage
-    timings in ms (step by step: each stage; a graph replay: host_prepare_ms and graph_ms)."""
-
-    pixels: list[torch.Tensor]
-    timings_ms: dict[str, float]
-
-
-def _no_stage(name: str) -> contextlib.nullcontext:
-    return contextlib.nullcontext()
-
-
-class _Stages:
-    """Wall time of each stage of the step-by-step path into ``timings`` (on a GPU it synchronises at its ends)."""
-
-    def __init__(self, timings: dict[str, float], device: torch.device):
-        self.timings = timings
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self.sync()
-        t = time.perf_counter()
-        yield
-        self.sync()
-        self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - t) * 1e3
-
-
-class _Progress:
-    """One stderr line per request, updated per step (step-by-step path only; a graph replay has no steps)."""
-
-    def __init__(self, total: int, enabled: bool):
-        import sys
-
-        self.total, self.done, self.enabled, self.stream, self.t0 = total, 0, enabled, sys.stderr, time.perf_counter()
-
-    def step(self) -> None:
-        self.done += 1
-        if self.enabled:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            end = "\n" if self.done == self.total else ""
-            print(f"\rsampling {self.done}/{self.total} ({rate:.2f} steps/s)", end=end, file=self.stream, flush=True)

@@ -35,7 +35,7 @@ class JoinKey(NamedTuple):
     image: bool
     mask: bool
     loras: tuple[tuple[str, float], ...] = ()  # one adapter set per engine batch (not part of a capture key)
-    controlnet: str | None = None  # the ControlNet graph the body runs (its scales and image are data)
+    controlnets: tuple[str, ...] = ()  # the ControlNet graphs the body runs (their scales and images are data)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Request:
     image: Image.Image | None = None  # RGB at (width, height)
     mask: Image.Image | None = None  # L at (width, height): white is repainted, black is kept
     loras: tuple[tuple[str, float], ...] = ()  # (adapter, scale), sorted by name (runtime/lora.py)
-    control: Control | None = None  # ControlNet: name, control image at (width, height), scale, start, end
+    control: tuple[Control, ...] = ()  # ControlNets: name, control image at (width, height), scale, start, end
 
     @property
     def batch(self) -> int:
@@ -70,7 +70,7 @@ class Request:
         """Requests with equal join keys run through the same graph body and may share one engine batch."""
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
                        self.image is not None, self.mask is not None, self.loras,
-                       self.control and self.control.name)  # fmt: skip
+                       tuple(c.name for c in self.control))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def host_inputs(
         if encodes_init:
             host["posterior_noise"] = torch.cat(draws["posterior_noise"])
         host["image_rows"] = torch.arange(len(reqs)).repeat_interleave(torch.tensor([r.batch for r in reqs]))
-    if first.control is not None:
+    if first.control:
         host.update(control_host(reqs, len(plan.timesteps)))
     if first.mask is not None:
         masks = torch.cat([_mask(r.mask) for r in reqs])  # [R, 1, H, W], 1 = repaint

@@ -1,5 +1,6 @@
-"""ControlNet: `sdrt export --controlnet` and txt2img with one ControlNet against diffusers'
-StableDiffusionControlNetPipeline on the same folder, ControlNet, prompt, seed and control image."""
+"""ControlNet: `sdrt export --controlnet` and generation with one or two ControlNets against diffusers' ControlNet
+pipelines (txt2img, img2img, inpainting; SD and SDXL) on the same folder, ControlNets, prompt, seed and control
+images."""
 
 from __future__ import annotations
 
@@ -10,21 +11,28 @@ from PIL import Image
 from test_pipeline import NEGATIVE, PROMPT, SCHEDULERS, check, psnr, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.params import Params
+from sdrt.runtime.params import ControlNetArg, Params
 from sdrt.runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.xdist_group("controlnet")
 SIZES = ["--min-size", "64", "--max-size", "192", "--max-batch", "2"]
 
 
-def make_controlnet(unet_folder, dest, cross_attention: bool = False):
-    """diffusers' ControlNetModel.from_unet, its zero-initialised output convolutions given random weights so that
-    it visibly changes the picture."""
+def make_controlnet(unet_folder, dest, seed: int = 3):
+    """diffusers' ControlNetModel.from_unet (4 input channels, as real ControlNets have even for inpainting U-Nets),
+    its zero-initialised output convolutions given random weights so that it visibly changes the picture."""
     import diffusers
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(unet_folder, local_files_only=True)
     cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
-    g = torch.Generator().manual_seed(3)
+    if unet.config.in_channels != 4:  # an inpainting U-Net: the ControlNet reads the 4 latent channels
+        conv = torch.nn.Conv2d(4, cn.conv_in.out_channels, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(unet.conv_in.weight[:, :4])
+            conv.bias.copy_(unet.conv_in.bias)
+        cn.conv_in = conv
+        cn.register_to_config(in_channels=4)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
@@ -39,9 +47,11 @@ def cn_export(folders, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("controlnet")
     cn = make_controlnet(folders["sd1"] / "unet", root / "canny")
+    depth = make_controlnet(folders["sd1"] / "unet", root / "depth_folder", seed=4)
     dest = root / "engine"
-    assert main(["export", str(folders["sd1"]), str(dest), "--precision", "fp32", *SIZES, "--controlnet", str(cn)]) == 0
-    return dest, cn
+    args = ["--controlnet", str(cn), "--controlnet", f"{depth}=depth"]
+    assert main(["export", str(folders["sd1"]), str(dest), "--precision", "fp32", *SIZES, *args]) == 0
+    return dest, cn, depth
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +66,15 @@ def control_image(w: int = 96, h: int = 64) -> Image.Image:
     return Image.fromarray(np.stack([edges, (xx * 3 % 256).astype(np.uint8), edges[::-1]], -1))
 
 
-def reference(folder, cn_folder, sampler: str, **kw) -> np.ndarray:
+def reference(folder, cn_folders, sampler: str, pipeline: str = "StableDiffusionControlNetPipeline", **kw):
+    """diffusers' ``pipeline`` with the ControlNet folder (a list: a MultiControlNetModel of them)."""
     import diffusers
 
-    cn = diffusers.ControlNetModel.from_pretrained(cn_folder, local_files_only=True)
-    pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
-        folder, controlnet=cn, safety_checker=None, requires_safety_checker=False, local_files_only=True
-    )
+    cns = [diffusers.ControlNetModel.from_pretrained(f, local_files_only=True) for f in np.atleast_1d(cn_folders)]
+    load = dict(local_files_only=True, controlnet=cns if isinstance(cn_folders, list) else cns[0])
+    if "XL" not in pipeline:
+        load.update(safety_checker=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, pipeline).from_pretrained(folder, **load)
     name, extra = SCHEDULERS[sampler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -75,7 +87,7 @@ def test_manifest_records_both_graphs_verified(cn_export):
 
     m = json.loads((cn_export[0] / "manifest.json").read_text())
     cn, unet = m["graphs"]["controlnet_canny"], m["graphs"]["unet_controlnet"]
-    assert m["controlnets"]["canny"]["graph"] == "controlnet_canny"
+    assert m["controlnets"]["canny"]["graph"] == "controlnet_canny" and "controlnet_depth" in m["graphs"]
     # sd1's U-Net: conv_in, block 0 (resnet, downsampler), block 1 (resnet); mid at the second level
     assert list(cn["outputs"]) == [f"down_residual_{i}" for i in range(4)] + ["mid_residual"]
     assert cn["outputs"]["down_residual_2"]["shape"] == ["B", 32, "h/2", "w/2"]
@@ -110,10 +122,98 @@ def test_txt2img_matches_diffusers(pipe, cn_export, folders, sampler, scale, sta
     )
 
 
+def test_two_controlnets_match_multicontrolnet(pipe, cn_export, folders):
+    """Two ControlNets with their own scales and windows add up as diffusers' MultiControlNetModel adds them."""
+    images = [control_image(), control_image(64, 64).transpose(Image.FLIP_LEFT_RIGHT)]
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64, width=96,
+              seed=5, controlnet_conditioning_scale=[0.8, 1.2], control_guidance_start=[0.0, 0.25],
+              control_guidance_end=[1.0, 1.0])  # fmt: skip
+    ours = sdrt_images(pipe, sampler="euler", controlnet=["canny", "depth"], control_image=images, **kw)
+    db = check(ours, reference(folders["sd1"], [cn_export[1], cn_export[2]], "euler", image=images, **kw))
+    one = {**kw, "controlnet_conditioning_scale": 0.8, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
+    alone = sdrt_images(pipe, sampler="euler", controlnet="canny", control_image=images[0], **one)
+    assert psnr(ours, alone) < db - 10, "the second ControlNet changed nothing"
+    print(f"two ControlNets: PSNR {db:.1f} dB, the first alone {psnr(ours, alone):.1f}")
+
+
+def init_and_mask(h: int = 64, w: int = 128) -> tuple[Image.Image, Image.Image]:
+    yy, xx = np.mgrid[0:h, 0:w]
+    init = np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1) // 2 + np.random.default_rng(0).integers(0, 64, (h, w, 3))
+    mask = np.zeros((h, w), np.uint8)
+    mask[8:48, 40:112] = 255
+    return Image.fromarray(init.astype(np.uint8)), Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_img2img_and_inpainting_match_diffusers(pipe, cn_export, folders, mode):
+    """StableDiffusionControlNetImg2ImgPipeline / ...InpaintPipeline (a 4-channel U-Net: the kept region blended
+    back), strength below 1, the control image resized to the init image's size."""
+    init, mask = init_and_mask()
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=6.0, height=64,
+              width=128, seed=8, strength=0.7, controlnet_conditioning_scale=0.9)  # fmt: skip
+    extra = {"mask_image": mask} if mode == "inpaint" else {}
+    ours = sdrt_images(pipe, sampler="dpmpp_2m", image=init, controlnet="canny", control_image=control_image(), **extra,
+                       **kw)  # fmt: skip
+    name = "StableDiffusionControlNetInpaintPipeline" if extra else "StableDiffusionControlNetImg2ImgPipeline"
+    ref = reference(folders["sd1"], cn_export[1], "dpmpp_2m", pipeline=name, image=init, control_image=control_image(),
+                    **extra, **kw)  # fmt: skip
+    db = check(ours, ref)
+    without = sdrt_images(pipe, sampler="dpmpp_2m", image=init, **extra, **kw)
+    assert psnr(ours, without) < db - 10
+    print(f"{mode}: PSNR {db:.1f} dB, without the ControlNet {psnr(ours, without):.1f}")
+
+
+@pytest.fixture(scope="module")
+def other_exports(folders, tmp_path_factory):
+    """An inpainting (9-channel) SD U-Net and an SDXL folder, each exported with one ControlNet."""
+    from sdrt.runtime.cli import main
+
+    root, out = tmp_path_factory.mktemp("controlnet-other"), {}
+    for kind in ("sd1-inpaint", "sdxl"):
+        cn = make_controlnet(folders[kind] / "unet", root / f"{kind}-cn", seed=6)
+        out[kind] = (root / kind, cn)
+        args = [
+            "export",
+            str(folders[kind]),
+            str(root / kind),
+            "--precision",
+            "fp32",
+            *SIZES,
+            "--controlnet",
+            f"{cn}=c",
+        ]
+        assert main(args) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind,pipeline,sampler",
+    [
+        ("sd1-inpaint", "StableDiffusionControlNetInpaintPipeline", "euler"),
+        ("sdxl", "StableDiffusionXLControlNetPipeline", "euler_a"),
+    ],
+)
+def test_inpainting_unet_and_sdxl_match_diffusers(other_exports, folders, kind, pipeline, sampler):
+    """A 9-channel U-Net (the ControlNet reads the latents alone) and SDXL's added conditions in the ControlNet."""
+    engine, cn = other_exports[kind]
+    init, mask = init_and_mask()
+    extra = dict(image=init, mask_image=mask) if "Inpaint" in pipeline else {}
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64,
+              width=128, seed=13, controlnet_conditioning_scale=0.8, control_guidance_end=0.8)  # fmt: skip
+    with Pipeline.load(engine, backend="onnxruntime", device="cpu") as p:
+        ours = sdrt_images(p, sampler=sampler, controlnet="c", control_image=control_image(), **extra, **kw)
+        without = sdrt_images(p, sampler=sampler, **extra, **kw)
+    ref_image = {"control_image": control_image(), **extra} if extra else {"image": control_image()}
+    db = check(ours, reference(folders[kind], cn, sampler, pipeline=pipeline, **ref_image, **kw))
+    assert psnr(ours, without) < db - 10
+    print(f"{kind}: PSNR {db:.1f} dB, without the ControlNet {psnr(ours, without):.1f}")
+
+
 def test_requests_with_other_scales_join_and_match_alone(pipe):
-    common = dict(steps=3, height=64, width=64, sampler="euler", controlnet="canny", control_image=control_image())
-    a = pipe.request(Params(prompt="a fox", seed=1, control_scale=0.7, **common))
-    b = pipe.request(Params(prompt="a boat", seed=2, control_scale=1.3, control_start=0.3, **common))
+    common = dict(steps=3, height=64, width=64, sampler="euler")
+    first, second = ControlNetArg("canny", control_image(), 0.7), ControlNetArg("canny", control_image(32), 1.3, 0.3)
+    a = pipe.request(Params(prompt="a fox", seed=1, controlnets=[first], **common))
+    b = pipe.request(Params(prompt="a boat", seed=2, controlnets=[second], **common))
     assert a.join_key == b.join_key
     for joined, r in zip(pipe.generate_batch([a, b]).pixels, (a, b), strict=True):
         assert torch.equal(joined, pipe.generate(r))
@@ -124,9 +224,19 @@ def test_requests_with_other_scales_join_and_match_alone(pipe):
 @pytest.mark.parametrize(
     "kw,msg",
     [
-        (dict(controlnet="depth", control_image=control_image()), "no ControlNet 'depth'; it has canny"),
+        (dict(controlnet="sketch", control_image=control_image()), "no ControlNet 'sketch'; it has canny, depth"),
         (dict(controlnet="canny"), "give control_image"),
-        (dict(control_image=control_image()), "give controlnet (this directory has: canny)"),
+        (dict(control_image=control_image()), "give controlnet"),
+        (dict(controlnet=["canny", "depth"], control_image=control_image()), "2 ControlNet(s) and 1 control image(s)"),
+        (
+            dict(
+                controlnet=["canny", "depth"],
+                control_image=[control_image()] * 2,
+                controlnet_conditioning_scale=[1.0] * 3,
+            ),
+            "3 values of control_scale for 2 ControlNets",
+        ),  # fmt: skip
+        (dict(controlnet="canny", control_image=control_image(), controlnet_conditioning_scale=float("nan")), "finite"),
         (
             dict(
                 controlnet="canny", control_image=control_image(), control_guidance_start=0.8, control_guidance_end=0.2
@@ -149,7 +259,7 @@ def test_cli_generate_with_controlnet(cn_export, tmp_path):
     args = ["generate", str(cn_export[0]), "a fox", "--steps", "2", "--seed", "3", "--out", str(out), "--quiet"]
     assert main([*args, "--controlnet", "canny", "--control-image", str(tmp_path / "edges.png")]) == 0
     img = Image.open(out)
-    assert img.size == (96, 64) and "ControlNet: canny (scale 1" in img.text["parameters"]
+    assert img.size == (96, 64) and 'ControlNet 0: "Model: canny, Weight: 1, ' in img.text["parameters"]
 
 
 def test_export_refusals_are_one_line(folders, tmp_path, capsys):
