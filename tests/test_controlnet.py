@@ -49,7 +49,7 @@ def cn_export(folders, tmp_path_factory):
     cn = make_controlnet(folders["sd1"] / "unet", root / "canny")
     depth = make_controlnet(folders["sd1"] / "unet", root / "depth_folder", seed=4)
     dest = root / "engine"
-    args = ["--controlnet", str(cn), "--controlnet", f"{depth}=depth"]
+    args = ["--controlnet", str(cn), "--controlnet", f"{depth}=depth", "--torch-programs"]
     assert main(["export", str(folders["sd1"]), str(dest), "--precision", "fp32", *SIZES, *args]) == 0
     return dest, cn, depth
 
@@ -123,17 +123,23 @@ def test_txt2img_matches_diffusers(pipe, cn_export, folders, sampler, scale, sta
 
 
 def test_two_controlnets_match_multicontrolnet(pipe, cn_export, folders):
-    """Two ControlNets with their own scales and windows add up as diffusers' MultiControlNetModel adds them."""
+    """Two ControlNets with their own scales and windows add up as diffusers' MultiControlNetModel adds them, on
+    ONNX Runtime and on the torch programs."""
     images = [control_image(), control_image(64, 64).transpose(Image.FLIP_LEFT_RIGHT)]
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64, width=96,
               seed=5, controlnet_conditioning_scale=[0.8, 1.2], control_guidance_start=[0.0, 0.25],
               control_guidance_end=[1.0, 1.0])  # fmt: skip
     ours = sdrt_images(pipe, sampler="euler", controlnet=["canny", "depth"], control_image=images, **kw)
-    db = check(ours, reference(folders["sd1"], [cn_export[1], cn_export[2]], "euler", image=images, **kw))
+    ref = reference(folders["sd1"], [cn_export[1], cn_export[2]], "euler", image=images, **kw)
+    db = check(ours, ref)
     one = {**kw, "controlnet_conditioning_scale": 0.8, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
     alone = sdrt_images(pipe, sampler="euler", controlnet="canny", control_image=images[0], **one)
     assert psnr(ours, alone) < db - 10, "the second ControlNet changed nothing"
     print(f"two ControlNets: PSNR {db:.1f} dB, the first alone {psnr(ours, alone):.1f}")
+    with Pipeline.load(cn_export[0], backend="torch", device="cpu") as torch_pipe:  # the torch programs
+        db_torch = check(sdrt_images(torch_pipe, sampler="euler", controlnet=["canny", "depth"], control_image=images,
+                                     **kw), ref)  # fmt: skip
+    print(f"two ControlNets, torch backend: PSNR {db_torch:.1f} dB")
 
 
 def init_and_mask(h: int = 64, w: int = 128) -> tuple[Image.Image, Image.Image]:
