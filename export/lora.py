@@ -27,6 +27,7 @@ from sdrt.runtime.manifest import read_manifest, sha256_file, write_manifest
 
 _PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+TWINS = {"unet": ("unet_controlnet",)}  # graphs holding the same module's weights: an adapter changes both alike
 
 
 def _read(file: Path, family: str, unet_config: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -93,32 +94,22 @@ def _factors(
         if graph not in maps:
             raise SdrtError(f"{file}: {key} is for a {graph} graph this engine does not have: an adapter for "
                             "another model family?")  # fmt: skip
-        weights, unused = maps[graph]["weights"], set(maps[graph].get("unused", ()))
-        fqn = module + ".weight"
-        if fqn not in weights and fqn not in unused and fqn.startswith("text_model."):  # flattened CLIPTextModel
-            fqn = fqn.removeprefix("text_model.")
-        if fqn in unused:  # the graph never reads it (SDXL's first text encoder's last layer): nothing to change
-            continue
-        entry = weights.get(fqn)
-        if entry is None:
-            raise SdrtError(f"{file}: {key} matches no weight of {graph}; an adapter for another model?")
-        if entry.get("shared"):
-            raise SdrtError(f"{file}: {key} targets {fqn}, whose values the exported {graph} shares with another "
-                            "weight; it cannot be changed alone")  # fmt: skip
-        down = state[key].float().contiguous()
         up = state.get(key.replace(".lora_A.", ".lora_B."))
         if up is None:
             raise SdrtError(f"{file}: {key} has no lora_B / lora_up partner")
-        up = up.float().contiguous()
-        shape = list(reversed(entry["shape"])) if entry["transposed"] else entry["shape"]
-        rank = down.shape[0]
-        if up.shape[1] != rank or [up.shape[0], *down.shape[1:]] != shape or up[0, 0].numel() != 1:
-            raise SdrtError(f"{file}: {key} gives a {[up.shape[0], *down.shape[1:]]} update for {fqn}, which is "
-                            f"{shape} in this engine; an adapter for another model?")  # fmt: skip
-        alpha = alphas.get(f"{graph}.{module}")
-        name = f"{graph}/{entry['initializer']}"
-        out[name + ".down"], out[name + ".up"] = down, up
-        out[name + ".scale"] = torch.tensor(1.0 if alpha is None else alpha / rank, dtype=torch.float32)
+        down, up, alpha = state[key].float().contiguous(), up.float().contiguous(), alphas.get(f"{graph}.{module}")
+        for g in (graph, *[t for t in TWINS.get(graph, ()) if t in maps]):  # the U-Net taking ControlNet residuals
+            entry = _target(maps[g], module, key, g, file)
+            if entry is None:  # the graph never reads it (SDXL's first text encoder's last layer): nothing to change
+                continue
+            shape = list(reversed(entry["shape"])) if entry["transposed"] else entry["shape"]
+            rank = down.shape[0]
+            if up.shape[1] != rank or [up.shape[0], *down.shape[1:]] != shape or up[0, 0].numel() != 1:
+                raise SdrtError(f"{file}: {key} gives a {[up.shape[0], *down.shape[1:]]} update for {module}, which is "
+                                f"{shape} in this engine; an adapter for another model?")  # fmt: skip
+            name = f"{g}/{entry['initializer']}"
+            out[name + ".down"], out[name + ".up"] = down, up
+            out[name + ".scale"] = torch.tensor(1.0 if alpha is None else alpha / rank, dtype=torch.float32)
     if not out:
         raise SdrtError(f"{file}: no LoRA weights found in it")
     return out
@@ -136,17 +127,36 @@ def _base_values(root: Path, manifest: dict[str, Any], wanted: set[str]) -> dict
     """The exported values of ``wanted`` (GRAPH/INITIALIZER), exactly as the graphs hold them."""
     import onnx
     from onnx import numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import uses_external_data
+
+    from sdrt.export.weights import ExternalData
 
     out = {}
     for graph in sorted({w.split("/", 1)[0] for w in wanted}):
         path = root / manifest["graphs"][graph]["file"]
-        for t in onnx.load(str(path), load_external_data=False).graph.initializer:
-            if f"{graph}/{t.name}" in wanted:
-                if uses_external_data(t):
-                    load_external_data_for_tensor(t, str(path.parent))
-                out[f"{graph}/{t.name}"] = np.ascontiguousarray(numpy_helper.to_array(t))
+        with ExternalData(path.parent) as external:
+            for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+                if f"{graph}/{t.name}" in wanted:
+                    value = external.array(t) if uses_external_data(t) else numpy_helper.to_array(t)
+                    out[f"{graph}/{t.name}"] = np.ascontiguousarray(value)
     return out
+
+
+def _target(graph_map: dict[str, Any], module: str, key: str, graph: str, file: Path) -> dict[str, Any] | None:
+    """The weights-file entry ``module``'s weight has in ``graph``; None where the graph never reads it."""
+    weights, unused = graph_map["weights"], set(graph_map.get("unused", ()))
+    fqn = module + ".weight"
+    if fqn not in weights and fqn not in unused and fqn.startswith("text_model."):  # flattened CLIPTextModel
+        fqn = fqn.removeprefix("text_model.")
+    if fqn in unused:
+        return None
+    entry = weights.get(fqn)
+    if entry is None:
+        raise SdrtError(f"{file}: {key} matches no weight of {graph}; an adapter for another model?")
+    if entry.get("shared"):
+        raise SdrtError(f"{file}: {key} targets {fqn}, whose values the exported {graph} shares with another "
+                        "weight; it cannot be changed alone")  # fmt: skip
+    return entry
 
 
 def add_lora(root: str | os.PathLike, file: str | os.PathLike, name: str | None = None, force: bool = False) -> dict:
