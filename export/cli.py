@@ -1,4 +1,4 @@
-"""The build-time stage's commands: `sdrt export`, `verify`, `build`, `lora add` and `presets`.
+"""The build-time stage's commands: `sdrt export`, `verify`, `build`, `lora add`, `controlnet add`, `presets`.
 
 Only argparse at import: `sdrt --help` and `sdrt presets` work on a runtime-only install, and each command imports
 what it needs when it runs (the export extra for export and verify, the build extra for build).
@@ -106,6 +106,14 @@ def cmd_lora_add(args: argparse.Namespace) -> int:
     entry = add_lora(args.dir, args.file, name=args.name, force=args.force)
     counts = ", ".join(f"{n} {g} weights" for g, n in entry["weights"].items())
     print(f"{args.dir}: added LoRA {entry['name']} ({counts}); use it with --lora {entry['name']}[:SCALE]")
+    return 0
+
+
+def cmd_controlnet_add(args: argparse.Namespace) -> int:
+    with needs_extra("sdrt controlnet add", "export"):
+        from sdrt.export.controlnet import add_controlnets, parse_controlnet_arg
+
+    add_controlnets(args.dir, [parse_controlnet_arg(text) for text in args.controlnet])
     return 0
 
 
@@ -260,6 +268,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--name", help="the adapter's name (default: the file's name without .safetensors)")
     la.add_argument("--force", action="store_true", help="replace an adapter of the same name")
     la.set_defaults(func=cmd_lora_add)
+
+    co = sub.add_parser("controlnet", help="ControlNets of an engine directory").add_subparsers(
+        dest="controlnet_command", required=True, metavar="ACTION"
+    )
+    ca = co.add_parser(
+        "add",
+        help="export ControlNets into DIR",
+        description="Export diffusers ControlNet folders into the existing engine directory DIR at its sizes and "
+        "precision, as `sdrt export --controlnet` would have (graph controlnet_NAME, and unet_controlnet if DIR has "
+        "none yet). Needs the checkpoint DIR was exported from, unchanged. Run `sdrt build DIR` afterwards for "
+        "TensorRT plans of the new graphs.",
+    )
+    ca.add_argument("dir", metavar="DIR")
+    ca.add_argument("controlnet", nargs="+", metavar="CN[=NAME]", help="a diffusers ControlNet folder "
+                    "(.safetensors); NAME defaults to the folder's name")  # fmt: skip
+    ca.set_defaults(func=cmd_controlnet_add)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=cmd_presets)

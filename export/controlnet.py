@@ -9,7 +9,9 @@ The U-Net's graph takes such inputs with sizes torch.export derives from ``h`` a
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ from typing import Any
 import torch
 
 from sdrt.export import graphs as G
-from sdrt.export.load import Components
+from sdrt.export.load import Components, SourceMissing
+from sdrt.export.progress import Progress
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import sha256_file
 
@@ -59,6 +62,20 @@ def load_controlnet(path: str, name: str) -> LoadedControlNet:
     model.eval().float()
     files = {str(p.relative_to(folder)): sha256_file(p) for p in [config, *weights]}
     return LoadedControlNet(name, model, {"path": str(folder.resolve()), "files": files})
+
+
+def load_controlnets(args: list[tuple[str, str]], c: Components, dims: G.Dims, p: Progress) -> list:
+    """Each ControlNet loaded and checked against the model before anything is written."""
+    names = [name for _, name in args]
+    if len(set(names)) != len(names):
+        raise SdrtError(f"--controlnet names must differ: {', '.join(names)}")
+    out = []
+    for path, name in args:
+        with p.step(f"load ControlNet {name} from {path}"):
+            cn = load_controlnet(path, name)
+        check_fits(cn, c, dims.geometry.vae_scale_factor)
+        out.append(cn)
+    return out
 
 
 def check_fits(cn: LoadedControlNet, c: Components, vae_scale_factor: int) -> None:
@@ -121,19 +138,21 @@ class UNetResiduals(torch.nn.Module):
 
     def __init__(self, unet: G.UNet, added: bool):
         super().__init__()
-        self.wrapper, self.added = unet, added
+        # the diffusers U-Net under the same attribute as in `graphs.UNet`, so that its weights keep their names
+        # (`sdrt lora add` maps an adapter onto both U-Net graphs by them)
+        self.unet, self.skip, self.added = unet.unet, unet.skip, added
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         text_embeds, time_ids = rest[:2] if self.added else (None, None)
         residuals = rest[2:] if self.added else rest
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        self.wrapper.skip.sizes.clear()
+        self.skip.sizes.clear()
         try:
-            return self.wrapper.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                                     down_block_additional_residuals=tuple(residuals[:-1]),
-                                     mid_block_additional_residual=residuals[-1], return_dict=False)[0]  # fmt: skip
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                             down_block_additional_residuals=tuple(residuals[:-1]),
+                             mid_block_additional_residual=residuals[-1], return_dict=False)[0]  # fmt: skip
         finally:
-            self.wrapper.skip.sizes.clear()
+            self.skip.sizes.clear()
 
 
 def _names(down: list) -> tuple[str, ...]:
@@ -165,3 +184,67 @@ def controlnet_graphs(graphs: list[G.Graph], cns: list[LoadedControlNet]) -> lis
 
 def manifest_entry(cns: list[LoadedControlNet]) -> dict[str, Any]:
     return {cn.name: {"graph": f"controlnet_{cn.name}", "source": cn.source} for cn in cns}
+
+
+def controlnets_from_manifest(manifest: dict[str, Any]) -> list[LoadedControlNet]:
+    """The ControlNets an engine directory was exported with, loaded again from their folders, each file checked
+    against its SHA-256 at export; SourceMissing where a folder is gone (`sdrt verify`)."""
+    out = []
+    for name, entry in manifest.get("controlnets", {}).items():
+        folder = Path(entry["source"]["path"])
+        if not folder.is_dir():
+            raise SourceMissing(f"ControlNet {name}'s folder {folder} is not available")
+        cn = load_controlnet(str(folder), name)
+        if cn.source["files"] != entry["source"]["files"]:
+            raise SdrtError(f"ControlNet {name}'s folder {folder} has changed since the export (SHA-256 differs); "
+                            f"re-export it")  # fmt: skip
+        out.append(cn)
+    return out
+
+
+def add_controlnets(root: str | Path, controlnets: list[tuple[str, str]], progress=None) -> dict[str, Any]:
+    """`sdrt controlnet add DIR CN[=NAME]...`: export (folder, name) ControlNets into the existing engine directory
+    ``root`` at its own sizes, precision and torch-program choice, with ``unet_controlnet`` where it has none yet.
+    The model is rebuilt from the manifest's source (its files must hash as at export). The new graphs are traced
+    and verified in a staging directory and moved in only then; the manifest is rewritten last, so a failure leaves
+    ``root`` as it was. Returns the new manifest."""
+    from sdrt.export.directory import export_graph, stage_dir
+    from sdrt.export.load import components_from_source
+    from sdrt.runtime.manifest import Geometry, hash_files, read_manifest, write_manifest
+
+    root, p = Path(root), progress or Progress()
+    manifest = read_manifest(root)
+    have = manifest.get("controlnets", {})
+    if taken := [name for _, name in controlnets if name in have]:
+        raise SdrtError(f"{root} already has a ControlNet {taken[0]!r}; give this one another name with PATH=NAME")
+    with p.step("load the source modules"):
+        c = components_from_source(manifest["source"])
+    d = manifest["shapes"]
+    dims = G.Dims(d["min_px"], d["max_px"], d["max_images"], Geometry.from_manifest(manifest))
+    cns = load_controlnets(controlnets, c, dims, p)
+    entry = manifest_entry(cns)
+    graphs = [g for g in controlnet_graphs(G.graphs_for(c), cns) if g.name not in manifest["graphs"]]
+    c = cns = None  # the graphs hold the only references: each is freed after its trace
+    programs = any(e.get("torch_program") for e in manifest["graphs"].values())
+    stage = stage_dir(root)
+    try:
+        entries = {}
+        while graphs:
+            g = graphs.pop(0)
+            entries[g.name] = export_graph(g, stage, dims, manifest["precision"], p, programs)
+            del g
+        names = sorted(str(f.relative_to(stage)) for f in stage.rglob("*") if f.is_file())
+        files = hash_files(stage, names)
+        for name in names:
+            os.replace(stage / name, root / name)
+        manifest["graphs"].update(entries)
+        manifest["controlnets"] = {**have, **entry}
+        manifest["files"] = {**manifest["files"], **files}
+        write_manifest(root, manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    p.say(f"added to {root}: " + ", ".join(f"ControlNet {n} (graph controlnet_{n})" for n in entry))
+    if manifest.get("loras"):
+        p.say(f"LoRA adapters {', '.join(manifest['loras'])} change the plain U-Net only: to use one with ControlNet, "
+              "add it again with `sdrt lora add DIR FILE --name NAME --force`")  # fmt: skip
+    return manifest

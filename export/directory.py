@@ -68,7 +68,7 @@ def _default_dims(c: Components) -> G.Dims:
     return G.Dims(lo, hi)
 
 
-def _export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progress, torch_program: bool) -> dict:
+def export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progress, torch_program: bool) -> dict:
     """Reference outputs, trace, free the module, fp16, save, check: one graph, with peak memory kept low."""
     tmp = stage / "_trace"
     tmp.mkdir(exist_ok=True)
@@ -172,7 +172,7 @@ def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> 
     }
 
 
-def _stage_dir(dest: Path) -> Path:
+def stage_dir(dest: Path) -> Path:
     stage = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     if stage.exists():
         shutil.rmtree(stage)
@@ -227,8 +227,12 @@ def export_model(
         with p.step("fuse LoRA " + ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)):
             c = fuse_loras(c, loras)
     dims = (dims or _default_dims(c)).for_model(G.geometry(c))
-    cns = _load_controlnets(controlnets or [], c, dims, p)
-    stage = _stage_dir(dest)
+    cns = []
+    if controlnets:
+        from sdrt.export.controlnet import load_controlnets
+
+        cns = load_controlnets(controlnets, c, dims, p)
+    stage = stage_dir(dest)
     try:
         manifest = _manifest(c, dims, precision, _tokenizer_entries(c, stage))
         graphs = G.graphs_for(c)
@@ -241,7 +245,7 @@ def export_model(
         c.unet = c.vae = c.text_encoders = None  # the graphs hold the only references: each is freed after its trace
         while graphs:
             g = graphs.pop(0)
-            manifest["graphs"][g.name] = _export_graph(g, stage, dims, precision, p, torch_programs)
+            manifest["graphs"][g.name] = export_graph(g, stage, dims, precision, p, torch_programs)
             del g
         names = [str(f.relative_to(stage)) for f in stage.rglob("*") if f.is_file()]
         manifest["files"] = hash_files(stage, names)
@@ -252,24 +256,6 @@ def export_model(
         raise
     p.say(f"wrote {dest} ({precision}, {len(manifest['graphs'])} graphs, {dims.min_px}-{dims.max_px} px)")
     return manifest
-
-
-def _load_controlnets(args: list[tuple[str, str]], c: Components, dims: G.Dims, p: Progress) -> list:
-    """Each ControlNet loaded and checked against the model before anything is written."""
-    if not args:
-        return []
-    from sdrt.export.controlnet import check_fits, load_controlnet
-
-    names = [name for _, name in args]
-    if len(set(names)) != len(names):
-        raise SdrtError(f"--controlnet names must differ: {', '.join(names)}")
-    out = []
-    for path, name in args:
-        with p.step(f"load ControlNet {name} from {path}"):
-            cn = load_controlnet(path, name)
-        check_fits(cn, c, dims.geometry.vae_scale_factor)
-        out.append(cn)
-    return out
 
 
 def _source_components(source: dict[str, Any]) -> Components | str:
@@ -293,7 +279,17 @@ def verify_directory(root: str | os.PathLike, *, progress: Progress | None = Non
     d = manifest["shapes"]
     dims = G.Dims(d["min_px"], d["max_px"], d["max_images"], Geometry.from_manifest(manifest))
     report: dict[str, Any] = {"files": len(manifest["files"]), "graphs": {}}
-    for g in G.graphs_for(c) if not isinstance(c, str) else []:
+    graphs = G.graphs_for(c) if not isinstance(c, str) else []
+    if graphs and manifest.get("controlnets"):
+        from sdrt.export.controlnet import controlnet_graphs, controlnets_from_manifest
+
+        try:
+            with p.step("load the ControlNets"):
+                graphs += controlnet_graphs(graphs, controlnets_from_manifest(manifest))
+        except SourceMissing as err:
+            report["controlnets_skipped"] = f"parity of the ControlNet graphs not re-run: {err}"
+            p.say(report["controlnets_skipped"])
+    for g in graphs:
         entry = manifest["graphs"][g.name]
         with p.step(f"{g.name}: check"):
             check_graph_file(root / entry["file"], g)

@@ -173,6 +173,7 @@ class TensorRTBackend(Backend):
             self._runners = opened.pop_all()
 
     lora = True  # plans built with the directory's adapters' weights refittable (`sdrt build` marks them)
+    controlnet = True  # `sdrt build` builds the ControlNet graphs and unet_controlnet like any other graph
 
     def set_weights(self, graph: str, updates: list) -> None:
         """Refit ``graph``'s plan on torch's stream: the updated weights get W0 + delta, the ones an earlier set

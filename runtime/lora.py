@@ -67,6 +67,17 @@ def check_loras(manifest: dict[str, Any], loras: Mapping[str, float] | None) -> 
     return tuple(sorted(out))
 
 
+def check_loras_with_controlnet(manifest: dict[str, Any], active: Active) -> None:
+    """An adapter imported before the directory had ControlNets changes the U-Net but not ``unet_controlnet``, which
+    ControlNet requests run: refused, naming the fix, rather than applied to half the model."""
+    for name, _ in active:
+        graphs = manifest["loras"][name]["weights"]
+        if "unet" in graphs and "unet_controlnet" not in graphs:
+            raise SdrtError(f"LoRA adapter {name!r} was added before this directory's ControlNets; add it again with "
+                            f"`sdrt lora add DIR FILE --name {name} --force` to use it with ControlNet",
+                            field="loras")  # fmt: skip
+
+
 def parse_lora_arg(arg: str) -> tuple[str, float]:
     """``NAME`` or ``NAME:SCALE`` (the command line's --lora)."""
     name, _, scale = arg.rpartition(":") if ":" in arg else (arg, "", "1")

@@ -25,7 +25,7 @@ from sdrt.runtime.backends import Backend, open_backend
 from sdrt.runtime.capture import CaptureCache
 from sdrt.runtime.control import Residuals, check_controls, controlnet_args, resized
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.lora import Adapters, check_loras
+from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, ImageArg, Params
 from sdrt.runtime.request import Layout, Request, host_inputs, open_image
@@ -183,9 +183,8 @@ class Pipeline:
         if loras and not self.backend.lora:
             raise SdrtError(f"the {self.backend.name} backend cannot apply LoRA adapters yet; use --backend "
                             "onnxruntime or torch", field="loras")  # fmt: skip
-        if loras and controls:
-            raise SdrtError("LoRA adapters together with ControlNet are not supported yet: drop one of them",
-                            field="loras")  # fmt: skip
+        if controls:
+            check_loras_with_controlnet(self.manifest, loras)
         controls = tuple(resized(c, width, height) for c in controls)
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
                       float(strength), init, mask_img, loras, controls)  # fmt: skip

@@ -4,6 +4,8 @@ images."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -66,8 +68,9 @@ def control_image(w: int = 96, h: int = 64) -> Image.Image:
     return Image.fromarray(np.stack([edges, (xx * 3 % 256).astype(np.uint8), edges[::-1]], -1))
 
 
-def reference(folder, cn_folders, sampler: str, pipeline: str = "StableDiffusionControlNetPipeline", **kw):
-    """diffusers' ``pipeline`` with the ControlNet folder (a list: a MultiControlNetModel of them)."""
+def reference(folder, cn_folders, sampler: str, pipeline: str = "StableDiffusionControlNetPipeline", lora=None, **kw):
+    """diffusers' ``pipeline`` with the ControlNet folder (a list: a MultiControlNetModel of them); ``lora``: a
+    (file, scale) fused into the model as diffusers fuses it."""
     import diffusers
 
     cns = [diffusers.ControlNetModel.from_pretrained(f, local_files_only=True) for f in np.atleast_1d(cn_folders)]
@@ -78,6 +81,10 @@ def reference(folder, cn_folders, sampler: str, pipeline: str = "StableDiffusion
     name, extra = SCHEDULERS[sampler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora[0]))
+        pipe.fuse_lora(lora_scale=lora[1])
+        pipe.unload_lora_weights()
     out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(kw.pop("seed")), output_type="pil")
     return np.stack([np.asarray(im) for im in out.images])
 
@@ -290,3 +297,83 @@ def test_export_refusals_are_one_line(folders, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and msg in err[-1] and not dest.exists(), err
         assert not list(tmp_path.glob(".out*"))
+
+
+def test_tensorrt_rtx_builds_the_controlnet_graphs(cn_export, tmp_path):
+    """TensorRT for RTX's builder (no GPU needed) takes the ControlNet graphs and unet_controlnet, with a dynamic
+    profile whose residual sizes are ceil(h / 2^k); the plans themselves run on RTX GPUs only."""
+    import io
+    import shutil
+
+    pytest.importorskip("tensorrt_rtx")
+    from sdrt.export.build import BuildOptions, build_directory
+    from sdrt.export.directory import Progress
+    from sdrt.runtime.manifest import read_manifest
+
+    root = Path(shutil.copytree(cn_export[0], tmp_path / "e"))
+    report = build_directory(root, BuildOptions(backend="tensorrt-rtx", dynamic=True), Progress(io.StringIO()))
+    graphs = {"controlnet_canny", "controlnet_depth", "unet_controlnet"}
+    assert graphs <= {n for n, r in report["graphs"].items() if r["action"] == "built"}
+    assert all((root / read_manifest(root)["engines"][g]["file"]).stat().st_size > 0 for g in graphs)
+
+
+@pytest.fixture(scope="module")
+def lora_file(folders, tmp_path_factory):
+    import diffusers
+    from test_lora import kohya_lora
+
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)
+    return kohya_lora(tmp_path_factory.mktemp("cn-lora") / "k.safetensors", sd, 1)
+
+
+def test_lora_with_controlnet_matches_diffusers(cn_export, folders, lora_file, tmp_path):
+    """An adapter added to a directory with ControlNets changes both U-Net graphs: LoRA and ControlNet together
+    match diffusers' ControlNet pipeline with the LoRA fused at the same scale."""
+    import shutil
+
+    from sdrt.runtime.cli import main
+
+    root = Path(shutil.copytree(cn_export[0], tmp_path / "e"))
+    assert main(["lora", "add", str(root), str(lora_file)]) == 0
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64, width=96,
+              seed=9, controlnet="canny", control_image=control_image(), controlnet_conditioning_scale=0.8)  # fmt: skip
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as p:
+        ours, plain = sdrt_images(p, sampler="euler", loras={"k": 0.7}, **kw), sdrt_images(p, sampler="euler", **kw)
+    kw.pop("controlnet")
+    ref = reference(folders["sd1"], cn_export[1], "euler", image=kw.pop("control_image"), lora=(lora_file, 0.7), **kw)
+    db = check(ours, ref)
+    assert psnr(ours, plain) < db - 10
+    print(f"LoRA with ControlNet: PSNR {db:.1f} dB, without the adapter {psnr(ours, plain):.1f}")
+
+
+def test_controlnet_add_then_verify(exports, cn_export, pipe, lora_file, tmp_path, capsys):
+    """`sdrt controlnet add` on a directory exported without ControlNets (the session's shared sd1 export, same
+    sizes) gives the images of exporting with it; `sdrt verify` re-runs parity for the added graphs; a name the
+    directory has is refused in one line with nothing changed; an adapter added before the ControlNets is refused
+    with them (it would change only the plain U-Net)."""
+    import json
+    import shutil
+
+    from sdrt.export.directory import verify_directory
+    from sdrt.runtime.cli import main
+
+    root = Path(shutil.copytree(exports.get("sd1", "fp32"), tmp_path / "e"))
+    assert main(["lora", "add", str(root), str(lora_file)]) == 0
+    assert main(["controlnet", "add", str(root), f"{cn_export[1]}=canny"]) == 0
+    m = json.loads((root / "manifest.json").read_text())
+    assert {"unet_controlnet", "controlnet_canny"} <= set(m["graphs"]) and list(m["controlnets"]) == ["canny"]
+    kw = dict(prompt=PROMPT, num_inference_steps=3, height=64, width=96, seed=4, controlnet="canny",
+              control_image=control_image())  # fmt: skip
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as added:
+        assert np.array_equal(sdrt_images(added, sampler="euler", **kw), sdrt_images(pipe, sampler="euler", **kw))
+    report = verify_directory(root)
+    assert report["graphs"]["controlnet_canny"]["passed"] and report["graphs"]["unet_controlnet"]["passed"]
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as added:
+        with pytest.raises(SdrtError, match="'k' was added before this directory's ControlNets; add it again"):
+            added(loras={"k": 1.0}, **kw)
+
+    before = (root / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main(["controlnet", "add", str(root), f"{cn_export[2]}=canny"]) == 2
+    assert "already has a ControlNet 'canny'" in capsys.readouterr().err
+    assert (root / "manifest.json").read_bytes() == before and not list(tmp_path.glob(".e.partial*"))

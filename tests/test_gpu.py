@@ -165,3 +165,55 @@ def test_lora_switching_in_a_captured_graph_tensorrt(lora_engine, tmp_path):
     root = Path(shutil.copytree(lora_engine, tmp_path / "e"))
     assert main(["build", str(root), "--backend", "tensorrt", "--height", "128", "--width", "192"]) == 0
     _switching_is_exact(root, "tensorrt")
+
+
+@pytest.fixture(scope="module")
+def controlnet_engine(folders, tmp_path_factory):
+    """The SD1-like folder exported fp16 with two ControlNets (test_controlnet's) and torch programs."""
+    from test_controlnet import make_controlnet
+
+    from sdrt.runtime.cli import main
+
+    root = tmp_path_factory.mktemp("gpu-controlnet")
+    cns = [make_controlnet(folders["sd1"] / "unet", root / name, seed=s) for name, s in (("canny", 3), ("depth", 4))]
+    args = [str(folders["sd1"]), str(root / "e"), "--min-size", "64", "--max-size", "256", "--max-batch", "2"]
+    assert main(["export", *args, "--torch-programs", *[f"--controlnet={c}" for c in cns]]) == 0
+    return root / "e"
+
+
+def _controlnet_replays(root, backend: str, record_property) -> None:
+    """Two ControlNets, their scales and windows as device buffers: one captured graph per layout, replayed for
+    other scales; each equals the step-by-step path, and the ControlNets change the picture."""
+    from test_controlnet import control_image
+
+    cn = dict(controlnet=["canny", "depth"], control_image=[control_image(), control_image(64, 64)])
+    kws = [
+        dict(controlnet_conditioning_scale=[1.0, 0.5]),
+        dict(controlnet_conditioning_scale=[0.4, 1.2], control_guidance_start=0.2, control_guidance_end=0.8),
+    ]
+    with Pipeline.load(root, backend=backend, device="cuda", cuda_graph=True) as graph:
+        with Pipeline.load(root, backend=backend, device="cuda", cuda_graph=False) as steps:
+            assert graph.cuda_graph
+            for kw in kws:
+                a = images(graph, sampler="euler", **cn, **kw, **KW)
+                b = images(steps, sampler="euler", **cn, **kw, **KW)
+                record_property(f"controlnet_graph_vs_steps_psnr_db_{backend}", psnr(a, b))
+                assert psnr(a, b) >= 50.0
+            assert psnr(a, images(graph, sampler="euler", **KW)) < 40.0
+
+
+def test_controlnet_in_a_captured_graph_torch(controlnet_engine, record_property):
+    _controlnet_replays(controlnet_engine, "torch", record_property)
+
+
+@pytest.mark.tensorrt
+def test_controlnet_in_a_captured_graph_tensorrt(controlnet_engine, tmp_path, record_property):
+    """The ControlNet graphs and unet_controlnet as TensorRT plans, inside the captured loop."""
+    pytest.importorskip("tensorrt")
+    import shutil
+
+    from sdrt.runtime.cli import main
+
+    root = Path(shutil.copytree(controlnet_engine, tmp_path / "e"))
+    assert main(["build", str(root), "--backend", "tensorrt", "--height", "128", "--width", "192"]) == 0
+    _controlnet_replays(root, "tensorrt", record_property)
