@@ -28,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
 from sdrt.serve import api, openai_api
-from sdrt.serve.api import ApiError, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
+from sdrt.serve.api import ImagesRequest, Img2ImgRequest, Txt2ImgRequest
 from sdrt.serve.batch import Closed, Expired, QueueFull
 from sdrt.serve.engine import EngineOptions, Generated
+from sdrt.serve.inputs import ApiError, bad_request
 from sdrt.serve.limits import BodyLimit, Limits, check_prompts
 from sdrt.serve.metrics import Metrics
 

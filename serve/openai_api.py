@@ -39,7 +39,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
-from sdrt.serve.api import ApiError, b64, bad_request, sampler_name
+from sdrt.serve.api import b64, sampler_name
+from sdrt.serve.inputs import ApiError, bad_request
 
 if TYPE_CHECKING:
     from sdrt.serve.engine import Generated
