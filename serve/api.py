@@ -9,8 +9,11 @@ Each request shape maps onto the same engine call, `Params` (what `Pipeline.requ
 
 LoRA adapters (added with `sdrt lora add`) come as ``loras: {NAME: scale}`` on ``/v1/images`` and as the web UI's
 ``<lora:NAME:SCALE>`` tags in the prompt on ``/sdapi`` (`prompt_loras`); either way they become ``Params.loras``.
+ControlNets come as ``controlnets: [...]`` on ``/v1/images`` and as the web UI's ControlNet extension's units on
+``/sdapi`` (`sdrt.serve.control`); either way they become ``Params.controlnets``.
 
-Problems are `ApiError`s that name the offending field as the client spelled it.
+Problems are `ApiError`s that name the offending field as the client spelled it: each body's `fields` maps the
+engine's `SdrtError.field` to its spelling.
 """
 
 from __future__ import annotations
@@ -24,11 +27,21 @@ from collections import Counter
 from typing import Any
 
 from PIL import Image, ImageOps, PngImagePlugin
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
 from sdrt.runtime.samplers import SAMPLERS
+from sdrt.serve.control import (
+    ControlNetSpec,
+    Unit,
+    fitted_size,
+    v1_controlnets,
+    v1_fields,
+    webui_echo,
+    webui_fields,
+    webui_units,
+)
 from sdrt.serve.inputs import bad_request, decode_image
 
 # web-UI sampler names (and the k-diffusion aliases older clients send) -> sdrt samplers
@@ -41,11 +54,12 @@ WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m
                "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM", "pndm": "PLMS"}  # fmt: skip
 
 # `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it; the web UI's adapters are
-# tags in its prompt
+# tags in its prompt; a ControlNet's own fields (controlnets.K.name, ...) are added per request (`control`)
 V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
-                                     "sampler", "image", "strength", "mask", "loras")}  # fmt: skip
+                                     "sampler", "image", "strength", "mask", "loras", "controlnets")}  # fmt: skip
 SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
-                "image": "init_images", "strength": "denoising_strength", "loras": "prompt"}  # fmt: skip
+                "image": "init_images", "strength": "denoising_strength", "loras": "prompt",
+                "controlnets": "alwayson_scripts"}  # fmt: skip
 
 # the web UI's extra-network tags, <KIND:ARG:ARG...> (its modules/extra_networks.py, re_extra_net); its Lora
 # extension answers to "lora" and to the alias "lyco"
@@ -75,23 +89,31 @@ class ImagesRequest(BaseModel):
     mask: str | None = Field(None, description="inpainting, with image: white is repainted, base64")
     strength: float | None = Field(None, description="img2img default 0.8, inpainting default 1")
     loras: dict[str, Any] | None = Field(None, description="{adapter added with `sdrt lora add`: scale}; they add up")
+    controlnets: list[ControlNetSpec] | None = Field(None, description="ControlNets exported with `sdrt export "
+                                                     "--controlnet`; their residuals add up")  # fmt: skip
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
     def calls(self, max_pixels: int) -> list[Params]:
         image = decode_image(self.image, "image", max_pixels) if self.image is not None else None
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         sampler = sampler_name(self.sampler, None, "sampler")
+        controlnets = v1_controlnets(self.controlnets or [], max_pixels)
         return [
             Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                    height=self.height, width=self.width, n=self.n, seed=self.seed, sampler=sampler, image=image,
-                   strength=self.strength, mask=mask, loras=self.loras)
+                   strength=self.strength, mask=mask, loras=self.loras, controlnets=controlnets)
         ]  # fmt: skip
+
+    def fields(self) -> dict[str, str]:
+        """`SdrtError.field` -> this body's field."""
+        return {**V1_FIELDS, **v1_fields(len(self.controlnets or ()))}
 
 
 class Txt2ImgRequest(BaseModel):
     """``POST /sdapi/v1/txt2img``, the web-UI body. Fields sdrt has no use for (``restore_faces``,
     ``override_settings``, ``send_images``, ...) are accepted and ignored; ``enable_hr`` (hires fix), which
-    would change the picture in a way sdrt cannot honour, is refused."""
+    would change the picture in a way sdrt cannot honour, is refused. Of ``alwayson_scripts``, the ControlNet
+    extension's units are read (`sdrt.serve.control`); the other scripts are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str = ""
@@ -107,11 +129,14 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     enable_hr: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    _units: list[Unit] = PrivateAttr(default_factory=list)  # the enabled ControlNet units, once `calls` read them
 
     def calls(self, max_pixels: int) -> list[Params]:
-        return self._calls([None])
+        return self._calls(max_pixels, [None])
 
-    def _calls(self, images: list[Image.Image | None], strength: float | None = None, mask=None) -> list[Params]:
+    def _calls(self, max_pixels: int, images: list[Image.Image | None], strength: float | None = None,
+               mask=None) -> list[Params]:  # fmt: skip
         if self.enable_hr:
             raise bad_request("enable_hr", "enable_hr (hires fix) is not supported; send enable_hr false")
         for name in ("batch_size", "n_iter"):
@@ -123,15 +148,23 @@ class Txt2ImgRequest(BaseModel):
         seed = secrets.randbits(32) if self.seed == -1 else self.seed
         prompt, loras = prompt_loras(self.prompt)  # the negative prompt is text, as in the web UI
         count = self.batch_size * self.n_iter  # image i has seed + i, as in the web UI
+        self._units = webui_units(self.alwayson_scripts, max_pixels)
+        controlnets = tuple(u.arg for u in self._units)
+        sizes = [fitted_size(self._units, self.width, self.height, image) for image in images]  # (width, height)
         return [
             Params(prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
-                   height=self.height, width=self.width, n=1, seed=(seed + i) % 2**64, sampler=sampler,
-                   image=images[i % len(images)], strength=strength, mask=mask, loras=loras or None)
+                   height=sizes[i % len(images)][1], width=sizes[i % len(images)][0], n=1, seed=(seed + i) % 2**64,
+                   sampler=sampler, image=images[i % len(images)], strength=strength, mask=mask,
+                   loras=loras or None, controlnets=controlnets)
             for i in range(count)
         ]  # fmt: skip
 
+    def fields(self) -> dict[str, str]:
+        """`SdrtError.field` -> this body's field, the ControlNet units' fields at their place in ``args``."""
+        return {**SDAPI_FIELDS, **webui_fields(self._units)}
+
     def echo(self) -> dict[str, Any]:
-        return self.model_dump()
+        return {**self.model_dump(), "alwayson_scripts": webui_echo(self.alwayson_scripts)}
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -149,10 +182,10 @@ class Img2ImgRequest(Txt2ImgRequest):
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         if mask is not None and self.inpainting_mask_invert:
             mask = ImageOps.invert(mask.convert("L"))
-        return self._calls(images, self.denoising_strength, mask)
+        return self._calls(max_pixels, images, self.denoising_strength, mask)
 
     def echo(self) -> dict[str, Any]:
-        return {**self.model_dump(), "init_images": None, "mask": None}  # as the web UI: no images echoed
+        return {**super().echo(), "init_images": None, "mask": None}  # as the web UI: no images echoed
 
 
 def sampler_name(name: str | None, scheduler: str | None, field: str) -> str | None:
@@ -230,6 +263,8 @@ def echo_v1(req, model: str) -> dict[str, Any]:
         out["strength"] = req.strength
     if req.loras:
         out["loras"] = dict(req.loras)
+    if req.control:  # without their images, as the init image is left out
+        out["controlnets"] = [{"name": c.name, "scale": c.scale, "start": c.start, "end": c.end} for c in req.control]
     return out
 
 

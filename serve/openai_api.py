@@ -101,6 +101,10 @@ class GenerationsRequest(BaseModel):
                    height=height, width=width, n=n, seed=self.seed, sampler=sampler)
         ]  # fmt: skip
 
+    def fields(self) -> dict[str, str]:
+        """`SdrtError.field` -> this body's field."""
+        return FIELDS
+
     def _check_form(self) -> None:
         """Refuse what would change the answer's form in a way sdrt cannot honour."""
         for name, (honoured, why) in _FORM.items():
