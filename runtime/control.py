@@ -63,33 +63,42 @@ def controlnet_args(
 
 
 def check_controls(manifest: dict[str, Any], backend: Any, args: Sequence[ControlNetArg]) -> tuple[Control, ...]:
-    """`Params.controlnets` -> `Control`s with their images read (not yet resized), or a one-line error."""
-    from sdrt.runtime.request import open_image
-
+    """`Params.controlnets` -> `Control`s with their images read (not yet resized), or a one-line error about one
+    ControlNet: its ``field`` is ``controlnets.K.name`` (``.image``, ``.scale``, ``.start``, ``.end``) for the K-th,
+    which the server maps to its clients' spelling of that ControlNet's field."""
     if not args:
         return ()
-    have = sorted(manifest.get("controlnets", {}))
-    controls = []
-    for a in args:
-        if not isinstance(a, ControlNetArg):
-            raise SdrtError(f"a ControlNet is given as ControlNetArg(name, image, ...), got {a!r}", field="controlnets")
-        if a.name not in have:
-            has = f"it has {', '.join(have)}" if have else "re-export it with `sdrt export ... --controlnet DIR=NAME`"
-            raise SdrtError(f"this engine directory has no ControlNet {a.name!r}; {has}", field="controlnet")
-        s, start, end = a.scale, a.start, a.end
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
-            raise SdrtError(f"control scale must be a finite number, got {s!r}", field="control_scale")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, end)) or not (
-            0 <= start < end <= 1
-        ):
-            raise SdrtError(f"control start and end must satisfy 0 <= start < end <= 1, got {start!r} and {end!r}",
-                            field="control_start")  # fmt: skip
-        image = open_image(a.image, "control image").convert("RGB")
-        controls.append(Control(a.name, image, float(s), float(start), float(end)))
+    controls = tuple(_control(manifest, k, a) for k, a in enumerate(args))
     if not getattr(backend, "controlnet", False):
         raise SdrtError(f"the {backend.name} backend cannot run ControlNet yet; use --backend onnxruntime or torch",
-                        field="controlnet")  # fmt: skip
-    return tuple(controls)
+                        field="controlnets")  # fmt: skip
+    return controls
+
+
+def _control(manifest: dict[str, Any], k: int, a: ControlNetArg) -> Control:
+    from sdrt.runtime.request import open_image
+
+    at = f"controlnets.{k}"
+    if not isinstance(a, ControlNetArg):
+        raise SdrtError(f"a ControlNet is given as ControlNetArg(name, image, ...), got {a!r}", field=at)
+    have = sorted(manifest.get("controlnets", {}))
+    if a.name not in have:
+        has = f"it has {', '.join(have)}" if have else "re-export it with `sdrt export ... --controlnet DIR=NAME`"
+        raise SdrtError(f"this engine directory has no ControlNet {a.name!r}; {has}", field=f"{at}.name")
+    s, start, end = a.scale, a.start, a.end
+    if not _number(s) or not math.isfinite(s):
+        raise SdrtError(f"ControlNet {a.name!r}: control scale must be a finite number, got {s!r}",
+                        field=f"{at}.scale")  # fmt: skip
+    if not (_number(start) and _number(end) and 0 <= start < end <= 1):
+        blame = "start" if not (_number(start) and 0 <= start < 1) else "end"  # a valid start: the end is at fault
+        raise SdrtError(f"ControlNet {a.name!r}: control start and end must satisfy 0 <= start < end <= 1, got "
+                        f"{start!r} and {end!r}", field=f"{at}.{blame}")  # fmt: skip
+    image = open_image(a.image, f"{at}.image", what="control image").convert("RGB")
+    return Control(a.name, image, float(s), float(start), float(end))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def resized(c: Control, width: int, height: int) -> Control:

@@ -168,8 +168,8 @@ def _mask(mask: Image.Image) -> torch.Tensor:
     return (values >= 0.5).float()
 
 
-def open_image(image: ImageArg, field: str = "image") -> Image.Image:
-    """A PIL image, read fully (a damaged file is a one-line error about ``field``)."""
+def open_image(image: ImageArg, field: str = "image", what: str | None = None) -> Image.Image:
+    """A PIL image, read fully (a damaged file is a one-line error about ``field``, calling the image ``what``)."""
     if isinstance(image, Image.Image):
         return image
     try:
@@ -177,5 +177,5 @@ def open_image(image: ImageArg, field: str = "image") -> Image.Image:
             img.load()
             return img.copy()
     except (OSError, ValueError) as err:
-        what = "init image" if field == "image" else field
+        what = what or ("init image" if field == "image" else field)
         raise SdrtError(f"cannot read {what} {image}: {str(err).splitlines()[0]}", field=field) from None

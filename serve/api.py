@@ -9,14 +9,16 @@ Each request shape maps onto the same engine call, `Params` (what `Pipeline.requ
 
 LoRA adapters (added with `sdrt lora add`) come as ``loras: {NAME: scale}`` on ``/v1/images`` and as the web UI's
 ``<lora:NAME:SCALE>`` tags in the prompt on ``/sdapi`` (`prompt_loras`); either way they become ``Params.loras``.
+ControlNets come as ``controlnets: [...]`` on ``/v1/images`` and as the web UI's ControlNet extension's units on
+``/sdapi`` (`sdrt.serve.control`); either way they become ``Params.controlnets``.
 
-Problems are `ApiError`s that name the offending field as the client spelled it.
+Problems are `ApiError`s that name the offending field as the client spelled it: each body's `fields` maps the
+engine's `SdrtError.field` to its spelling.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import re
@@ -24,15 +26,23 @@ import secrets
 from collections import Counter
 from typing import Any
 
-from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image, ImageOps, PngImagePlugin
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
 from sdrt.runtime.samplers import SAMPLERS
-
-# the formats an init image or mask may come in, by the bytes that start the file (WebP: RIFF....WEBP)
-IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": PngImagePlugin.PngImageFile, b"\xff\xd8\xff": JpegImagePlugin.JpegImageFile}
+from sdrt.serve.control import (
+    ControlNetSpec,
+    Unit,
+    fitted_size,
+    v1_controlnets,
+    v1_fields,
+    webui_echo,
+    webui_fields,
+    webui_units,
+)
+from sdrt.serve.inputs import bad_request, decode_image
 
 # web-UI sampler names (and the k-diffusion aliases older clients send) -> sdrt samplers
 WEBUI_SAMPLERS = {
@@ -44,31 +54,17 @@ WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m
                "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM", "pndm": "PLMS"}  # fmt: skip
 
 # `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it; the web UI's adapters are
-# tags in its prompt
+# tags in its prompt; a ControlNet's own fields (controlnets.K.name, ...) are added per request (`control`)
 V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
-                                     "sampler", "image", "strength", "mask", "loras")}  # fmt: skip
+                                     "sampler", "image", "strength", "mask", "loras", "controlnets")}  # fmt: skip
 SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
-                "image": "init_images", "strength": "denoising_strength", "loras": "prompt"}  # fmt: skip
+                "image": "init_images", "strength": "denoising_strength", "loras": "prompt",
+                "controlnets": "alwayson_scripts"}  # fmt: skip
 
 # the web UI's extra-network tags, <KIND:ARG:ARG...> (its modules/extra_networks.py, re_extra_net); its Lora
 # extension answers to "lora" and to the alias "lyco"
 EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_KINDS = ("lora", "lyco")
-
-
-class ApiError(Exception):
-    """A request the server will not run: HTTP ``status``, a metrics ``kind`` (and ``reason``, for the limits:
-    ``image_size``, ``prompt_length``, ...), the ``field`` at fault."""
-
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None, retry_after: int | None = None,
-                 reason: str = ""):  # fmt: skip
-        super().__init__(status, kind, message, field, retry_after, reason)
-        self.status, self.kind, self.message, self.field, self.retry_after = status, kind, message, field, retry_after
-        self.reason = reason
-
-
-def bad_request(field: str, message: str) -> ApiError:
-    return ApiError(400, "bad_request", message, field)
 
 
 def field_of(err: SdrtError, names: dict[str, str]) -> str:
@@ -93,23 +89,31 @@ class ImagesRequest(BaseModel):
     mask: str | None = Field(None, description="inpainting, with image: white is repainted, base64")
     strength: float | None = Field(None, description="img2img default 0.8, inpainting default 1")
     loras: dict[str, Any] | None = Field(None, description="{adapter added with `sdrt lora add`: scale}; they add up")
+    controlnets: list[ControlNetSpec] | None = Field(None, description="ControlNets exported with `sdrt export "
+                                                     "--controlnet`; their residuals add up")  # fmt: skip
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
     def calls(self, max_pixels: int) -> list[Params]:
         image = decode_image(self.image, "image", max_pixels) if self.image is not None else None
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         sampler = sampler_name(self.sampler, None, "sampler")
+        controlnets = v1_controlnets(self.controlnets or [], max_pixels)
         return [
             Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                    height=self.height, width=self.width, n=self.n, seed=self.seed, sampler=sampler, image=image,
-                   strength=self.strength, mask=mask, loras=self.loras)
+                   strength=self.strength, mask=mask, loras=self.loras, controlnets=controlnets)
         ]  # fmt: skip
+
+    def fields(self) -> dict[str, str]:
+        """`SdrtError.field` -> this body's field."""
+        return {**V1_FIELDS, **v1_fields(len(self.controlnets or ()))}
 
 
 class Txt2ImgRequest(BaseModel):
     """``POST /sdapi/v1/txt2img``, the web-UI body. Fields sdrt has no use for (``restore_faces``,
     ``override_settings``, ``send_images``, ...) are accepted and ignored; ``enable_hr`` (hires fix), which
-    would change the picture in a way sdrt cannot honour, is refused."""
+    would change the picture in a way sdrt cannot honour, is refused. Of ``alwayson_scripts``, the ControlNet
+    extension's units are read (`sdrt.serve.control`); the other scripts are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str = ""
@@ -125,11 +129,14 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     enable_hr: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    _units: list[Unit] = PrivateAttr(default_factory=list)  # the enabled ControlNet units, once `calls` read them
 
     def calls(self, max_pixels: int) -> list[Params]:
-        return self._calls([None])
+        return self._calls(max_pixels, [None])
 
-    def _calls(self, images: list[Image.Image | None], strength: float | None = None, mask=None) -> list[Params]:
+    def _calls(self, max_pixels: int, images: list[Image.Image | None], strength: float | None = None,
+               mask=None) -> list[Params]:  # fmt: skip
         if self.enable_hr:
             raise bad_request("enable_hr", "enable_hr (hires fix) is not supported; send enable_hr false")
         for name in ("batch_size", "n_iter"):
@@ -141,15 +148,23 @@ class Txt2ImgRequest(BaseModel):
         seed = secrets.randbits(32) if self.seed == -1 else self.seed
         prompt, loras = prompt_loras(self.prompt)  # the negative prompt is text, as in the web UI
         count = self.batch_size * self.n_iter  # image i has seed + i, as in the web UI
+        self._units = webui_units(self.alwayson_scripts, max_pixels)
+        controlnets = tuple(u.arg for u in self._units)
+        sizes = [fitted_size(self._units, self.width, self.height, image) for image in images]  # (width, height)
         return [
             Params(prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
-                   height=self.height, width=self.width, n=1, seed=(seed + i) % 2**64, sampler=sampler,
-                   image=images[i % len(images)], strength=strength, mask=mask, loras=loras or None)
+                   height=sizes[i % len(images)][1], width=sizes[i % len(images)][0], n=1, seed=(seed + i) % 2**64,
+                   sampler=sampler, image=images[i % len(images)], strength=strength, mask=mask,
+                   loras=loras or None, controlnets=controlnets)
             for i in range(count)
         ]  # fmt: skip
 
+    def fields(self) -> dict[str, str]:
+        """`SdrtError.field` -> this body's field, the ControlNet units' fields at their place in ``args``."""
+        return {**SDAPI_FIELDS, **webui_fields(self._units)}
+
     def echo(self) -> dict[str, Any]:
-        return self.model_dump()
+        return {**self.model_dump(), "alwayson_scripts": webui_echo(self.alwayson_scripts)}
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -167,10 +182,10 @@ class Img2ImgRequest(Txt2ImgRequest):
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         if mask is not None and self.inpainting_mask_invert:
             mask = ImageOps.invert(mask.convert("L"))
-        return self._calls(images, self.denoising_strength, mask)
+        return self._calls(max_pixels, images, self.denoising_strength, mask)
 
     def echo(self) -> dict[str, Any]:
-        return {**self.model_dump(), "init_images": None, "mask": None}  # as the web UI: no images echoed
+        return {**super().echo(), "init_images": None, "mask": None}  # as the web UI: no images echoed
 
 
 def sampler_name(name: str | None, scheduler: str | None, field: str) -> str | None:
@@ -222,39 +237,6 @@ def prompt_loras(prompt: str) -> tuple[str, dict[str, float]]:
     return text, {name: count[name] * scale for name, scale in last.items()}
 
 
-def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
-    """A base64 PNG, JPEG or WebP (raw or as a ``data:image/...;base64,`` URL), its size checked from its header
-    against ``max_pixels`` and only then decoded; 400 naming ``field`` if not."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise _image_error(field, f"is not base64 ({err})", "image_data") from None
-    plugin = next((p for magic, p in IMAGE_FORMATS.items() if raw.startswith(magic)), None)
-    if plugin is None and raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        plugin = WebPImagePlugin.WebPImageFile
-    if plugin is None:
-        raise _image_error(field, "is not a PNG, JPEG or WebP image", "image_format")
-    try:
-        img = plugin(io.BytesIO(raw))  # reads the header only; Image.open's bomb check is never reached
-    except (OSError, ValueError, SyntaxError) as err:
-        raise _image_error(field, f"has a damaged header: {str(err).splitlines()[0]}", "image_data") from None
-    if img.width * img.height > max_pixels:
-        raise _image_error(field, f"is {img.width}x{img.height}, over the {max_pixels} pixels this server takes "
-                           "(4 times the engine's largest side, squared); scale it down", "image_size")  # fmt: skip
-    try:
-        img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise _image_error(field, f"cannot be decoded: {str(err).splitlines()[0]}", "image_data") from None
-    return img
-
-
-def _image_error(field: str, problem: str, reason: str) -> ApiError:
-    fix = "" if reason == "image_size" else "; send a base64 PNG, JPEG or WebP (or a data: URL)"
-    return ApiError(400, "bad_request", f"{field} {problem}{fix}", field, reason=reason)
-
-
 def encode_png(pixels, parameters: str) -> bytes:
     """uint8 [H, W, 3] -> PNG bytes carrying ``parameters`` in the text chunk image tools read."""
     info = PngImagePlugin.PngInfo()
@@ -281,6 +263,8 @@ def echo_v1(req, model: str) -> dict[str, Any]:
         out["strength"] = req.strength
     if req.loras:
         out["loras"] = dict(req.loras)
+    if req.control:  # without their images, as the init image is left out
+        out["controlnets"] = [{"name": c.name, "scale": c.scale, "start": c.start, "end": c.end} for c in req.control]
     return out
 
 

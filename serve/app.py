@@ -28,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
 from sdrt.serve import api, openai_api
-from sdrt.serve.api import ApiError, ImagesRequest, Img2ImgRequest, Txt2ImgRequest, bad_request
+from sdrt.serve.api import ImagesRequest, Img2ImgRequest, Txt2ImgRequest
 from sdrt.serve.batch import Closed, Expired, QueueFull
 from sdrt.serve.engine import EngineOptions, Generated
+from sdrt.serve.inputs import ApiError, bad_request
 from sdrt.serve.limits import BodyLimit, Limits, check_prompts
 from sdrt.serve.metrics import Metrics
 
@@ -104,8 +105,8 @@ class _Generation:
         self.engine, self.metrics, self.timeout_s, self.limits = engine, metrics, timeout_s, limits
         self.max_pixels = limits.max_image_pixels(engine.max_px)
 
-    async def __call__(self, request: Request, body: Txt2ImgRequest | ImagesRequest, names: dict[str, str],
-                       timeout: float | None, answer: Callable[[Generated], Response]) -> Response:  # fmt: skip
+    async def __call__(self, request: Request, body: Txt2ImgRequest | ImagesRequest, timeout: float | None,
+                       answer: Callable[[Generated], Response]) -> Response:  # fmt: skip
         self.metrics.in_flight.inc()
         try:
             check_prompts({"prompt": body.prompt, "negative_prompt": body.negative_prompt},
@@ -118,7 +119,7 @@ class _Generation:
             self.metrics.errors.labels("disconnected", "").inc()
             raise
         except Exception as err:  # noqa: BLE001 - every failure becomes one JSON answer
-            return _error(_as_api_error(err, names), self.metrics, request.scope["path"])
+            return _error(_as_api_error(err, body.fields), self.metrics, request.scope["path"])
         finally:
             self.metrics.in_flight.dec()
 
@@ -148,20 +149,20 @@ def _generation_routes(app: FastAPI, serve: _Generation) -> None:
         if raw and body.n != 1:
             return _error(ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"),
                           serve.metrics)  # fmt: skip
-        return await serve(request, body, api.V1_FIELDS, body.timeout_s, lambda g: _v1_answer(g, raw))
+        return await serve(request, body, body.timeout_s, lambda g: _v1_answer(g, raw))
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> Response:
-        return await serve(request, body, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
+        return await serve(request, body, None, lambda g: _sdapi_answer(g, body, model))
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, request: Request) -> Response:
-        return await serve(request, body, api.SDAPI_FIELDS, None, lambda g: _sdapi_answer(g, body, model))
+        return await serve(request, body, None, lambda g: _sdapi_answer(g, body, model))
 
     @app.post("/v1/images/generations")
     async def generations(body: openai_api.GenerationsRequest, request: Request) -> Response:
         """OpenAI's image API (`sdrt.serve.openai_api`)."""
-        return await serve(request, body, openai_api.FIELDS, body.timeout_s, openai_api.answer)
+        return await serve(request, body, body.timeout_s, openai_api.answer)
 
 
 def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
@@ -203,11 +204,12 @@ async def _until_disconnected(request: Request, work: Awaitable[Generated]) -> G
 
 def _field_path(loc: tuple) -> str:
     """A validation error's location as the client names the field: ``("body", "init_images", 0)`` ->
-    ``init_images.0``; what follows the field other than list indices (a union member's type) is left out."""
+    ``init_images.0``, ``("body", "controlnets", 1, "scale")`` -> ``controlnets.1.scale`` (a name after an index
+    is a field of a list item); a name right after a name (a union member's type) ends it."""
     parts = list(loc[1:] if loc[:1] == ("body",) else loc)
     path = [str(p) for p in parts[:1]]
-    for p in parts[1:]:
-        if not isinstance(p, int):
+    for before, p in zip(parts, parts[1:], strict=False):
+        if not isinstance(p, int) and not isinstance(before, int):
             break
         path.append(str(p))
     return ".".join(path)
@@ -230,12 +232,12 @@ def _wants_png(request: Request) -> bool:
     return "image/png" in accept and "application/json" not in accept
 
 
-def _as_api_error(err: Exception, names: dict[str, str]) -> ApiError:
-    """Map any failure to the answer a client gets."""
+def _as_api_error(err: Exception, fields: Callable[[], dict[str, str]]) -> ApiError:
+    """Map any failure to the answer a client gets; ``fields``: the body's table of its spelling of each field."""
     if isinstance(err, ApiError):
         return err
     if isinstance(err, SdrtError):
-        return bad_request(api.field_of(err, names), str(err))
+        return bad_request(api.field_of(err, fields()), str(err))
     if isinstance(err, QueueFull):
         return ApiError(503, "queue_full", "the server's queue is full; retry later", retry_after=err.retry_after)
     if isinstance(err, Closed):

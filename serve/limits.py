@@ -6,7 +6,7 @@ the server nearly nothing:
   body is read; a body without one (chunked) is counted as it streams, and answered 413 the moment it passes the
   limit. So are its JSON values, counted from the bytes before any parsing. The rest is never read: the
   connection is closed.
-- an image (`api.decode_image`): format and size are read from its header (PIL's plugin reads only the header, and
+- an image (`inputs.decode_image`): format and size are read from its header (PIL's plugin reads only the header, and
   ``Image.open``'s decompression-bomb check is not reached); only an image within the engine's pixel budget is
   decoded.
 - a prompt (`check_prompts`): CLIP reads 77 tokens (75 of the prompt) and sdrt, as diffusers, drops the rest; a
@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 
 from sdrt.serve import openai_api
-from sdrt.serve.api import ApiError
+from sdrt.serve.inputs import ApiError
 from sdrt.serve.metrics import Metrics
 
 MB = 1 << 20

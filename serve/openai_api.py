@@ -39,7 +39,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
-from sdrt.serve.api import ApiError, b64, bad_request, sampler_name
+from sdrt.serve.api import b64, sampler_name
+from sdrt.serve.inputs import ApiError, bad_request
 
 if TYPE_CHECKING:
     from sdrt.serve.engine import Generated
@@ -99,6 +100,10 @@ class GenerationsRequest(BaseModel):
             Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                    height=height, width=width, n=n, seed=self.seed, sampler=sampler)
         ]  # fmt: skip
+
+    def fields(self) -> dict[str, str]:
+        """`SdrtError.field` -> this body's field."""
+        return FIELDS
 
     def _check_form(self) -> None:
         """Refuse what would change the answer's form in a way sdrt cannot honour."""

@@ -235,33 +235,36 @@ def test_requests_with_other_scales_join_and_match_alone(pipe):
 
 
 @pytest.mark.parametrize(
-    "kw,msg",
+    "kw,msg,field",
     [
-        (dict(controlnet="sketch", control_image=control_image()), "no ControlNet 'sketch'; it has canny, depth"),
-        (dict(controlnet="canny"), "give control_image"),
-        (dict(control_image=control_image()), "give controlnet"),
-        (dict(controlnet=["canny", "depth"], control_image=control_image()), "2 ControlNet(s) and 1 control image(s)"),
-        (
-            dict(
-                controlnet=["canny", "depth"],
-                control_image=[control_image()] * 2,
-                controlnet_conditioning_scale=[1.0] * 3,
-            ),
-            "3 values of control_scale for 2 ControlNets",
-        ),  # fmt: skip
-        (dict(controlnet="canny", control_image=control_image(), controlnet_conditioning_scale=float("nan")), "finite"),
-        (
-            dict(
-                controlnet="canny", control_image=control_image(), control_guidance_start=0.8, control_guidance_end=0.2
-            ),
-            "0 <= start < end <= 1",
-        ),  # fmt: skip
-        (dict(controlnet="canny", control_image="/nonexistent.png"), "cannot read control image"),
+        (dict(controlnet="sketch", control_image=control_image()), "no ControlNet 'sketch'; it has canny, depth",
+         "controlnets.0.name"),
+        (dict(controlnet=["canny", "sketch"], control_image=[control_image()] * 2), "no ControlNet 'sketch'",
+         "controlnets.1.name"),
+        (dict(controlnet="canny"), "give control_image", "control_image"),
+        (dict(control_image=control_image()), "give controlnet", "controlnet"),
+        (dict(controlnet=["canny", "depth"], control_image=control_image()), "2 ControlNet(s) and 1 control image(s)",
+         "control_image"),
+        (dict(controlnet=["canny", "depth"], control_image=[control_image()] * 2,
+              controlnet_conditioning_scale=[1.0] * 3), "3 values of control_scale for 2 ControlNets",
+         "control_scale"),
+        (dict(controlnet=["canny", "depth"], control_image=[control_image()] * 2,
+              controlnet_conditioning_scale=[1.0, float("nan")]), "ControlNet 'depth': control scale must be a finite",
+         "controlnets.1.scale"),
+        (dict(controlnet="canny", control_image=control_image(), control_guidance_start=0.8, control_guidance_end=0.2),
+         "0 <= start < end <= 1", "controlnets.0.end"),
+        (dict(controlnet="canny", control_image=control_image(), control_guidance_start=-0.1),
+         "0 <= start < end <= 1", "controlnets.0.start"),
+        (dict(controlnet="canny", control_image="/nonexistent.png"), "cannot read control image",
+         "controlnets.0.image"),
     ],
-)
-def test_bad_control_requests_are_one_line(pipe, kw, msg):
-    with pytest.raises(SdrtError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+)  # fmt: skip
+def test_bad_control_requests_are_one_line(pipe, kw, msg, field):
+    """One line naming the fix; ``field`` names the one ControlNet at fault (the server maps it to its clients'
+    spelling), or the diffusers-style argument whose counts do not match."""
+    with pytest.raises(SdrtError, match=msg.replace("(", r"\(").replace(")", r"\)")) as err:
         pipe(prompt="x", num_inference_steps=2, **kw)
+    assert err.value.field == field
 
 
 def test_cli_generate_with_controlnet(cn_export, tmp_path):

@@ -20,7 +20,8 @@ from test_lora import KW
 from test_server import LiveServer, pixels, png_b64
 
 from sdrt.runtime.params import Params
-from sdrt.serve.api import ApiError, prompt_loras
+from sdrt.serve.api import prompt_loras
+from sdrt.serve.inputs import ApiError
 
 pytestmark = pytest.mark.xdist_group("lora")
 engine, files, pipe = test_lora.engine, test_lora.files, test_lora.pipe  # its module fixtures, made here once

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sdrt.serve.api import ApiError, decode_image
+from sdrt.serve.inputs import ApiError, decode_image
 from sdrt.serve.limits import MB, check_prompts
 
 pytestmark = pytest.mark.xdist_group("server")
