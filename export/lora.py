@@ -108,7 +108,7 @@ def _factors(
                 raise SdrtError(f"{file}: {key} gives a {[up.shape[0], *down.shape[1:]]} update for {module}, which is "
                                 f"{shape} in this engine; an adapter for another model?")  # fmt: skip
             name = f"{g}/{entry['initializer']}"
-            out[name + ".down"], out[name + ".up"] = down, up
+            out[name + ".down"], out[name + ".up"] = (down, up) if g == graph else (down.clone(), up.clone())
             out[name + ".scale"] = torch.tensor(1.0 if alpha is None else alpha / rank, dtype=torch.float32)
     if not out:
         raise SdrtError(f"{file}: no LoRA weights found in it")
