@@ -186,8 +186,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--controlnet",
         action="append",
         metavar="DIR[=NAME]",
-        help="also export this diffusers ControlNet folder (.safetensors) as graph controlnet_NAME (default NAME: the "
-        "folder's name), and the U-Net again with residual inputs (unet_controlnet); repeatable",
+        help="also export this diffusers ControlNet folder or original-layout .safetensors file as graph "
+        "controlnet_NAME (default NAME: the folder's or file's name), and the U-Net again with residual inputs "
+        "(unet_controlnet); repeatable",
     )
     e.set_defaults(func=cmd_export)
 
@@ -281,8 +282,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "TensorRT plans of the new graphs.",
     )
     ca.add_argument("dir", metavar="DIR")
-    ca.add_argument("controlnet", nargs="+", metavar="CN[=NAME]", help="a diffusers ControlNet folder "
-                    "(.safetensors); NAME defaults to the folder's name")  # fmt: skip
+    ca.add_argument("controlnet", nargs="+", metavar="CN[=NAME]", help="a diffusers ControlNet folder or "
+                    "original-layout .safetensors file; NAME defaults to its name")  # fmt: skip
     ca.set_defaults(func=cmd_controlnet_add)
 
     p = sub.add_parser("presets", help="list the built-in presets")

@@ -35,33 +35,77 @@ class LoadedControlNet:
 
 
 def parse_controlnet_arg(text: str) -> tuple[str, str]:
-    """``PATH[=NAME]`` -> (path, name); the name defaults to the folder's name."""
+    """``PATH[=NAME]`` -> (path, name); the name defaults to the folder's name (a file's: without .safetensors)."""
     path, _, name = text.partition("=")
-    name = name or Path(path.rstrip("/")).name
+    name = name or (Path(path).stem if path.endswith(".safetensors") else Path(path.rstrip("/")).name)
     if not _NAME.match(name):
         raise SdrtError(f"--controlnet {text}: the name {name!r} must be letters, digits, '.', '_' or '-'")
     return path, name
 
 
-def load_controlnet(path: str, name: str) -> LoadedControlNet:
-    """A diffusers ControlNetModel folder with .safetensors weights (pickle is never loaded)."""
-    folder = Path(path)
-    config = folder / "config.json"
+def load_controlnet(path: str, name: str, unet_config: Any = None) -> LoadedControlNet:
+    """A diffusers ControlNetModel folder with .safetensors weights, or a single .safetensors file in the original
+    layout (``control_model.*`` or bare ``input_blocks``/``zero_convs``/``input_hint_block``) read with diffusers'
+    own converter against a config derived from the model's U-Net (``unet_config``). Pickle is never loaded."""
+    target = Path(path)
+    if target.is_file():
+        return _single_file(target, name, unet_config)
+    config = target / "config.json"
     try:
         cls = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         cls = None
     if cls != "ControlNetModel":
-        raise SdrtError(f"--controlnet {path}: not a diffusers ControlNet folder (config.json of ControlNetModel)")
-    weights = sorted(folder.glob("*.safetensors"))
+        raise SdrtError(f"--controlnet {path}: not a diffusers ControlNet folder (config.json of ControlNetModel) "
+                        "nor a ControlNet .safetensors file")  # fmt: skip
+    weights = sorted(target.glob("*.safetensors"))
     if not weights:
         raise SdrtError(f"--controlnet {path} has no .safetensors weights; convert them, pickle files are not loaded")
     import diffusers
 
-    model = diffusers.ControlNetModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    model = diffusers.ControlNetModel.from_pretrained(target, local_files_only=True, use_safetensors=True)
     model.eval().float()
-    files = {str(p.relative_to(folder)): sha256_file(p) for p in [config, *weights]}
-    return LoadedControlNet(name, model, {"path": str(folder.resolve()), "files": files})
+    files = {str(p.relative_to(target)): sha256_file(p) for p in [config, *weights]}
+    return LoadedControlNet(name, model, {"path": str(target.resolve()), "files": files})
+
+
+def _single_file(file: Path, name: str, unet_config: Any) -> LoadedControlNet:
+    """An original-layout ControlNet checkpoint: its config is the model U-Net's, with the conditioning embedding's
+    channels read from the file's shapes (``input_hint_block`` 0, 4, 8, 12: conv_in and each stride-2 conv) and its
+    input channels from its first convolution's."""
+    import inspect
+    import tempfile
+
+    import diffusers
+    from safetensors import safe_open
+
+    if file.suffix != ".safetensors":
+        raise SdrtError(f"--controlnet {file}: only .safetensors ControlNet files are read (pickle files can run "
+                        "code); convert it first")  # fmt: skip
+    try:
+        with safe_open(str(file), "pt") as f:
+            keys = set(f.keys())
+            prefix = "control_model." if any(k.startswith("control_model.") for k in keys) else ""
+            hint = [f"{prefix}input_hint_block.{i}.weight" for i in (0, 4, 8, 12, 14)] + [
+                f"{prefix}input_blocks.0.0.weight"
+            ]
+            shapes = [f.get_slice(k).get_shape() for k in hint if k in keys]
+    except Exception as err:  # safetensors' own errors for a damaged header
+        raise SdrtError(f"--controlnet {file}: cannot read it as safetensors: {str(err).splitlines()[0]}") from None
+    if len(shapes) != len(hint):
+        raise SdrtError(f"--controlnet {file}: not a ControlNet checkpoint (no {hint[0]} ... {hint[4]})")
+    known = set(inspect.signature(diffusers.ControlNetModel.__init__).parameters)
+    config = {k: v for k, v in dict(unet_config).items() if k in known}
+    config.update(in_channels=shapes[5][1], conditioning_embedding_out_channels=[s[0] for s in shapes[:4]])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", **config}))
+        try:
+            model = diffusers.ControlNetModel.from_single_file(str(file), config=tmp, local_files_only=True)
+        except Exception as err:  # diffusers' converter raises KeyError, RuntimeError (shapes), ValueError ...
+            raise SdrtError(f"--controlnet {file}: diffusers cannot read it as a ControlNet of this model: "
+                            f"{str(err).splitlines()[0]}") from None  # fmt: skip
+    model.eval().float()
+    return LoadedControlNet(name, model, {"path": str(file.resolve()), "files": {file.name: sha256_file(file)}})
 
 
 def load_controlnets(args: list[tuple[str, str]], c: Components, dims: G.Dims, p: Progress) -> list:
@@ -72,7 +116,7 @@ def load_controlnets(args: list[tuple[str, str]], c: Components, dims: G.Dims, p
     out = []
     for path, name in args:
         with p.step(f"load ControlNet {name} from {path}"):
-            cn = load_controlnet(path, name)
+            cn = load_controlnet(path, name, c.unet.config)
         check_fits(cn, c, dims.geometry.vae_scale_factor)
         out.append(cn)
     return out
@@ -186,15 +230,15 @@ def manifest_entry(cns: list[LoadedControlNet]) -> dict[str, Any]:
     return {cn.name: {"graph": f"controlnet_{cn.name}", "source": cn.source} for cn in cns}
 
 
-def controlnets_from_manifest(manifest: dict[str, Any]) -> list[LoadedControlNet]:
-    """The ControlNets an engine directory was exported with, loaded again from their folders, each file checked
-    against its SHA-256 at export; SourceMissing where a folder is gone (`sdrt verify`)."""
+def controlnets_from_manifest(manifest: dict[str, Any], unet_config: Any) -> list[LoadedControlNet]:
+    """The ControlNets an engine directory was exported with, loaded again from their folders or files, each file
+    checked against its SHA-256 at export; SourceMissing where one is gone (`sdrt verify`)."""
     out = []
     for name, entry in manifest.get("controlnets", {}).items():
         folder = Path(entry["source"]["path"])
-        if not folder.is_dir():
-            raise SourceMissing(f"ControlNet {name}'s folder {folder} is not available")
-        cn = load_controlnet(str(folder), name)
+        if not folder.exists():
+            raise SourceMissing(f"ControlNet {name}'s source {folder} is not available")
+        cn = load_controlnet(str(folder), name, unet_config)
         if cn.source["files"] != entry["source"]["files"]:
             raise SdrtError(f"ControlNet {name}'s folder {folder} has changed since the export (SHA-256 differs); "
                             f"re-export it")  # fmt: skip

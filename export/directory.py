@@ -285,7 +285,7 @@ def verify_directory(root: str | os.PathLike, *, progress: Progress | None = Non
 
         try:
             with p.step("load the ControlNets"):
-                graphs += controlnet_graphs(graphs, controlnets_from_manifest(manifest))
+                graphs += controlnet_graphs(graphs, controlnets_from_manifest(manifest, c.unet.config))
         except SourceMissing as err:
             report["controlnets_skipped"] = f"parity of the ControlNet graphs not re-run: {err}"
             p.say(report["controlnets_skipped"])

@@ -153,6 +153,35 @@ def unet_ldm_state_dict(unet: Any) -> dict[str, torch.Tensor]:
     return {UNET_PREFIX + _unet_key(key, layers, up_with_attention): value for key, value in state.items()}
 
 
+_CONTROLNET_FIXED = {
+    "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+    "controlnet_cond_embedding.conv_out": "input_hint_block.14",
+    "controlnet_mid_block": "middle_block_out.0",
+}
+_CONTROLNET_ZERO_CONV = re.compile(r"controlnet_down_blocks\.(\d+)")
+_CONTROLNET_HINT = re.compile(r"controlnet_cond_embedding\.blocks\.(\d+)")
+
+
+def controlnet_ldm_state_dict(cn: Any) -> dict[str, torch.Tensor]:
+    """A diffusers ``ControlNetModel``'s tensors in the original layout under ``control_model.``: its U-Net half as
+    the U-Net's input_blocks / middle_block / time_embed, ``zero_convs.N.0``, ``input_hint_block.K`` (a conv every
+    second module: conv_in, the six blocks, conv_out at 14) and ``middle_block_out.0``."""
+    _check_unet(cn)
+    layers, out = cn.config.layers_per_block, {}
+    for key, value in cn.state_dict().items():
+        module, param = _split_param(key)
+        if module in _CONTROLNET_FIXED:
+            name = f"{_CONTROLNET_FIXED[module]}.{param}"
+        elif match := _CONTROLNET_ZERO_CONV.fullmatch(module):
+            name = f"zero_convs.{match.group(1)}.0.{param}"
+        elif match := _CONTROLNET_HINT.fullmatch(module):
+            name = f"input_hint_block.{2 * (int(match.group(1)) + 1)}.{param}"
+        else:
+            name = _unet_key(key, layers, set())
+        out["control_model." + name] = value
+    return out
+
+
 def _vae_resnet_key(rest: str) -> str:
     """ResnetBlock2D names match LDM's except ``conv_shortcut`` -> ``nin_shortcut``."""
     module, param = _split_param(rest)

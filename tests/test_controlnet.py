@@ -204,13 +204,24 @@ def other_exports(folders, tmp_path_factory):
     [
         ("sd1-inpaint", "StableDiffusionControlNetInpaintPipeline", "euler"),
         ("sdxl", "StableDiffusionXLControlNetPipeline", "euler_a"),
+        ("sdxl", "StableDiffusionXLControlNetImg2ImgPipeline", "euler"),
+        ("sdxl", "StableDiffusionXLControlNetInpaintPipeline", "dpmpp_2m"),
     ],
 )
 def test_inpainting_unet_and_sdxl_match_diffusers(other_exports, folders, kind, pipeline, sampler):
-    """A 9-channel U-Net (the ControlNet reads the latents alone) and SDXL's added conditions in the ControlNet."""
+    """A 9-channel U-Net (the ControlNet reads the latents alone) and SDXL's added conditions in the ControlNet,
+    txt2img, img2img and inpainting (strength given: diffusers' SDXL inpainting default is 0.9999)."""
     engine, cn = other_exports[kind]
     init, mask = init_and_mask()
-    extra = dict(image=init, mask_image=mask) if "Inpaint" in pipeline else {}
+    extra = (
+        dict(image=init, mask_image=mask)
+        if "Inpaint" in pipeline
+        else dict(image=init)
+        if "Img2Img" in pipeline
+        else {}
+    )
+    if kind == "sdxl" and extra:
+        extra["strength"] = 0.7
     kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64,
               width=128, seed=13, controlnet_conditioning_scale=0.8, control_guidance_end=0.8)  # fmt: skip
     with Pipeline.load(engine, backend="onnxruntime", device="cpu") as p:
@@ -302,20 +313,26 @@ def test_export_refusals_are_one_line(folders, tmp_path, capsys):
         assert not list(tmp_path.glob(".out*"))
 
 
-def test_tensorrt_rtx_builds_the_controlnet_graphs(cn_export, tmp_path):
-    """TensorRT for RTX's builder (no GPU needed) takes the ControlNet graphs and unet_controlnet, with a dynamic
-    profile whose residual sizes are ceil(h / 2^k); the plans themselves run on RTX GPUs only."""
+def test_fp16_export_and_tensorrt_rtx_build(cn_export, folders, tmp_path):
+    """The deployment path: an fp16 export with a ControlNet (its graphs verified in fp16 like the U-Net), then
+    TensorRT for RTX's builder (no GPU needed) on every graph, with a dynamic profile whose residual sizes are
+    ceil(h / 2^k). The plans themselves run on RTX GPUs only."""
     import io
-    import shutil
 
     pytest.importorskip("tensorrt_rtx")
     from sdrt.export.build import BuildOptions, build_directory
     from sdrt.export.directory import Progress
+    from sdrt.runtime.cli import main
     from sdrt.runtime.manifest import read_manifest
 
-    root = Path(shutil.copytree(cn_export[0], tmp_path / "e"))
+    root = tmp_path / "e"
+    assert main(["export", str(folders["sd1"]), str(root), "--precision", "fp16", *SIZES, "--controlnet",
+                 f"{cn_export[1]}=canny"]) == 0  # fmt: skip
+    m = read_manifest(root)
+    assert all(m["graphs"][g]["precision"] == "fp16" and m["graphs"][g]["verify"]["passed"]
+               for g in ("unet_controlnet", "controlnet_canny"))  # fmt: skip
     report = build_directory(root, BuildOptions(backend="tensorrt-rtx", dynamic=True), Progress(io.StringIO()))
-    graphs = {"controlnet_canny", "controlnet_depth", "unet_controlnet"}
+    graphs = {"controlnet_canny", "unet_controlnet"}
     assert graphs <= {n for n, r in report["graphs"].items() if r["action"] == "built"}
     assert all((root / read_manifest(root)["engines"][g]["file"]).stat().st_size > 0 for g in graphs)
 
@@ -380,3 +397,31 @@ def test_controlnet_add_then_verify(exports, cn_export, pipe, lora_file, tmp_pat
     assert main(["controlnet", "add", str(root), f"{cn_export[2]}=canny"]) == 2
     assert "already has a ControlNet 'canny'" in capsys.readouterr().err
     assert (root / "manifest.json").read_bytes() == before and not list(tmp_path.glob(".e.partial*"))
+
+
+def test_single_file_controlnet_loads_as_its_folder(cn_export, folders, tmp_path):
+    """An original-layout .safetensors ControlNet (``control_model.*``, written from the test's diffusers
+    ControlNet) loads through diffusers' converter, with a config derived from the model's U-Net and the file's
+    shapes, to exactly the folder's weights; its default name drops .safetensors; a file that is not a ControlNet
+    and a pickle file are refused in one line."""
+    import diffusers
+    from ldm_checkpoint import controlnet_ldm_state_dict
+    from safetensors.torch import save_file
+
+    from sdrt.export.controlnet import load_controlnet, parse_controlnet_arg
+    from sdrt.runtime.manifest import sha256_file
+
+    cn = diffusers.ControlNetModel.from_pretrained(cn_export[1], local_files_only=True)
+    file = tmp_path / "control_canny.safetensors"
+    save_file({k: v.contiguous() for k, v in controlnet_ldm_state_dict(cn).items()}, str(file))
+    config = diffusers.UNet2DConditionModel.load_config(folders["sd1"] / "unet")
+    loaded = load_controlnet(*parse_controlnet_arg(str(file)), config)
+    assert loaded.name == "control_canny" and loaded.source["files"] == {file.name: sha256_file(file)}
+    ours, ref = loaded.model.state_dict(), cn.state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "c.ckpt").write_bytes(b"not read")
+    for bad, msg in (("other.safetensors", "not a ControlNet checkpoint"), ("c.ckpt", "pickle files can run code")):
+        with pytest.raises(SdrtError, match=msg):
+            load_controlnet(str(tmp_path / bad), "x", config)
