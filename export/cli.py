@@ -1,4 +1,4 @@
-"""The build-time stage's commands: `sdrt export`, `verify`, `build`, `lora add`, `controlnet add`, `presets`.
+"""The build-time stage's commands: `sdrt export`, `verify`, `build`, `lora add|remove`, `controlnet add`, `presets`.
 
 Only argparse at import: `sdrt --help` and `sdrt presets` work on a runtime-only install, and each command imports
 what it needs when it runs (the export extra for export and verify, the build extra for build).
@@ -106,6 +106,14 @@ def cmd_lora_add(args: argparse.Namespace) -> int:
     entry = add_lora(args.dir, args.file, name=args.name, force=args.force)
     counts = ", ".join(f"{n} {g} weights" for g, n in entry["weights"].items())
     print(f"{args.dir}: added LoRA {entry['name']} ({counts}); use it with --lora {entry['name']}[:SCALE]")
+    return 0
+
+
+def cmd_lora_remove(args: argparse.Namespace) -> int:
+    from sdrt.export.lora import remove_lora
+
+    remove_lora(args.dir, args.name)
+    print(f"{args.dir}: removed LoRA {args.name}")
     return 0
 
 
@@ -269,6 +277,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--name", help="the adapter's name (default: the file's name without .safetensors)")
     la.add_argument("--force", action="store_true", help="replace an adapter of the same name")
     la.set_defaults(func=cmd_lora_add)
+    lr = lo.add_parser("remove", help="remove an adapter from DIR", description="Remove adapter NAME (its file and "
+                       "manifest entry) from DIR. TensorRT plans stay valid while other adapters remain; after the "
+                       "last one, `sdrt build DIR` rebuilds them without refittable weights.")  # fmt: skip
+    lr.add_argument("dir", metavar="DIR")
+    lr.add_argument("name", metavar="NAME")
+    lr.set_defaults(func=cmd_lora_remove)
 
     co = sub.add_parser("controlnet", help="ControlNets of an engine directory").add_subparsers(
         dest="controlnet_command", required=True, metavar="ACTION"

@@ -206,6 +206,27 @@ def add_lora(root: str | os.PathLike, file: str | os.PathLike, name: str | None 
     return {"name": name, **manifest["loras"][name]}
 
 
+def remove_lora(root: str | os.PathLike, name: str) -> dict:
+    """`sdrt lora remove DIR NAME`: the adapter's file and manifest entry go. ``loras/base.safetensors`` keeps the
+    exported values other adapters may still need (a value no adapter touches is harmless there: its weight stays
+    refittable in plans built since); with the last adapter it goes too, and the next `sdrt build` rebuilds plans
+    without refittable weights. The manifest is written first: a crash after it leaves an unlisted file, never a
+    listed one missing."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    loras = manifest.get("loras", {})
+    if name not in loras:
+        raise SdrtError(f"{root} has no LoRA adapter {name!r} (it has: {', '.join(sorted(loras)) or 'none'})")
+    entry = loras.pop(name)
+    manifest["files"].pop(entry["file"], None)
+    if not loras:
+        manifest["files"].pop(BASE_FILE, None)
+    write_manifest(root, manifest)
+    for rel in [entry["file"]] + ([] if loras else [BASE_FILE]):
+        (root / rel).unlink(missing_ok=True)
+    return entry
+
+
 def parse_fuse_arg(text: str) -> tuple[str, float]:
     """`--lora FILE[:SCALE]` of `sdrt export` -> (file, scale), checked before anything slow starts; the scale
     defaults to 1."""

@@ -7,6 +7,7 @@ The adapter files are written here in the two formats users meet: kohya / web-UI
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,3 +300,28 @@ def test_export_lora_refuses_in_one_line_and_writes_nothing(folders, tmp_path, c
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdrt: error")]
     assert len(err) == 1 and msg in err[0], err
     assert not dest.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_lora_remove(engine, tmp_path, capsys):
+    """`sdrt lora remove`: the adapter's file and entry go, the other adapter gives the same pixels as before; with
+    the last one the base values go too; an adapter the directory lacks is refused in one line."""
+    from sdrt.runtime.cli import main
+    from sdrt.runtime.lora import BASE_FILE
+    from sdrt.runtime.manifest import read_manifest
+
+    root = Path(shutil.copytree(engine, tmp_path / "e"))
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as p:
+        before = sdrt_images(p, loras={"p": 0.8}, **KW)
+    assert main(["lora", "remove", str(root), "kohya"]) == 0
+    m = read_manifest(root)
+    assert list(m["loras"]) == ["p"] and not (root / "loras/kohya.safetensors").exists()
+    assert "loras/kohya.safetensors" not in m["files"] and (root / BASE_FILE).is_file()
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as p:  # every listed file still hashes right
+        assert np.array_equal(sdrt_images(p, loras={"p": 0.8}, **KW), before)
+        with pytest.raises(SdrtError, match="unknown LoRA adapter 'kohya'"):
+            p(loras={"kohya": 1.0}, **KW)
+    assert main(["lora", "remove", str(root), "p"]) == 0
+    assert read_manifest(root)["loras"] == {} and not (root / BASE_FILE).exists()
+    capsys.readouterr()
+    assert main(["lora", "remove", str(root), "p"]) == 2
+    assert "has no LoRA adapter 'p' (it has: none)" in capsys.readouterr().err
