@@ -140,16 +140,17 @@ class Residuals:
             image, scale = buf[f"control_image_{k}"], buf[f"control_scale_{k}"]  # [B, 3, H, W], [calls, B]
             image = torch.cat([image, image]) if cfg else image
             self.images.append(image.to(backend.dtype(graph, "controlnet_cond")))
-            self.scales.append((torch.cat([scale, scale], dim=1) if cfg else scale).contiguous())  # [calls, rows]
+            scale = torch.cat([scale, scale], dim=1) if cfg else scale  # [calls, rows], cast once, not per step
+            self.scales.append(scale.to(backend.dtype(graph, "conditioning_scale")).contiguous())
         self.outputs = list(backend.manifest["graphs"][self.graphs[0]]["outputs"])
 
     def __call__(self, x_in: torch.Tensor, feeds: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-        """``x_in``: the scaled latents [rows, C, h, w]; ``feeds``: the U-Net's conditioning feeds."""
+        """``x_in``: the scaled latents [rows, C, h, w]; ``feeds``: the U-Net's conditioning feeds. Several
+        ControlNets' residuals add up in the graphs' own dtype, as MultiControlNetModel adds them."""
         dtype, total = self.backend.dtype, None
         for graph, image, scale in zip(self.graphs, self.images, self.scales, strict=True):
-            ins = {k: v.to(dtype(graph, k)) for k, v in feeds.items()}
-            ins.update(sample=x_in.to(dtype(graph, "sample")), controlnet_cond=image,
-                       conditioning_scale=scale[i].to(dtype(graph, "conditioning_scale")))  # fmt: skip
-            outs = [o.float() for o in self.backend.run(graph, ins)]
-            total = outs if total is None else [t + o for t, o in zip(total, outs, strict=True)]
+            ins = {k: v.to(dtype(graph, k)) for k, v in feeds.items()}  # same dtypes as the U-Net's: no copies
+            ins.update(sample=x_in.to(dtype(graph, "sample")), controlnet_cond=image, conditioning_scale=scale[i])
+            outs = self.backend.run(graph, ins)
+            total = list(outs) if total is None else [t + o for t, o in zip(total, outs, strict=True)]
         return {n: t.to(dtype("unet_controlnet", n)) for n, t in zip(self.outputs, total, strict=True)}
