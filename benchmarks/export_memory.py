@@ -3,7 +3,8 @@
     python -m sdrt.benchmarks.export_memory sd15 small-sdxl [--precision fp16] [--json PATH]
 
 Each export runs alone, in its own process, under `/usr/bin/time -v` (the whole process's peak resident memory);
-the stage lines are the export's own progress (seconds per stage, peak memory so far). MODEL is a preset, a
+the stage lines are the export's own progress (seconds per stage, peak memory so far) with each stage's
+own peak, sampled every 50 ms from outside. MODEL is a preset, a
 diffusers folder, or `small-sdxl`: an SDXL-shaped folder of a few MB written here with diffusers' classes whose
 U-Net declares SDXL's native 128 latents, so its default range is 512-2048 px; what the export costs must follow
 the model, not the range. Nothing here is a GPU figure.
@@ -19,6 +20,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 STAGE = re.compile(r"\] (.+) done in ([\d.]+)s \(peak memory ([\d.]+) GB\)")
@@ -57,21 +60,51 @@ def small_sdxl(folder: Path) -> Path:
 
 
 def measure(model: str, precision: str, work: Path) -> dict:
-    """One export in its own process under /usr/bin/time -v: wall, peak RSS, and the export's stage lines."""
+    """One export in its own process under /usr/bin/time -v: wall, peak RSS, and the export's stage lines, each
+    with the stage's own peak (the process's resident size sampled every 50 ms from here while the stage ran)."""
     dest = work / f"engine-{Path(model).name}-{precision}"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "sdrt.runtime.cli", "export", model, str(dest),
            "--precision", precision, "--force"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"export of {model} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
-    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", r.stderr).group(1)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    own: dict[str, float] = {}  # stage -> its own peak, GB
+    seen, peak = 0, 0.0
+    while proc.poll() is None:
+        peak = max(peak, _rss_gb(proc.pid))
+        for line in lines[seen:]:  # a stage's window of samples opens at its start line and closes at its end
+            if m := STAGE.search(line):
+                own[m[1]] = peak
+            elif line.rstrip().endswith(" ..."):
+                peak = _rss_gb(proc.pid)
+        seen = len(lines)
+        time.sleep(0.05)
+    reader.join()
+    stderr = "".join(lines)
+    if proc.returncode:
+        raise SystemExit(f"export of {model} failed (rc {proc.returncode}):\n{stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
-    stages = [dict(stage=m[1], seconds=float(m[2]), peak_gb=float(m[3])) for m in STAGE.finditer(r.stderr)]
+    stages = [dict(stage=m[1], seconds=float(m[2]), peak_gb=round(own.get(m[1], 0.0), 2), peak_so_far_gb=float(m[3]))
+              for m in STAGE.finditer(stderr)]  # fmt: skip
     manifest = json.loads((dest / "manifest.json").read_text())
-    return dict(model=model, precision=precision, wall_s=round(seconds, 1), peak_gb=round(peak * 1024 / 1e9, 2),
+    return dict(model=model, precision=precision, wall_s=round(seconds, 1), peak_gb=round(peak_kb * 1024 / 1e9, 2),
                 range_px=[manifest["shapes"]["min_px"], manifest["shapes"]["max_px"]], stages=stages,
                 command=" ".join(cmd[2:]))  # fmt: skip
+
+
+def _rss_gb(time_pid: int) -> float:
+    """Resident size of the export process (the child of /usr/bin/time), GB; 0 before it starts or after it ends."""
+    try:
+        kids = Path(f"/proc/{time_pid}/task/{time_pid}/children").read_text().split()
+        for line in Path(f"/proc/{kids[0]}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, IndexError):
+        pass
+    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{model} ({args.precision}, default range {r['range_px'][0]}-{r['range_px'][1]} px): "
                   f"{r['wall_s']:.0f} s, peak {r['peak_gb']:.2f} GB")  # fmt: skip
             for s in r["stages"]:
-                print(f"  {s['seconds']:7.1f} s  peak so far {s['peak_gb']:6.2f} GB  {s['stage']}")
+                so_far = s["peak_so_far_gb"]
+                print(f"  {s['seconds']:7.1f} s  peak {s['peak_gb']:6.2f} GB (so far {so_far:6.2f})  {s['stage']}")
     machine = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(),
                    cores=len(os.sched_getaffinity(0)), python=platform.python_version())  # fmt: skip
     if args.json:

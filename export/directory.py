@@ -90,8 +90,9 @@ def export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progr
     with p.step(f"{g.name}: save {graph_precision_name}"):
         weights = weight_map(prefix, params, inits, unused)
         del params, inits
-        model = fp16_from_fp32(src, g) if graph_precision_name == "fp16" else onnx.load(str(src))
-        files = save_onnx(model, stage / f"{g.name}.onnx")
+        fp16 = graph_precision_name == "fp16"
+        model = fp16_from_fp32(src, g) if fp16 else onnx.load(str(src), load_external_data=False)
+        files = save_onnx(model, stage / f"{g.name}.onnx", weights_from=tmp)
         dtypes, io = graph_precision(model), io_types(model)
         weights = add_dtypes(weights, model)
         (stage / f"{g.name}.weights.json").write_text(json.dumps(weights, indent=1) + "\n")

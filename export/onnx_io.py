@@ -11,16 +11,20 @@ import copy
 import ctypes
 import gc
 import logging
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx.external_data_helper import uses_external_data
 
 from sdrt.export.graphs import TRACE_ROWS, Dims, Graph, dynamic_shapes, sample_inputs, trace_latent
+from sdrt.export.weights import ExternalData
 
 OPSET = 21  # GroupNormalization-21 / LayerNormalization keep their statistics in float32 (stash_type=1)
 # Weights go to one `<graph>.onnx.data` file beside the graph above this size: required past protobuf's 2 GB limit,
@@ -139,23 +143,115 @@ def _quiet_exporter():
             log.setLevel(level)
 
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+def _initializer_bytes(model: onnx.ModelProto, weights: _Weights) -> int:
+    return sum(weights.nbytes(t) for t in model.graph.initializer)
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
-    """Save ``model``; weights go to ``<name>.data`` beside it for large graphs (always past 2 GB). Returns files."""
+def save_onnx(model: onnx.ModelProto, path: Path, weights_from: Path | None = None) -> list[str]:
+    """Save ``model``; weights go to ``<name>.data`` beside it for large graphs (always past 2 GB). Returns files.
+
+    ``weights_from``: the folder of the data file that ``model``'s external tensors still point into (a graph loaded
+    without its weights, e.g. by `fp16_from_fp32`). Each such tensor is read there, converted to the type the graph
+    now declares, and written out one at a time, so a 10 GB float32 U-Net never has to be in memory."""
     data = path.name + ".data"
-    big = _initializer_bytes(model) > _EXTERNAL_DATA_BYTES
     if (path.parent / data).exists():
         os.remove(path.parent / data)
-    onnx.save_model(
-        model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data, size_threshold=1024
-    )
-    files = [path.name, data] if big else [path.name]
+    with _Weights(weights_from) as weights:
+        if _initializer_bytes(model, weights) > _EXTERNAL_DATA_BYTES:
+            weights.stream(model, path.parent / data)
+        else:
+            weights.inline(model)
+        onnx.save_model(model, str(path))
+    files = [path.name, data] if (path.parent / data).exists() else [path.name]
     for name in files:  # onnx writes external data through a temporary file, mode 0600: make it an ordinary file
         os.chmod(path.parent / name, 0o666 & ~current_umask())
     return files
+
+
+class _Weights:
+    """The data of a graph's initializers, whether in the model or still in a source data file (`save_onnx`)."""
+
+    _ALIGN = 4096  # large tensors start on a page boundary, so a runtime can map them in place
+    _INLINE_BYTES = 1024  # smaller tensors stay in the graph file
+
+    def __init__(self, folder: Path | None):
+        self.source = ExternalData(folder) if folder is not None else None
+
+    def __enter__(self) -> _Weights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.source is not None:
+            self.source.__exit__(*exc)
+
+    def external(self, model: onnx.ModelProto) -> list[onnx.TensorProto]:
+        found = [t for t in model.graph.initializer if uses_external_data(t)]
+        if found and self.source is None:
+            raise ValueError(f"{found[0].name} is stored outside the model; say where (weights_from)")
+        return found
+
+    def nbytes(self, t: onnx.TensorProto) -> int:
+        """The tensor's size in the type the graph declares for it."""
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        return itemsize * math.prod(t.dims) if uses_external_data(t) else len(t.raw_data) or t.ByteSize()
+
+    def raw(self, t: onnx.TensorProto) -> bytes:
+        """An external tensor's bytes in its declared type (float32 source data of a tensor the fp16 conversion
+        retyped is converted here, as the converter converts the tensors it holds)."""
+        data = self.source.raw(t)
+        n, want = math.prod(t.dims), self.nbytes(t)
+        if len(data) == want:
+            return data
+        if t.data_type == onnx.TensorProto.FLOAT16 and len(data) == 4 * n:
+            return _half(np.frombuffer(data, np.float32)).tobytes()
+        raise ValueError(f"{t.name}: {len(data)} bytes of source data for {n} elements of {t.data_type}")
+
+    def inline(self, model: onnx.ModelProto) -> None:
+        for t in self.external(model):
+            t.raw_data = self.raw(t)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+
+    def stream(self, model: onnx.ModelProto, dest: Path) -> None:
+        """Write every initializer over `_INLINE_BYTES` to ``dest``, one tensor in memory at a time."""
+        with open(dest, "wb") as f:
+            for t in model.graph.initializer:
+                if uses_external_data(t):
+                    data = self.raw(t)
+                elif t.HasField("raw_data") and len(t.raw_data) > self._INLINE_BYTES:
+                    data = t.raw_data
+                else:
+                    continue
+                if len(data) >= self._ALIGN:
+                    f.write(b"\0" * (-f.tell() % self._ALIGN))
+                offset = f.tell()
+                f.write(data)
+                del data
+                t.ClearField("raw_data")
+                _point_to(t, dest.name, offset, f.tell() - offset)
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """float32 -> float16 by ORT's converter's rule: nonzero values keep their sign and finiteness, clamped into
+    [5.96e-8, 65504] in magnitude. Its `convert_np_to_float16` makes several full-size passes (minutes for SDXL's
+    U-Net), so it is given only the elements that rule changes; every other one is a plain rounding cast."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    out = a.astype(np.float16)
+    mag = np.abs(a)
+    odd = np.flatnonzero((mag > 65504.0) | ((mag < 5.96e-08) & (mag > 0)))
+    if odd.size:
+        out[odd] = convert_np_to_float16(a[odd])
+    return out
+
+
+def _point_to(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``t`` an external tensor at ``offset`` of ``location`` (onnx's own helper wants the data in hand)."""
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
 
 
 def current_umask() -> int:
@@ -202,11 +298,14 @@ def _attention_logit_nodes(graph: onnx.GraphProto) -> list[str]:
 
 
 def fp16_from_fp32(src: Path, g: Graph) -> onnx.ModelProto:
-    """Convert the fp32 ONNX file ``src`` to fp16 with ORT's converter and this project's fp32 islands."""
+    """Convert the fp32 ONNX file ``src`` to fp16 with ORT's converter and this project's fp32 islands.
+
+    The weights stay in ``src``'s data file: the converter retypes the external tensors without their data, and
+    `save_onnx(model, path, weights_from=src.parent)` converts them one by one as it writes them."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=False)
     for i, node in enumerate(model.graph.node):
         if not node.name:
             raise ValueError(f"{src}: node {i} ({node.op_type}) has no name; cannot address it for fp16 conversion")
@@ -215,17 +314,48 @@ def fp16_from_fp32(src: Path, g: Graph) -> onnx.ModelProto:
         keep += _attention_logit_nodes(model.graph)
     # The exporter records the type of every intermediate value, so the converter's own shape inference (which
     # for graphs over 2 GB writes and re-reads a full copy on disk) is not needed.
-    model = convert_float_to_float16(
-        model,
-        disable_shape_infer=True,
-        keep_io_types=list(g.keep_fp32_inputs),
-        op_block_list=DEFAULT_OP_BLOCK_LIST + list(FP32_OPS),
-        node_block_list=keep,
-    )
+    with _external_set_aside(model):
+        model = convert_float_to_float16(
+            model,
+            disable_shape_infer=True,
+            keep_io_types=list(g.keep_fp32_inputs),
+            op_block_list=DEFAULT_OP_BLOCK_LIST + list(FP32_OPS),
+            node_block_list=keep,
+        )
     _drop_duplicate_casts(model.graph)
     OnnxModel(model).topological_sort()  # the converter appends its Casts out of order
     trim_heap()  # the float32 buffers the converter replaced
     return model
+
+
+@contextlib.contextmanager
+def _external_set_aside(model: onnx.ModelProto):
+    """Let the fp16 converter retype external tensors without reading them.
+
+    The converter reads an initializer only for its shape (to declare the value's type), so for its run each
+    external tensor is an empty one of shape [0]; afterwards it points back into its data file, with its own shape,
+    its source length recorded (the retyping would make it ambiguous) and the declared shape restored."""
+    aside = {}
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            info = {e.key: e.value for e in t.external_data}
+            size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)
+            aside[t.name] = (info["location"], int(info.get("offset", 0)), int(info.get("length", size)), list(t.dims))
+            del t.external_data[:], t.dims[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.dims.append(0)
+    yield
+    for t in model.graph.initializer:
+        if t.name in aside:
+            location, offset, length, dims = aside[t.name]
+            t.dims[:] = dims
+            _point_to(t, location, offset, length)
+    for v in model.graph.value_info:
+        if v.name in aside:
+            shape = v.type.tensor_type.shape
+            del shape.dim[:]
+            for d in aside[v.name][3]:
+                shape.dim.add().dim_value = d
 
 
 def _drop_duplicate_casts(graph: onnx.GraphProto) -> None:

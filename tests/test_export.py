@@ -221,6 +221,52 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
     np.testing.assert_allclose(y, x @ w, rtol=1e-5)
 
 
+@pytest.mark.parametrize("upcast", [False, True])
+def test_fp16_conversion_streams_the_weights_as_orts_converter_converts_them(tmp_path, monkeypatch, upcast):
+    """The fp16 graph written tensor by tensor from the float32 data file (the export's way, so that no float32
+    graph is ever loaded whole) is the graph ORT's converter makes from the fully loaded float32 model: same nodes,
+    byte-identical initializers in the same types (ORT's clamping to fp16's range included)."""
+    from onnx import numpy_helper
+
+    from sdrt.export import graphs as G
+    from sdrt.export import onnx_io
+    from sdrt.export.load import load_model
+
+    c = load_model("tiny-sd2" if upcast else "tiny-sdxl")
+    g = next(x for x in G.graphs_for(c) if x.name == "unet")
+    assert g.upcast_attention == upcast
+    dims = G.Dims(64, 128).for_model(G.geometry(c))
+    (tmp_path / "trace").mkdir()
+    src = tmp_path / "trace" / "unet.onnx"
+    onnx_io.export_torch(g, dims, src)
+    loaded = onnx.load(str(src))  # a conv weight with values past fp16's range and below its smallest subnormal
+    conv = next(n.input[1] for n in loaded.graph.node if n.op_type == "Conv")
+    big = next(t for t in loaded.graph.initializer if t.name == conv)
+    arr = numpy_helper.to_array(big).copy()
+    arr.flat[:9] = [1e6, 1e-9, -1e6, -1e-9, np.inf, -np.inf, np.nan, 0.0, -0.0]
+    big.CopyFrom(numpy_helper.from_array(arr, big.name))
+    onnx.save_model(loaded, str(src), save_as_external_data=True, location="unet.onnx.data", size_threshold=0)
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(onnx.load(str(src)), str(inline))  # every weight in the model: the converter converts them
+
+    reference = onnx_io.fp16_from_fp32(inline, g)
+    monkeypatch.setattr(onnx_io, "_EXTERNAL_DATA_BYTES", 1000)
+    (tmp_path / "out").mkdir()
+    files = onnx_io.save_onnx(onnx_io.fp16_from_fp32(src, g), tmp_path / "out" / "unet.onnx", weights_from=src.parent)
+    assert files == ["unet.onnx", "unet.onnx.data"]
+    written = onnx.load(str(tmp_path / "out" / "unet.onnx"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in written.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in reference.graph.node
+    ]
+    want = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert want.keys() == got.keys()
+    for name, a in want.items():
+        assert got[name].dtype == a.dtype and got[name].tobytes() == a.tobytes(), name
+    assert got[big.name].dtype == np.float16 and got[big.name].flat[0] == 65504 and got[big.name].flat[1] > 0
+    onnx.checker.check_model(str(tmp_path / "out" / "unet.onnx"))
+
+
 def test_fp16_safe_vae_replaces_sdxl_vae_in_fp16(folders, tmp_path):
     """--vae: SDXL with a VAE folder the user vouches for exports that VAE in fp16 (SDXL's own stays float32),
     and records its hashes so that `sdrt verify` can rebuild it."""
