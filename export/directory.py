@@ -220,8 +220,11 @@ def export_model(
     check_model_arg(model)
     map_large_buffers()
     p = progress or Progress()
-    with p.step(f"load {model}"):
-        c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae)
+    # The U-Net and VAE load after the text encoders are exported and freed, unless adapters or ControlNets,
+    # which are made from the whole model, need every weight at once.
+    defer = not (loras or controlnets)
+    with p.step(f"load {model}" + (" (text encoders; the U-Net and VAE when their graphs come)" if defer else "")):
+        c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae, defer=defer)
     if loras:
         from sdrt.export.lora import fuse_loras
 
@@ -243,9 +246,14 @@ def export_model(
             graphs += controlnet_graphs(graphs, cns)
             manifest["controlnets"] = manifest_entry(cns)
             cns = None
+        deferred = c.deferred
         c.unet = c.vae = c.text_encoders = None  # the graphs hold the only references: each is freed after its trace
         while graphs:
             g = graphs.pop(0)
+            if deferred is not None and any(t.is_meta for t in g.module.parameters()):
+                with p.step("load the U-Net and VAE"):
+                    deferred()
+                deferred = None
             manifest["graphs"][g.name] = export_graph(g, stage, dims, precision, p, torch_programs)
             del g
         names = [str(f.relative_to(stage)) for f in stage.rglob("*") if f.is_file()]

@@ -6,7 +6,9 @@ string names, refuses pickle files unless asked, and records where the weights c
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ class Components:
     source: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)  # model_index.json's pipeline options (SDXL's zeroing)
     vae_fp16: bool | None = None  # None: the family's rule; True for a VAE the user says is fp16-safe (--vae)
+    # load_model(defer=True): the U-Net and VAE are weightless placeholders until this is called
+    deferred: Callable[[], None] | None = None
 
     def to_diffusers(self) -> Any:
         """The matching diffusers pipeline over the same modules (for saving, and as the reference)."""
@@ -60,17 +64,23 @@ def load_model(
     config: str | None = None,
     seed: int | None = None,
     vae: str | None = None,
+    defer: bool = False,
 ) -> Components:
     """Dispatch on what ``model`` names: a preset, a diffusers folder, or a single checkpoint file; ``vae``
-    replaces its VAE with a diffusers AutoencoderKL folder the user vouches for in fp16."""
+    replaces its VAE with a diffusers AutoencoderKL folder the user vouches for in fp16.
+
+    ``defer``: load only the text encoders now; the U-Net and VAE are weightless (meta-device) placeholders with
+    their real configs until ``deferred()`` loads their weights into them, so an export can trace and free the
+    text encoders before the U-Net exists (SDXL: 3.3 GB + 10.6 GB float32 never at once). Single files load at once.
+    """
     check_model_arg(model)
     if vae is not None and not (Path(vae) / "config.json").is_file():
         raise SdrtError(f"--vae {vae}: not a diffusers VAE folder (config.json and .safetensors weights)")
     if model in PRESETS:
         preset = get_preset(model)
-        c = components_from_preset(preset, preset.seed if seed is None else seed)
+        c = components_from_preset(preset, preset.seed if seed is None else seed, defer=defer)
     elif Path(model).is_dir():
-        c = components_from_folder(Path(model), allow_pickle=allow_pickle)
+        c = components_from_folder(Path(model), allow_pickle=allow_pickle, defer=defer)
     else:
         c = components_from_single_file(Path(model), config=config, allow_pickle=allow_pickle)
     return with_vae(c, Path(vae)) if vae is not None else c
@@ -164,8 +174,9 @@ def byte_level_clip_tokenizer(pad_token: str) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
 
 
-def components_from_preset(preset: Preset, seed: int) -> Components:
-    """Build the preset's modules with weights drawn from ``torch.manual_seed(seed)``, in a fixed order."""
+def components_from_preset(preset: Preset, seed: int, defer: bool = False) -> Components:
+    """Build the preset's modules with weights drawn from ``torch.manual_seed(seed)``, in a fixed order (text
+    encoders, U-Net, VAE; ``defer``: the U-Net and VAE later, from the generator's state after the encoders)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -183,12 +194,41 @@ def components_from_preset(preset: Preset, seed: int) -> Components:
         cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
         text_encoders["text_encoder" + suffix] = cls(cfg).eval()
         tokenizers["tokenizer" + suffix] = tok
-    unet = diffusers.UNet2DConditionModel(**preset.unet).eval()
-    vae = diffusers.AutoencoderKL(**preset.vae).eval()
+    state = torch.get_rng_state()
+
+    def build() -> tuple[Any, Any]:
+        torch.set_rng_state(state)
+        return diffusers.UNet2DConditionModel(**preset.unet).eval(), diffusers.AutoencoderKL(**preset.vae).eval()
+
+    (unet, vae), deferred = _maybe_deferred(build, build, defer)
     sched_cls, sched_cfg = preset.scheduler
     scheduler = getattr(diffusers, sched_cls).from_config(sched_cfg)  # keeps keys other schedulers read
     source = {"kind": "preset", "name": preset.name, "seed": seed}
-    return Components(preset.family, unet, vae, text_encoders, tokenizers, scheduler, source)
+    return Components(preset.family, unet, vae, text_encoders, tokenizers, scheduler, source, deferred=deferred)
+
+
+def _maybe_deferred(
+    shapes: Callable[[], tuple[Any, ...]], weights: Callable[[], tuple[Any, ...]], defer: bool
+) -> tuple[tuple[Any, ...], Callable[[], None] | None]:
+    """The modules ``weights`` builds; or, deferred, weightless placeholders ``shapes`` builds on the meta device
+    and the function that later gives them ``weights``' tensors (in place: whatever wraps a placeholder sees them)."""
+    if not defer:
+        return weights(), None
+    with torch.device("meta"):
+        placeholders = shapes()
+
+    def load() -> None:
+        for placeholder, real in zip(placeholders, weights(), strict=True):
+            public = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (placeholder, real)]
+            if public[0] != public[1]:  # sizes and graphs were decided from the placeholder's config
+                raise SdrtError(f"{type(real).__name__}: its config changed on loading; export without deferral")
+            placeholder.load_state_dict(real.state_dict(), strict=True, assign=True)
+            left = [n for n, t in (*placeholder.named_parameters(), *placeholder.named_buffers()) if t.is_meta]
+            if left:
+                raise SdrtError(f"{type(real).__name__}: {left[0]} has no value after loading; export without deferral")
+            del real
+
+    return placeholders, load
 
 
 # -- diffusers folders --------------------------------------------------------------------------------------
@@ -226,7 +266,7 @@ def _folder_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(files)}
 
 
-def components_from_folder(folder: Path, *, allow_pickle: bool = False) -> Components:
+def components_from_folder(folder: Path, *, allow_pickle: bool = False, defer: bool = False) -> Components:
     import diffusers
     import transformers
 
@@ -234,11 +274,20 @@ def components_from_folder(folder: Path, *, allow_pickle: bool = False) -> Compo
     family = family_of_pipeline(index.get("_class_name", "?"))
     kw = dict(local_files_only=True)
     safe = {c: _weights_format(folder, c, allow_pickle) for c in ("unet", "vae", *family.text_encoders)}
-    try:
-        unet = diffusers.UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", use_safetensors=safe["unet"], **kw
-        )
-        vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safe["vae"], **kw)
+    classes = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL}
+
+    def shapes() -> tuple[Any, ...]:
+        return tuple(cls.from_config(cls.load_config(folder, subfolder=n, **kw)) for n, cls in classes.items())
+
+    def weights() -> tuple[Any, ...]:
+        with _load_errors(folder):
+            loaded = [
+                cls.from_pretrained(folder, subfolder=n, use_safetensors=safe[n], **kw) for n, cls in classes.items()
+            ]
+        return tuple(m.float().eval() for m in loaded)
+
+    with _load_errors(folder):
+        (unet, vae), deferred = _maybe_deferred(shapes, weights, defer)
         text_encoders, tokenizers = {}, {}
         for name in family.text_encoders:
             cls = getattr(transformers, index[name][1])  # e.g. ["transformers", "CLIPTextModel"]
@@ -247,12 +296,21 @@ def components_from_folder(folder: Path, *, allow_pickle: bool = False) -> Compo
             tokenizers[tok] = transformers.CLIPTokenizer.from_pretrained(folder, subfolder=tok, **kw)
         sched_cls = getattr(diffusers, index["scheduler"][1])
         scheduler = sched_cls.from_pretrained(folder, subfolder="scheduler", **kw)
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise SdrtError(f"{folder}: cannot load the pipeline ({str(err).splitlines()[0]})") from None
     for m in (unet, vae, *text_encoders.values()):
         m.float().eval()
     source = {"kind": "diffusers", "path": str(folder.resolve()), "sha256": _folder_hashes(folder)}
-    return Components(family, unet, vae, text_encoders, tokenizers, scheduler, source, _options(index))
+    return Components(
+        family, unet, vae, text_encoders, tokenizers, scheduler, source, _options(index), deferred=deferred
+    )
+
+
+@contextlib.contextmanager
+def _load_errors(folder: Path):
+    """diffusers' and transformers' loading errors as one line naming the folder."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise SdrtError(f"{folder}: cannot load the pipeline ({str(err).splitlines()[0]})") from None
 
 
 def _options(index: dict[str, Any]) -> dict[str, Any]:

@@ -297,3 +297,30 @@ def test_small_presets_build_with_their_published_scheduler_configs(name):
     c = components_from_preset(preset, preset.seed)
     assert type(c.scheduler).__name__ == preset.scheduler[0]
     assert {k: c.scheduler.config[k] for k in preset.scheduler[1]} == preset.scheduler[1]
+
+
+@pytest.mark.parametrize("source", ["tiny-sdxl", "folder"])
+def test_deferred_loading_gives_the_eager_weights(source, folders):
+    """An export loads the U-Net and VAE only after the text encoders are done (`load_model(defer=True)`): until
+    then they are weightless placeholders with their real configs, and afterwards they hold exactly the weights an
+    eager load gives (a preset's random weights come from the same generator states)."""
+    from sdrt.export.load import load_model
+
+    model = source if source != "folder" else str(folders["sdxl"])
+    eager, lazy = load_model(model), load_model(model, defer=True)
+    assert eager.deferred is None and lazy.deferred is not None
+    assert all(t.is_meta for m in (lazy.unet, lazy.vae) for t in m.parameters())
+    for a, b in ((lazy.unet, eager.unet), (lazy.vae, eager.vae)):
+        assert {k: v for k, v in a.config.items() if not k.startswith("_")} == {
+            k: v for k, v in b.config.items() if not k.startswith("_")
+        }
+    for name, te in eager.text_encoders.items():
+        want, got = te.state_dict(), lazy.text_encoders[name].state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    unet, vae = lazy.unet, lazy.vae
+    lazy.deferred()
+    assert unet is lazy.unet and vae is lazy.vae  # filled in place: wrappers made before the load see the weights
+    for a, b in ((eager.unet, unet), (eager.vae, vae)):
+        want, got = a.state_dict(), b.state_dict()
+        assert want.keys() == got.keys()
+        assert all(got[k].dtype == torch.float32 and torch.equal(want[k], got[k]) for k in want)
