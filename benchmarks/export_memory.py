@@ -1,6 +1,6 @@
 """Export footprint: wall time and peak resident memory of `sdrt export`, per model and per stage.
 
-    python -m sdrt.benchmarks.export_memory sd15 small-sdxl [--precision fp16] [--json PATH]
+    python -m sdrt.benchmarks.export_memory sd15 small-sdxl [--precision fp16] [--json PATH] [--keep DIR]
 
 Each export runs alone, in its own process, under `/usr/bin/time -v` (the whole process's peak resident memory);
 the stage lines are the export's own progress (seconds per stage, peak memory so far) with each stage's
@@ -59,10 +59,10 @@ def small_sdxl(folder: Path) -> Path:
     return folder
 
 
-def measure(model: str, precision: str, work: Path) -> dict:
+def measure(model: str, precision: str, work: Path, keep: Path | None = None) -> dict:
     """One export in its own process under /usr/bin/time -v: wall, peak RSS, and the export's stage lines, each
     with the stage's own peak (the process's resident size sampled every 50 ms from here while the stage ran)."""
-    dest = work / f"engine-{Path(model).name}-{precision}"
+    dest = (keep or work) / f"engine-{Path(model).name}-{precision}"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "sdrt.runtime.cli", "export", model, str(dest),
            "--precision", precision, "--force"]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -112,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="+", metavar="MODEL", help="presets, diffusers folders, or small-sdxl")
     ap.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--keep", type=Path, help="export into this folder and keep the engine directories (to build)")
     args = ap.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="sdrt-export-memory-") as tmp:
         work = Path(tmp)
         for model in args.models:
             path = str(small_sdxl(work / "small-sdxl")) if model == "small-sdxl" else model
-            r = measure(path, args.precision, work)
+            r = measure(path, args.precision, work, args.keep)
             r["model"] = model
             results.append(r)
             print(f"\n{model} ({args.precision}, default range {r['range_px'][0]}-{r['range_px'][1]} px): "
