@@ -1,4 +1,5 @@
-"""LoRA adapters beyond SD 1.x on ONNX Runtime: SD 2.x- and SDXL-shaped models, and the torch backend.
+"""LoRA adapters beyond SD 1.x on ONNX Runtime: SD 2.x- and SDXL-shaped models (added, and fused at export), and the
+torch backend.
 
 SDXL's kohya files are written as sd-scripts writes them: `lora_te1_` / `lora_te2_` for its two text encoders (the
 second a CLIPTextModelWithProjection) and the original (SGM) U-Net's block names, `input_blocks.I.J` /
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_lora import KW, UNET_TARGETS, kohya_key, kohya_lora, kohya_parts, peft_lora, reference
+from test_lora import FUSE_ARGS, KW, UNET_TARGETS, kohya_key, kohya_lora, kohya_parts, peft_lora, reference
 from test_pipeline import check, psnr, sdrt_images
 
 from sdrt.runtime.pipeline import Pipeline
@@ -48,12 +49,19 @@ def sgm_name(unet, name: str) -> str:
     return ".".join([where, *tail])
 
 
-def family_files(kind: str, pipe, root: Path) -> dict[str, Path]:
-    """{adapter name: file}: kohya U-Net only (every LoCon convolution), text encoder(s) only, both, and PEFT."""
+def family_key(kind: str, unet):
+    """kohya_lora's ``key`` for the kind: SDXL's U-Net keys under the original (SGM) block names, as sd-scripts
+    writes them; SD 1.x / 2.x's and every text encoder's under diffusers' module names."""
 
     def key(prefix: str, name: str) -> str:
-        return kohya_key(prefix, sgm_name(pipe.unet, name) if kind == "sdxl" and prefix == "lora_unet_" else name)
+        return kohya_key(prefix, sgm_name(unet, name) if kind == "sdxl" and prefix == "lora_unet_" else name)
 
+    return key
+
+
+def family_files(kind: str, pipe, root: Path) -> dict[str, Path]:
+    """{adapter name: file}: kohya U-Net only (every LoCon convolution), text encoder(s) only, both, and PEFT."""
+    key = family_key(kind, pipe.unet)
     unet = [("lora_unet_", pipe.unet, LOCON_TARGETS)]
     return {
         "unet": kohya_lora(root / "unet.safetensors", pipe, 11, parts=unet, key=key),
@@ -112,6 +120,40 @@ def test_adapter_matches_diffusers(family, adapter, record_property):
     record_property(f"{family.kind}_{adapter}_{scale}_psnr_db", round(db, 1))
     print(f"{family.kind} {adapter} at {scale}: PSNR {db:.1f} dB against diffusers; without it {plain:.1f} dB")
     assert plain < db - 10, "the adapter barely changes the picture: the comparison would say nothing"
+
+
+def test_export_fuses_sdxl_loras_as_diffusers_weighs_them(folders, tmp_path, record_property):
+    """`sdrt export --lora` of an SDXL-shaped model: a kohya file as sd-scripts writes SDXL's (`lora_te1_` /
+    `lora_te2_`, the SGM U-Net's block names, every LoCon convolution) at 0.8 and a PEFT file at 0.5, fused into
+    the fp32 graphs, against diffusers' SDXL pipeline with the same two files as weighted (unfused) adapters."""
+    import json
+
+    import diffusers
+
+    from sdrt.runtime.cli import main
+
+    folder, xl = folders["sdxl"], PIPELINES["sdxl"]
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    parts = [("lora_unet_", pipe.unet, LOCON_TARGETS), *kohya_parts(pipe, unet=False)]
+    kohya = kohya_lora(tmp_path / "xl.safetensors", pipe, 15, parts=parts, key=family_key("sdxl", pipe.unet))
+    peft = peft_lora(tmp_path / "peft.safetensors", pipe, 16)
+    root = tmp_path / "fused"
+    assert main(["export", str(folder), str(root), *FUSE_ARGS, "--lora", f"{kohya}:0.8", "--lora", f"{peft}:0.5"]) == 0
+    ref = reference(folder, {kohya: 0.8, peft: 0.5}, pipeline=xl)
+    with Pipeline.load(root, backend="onnxruntime", device="cpu") as p:
+        ours = sdrt_images(p, **KW)
+    db = check(ours, ref)
+    plain = psnr(ours, reference(folder, {}, pipeline=xl))
+    assert plain < db - 10, "the fused adapters barely change the picture"
+    source = json.loads((root / "manifest.json").read_text())["source"]
+    assert [(Path(e["path"]).name, e["scale"]) for e in source["loras"]] == [
+        ("xl.safetensors", 0.8),
+        ("peft.safetensors", 0.5),
+    ]
+    assert main(["verify", str(root)]) == 0
+    record_property("sdxl_export_kohya_0.8_peft_0.5_psnr_db", round(db, 1))
+    print(f"sdxl export --lora kohya:0.8 --lora peft:0.5: PSNR {db:.1f} dB against diffusers' weighted adapters; "
+          f"without them {plain:.1f} dB")  # fmt: skip
 
 
 # -- the torch backend ---------------------------------------------------------------------------------------------
