@@ -246,7 +246,7 @@ def export_model(
             graphs += controlnet_graphs(graphs, cns)
             manifest["controlnets"] = manifest_entry(cns)
             cns = None
-        deferred = c.deferred
+        deferred, c.deferred = c.deferred, None  # it holds the U-Net and VAE too: kept only until it has run
         c.unet = c.vae = c.text_encoders = None  # the graphs hold the only references: each is freed after its trace
         while graphs:
             g = graphs.pop(0)

@@ -324,3 +324,31 @@ def test_deferred_loading_gives_the_eager_weights(source, folders):
         want, got = a.state_dict(), b.state_dict()
         assert want.keys() == got.keys()
         assert all(got[k].dtype == torch.float32 and torch.equal(want[k], got[k]) for k in want)
+
+
+def test_export_holds_one_model_at_a_time(tmp_path, monkeypatch):
+    """An export's memory is the largest module's, not their sum: while the U-Net's graph is made no text encoder is
+    alive, and once the U-Net's graph is done (the VAE's are next) no U-Net is."""
+    import gc
+
+    import diffusers
+    import transformers
+
+    from sdrt.export import directory
+    from sdrt.export.graphs import Dims
+
+    kinds = (diffusers.UNet2DConditionModel, diffusers.AutoencoderKL, transformers.CLIPTextModel,
+             transformers.CLIPTextModelWithProjection)  # fmt: skip
+    alive: dict[str, set[str]] = {}
+    export_graph = directory.export_graph
+
+    def watched(g, *args, **kwargs):
+        gc.collect()
+        alive[g.name] = {type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds)}
+        return export_graph(g, *args, **kwargs)
+
+    monkeypatch.setattr(directory, "export_graph", watched)
+    directory.export_model("tiny-sdxl", tmp_path / "out", precision="fp32", dims=Dims(64, 64, 1))
+    assert alive["text_encoder"] >= {"CLIPTextModel", "CLIPTextModelWithProjection"}
+    assert alive["unet"] == {"UNet2DConditionModel", "AutoencoderKL"}
+    assert alive["vae_decoder"] == {"AutoencoderKL"}
