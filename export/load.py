@@ -219,13 +219,15 @@ def _maybe_deferred(
 
     def load() -> None:
         for placeholder, real in zip(placeholders, weights(), strict=True):
-            public = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (placeholder, real)]
-            if public[0] != public[1]:  # sizes and graphs were decided from the placeholder's config
-                raise SdrtError(f"{type(real).__name__}: its config changed on loading; export without deferral")
+            name = type(real).__name__
+            changed = [k for k, v in real.config.items() if not k.startswith("_") and placeholder.config.get(k) != v]
+            if changed:  # sizes and graphs were decided from the placeholder's config
+                raise SdrtError(f"{name}: loading changes its config ({changed[0]}), so sdrt cannot load it in stages; "
+                                "please report this with the model's config.json")  # fmt: skip
             placeholder.load_state_dict(real.state_dict(), strict=True, assign=True)
             left = [n for n, t in (*placeholder.named_parameters(), *placeholder.named_buffers()) if t.is_meta]
             if left:
-                raise SdrtError(f"{type(real).__name__}: {left[0]} has no value after loading; export without deferral")
+                raise SdrtError(f"{name}: {left[0]} has no value after loading in stages; please report this")
             del real
 
     return placeholders, load

@@ -325,7 +325,6 @@ def fp16_from_fp32(src: Path, g: Graph) -> onnx.ModelProto:
         )
     _drop_duplicate_casts(model.graph)
     OnnxModel(model).topological_sort()  # the converter appends its Casts out of order
-    trim_heap()  # the float32 buffers the converter replaced
     return model
 
 
