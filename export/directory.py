@@ -25,9 +25,9 @@ from sdrt.export.onnx_io import (
     graph_precision,
     io_types,
     map_large_buffers,
-    release_exporter_memory,
     save_onnx,
     save_torch_program,
+    trim_heap,
 )
 from sdrt.export.presets import get_preset
 from sdrt.export.progress import Progress
@@ -86,7 +86,7 @@ def export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progr
         with p.step(f"{g.name}: save torch program ({graph_precision_name})"):
             save_torch_program(g, dims, stage / f"{g.name}.pt2", fp16=graph_precision_name == "fp16")
     g.release()
-    release_exporter_memory()
+    trim_heap()
     with p.step(f"{g.name}: save {graph_precision_name}"):
         weights = weight_map(prefix, params, inits, unused)
         del params, inits
