@@ -15,8 +15,13 @@ diffusers as here. A parameter that is used but not found stays out of the map: 
 
 from __future__ import annotations
 
+import collections
 import hashlib
-from collections.abc import Sequence
+import math
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,52 +34,84 @@ from onnx.external_data_helper import uses_external_data
 WEIGHTS_FORMAT = 1
 
 
-def _digest(data: bytes, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    return hashlib.blake2b(data, digest_size=16).hexdigest(), shape
+def _digest(data: Any, shape: tuple[int, ...]) -> tuple[bytes, tuple[int, ...]]:
+    # SHA-256: OpenSSL's uses the CPU's SHA instructions (twice BLAKE2's speed here) and, like every step of the
+    # fingerprints, releases the GIL, so `ordered_map` spreads them over the cores
+    return hashlib.sha256(data).digest(), shape
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], ahead: int = 4) -> Iterator[Any]:
+    """``fn`` over ``items`` on a thread per core, results in order, at most ``ahead`` in flight (each may hold a
+    tensor's data). For per-tensor work that numpy, torch and hashlib do without the GIL; ``items`` is consumed
+    on the calling thread, so it may read protobuf messages that the workers must not touch."""
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def parameter_fingerprints(module: torch.nn.Module) -> tuple[str, dict[tuple, list[tuple[str, bool]]]]:
     """(prefix, {fingerprint: [(name, transposed)]}) for every float parameter of 2 or more dimensions of the graph
     module, named as the wrapped diffusers / transformers model names it (the wrapper's ``prefix`` removed)."""
-    out: dict[tuple, list[tuple[str, bool]]] = {}
-    prefixes = set()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim < 2 or not p.is_floating_point():
-                continue
+    named, prefixes = [], set()
+    for name, p in module.named_parameters():
+        if p.ndim >= 2 and p.is_floating_point():
             prefix, fqn = name.split(".", 1)
             prefixes.add(prefix)
-            w = p.detach().float().contiguous()
-            out.setdefault(_digest(w.numpy().tobytes(), tuple(w.shape)), []).append((fqn, False))
-            if w.ndim == 2:
-                t = w.t().contiguous()
-                out.setdefault(_digest(t.numpy().tobytes(), tuple(t.shape)), []).append((fqn, True))
+            named.append((fqn, p.detach()))
     if len(prefixes) > 1:
         raise ValueError(f"graph module wraps more than one model: {sorted(prefixes)}")
+
+    def fingerprints(item: tuple[str, torch.Tensor]) -> list[tuple[tuple, tuple[str, bool]]]:
+        fqn, p = item
+        w = p.float().contiguous()
+        out = [(_digest(w.numpy(), tuple(w.shape)), (fqn, False))]
+        if w.ndim == 2:
+            t = w.t().contiguous()
+            out.append((_digest(t.numpy(), tuple(t.shape)), (fqn, True)))
+        return out
+
+    out: dict[tuple, list[tuple[str, bool]]] = {}
+    for pairs in ordered_map(fingerprints, named):
+        for fp, entry in pairs:
+            out.setdefault(fp, []).append(entry)
     return (prefixes.pop() + "." if prefixes else ""), out
 
 
 def initializer_fingerprints(path: Path) -> dict[tuple, list[str]]:
-    """{fingerprint: [initializer names]} of a float32 ONNX file, one tensor's bytes in memory at a time."""
+    """{fingerprint: [initializer names]} of a float32 ONNX file, a few tensors' bytes in memory at a time."""
     model = onnx.load(str(path), load_external_data=False)
     out: dict[tuple, list[str]] = {}
     with ExternalData(path.parent) as external:
-        for t in model.graph.initializer:
-            if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2:
-                continue
-            inline = not uses_external_data(t)
-            data = np.ascontiguousarray(numpy_helper.to_array(t)).tobytes() if inline else external.raw(t)
-            out.setdefault(_digest(data, tuple(t.dims)), []).append(t.name)
+
+        def jobs() -> Iterator[tuple[str, tuple[int, ...], Any]]:
+            for t in model.graph.initializer:
+                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2:
+                    where = (
+                        external.where(t) if uses_external_data(t) else np.ascontiguousarray(numpy_helper.to_array(t))
+                    )
+                    yield t.name, tuple(t.dims), where
+
+        def fingerprint(job: tuple[str, tuple[int, ...], Any]) -> tuple[str, tuple]:
+            name, dims, where = job
+            return name, _digest(external.read(where) if isinstance(where, tuple) else where, dims)
+
+        for name, fp in ordered_map(fingerprint, jobs()):
+            out.setdefault(fp, []).append(name)
     return out
 
 
 class ExternalData:
     """Reads externally stored tensors straight from their data files, never into the model: protobuf keeps a
     message's memory in its arena until the whole model is freed, so loading then clearing each tensor in turn would
-    hold every weight at once (3.4 GB for SD 1.5's fp32 U-Net, 10 GB for SDXL's)."""
+    hold every weight at once (3.4 GB for SD 1.5's fp32 U-Net, 10 GB for SDXL's). `read` may run on any thread."""
 
     def __init__(self, folder: Path):
-        self.folder, self.files = folder, {}
+        self.folder, self.files, self._lock = folder, {}, threading.Lock()
 
     def __enter__(self) -> ExternalData:
         return self
@@ -83,15 +120,30 @@ class ExternalData:
         for f in self.files.values():
             f.close()
 
+    def where(self, t: onnx.TensorProto) -> tuple[str, int, int]:
+        """(data file, offset, length in bytes) of an external tensor."""
+        info = {e.key: e.value for e in t.external_data}
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        length = int(info["length"]) if "length" in info else itemsize * math.prod(t.dims)
+        return info["location"], int(info.get("offset", 0)), length
+
+    def read(self, where: tuple[str, int, int]) -> bytes:
+        location, offset, length = where
+        with self._lock:
+            if location not in self.files:
+                self.files[location] = open(self.folder / location, "rb")  # noqa: SIM115 (closed by __exit__)
+        fd, parts = self.files[location].fileno(), []
+        while length:  # positional reads: no shared file position between threads; one read returns <= 2 GB
+            part = os.pread(fd, length, offset)
+            if not part:
+                raise ValueError(f"{location}: ends before offset {offset} + {length} bytes")
+            parts.append(part)
+            offset, length = offset + len(part), length - len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def raw(self, t: onnx.TensorProto) -> bytes:
         """The tensor's little-endian bytes."""
-        info = {e.key: e.value for e in t.external_data}
-        if info["location"] not in self.files:
-            self.files[info["location"]] = open(self.folder / info["location"], "rb")  # noqa: SIM115 (__exit__)
-        f = self.files[info["location"]]
-        f.seek(int(info.get("offset", 0)))
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-        return f.read(int(info["length"]) if "length" in info else dtype.itemsize * int(np.prod(t.dims)))
+        return self.read(self.where(t))
 
     def array(self, t: onnx.TensorProto) -> np.ndarray:
         return np.frombuffer(self.raw(t), dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(t.dims)
