@@ -139,6 +139,21 @@ def test_external_data_is_written_with_the_umask(tmp_path, monkeypatch):
 # -- export cost follows the model, not the declared range ---------------------------------------------------------
 
 
+def test_verification_runs_two_rows_at_the_smallest_size_the_graph_takes():
+    """SDXL's default range starts at 512 px; its check runs one row there, and the two-row, non-square case (one
+    side not a multiple of the U-Net's downsampling) at the graph's smallest size, 64 x 72 px, not at 512 px."""
+    import torch
+
+    from sdrt.export.graphs import Dims, Graph
+    from sdrt.export.verify import verify_shapes
+    from sdrt.runtime.manifest import Geometry
+
+    dims = Dims(512, 2048).for_model(Geometry(vae_scale_factor=8, unet_downsampling=4, sample_size=128))
+    unet, vae = (Graph(name, torch.nn.Identity(), {}, (), ()) for name in ("unet", "vae_decoder"))
+    assert verify_shapes(unet, dims) == verify_shapes(vae, dims) == [(1, 64, 64), (2, 8, 9)]
+    assert verify_shapes(vae, Dims(512, 2048, max_images=1).for_model(dims.geometry)) == [(1, 64, 64), (1, 8, 9)]
+
+
 def test_wide_range_export_costs_what_the_model_costs(folders, tmp_path):
     """A few-MB SDXL-like model declared for 64-2048 px: verification runs near the smallest size, so the export
     stays small in memory; the graphs still give diffusers' picture at a size the U-Net does not divide."""
