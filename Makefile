@@ -93,7 +93,7 @@ bench: engines
 	$(BIN)/sdrt bench engines/$(NAME) $(BENCH_FLAGS)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20
 
 lint: setup
 	$(BIN)/ruff check .
