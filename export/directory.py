@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from sdrt.export.progress import Progress
 from sdrt.export.verify import check_graph_file, compare, reference_cases
 from sdrt.export.weights import (
     add_dtypes,
+    float_parameters,
     initializer_fingerprints,
     parameter_fingerprints,
     unreached_parameters,
@@ -76,8 +78,12 @@ def export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progr
     graph_precision_name = precision if g.precision_fp16 else "fp32"
     with p.step(f"{g.name}: trace to ONNX"):
         cases = reference_cases(g, dims)
-        export_torch(g, dims, src)
-        prefix, params = parameter_fingerprints(g.module)
+        prefix, named = float_parameters(g.module)
+        with ThreadPoolExecutor(1) as pool:  # the weights are hashed on the other cores while torch.onnx traces
+            hashing = pool.submit(parameter_fingerprints, named)
+            export_torch(g, dims, src)
+            params = hashing.result()
+        del named
         inits = initializer_fingerprints(src)
         h, w = G.trace_latent(dims)
         example = G.sample_inputs(g, dims, G.TRACE_ROWS, h, w, torch.Generator().manual_seed(0)).values()

@@ -54,9 +54,9 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], ahead: int = 4) 
             yield pending.popleft().result()
 
 
-def parameter_fingerprints(module: torch.nn.Module) -> tuple[str, dict[tuple, list[tuple[str, bool]]]]:
-    """(prefix, {fingerprint: [(name, transposed)]}) for every float parameter of 2 or more dimensions of the graph
-    module, named as the wrapped diffusers / transformers model names it (the wrapper's ``prefix`` removed)."""
+def float_parameters(module: torch.nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    """(prefix, [(name, tensor)]) of every float parameter of 2 or more dimensions of the graph module, named as the
+    wrapped diffusers / transformers model names it (the wrapper's ``prefix`` removed)."""
     named, prefixes = [], set()
     for name, p in module.named_parameters():
         if p.ndim >= 2 and p.is_floating_point():
@@ -65,6 +65,12 @@ def parameter_fingerprints(module: torch.nn.Module) -> tuple[str, dict[tuple, li
             named.append((fqn, p.detach()))
     if len(prefixes) > 1:
         raise ValueError(f"graph module wraps more than one model: {sorted(prefixes)}")
+    return (prefixes.pop() + "." if prefixes else ""), named
+
+
+def parameter_fingerprints(named: list[tuple[str, torch.Tensor]]) -> dict[tuple, list[tuple[str, bool]]]:
+    """{fingerprint: [(name, transposed)]} of `float_parameters`, each as it is and (2-D) transposed. Reads only the
+    tensors it is given, so it may run while torch.export has swapped the module's own parameters."""
 
     def fingerprints(item: tuple[str, torch.Tensor]) -> list[tuple[tuple, tuple[str, bool]]]:
         fqn, p = item
@@ -79,7 +85,7 @@ def parameter_fingerprints(module: torch.nn.Module) -> tuple[str, dict[tuple, li
     for pairs in ordered_map(fingerprints, named):
         for fp, entry in pairs:
             out.setdefault(fp, []).append(entry)
-    return (prefixes.pop() + "." if prefixes else ""), out
+    return out
 
 
 def initializer_fingerprints(path: Path) -> dict[tuple, list[str]]:
