@@ -67,8 +67,8 @@ def fold_constants(model: Any) -> None:
 
     Constant folding is what ONNX Runtime and TensorRT need done (Linear weights pre-transposed, the sequence ops
     of chunk() and the shape arithmetic of dynamic sizes resolved, constants as initializers). The rewriter's rules
-    only tidy what both fold themselves (a Div by 1, Reshape pairs) and take most of the optimisation's time: 64 of
-    69 s for SD 1.5's U-Net, whose whole export then takes 117 s instead of 205 s."""
+    only tidy what both fold themselves (a Div by 1, Reshape pairs) and take most of the optimisation's time (64 of
+    its 69 s for SD 1.5's U-Net under cProfile; SDXL's U-Net trace step: 571 s with them, 229 s without)."""
     from onnx_ir.passes import common
     from onnxscript.optimizer import fold_constants as fold
 
