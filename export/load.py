@@ -220,7 +220,8 @@ def _maybe_deferred(
     def load() -> None:
         for placeholder, real in zip(placeholders, weights(), strict=True):
             name = type(real).__name__
-            changed = [k for k, v in real.config.items() if not k.startswith("_") and placeholder.config.get(k) != v]
+            a, b = ({k: v for k, v in m.config.items() if not k.startswith("_")} for m in (placeholder, real))
+            changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))  # added or dropped keys too
             if changed:  # sizes and graphs were decided from the placeholder's config
                 raise SdrtError(f"{name}: loading changes its config ({changed[0]}), so sdrt cannot load it in stages; "
                                 "please report this with the model's config.json")  # fmt: skip

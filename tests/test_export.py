@@ -352,3 +352,25 @@ def test_export_holds_one_model_at_a_time(tmp_path, monkeypatch):
     assert alive["text_encoder"] >= {"CLIPTextModel", "CLIPTextModelWithProjection"}
     assert alive["unet"] == {"UNet2DConditionModel", "AutoencoderKL"}
     assert alive["vae_decoder"] == {"AutoencoderKL"}
+
+
+def test_staged_loading_refuses_a_model_whose_config_changes_on_loading():
+    """Sizes and graphs are decided from the placeholder's config: a loaded model whose config differs is refused in
+    one line naming the key, before any weight is assigned."""
+    import diffusers
+
+    from sdrt.export.load import _maybe_deferred
+    from sdrt.runtime.errors import SdrtError
+
+    cfg = dict(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+               norm_num_groups=4, latent_channels=4)  # fmt: skip
+    for loaded, key in (
+        (dict(cfg, latent_channels=6), "latent_channels"),
+        (dict(cfg, force_upcast=False), "force_upcast"),
+    ):
+        placeholders, load = _maybe_deferred(
+            lambda: (diffusers.AutoencoderKL(**cfg),), lambda loaded=loaded: (diffusers.AutoencoderKL(**loaded),), True
+        )
+        with pytest.raises(SdrtError, match=rf"AutoencoderKL: loading changes its config \({key}\)"):
+            load()
+        assert all(t.is_meta for t in placeholders[0].parameters())
