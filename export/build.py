@@ -94,10 +94,14 @@ def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> d
     opt = (per_image * images, h_px // factor, w_px // factor)
     lo = (graph["rows"][0], s["min_px"] // factor, s["min_px"] // factor) if opts.dynamic else opt
     hi = (graph["rows"][1], s["max_px"] // factor, s["max_px"] // factor) if opts.dynamic else opt
+    # the text axis (T: 77 tokens a prompt chunk) spans every chunk count in both kinds of profile: a longer prompt
+    # is a longer attention context, not a new engine
+    tokens = {"min": 77, "opt": 77, "max": 77 * int(s.get("max_prompt_chunks", 1))}
     return {
-        n: {k: list(concrete_shape(i["shape"], *v, factor)) for k, v in (("min", lo), ("opt", opt), ("max", hi))}
+        n: {k: list(concrete_shape(i["shape"], *v, factor, tokens[k])) for k, v in
+            (("min", lo), ("opt", opt), ("max", hi))}
         for n, i in graph["inputs"].items()
-    }
+    }  # fmt: skip
 
 
 def describe_profile(manifest: dict[str, Any], opts: BuildOptions) -> str:

@@ -49,6 +49,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         vae=args.vae,
         loras=loras,
         controlnets=controlnets,
+        max_prompt_chunks=args.max_prompt_chunks,
     )
     return 0
 
@@ -172,6 +173,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (as --min-size; default: "
                    "twice the native size)")  # fmt: skip
     e.add_argument("--max-batch", type=int, help="most images per prompt the graphs accept (default 4)")
+    e.add_argument("--max-prompt-chunks", type=int, metavar="K",
+                   help="longest prompt the U-Net takes, in 75-token chunks (web-UI syntax: long prompts, BREAK; "
+                        "default 3)")  # fmt: skip
     e.add_argument(
         "--vae",
         metavar="DIR",

@@ -254,7 +254,7 @@ def add_controlnets(root: str | Path, controlnets: list[tuple[str, str]], progre
     ``root`` as it was. Returns the new manifest."""
     from sdrt.export.directory import export_graph, stage_dir
     from sdrt.export.load import components_from_source
-    from sdrt.runtime.manifest import Geometry, hash_files, read_manifest, write_manifest
+    from sdrt.runtime.manifest import hash_files, read_manifest, write_manifest
 
     root, p = Path(root), progress or Progress()
     manifest = read_manifest(root)
@@ -263,8 +263,7 @@ def add_controlnets(root: str | Path, controlnets: list[tuple[str, str]], progre
         raise SdrtError(f"{root} already has a ControlNet {taken[0]!r}; give this one another name with PATH=NAME")
     with p.step("load the source modules"):
         c = components_from_source(manifest["source"])
-    d = manifest["shapes"]
-    dims = G.Dims(d["min_px"], d["max_px"], d["max_images"], Geometry.from_manifest(manifest))
+    dims = G.Dims.from_manifest(manifest)
     cns = load_controlnets(controlnets, c, dims, p)
     entry = manifest_entry(cns)
     graphs = [g for g in controlnet_graphs(G.graphs_for(c), cns) if g.name not in manifest["graphs"]]

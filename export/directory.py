@@ -6,6 +6,7 @@ check, so a failed or interrupted export never leaves something that looks compl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,6 @@ from sdrt.export.weights import (
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import (
     FORMAT_VERSION,
-    Geometry,
     check_files,
     hash_files,
     read_manifest,
@@ -126,6 +126,7 @@ def export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progr
             n: {"shape": list(shape), "dtype": io[n]} for n, shape in zip(g.outputs, g.output_shapes, strict=True)
         },
         "rows": list(dims.rows(g.name)),
+        **({"clip_skips": g.clip_skips} if g.clip_skips else {}),  # text encoders: clip_skip takes 0..this - 1
         "verify": report,
     }
 
@@ -213,11 +214,13 @@ def export_model(
     vae: str | None = None,
     loras: list[tuple[str, float]] | None = None,
     controlnets: list[tuple[str, str]] | None = None,
+    max_prompt_chunks: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (preset, diffusers folder or single file) to the engine directory ``dest``; ``vae``: a
     diffusers VAE folder to use instead of the model's own, exported in fp16 (for an fp16-safe SDXL VAE);
     ``loras``: (LoRA file, scale) pairs fused into the exported weights; ``controlnets``: (ControlNet folder, name)
-    pairs, each exported as ``controlnet_NAME`` with the U-Net again as ``unet_controlnet`` (export/controlnet.py)."""
+    pairs, each exported as ``controlnet_NAME`` with the U-Net again as ``unet_controlnet`` (export/controlnet.py);
+    ``max_prompt_chunks``: the U-Net takes prompts of up to this many 75-token chunks (default: ``dims``')."""
     if precision not in ("fp16", "fp32"):
         raise SdrtError(f"unknown precision {precision!r}; use fp16 or fp32")
     dest = Path(dest)
@@ -236,7 +239,10 @@ def export_model(
 
         with p.step("fuse LoRA " + ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)):
             c = fuse_loras(c, loras)
-    dims = (dims or _default_dims(c)).for_model(G.geometry(c))
+    dims = dims or _default_dims(c)
+    if max_prompt_chunks is not None:
+        dims = dataclasses.replace(dims, max_prompt_chunks=max_prompt_chunks)
+    dims = dims.for_model(G.geometry(c))
     cns = []
     if controlnets:
         from sdrt.export.controlnet import load_controlnets
@@ -291,8 +297,7 @@ def verify_directory(root: str | os.PathLike, *, progress: Progress | None = Non
         raise SdrtError(f"{root}: " + "; ".join(problems) + "; re-run `sdrt export ... --force`")
     with p.step("load the source modules"):
         c = _source_components(manifest["source"])
-    d = manifest["shapes"]
-    dims = G.Dims(d["min_px"], d["max_px"], d["max_images"], Geometry.from_manifest(manifest))
+    dims = G.Dims.from_manifest(manifest)
     report: dict[str, Any] = {"files": len(manifest["files"]), "graphs": {}}
     graphs = G.graphs_for(c) if not isinstance(c, str) else []
     if graphs and manifest.get("controlnets"):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sdrt.export.load import Components
-from sdrt.export.presets import MAX_IMAGES, geometry_of
+from sdrt.export.presets import MAX_IMAGES, MAX_PROMPT_CHUNKS, geometry_of
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import Geometry, concrete_shape
 
@@ -29,6 +29,14 @@ class Dims:
     max_px: int
     max_images: int = MAX_IMAGES
     geometry: Geometry | None = None
+    max_prompt_chunks: int = MAX_PROMPT_CHUNKS  # the U-Net's text axis takes 77 x 1..this tokens (web-UI chunks)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Dims:
+        """The ranges an engine directory was exported with (directories without chunk ranges take one chunk)."""
+        d = manifest["shapes"]
+        chunks = int(d.get("max_prompt_chunks", 1))
+        return cls(d["min_px"], d["max_px"], d["max_images"], Geometry.from_manifest(manifest), chunks)
 
     def for_model(self, geometry: Geometry) -> Dims:
         """These ranges for a model of ``geometry``; a range it cannot take is a one-line error naming the fix."""
@@ -38,6 +46,8 @@ class Dims:
                 f"bad shape range {self.min_px}..{self.max_px} px: sizes are multiples of {m} for this model "
                 "(its VAE scale factor and diffusers' multiple of 8), min <= max"
             )
+        if not isinstance(self.max_prompt_chunks, int) or not 1 <= self.max_prompt_chunks <= 16:
+            raise SdrtError(f"--max-prompt-chunks {self.max_prompt_chunks!r}: give 1 to 16 (75 prompt tokens each)")
         if self.min_px < lo:
             raise SdrtError(
                 f"--min-size {self.min_px} is below this model's smallest size, {lo} px (the U-Net's deepest feature "
@@ -63,7 +73,8 @@ class Dims:
 
     def as_json(self) -> dict[str, Any]:
         m = self.geometry.px_multiple if self.geometry else None
-        return {"min_px": self.min_px, "max_px": self.max_px, "px_multiple": m, "max_images": self.max_images}
+        return {"min_px": self.min_px, "max_px": self.max_px, "px_multiple": m, "max_images": self.max_images,
+                "max_prompt_chunks": self.max_prompt_chunks}  # fmt: skip
 
 
 def geometry(c: Components) -> Geometry:
@@ -84,6 +95,7 @@ class Graph:
     keep_fp32_inputs: tuple[str, ...] = ()  # float inputs that stay float32 in fp16 graphs
     upcast_attention: bool = False  # attention logits in float32 too (SD 2.x U-Nets)
     vocab_size: int = 0  # text encoders: token ids are drawn below this
+    clip_skips: int = 0  # text encoders: clip_skip takes 0..clip_skips - 1
 
     def release(self) -> None:
         """Drop the module (and, once no other graph holds it, its weights): export frees each as it goes."""
@@ -91,15 +103,30 @@ class Graph:
 
 
 class TextEncoder(torch.nn.Module):
-    """input_ids [B,77] -> text_embeddings [B,77,D] (+ pooled_embeddings [B,P] for the pooled encoder)."""
+    """(input_ids [B,77], clip_skip [1]) -> text_embeddings [B,77,D] (+ pooled_embeddings [B,P] for the pooled
+    encoder).
+
+    ``clip_skip`` is diffusers' (0: none): the states of layer ``-(1 + clip_skip)`` through the final layer norm
+    (SD 1.x / 2.x), or of layer ``-(2 + clip_skip)`` without it (SDXL's penultimate states), as diffusers'
+    ``encode_prompt`` selects them. An input, not a constant, so one graph serves every clip skip."""
 
     def __init__(self, model: torch.nn.Module, penultimate: bool, pooled: bool):
         super().__init__()
         self.model, self.penultimate, self.pooled = model, penultimate, pooled
 
-    def forward(self, input_ids: torch.Tensor):
-        out = self.model(input_ids, output_hidden_states=self.penultimate, return_dict=True)
-        states = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+    @staticmethod
+    def skips(model: torch.nn.Module, penultimate: bool) -> int:
+        """How many clip skips the encoder has: its hidden states (the embeddings' and each layer's output) up to
+        the one read without skipping."""
+        return int(model.config.num_hidden_layers) + 1 - int(penultimate)
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor):
+        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+        layers = torch.stack(out.hidden_states)  # [L + 1, B, 77, D]: the embeddings, each layer's output
+        last = layers.shape[0] - 1 - int(self.penultimate)  # the layer diffusers reads without clip skip
+        states = layers.index_select(0, last - clip_skip.long()).squeeze(0)  # [B, 77, D]
+        if not self.penultimate:
+            states = getattr(self.model, "text_model", self.model).final_layer_norm(states)  # transformers 5 or 4
         return (states, out.text_embeds) if self.pooled else states
 
 
@@ -206,14 +233,15 @@ def graphs_for(c: Components) -> list[Graph]:
         module = TextEncoder(model, fam.penultimate_hidden_states, pooled)
         states = ("B", 77, model.config.hidden_size)
         shapes = (states, ("B", model.config.projection_dim)) if pooled else (states,)
-        vocab = model.config.vocab_size
-        out.append(Graph(name, module, {"input_ids": (("B", 77), i32)}, outputs, shapes, vocab_size=vocab))
+        inputs = {"input_ids": (("B", 77), i32), "clip_skip": ((1,), i32)}
+        skips = TextEncoder.skips(model, fam.penultimate_hidden_states)
+        out.append(Graph(name, module, inputs, outputs, shapes, vocab_size=model.config.vocab_size, clip_skips=skips))
     ctx = c.unet.config.cross_attention_dim
     ch = c.unet.config.in_channels
     unet_in = {
         "sample": (("B", ch, "h", "w"), f32),
         "timestep": (("B",), f32),
-        "encoder_hidden_states": (("B", 77, ctx), f32),
+        "encoder_hidden_states": (("B", "T", ctx), f32),  # T: 77 x prompt chunks
     }
     keep = ("timestep",)
     if c.unet.config.addition_embed_type == "text_time":
@@ -254,13 +282,17 @@ def graphs_for(c: Components) -> list[Graph]:
 
 
 def sample_inputs(
-    g: Graph, dims: Dims, rows: int, h: int, w: int, generator: torch.Generator
+    g: Graph, dims: Dims, rows: int, h: int, w: int, generator: torch.Generator, chunks: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Random inputs of the right meaning: token ids in the vocabulary, timesteps in [0, 1000), images in [-1, 1]."""
+    """Random inputs of the right meaning: token ids in the vocabulary, timesteps in [0, 1000), images in [-1, 1],
+    text states of ``chunks`` x 77 tokens (default: the trace's, `trace_chunks`)."""
     out, f = {}, dims.factor
+    tokens = 77 * (trace_chunks(dims) if chunks is None else chunks)
     for name, (shape, dtype) in g.inputs.items():
-        s = concrete_shape(shape, rows, h, w, f)
-        if dtype == torch.int32:
+        s = concrete_shape(shape, rows, h, w, f, tokens)
+        if name == "clip_skip":
+            out[name] = torch.randint(0, g.clip_skips, s, generator=generator, dtype=torch.int32)
+        elif dtype == torch.int32:
             out[name] = torch.randint(0, g.vocab_size, s, generator=generator, dtype=torch.int32)
         elif name == "timestep":
             out[name] = torch.randint(0, 1000, s, generator=generator).float()
@@ -287,6 +319,11 @@ def trace_latent(dims: Dims) -> tuple[int, int]:
     return lo + 1, lo + 3
 
 
+def trace_chunks(dims: Dims) -> int:
+    """Prompt chunks of the trace example: 2 where the range has them (1 would specialise the text axis)."""
+    return min(2, dims.max_prompt_chunks)
+
+
 def dynamic_shapes(g: Graph, dims: Dims) -> dict[str, dict[int, Any]] | tuple:
     """torch.export dimension objects for every symbolic axis, sharing one object per symbol."""
     Dim = torch.export.Dim
@@ -294,9 +331,11 @@ def dynamic_shapes(g: Graph, dims: Dims) -> dict[str, dict[int, Any]] | tuple:
     lo, hi = dims.geometry.min_latent, max(dims.latent()[1], *trace_latent(dims))
     h, w = Dim("h", min=lo, max=hi), Dim("w", min=lo, max=hi)
     sym = {"B": rows, "h": h, "w": w, "H": dims.factor * h, "W": dims.factor * w}
+    if dims.max_prompt_chunks > 1:  # the text axis: 77 tokens a chunk; one chunk is a static 77
+        sym["T"] = 77 * Dim("chunks", min=1, max=dims.max_prompt_chunks)
     # "h/4" (ControlNet residuals): ceil(h / 4) is no affine function of h; torch.export derives it (Dim.AUTO)
     out = {
-        n: {i: sym.get(d, Dim.AUTO) for i, d in enumerate(shape) if isinstance(d, str)}
+        n: {i: sym.get(d, Dim.AUTO) for i, d in enumerate(shape) if isinstance(d, str) and d != "T" or d in sym}
         for n, (shape, _) in g.inputs.items()
     }
     params = inspect.signature(g.module.forward).parameters.values()

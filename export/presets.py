@@ -55,6 +55,7 @@ FAMILIES = (SD, SDXL)
 SUPPORTED = "SD 1.x and 2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline)"
 
 MAX_IMAGES = 4  # default batch range: 1..4 images, so 2..8 rows under classifier-free guidance
+MAX_PROMPT_CHUNKS = 3  # default text range: prompts of up to 3 x 75 tokens (web-UI chunks, BREAK)
 
 
 def geometry_of(unet: Mapping[str, Any], vae: Mapping[str, Any]) -> Geometry:

@@ -60,11 +60,12 @@ class Case:
 
 
 def reference_cases(g: Graph, dims: Dims) -> list[Case]:
-    """Run ``g.module`` (PyTorch, fp32) on random inputs at each of `verify_shapes`."""
+    """Run ``g.module`` (PyTorch, fp32) on random inputs at each of `verify_shapes`: one prompt chunk, then two
+    (where the range has them)."""
     gen = torch.Generator().manual_seed(1234)
     cases = []
-    for rows, h, w in verify_shapes(g, dims):
-        inputs = sample_inputs(g, dims, rows, h, w, gen)
+    for i, (rows, h, w) in enumerate(verify_shapes(g, dims)):
+        inputs = sample_inputs(g, dims, rows, h, w, gen, chunks=1 if i == 0 else None)  # then the trace's chunks
         with torch.no_grad():
             out = g.module(*inputs.values())
         out = out if isinstance(out, tuple) else (out,)

@@ -31,7 +31,7 @@ def resolve_shape(shape: list, feeds: dict[str, torch.Tensor], inputs: dict[str,
                 values[sym] = int(size)
     h = values["h"] if "h" in values else values.get("H", 0) // factor
     w = values["w"] if "w" in values else values.get("W", 0) // factor
-    return concrete_shape(shape, values.get("B", 0), h, w, factor)
+    return concrete_shape(shape, values.get("B", 0), h, w, factor, values.get("T", 77))
 
 
 class Backend:

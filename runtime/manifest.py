@@ -129,11 +129,12 @@ def default_size(manifest: dict[str, Any]) -> int:
     return min(max(native, shapes["min_px"]), shapes["max_px"]) // shapes["px_multiple"] * shapes["px_multiple"]
 
 
-def concrete_shape(shape: list | tuple, rows: int, h: int, w: int, factor: int) -> tuple[int, ...]:
+def concrete_shape(shape: list | tuple, rows: int, h: int, w: int, factor: int, tokens: int = 77) -> tuple[int, ...]:
     """A graph's symbolic shape (the manifest's, or export/graphs.py's) at ``rows`` (``B``) and latent size ``h`` x
     ``w``; ``H`` / ``W`` are pixels, ``factor`` x latent (the manifest's VAE scale factor); ``h/N`` is ceil(h / N),
-    the size after one stride-2 conv per halving (the U-Net's down path: ControlNet residuals)."""
-    values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor}
+    the size after one stride-2 conv per halving (the U-Net's down path: ControlNet residuals); ``T`` is the text
+    axis, ``tokens`` = 77 x prompt chunks."""
+    values = {"B": rows, "h": h, "w": w, "H": h * factor, "W": w * factor, "T": tokens}
 
     def size(d: str) -> int:
         base, _, n = d.partition("/")

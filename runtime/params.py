@@ -52,3 +52,7 @@ class Params:
     mask: ImageArg | None = None  # inpainting, with image: white is repainted, black kept
     loras: Mapping[str, float] | None = None  # {adapter added with `sdrt lora add`: scale}; they add up
     controlnets: Sequence[ControlNetArg] = ()  # ControlNets exported with `sdrt export --controlnet`; they add up
+    prompt_syntax: str = "plain"  # "webui": the web UI's (x:1.2), BREAK and 75-token chunks (runtime/prompts.py)
+    emphasis: str = "original"  # with "webui": the web UI's "Original" emphasis, or "no_norm", "ignore", "none"
+    clip_skip: int = 0  # diffusers' clip_skip: condition on the states this many layers before the usual one
+    pad_chunks: bool = False  # with "webui": pad the shorter of prompt and negative with empty chunks (pad_cond_uncond)

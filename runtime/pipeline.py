@@ -28,7 +28,8 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, ImageArg, Params
-from sdrt.runtime.request import Layout, Request, host_inputs, open_image
+from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
+from sdrt.runtime.request import Layout, Request, Texts, host_inputs, open_image
 from sdrt.runtime.samplers import SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, default_sampler
 from sdrt.runtime.stages import Batch, Progress, Stages, no_stage
@@ -122,18 +123,24 @@ class Pipeline:
         controlnet_conditioning_scale: float | list[float] = 1.0,
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
+        clip_skip: int = 0,
+        prompt_syntax: str = "plain",
+        emphasis: str = "original",
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
         ``mask_image`` (white is repainted; strength 1 unless given); ``loras``: {adapter: scale}, adapters added
         with `sdrt lora add`; ``controlnet`` (a name given at `sdrt export --controlnet`, or a list of names: their
         residuals add up, as diffusers' MultiControlNetModel) with ``control_image`` (one per ControlNet) as
-        diffusers' ControlNet pipelines take it. Arguments named as diffusers names them."""
+        diffusers' ControlNet pipelines take it; ``clip_skip`` as diffusers' (the prompt's states only; with the
+        web-UI syntax the negative's too, as the web UI skips both). Arguments named as diffusers names
+        them. ``prompt_syntax="webui"`` reads the prompts as the web UI does (``(word:1.3)``, ``BREAK``, prompts
+        longer than 75 tokens in chunks; runtime/prompts.py), with its ``emphasis`` mode."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
-            strength=strength, mask=mask_image, loras=loras,
-            controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
+            strength=strength, mask=mask_image, loras=loras, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+            emphasis=emphasis, controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
                                         control_guidance_start, control_guidance_end),
         )  # fmt: skip
         pixels = self.generate(self.request(params), progress=progress)
@@ -186,10 +193,68 @@ class Pipeline:
         if controls:
             check_loras_with_controlnet(self.manifest, loras)
         controls = tuple(resized(c, width, height) for c in controls)
+        texts = self._texts(p, prompts, negatives, cfg=p.guidance > 1.0)
+        if controls and texts.chunks[0] != texts.chunks[1] and p.guidance > 1.0:
+            raise SdrtError(f"the prompt has {texts.chunks[0]} chunks of 75 tokens and the negative prompt "
+                            f"{texts.chunks[1]}: with a ControlNet they must have as many (add or remove a BREAK, "
+                            "or pad them: pad_chunks / pad_cond_uncond)", field="negative_prompt")  # fmt: skip
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
-                      float(strength), init, mask_img, loras, controls)  # fmt: skip
+                      float(strength), init, mask_img, loras, controls, self._clip_skip(p),
+                      texts)  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength)  # a step count the schedule cannot honour: ScheduleError
         return req
+
+    def _texts(self, p: Params, prompts: tuple[str, ...], negatives: tuple, cfg: bool) -> Texts:
+        """Tokenize the prompts and negatives as ``p.prompt_syntax`` reads them; every text of one side must have
+        as many 75-token chunks, within the engine's range."""
+        if p.prompt_syntax not in SYNTAXES:
+            raise SdrtError(f"unknown prompt syntax {p.prompt_syntax!r}; use {' or '.join(SYNTAXES)}",
+                            field="prompt_syntax")  # fmt: skip
+        if p.emphasis not in EMPHASIS:
+            raise SdrtError(f"unknown emphasis {p.emphasis!r}; use one of {', '.join(EMPHASIS)}", field="emphasis")
+        webui = p.prompt_syntax == "webui"
+
+        def encode(text: str, field: str) -> tuple:
+            if not webui:
+                return tuple(t.plain(text) for t in self.tokenizers)
+            check_webui(text, field)
+            return tuple(t.webui(text, p.emphasis, field) for t in self.tokenizers)
+
+        sides = [
+            tuple(encode(t, "prompt") for t in prompts),
+            tuple(encode(t or "", "negative_prompt") for t in negatives),
+        ]
+        if webui and p.pad_chunks and cfg:  # the web UI's pad_cond_uncond: empty chunks after the shorter side
+            most = max(texts[0][0].count for texts in sides)
+            empty = encode("", "prompt")
+            sides = [tuple(tuple(c.padded(e, most) for c, e in zip(t, empty, strict=True)) for t in texts)
+                     for texts in sides]  # fmt: skip
+        most = int(self.shapes.get("max_prompt_chunks", 1))
+        for texts, field in zip(sides, ("prompt", "negative_prompt"), strict=True):
+            counts = {c.count for t in texts for c in t}
+            if len(counts) > 1:
+                raise SdrtError(f"the {field.replace('_', ' ')}s of one call read as {sorted(counts)} chunks of 75 "
+                                "tokens; give them as many chunks (BREAK), or send them as separate calls",
+                                field=field)  # fmt: skip
+            if max(counts) > most:
+                raise SdrtError(f"the {field.replace('_', ' ')} is {max(counts)} chunks of 75 tokens; this engine "
+                                f"takes at most {most}: shorten it, or re-export with --max-prompt-chunks "
+                                f"{max(counts)}", field=field)  # fmt: skip
+        return Texts(sides[0], sides[1], renorm=p.emphasis == "original")
+
+    def _clip_skip(self, p: Params) -> tuple[int, int]:
+        """(the prompt's, the negative's) clip skip: diffusers skips layers of the prompt only, the web UI both."""
+        skip = p.clip_skip
+        if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+            raise SdrtError(f"clip_skip must be a whole number >= 0, got {skip!r}", field="clip_skip")
+        graphs = [self.manifest["graphs"][g] for g in self.text_encoders]
+        if skip and not all("clip_skip" in g["inputs"] for g in graphs):
+            raise SdrtError(f"{self.root} was exported before clip skip existed; re-export it to use clip_skip",
+                            field="clip_skip")  # fmt: skip
+        most = min((g.get("clip_skips", 1) for g in graphs), default=1) - 1
+        if skip > most:
+            raise SdrtError(f"clip_skip {skip} is past this text encoder's layers; use 0 to {most}", field="clip_skip")
+        return skip, (skip if p.prompt_syntax == "webui" else 0)
 
     def _images(self, image, mask) -> tuple[Image.Image | None, Image.Image | None]:
         if mask is not None and image is None:
@@ -249,7 +314,7 @@ class Pipeline:
             plan = self.plan(key.sampler, key.steps, key.strength)
             self.adapters.apply(self.backend, key.loras)  # W0 + the request's adapters, from the base every time
             latent = (self.latent_channels, self.geometry.vae_scale_factor)
-            host = host_inputs(reqs, plan, self.tokenizers, latent, self._encodes_init(key), self.zero_negatives)
+            host = host_inputs(reqs, plan, latent, self._encodes_init(key), self.zero_negatives)
             timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
             if self.cuda_graph:
                 pixels = self._captured.replay(self, layout, plan.to(self.device), host, timings)
@@ -304,48 +369,72 @@ class Pipeline:
         )
         return (mean.float() + torch.exp(0.5 * logvar.float()) * noise) * self.scaling_factor
 
-    def _conditioning(self, cfg: bool, buf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Text encoders -> the U-Net's conditioning feeds per image row. SDXL: both encoders' states side by side,
-        pooled embedding from the second, size conditioning in time_ids; a negative not given is zeros there."""
-        run, dtype = self.backend.run, self.backend.dtype
-        ids = ("input_ids", "input_ids_2")[: len(self.text_encoders)]
-        outs = [run(g, {"input_ids": buf[i]}) for g, i in zip(self.text_encoders, ids, strict=True)]
-        states = torch.cat([o[0] for o in outs], dim=-1)  # [2P or P, 77, D]
-        rows, keep = buf["rows"], buf["keep_negative"]
-
-        def per_image(t: torch.Tensor) -> torch.Tensor:  # [2P or P, ...] -> [2B or B, ...]
-            if not cfg:
-                return t.index_select(0, rows)
-            negative, positive = t.chunk(2)
-            if self.zero_negatives:
-                negative = negative * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
-            return torch.cat([negative.index_select(0, rows), positive.index_select(0, rows)])
-
-        feeds = {"encoder_hidden_states": per_image(states).to(dtype("unet", "encoder_hidden_states"))}
-        if self.pooled:
-            feeds["text_embeds"] = per_image(outs[-1][1]).to(dtype("unet", "text_embeds"))
-            time_ids = buf["time_ids"]  # [B, 6]; the negative rows get the same sizes
-            feeds["time_ids"] = torch.cat([time_ids, time_ids]) if cfg else time_ids
+    def _conditioning(self, cfg: bool, buf: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Text encoders -> the U-Net's conditioning feeds per image row: one feed dict (uncond rows first) when
+        prompt and negative have as many chunks, else one per side (negative first), each run as its own U-Net
+        call, as the web UI runs them. SDXL: both encoders' states side by side, pooled embedding from the second
+        encoder's first chunk, size conditioning in time_ids; a negative not given is zeros there."""
+        dtype, rows = self.backend.dtype, buf["rows"]
+        sides = {side: self._encode_text(side, buf) for side in (("negative", "prompt") if cfg else ("prompt",))}
+        if cfg and self.zero_negatives:  # [P] -> broadcast over each tensor's other axes
+            keep = buf["keep_negative"]
+            sides["negative"] = [t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype) for t in sides["negative"]]
+        per_image = {k: [t.index_select(0, rows) for t in v] for k, v in sides.items()}  # [P, ...] -> [B, ...]
+        same = len({v[0].shape[1] for v in per_image.values()}) == 1
+        parts = [[torch.cat(ts) for ts in zip(*per_image.values(), strict=True)]] if same else list(per_image.values())
+        feeds = []
+        for part in parts:
+            f = {"encoder_hidden_states": part[0].to(dtype("unet", "encoder_hidden_states"))}
+            if self.pooled:
+                f["text_embeds"] = part[1].to(dtype("unet", "text_embeds"))
+                n = part[0].shape[0] // buf["time_ids"].shape[0]  # the negative rows get the same sizes
+                f["time_ids"] = buf["time_ids"].repeat(n, 1)
+            feeds.append(f)
         return feeds
 
-    def _denoiser(self, cfg: bool, plan: Plan, cond: dict[str, torch.Tensor], guidance: torch.Tensor, extra, progress,
-                  residuals=None):  # fmt: skip
-        """The one denoiser contract: sigma-space x at call i -> x0, with guidance and the prediction type inside."""
+    def _encode_text(self, side: str, buf: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """[states [P, 77 k, D], (pooled [P, P'])] of one side: each 77-token chunk through each text encoder,
+        weighted per token (`emphasised`), joined along the token axis."""
+        run, states, pooled = self.backend.run, [], None
+        for j, graph in enumerate(self.text_encoders):
+            suffix = "_2" if j else ""
+            ids, weights = buf[f"{side}_ids{suffix}"], buf[f"{side}_weights{suffix}"]  # [k, P, 77], [P, k, 77]
+            skip = {"clip_skip": buf[f"{side}_clip_skip"]}
+            feeds = skip if "clip_skip" in self.manifest["graphs"][graph]["inputs"] else {}
+            zs = []
+            for c in range(ids.shape[0]):  # the chunk count is part of the join key: fixed for a capture
+                out = run(graph, {"input_ids": ids[c], **feeds})
+                zs.append(emphasised(out[0].float(), weights[:, c], buf[f"{side}_renorm"]))
+                if c == 0 and len(out) > 1:
+                    pooled = out[1]
+            states.append(torch.cat(zs, dim=1))
+        states = torch.cat(states, dim=-1)  # [P, 77 k, D1 + D2]
+        return [states, pooled] if self.pooled else [states]
+
+    def _denoiser(self, cfg: bool, plan: Plan, cond: list[dict[str, torch.Tensor]], guidance: torch.Tensor, extra,
+                  progress, residuals=None):  # fmt: skip
+        """The one denoiser contract: sigma-space x at call i -> x0, with guidance and the prediction type inside.
+        ``cond``: the conditioning feeds of each U-Net call of a step (`_conditioning`): one call over every row,
+        or (prompt and negative of different lengths) the negative's, then the prompt's."""
         sample_dtype, prediction = self.backend.dtype("unet", "sample"), self.schedule.prediction_type
         guidance = guidance.view(-1, 1, 1, 1)  # [B, 1, 1, 1]: each request's own scale
-        rows = cond["encoder_hidden_states"].shape[0]
-        timesteps = plan.timesteps[:, None].expand(-1, rows).contiguous()  # [n_calls, rows]
+        timesteps = [plan.timesteps[:, None].expand(-1, f["encoder_hidden_states"].shape[0]).contiguous()
+                     for f in cond]  # [n_calls, rows] per U-Net call  # fmt: skip
+        graph = "unet_controlnet" if residuals else "unet"
 
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
             x_in = x * plan.c_in[i]  # diffusers' scale_model_input
-            x_in = torch.cat([x_in, x_in]) if cfg else x_in  # [2B, 4, h, w]
-            feeds = {"timestep": timesteps[i], **cond}
-            if residuals:  # ControlNet: the residuals go to the U-Net graph that takes them
-                feeds.update(residuals(x_in, feeds, i))
-            x_in = torch.cat([x_in, extra], dim=1) if extra is not None else x_in  # inpainting U-Net: [2B, 9, h, w]
-            feeds["sample"] = x_in.to(sample_dtype)
-            out = self.backend.run("unet_controlnet" if residuals else "unet", feeds)[0]
-            out = out.float()
+            x_in = torch.cat([x_in, x_in]) if cfg and len(cond) == 1 else x_in  # [2B or B, 4, h, w]
+            outs = []
+            for part, t in zip(cond, timesteps, strict=True):
+                feeds = {"timestep": t[i], **part}
+                if residuals:  # ControlNet: the residuals go to the U-Net graph that takes them
+                    feeds.update(residuals(x_in, feeds, i))
+                more = extra if extra is None or len(cond) == 1 else extra[: x.shape[0]]
+                sample_in = torch.cat([x_in, more], dim=1) if more is not None else x_in  # inpainting: 9 channels
+                feeds["sample"] = sample_in.to(sample_dtype)
+                outs.append(self.backend.run(graph, feeds)[0].float())
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
             if cfg:
                 uncond, text = out.chunk(2)
                 out = uncond + guidance * (text - uncond)
@@ -354,3 +443,12 @@ class Pipeline:
             return to_x0(x, out, plan.sigmas[i], prediction)
 
         return denoise
+
+
+def emphasised(z: torch.Tensor, weights: torch.Tensor, renorm: torch.Tensor) -> torch.Tensor:
+    """The web UI's emphasis on one chunk's states z [P, 77, D]: each token's states times its weight [P, 77];
+    where renorm [P] is 1 ("Original"), the result rescaled to the mean z had before (all weights 1: z unchanged)."""
+    before = z.mean(dim=(1, 2))
+    z = z * weights.to(z.dtype)[..., None]
+    ratio = torch.where(renorm > 0, before / z.mean(dim=(1, 2)), torch.ones_like(before))
+    return z * ratio.view(-1, 1, 1)

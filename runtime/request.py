@@ -10,7 +10,7 @@ gets alone. The layout's counts (`Layout`) are what a captured CUDA graph depend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +20,7 @@ from PIL import Image
 from sdrt.runtime.control import Control, control_host
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import ImageArg
+from sdrt.runtime.prompts import Chunks
 from sdrt.runtime.samplers import Plan
 
 
@@ -36,6 +37,21 @@ class JoinKey(NamedTuple):
     mask: bool
     loras: tuple[tuple[str, float], ...] = ()  # one adapter set per engine batch (not part of a capture key)
     controlnets: tuple[str, ...] = ()  # the ControlNet graphs the body runs (their scales and images are data)
+    chunks: tuple[int, int] = (1, 1)  # 77-token chunks of the prompts and of the negatives (the text axis)
+    clip_skip: tuple[int, int] = (0, 0)  # of the prompts and of the negatives
+
+
+@dataclass(frozen=True)
+class Texts:
+    """A request's prompts and negatives, tokenized: per text, one `Chunks` per tokenizer (SDXL: two)."""
+
+    prompts: tuple[tuple[Chunks, ...], ...]
+    negatives: tuple[tuple[Chunks, ...], ...]
+    renorm: bool = True  # the web UI's "Original" emphasis: each weighted chunk rescaled to its mean
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        return self.prompts[0][0].count, self.negatives[0][0].count
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,8 @@ class Request:
     mask: Image.Image | None = None  # L at (width, height): white is repainted, black is kept
     loras: tuple[tuple[str, float], ...] = ()  # (adapter, scale), sorted by name (runtime/lora.py)
     control: tuple[Control, ...] = ()  # ControlNets: name, control image at (width, height), scale, start, end
+    clip_skip: tuple[int, int] = (0, 0)  # of the prompts and of the negatives (diffusers skips the prompt's only)
+    texts: Texts | None = field(default=None, compare=False)  # tokenized by `Pipeline.request`
 
     @property
     def batch(self) -> int:
@@ -68,9 +86,11 @@ class Request:
     @property
     def join_key(self) -> JoinKey:
         """Requests with equal join keys run through the same graph body and may share one engine batch."""
+        chunks = self.texts.chunks if self.texts is not None else (1, 1)
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
                        self.image is not None, self.mask is not None, self.loras,
-                       tuple(c.name for c in self.control))  # fmt: skip
+                       tuple(c.name for c in self.control), chunks if self.cfg else (chunks[0], 0),
+                       self.clip_skip)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,7 +119,6 @@ class Layout:
 def host_inputs(
     reqs: list[Request],
     plan: Plan,
-    tokenizers: list,
     latent: tuple[int, int],
     encodes_init: bool,
     zero_negatives: bool,
@@ -108,8 +127,11 @@ def host_inputs(
     image's posterior sample (where `encodes_init`: img2img, or inpainting with a 4-channel U-Net or strength < 1),
     the initial latents, the masked image's posterior sample (inpainting), then each ancestral step's noise.
 
-    input_ids[_2] [2P or P, 77]: every request's negatives, then every request's prompts (uncond rows first).
-    keep_negative [P]: 0 where a negative was not given and the model zeroes those (SDXL), else 1.
+    prompt_ids[_2] [k, P, 77] and prompt_weights[_2] [P, k, 77]: every request's prompts, chunk by chunk, with
+    their per-token weights, and (under guidance) negative_ids[_2] / negative_weights[_2] alike;
+    prompt_renorm / negative_renorm [P]: 1 where a text's weighted chunks are rescaled to their mean;
+    prompt_clip_skip / negative_clip_skip [1]. keep_negative [P]: 0 where a negative was not given and the model
+    zeroes those (SDXL), else 1.
     rows [B]: the prompt each image row is conditioned on (a prompt's images are consecutive, as diffusers has them).
     ``latent``: (channels, VAE scale factor) of the model.
     """
@@ -118,9 +140,18 @@ def host_inputs(
     h, w = first.height // factor, first.width // factor
     prompts = [p for r in reqs for p in r.prompts]
     negatives = [n for r in reqs for n in r.negatives]
-    texts = [n or "" for n in negatives] + prompts if first.cfg else prompts
-    names = ("input_ids", "input_ids_2")[: len(tokenizers)]
-    host = {name: torch.from_numpy(tok(texts)) for name, tok in zip(names, tokenizers, strict=True)}
+    sides = {"prompt": [(r, t) for r in reqs for t in r.texts.prompts]}
+    if first.cfg:
+        sides["negative"] = [(r, t) for r in reqs for t in r.texts.negatives]
+    host = {}
+    for side, texts in sides.items():
+        for j in range(len(texts[0][1])):  # per tokenizer
+            suffix = "_2" if j else ""
+            host[f"{side}_ids{suffix}"] = torch.from_numpy(np.stack([t[j].ids for _, t in texts], axis=1))
+            host[f"{side}_weights{suffix}"] = torch.from_numpy(np.stack([t[j].weights for _, t in texts]))
+        host[f"{side}_renorm"] = torch.tensor([float(r.texts.renorm) for r, _ in texts])
+    for side, skip in zip(("prompt", "negative"), first.clip_skip, strict=True):
+        host[f"{side}_clip_skip"] = torch.tensor([skip], dtype=torch.int32)
     host["keep_negative"] = torch.tensor([0.0 if n is None and zero_negatives else 1.0 for n in negatives])  # [P]
     host["rows"] = torch.arange(len(prompts)).repeat_interleave(
         torch.tensor([r.images_per_prompt for r in reqs for _ in r.prompts])

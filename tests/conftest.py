@@ -112,6 +112,15 @@ def tokenizer(pad_token: str):
     return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=77)
 
 
+def biased(*encoders) -> None:
+    """Give each text encoder's final layer norm the bias a trained CLIP has (a fresh one has none, so its states
+    have a mean of 0 and the web UI's emphasis, which rescales a chunk to its mean, would divide by ~0)."""
+    for te in encoders:
+        norm = getattr(te, "text_model", te).final_layer_norm
+        with torch.no_grad():
+            norm.bias.copy_(0.5 + 0.1 * torch.randn(norm.bias.shape))
+
+
 def build_pipeline(kind: str, seed: int = 0):
     """A diffusers pipeline of the given kind (a key of UNETS) with seeded random weights."""
     import diffusers
@@ -127,6 +136,7 @@ def build_pipeline(kind: str, seed: int = 0):
         # diffusers tells SDXL's two encoders apart in single files by their width: they must differ
         wide = dict(CLIP, hidden_size=64)
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**wide, hidden_act="gelu", pad_token_id=0, **ids))
+        biased(te1, te2)
         cls = (
             diffusers.StableDiffusionXLInpaintPipeline
             if kind.endswith("inpaint")
@@ -143,6 +153,7 @@ def build_pipeline(kind: str, seed: int = 0):
         )
     v2 = kind == "sd2"
     te = CLIPTextModel(CLIPTextConfig(**CLIP, hidden_act="gelu" if v2 else "quick_gelu", pad_token_id=0, **ids))
+    biased(te)
     sched = (
         diffusers.DDIMScheduler(**betas, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False)
         if v2

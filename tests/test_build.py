@@ -72,6 +72,8 @@ def test_static_profile_doubles_unet_rows_and_uses_pixels_for_vae_encoder(tiny):
     unet = static["unet"]
     assert unet["sample"] == {"min": [4, 4, 16, 24], "opt": [4, 4, 16, 24], "max": [4, 4, 16, 24]}
     assert unet["timestep"]["opt"] == [4] and unet["encoder_hidden_states"]["opt"] == [4, 77, 32]
+    # the text axis spans 1..max_prompt_chunks chunks of 77 tokens even in a static profile
+    assert unet["encoder_hidden_states"]["min"] == [4, 77, 32] and unet["encoder_hidden_states"]["max"] == [4, 231, 32]
     assert static["text_encoder"]["input_ids"]["max"] == [4, 77]  # cond + uncond rows too
     assert static["vae_decoder"]["latent"]["opt"] == [2, 4, 16, 24]  # images, not rows
     assert static["vae_encoder"]["images"]["opt"] == [2, 3, 128, 192]  # H/W are pixels

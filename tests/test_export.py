@@ -14,13 +14,13 @@ import torch
 
 TOL = {"fp32": 1e-4, "fp16": 2e-2}
 DESIGN_IO = {  # DESIGN.md's graph I/O names
-    "text_encoder": (["input_ids"], ["text_embeddings"]),
+    "text_encoder": (["input_ids", "clip_skip"], ["text_embeddings"]),
     "unet": (["sample", "timestep", "encoder_hidden_states"], ["noise_pred"]),
     "vae_decoder": (["latent"], ["images"]),
     "vae_encoder": (["images"], ["latent_mean", "latent_logvar"]),
 }
 SDXL_IO = {
-    "text_encoder_2": (["input_ids"], ["text_embeddings", "pooled_embeddings"]),
+    "text_encoder_2": (["input_ids", "clip_skip"], ["text_embeddings", "pooled_embeddings"]),
     "unet": (["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["noise_pred"]),
 }
 NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32}
@@ -41,9 +41,13 @@ def diffusers_modules(folder: Path):
 def reference(pipe, graph: str, x: dict[str, torch.Tensor], sdxl: bool) -> list[torch.Tensor]:
     """What each graph must compute, written with diffusers' and transformers' public calls."""
     with torch.no_grad():
-        if graph.startswith("text_encoder"):
-            out = getattr(pipe, graph)(x["input_ids"].long(), output_hidden_states=True)
-            states = out.hidden_states[-2] if sdxl else out.last_hidden_state
+        if graph.startswith("text_encoder"):  # diffusers' encode_prompt with clip_skip
+            model, skip = getattr(pipe, graph), int(x["clip_skip"][0])
+            out = model(x["input_ids"].long(), output_hidden_states=True)
+            if sdxl:
+                states = out.hidden_states[-(skip + 2)]
+            else:  # transformers 5's CLIPTextModel has its final norm at the top level
+                states = getattr(model, "text_model", model).final_layer_norm(out.hidden_states[-(skip + 1)])
             return [states, out.text_embeds] if graph == "text_encoder_2" else [states]
         if graph == "unet":
             added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]} if sdxl else None
@@ -54,10 +58,15 @@ def reference(pipe, graph: str, x: dict[str, torch.Tensor], sdxl: bool) -> list[
         return [dist.mean, dist.logvar]
 
 
-def random_inputs(session: ort.InferenceSession, rows: int, h: int, w: int, gen: torch.Generator) -> dict:
+def random_inputs(session: ort.InferenceSession, rows: int, h: int, w: int, gen: torch.Generator, skip: int) -> dict:
+    """Inputs at ``rows`` (and as many 77-token prompt chunks) and latent h x w; clip skip ``skip``."""
     x = {}
     for i in session.get_inputs():
-        if i.name == "input_ids":
+        if i.name == "clip_skip":
+            t = torch.tensor([skip], dtype=torch.int32)
+        elif i.name == "encoder_hidden_states":
+            t = torch.randn(rows, 77 * rows, i.shape[2], generator=gen)
+        elif i.name == "input_ids":
             t = torch.randint(0, 514, (rows, 77), generator=gen, dtype=torch.int32)
         elif i.name == "timestep":
             t = torch.tensor([981.0, 3.0][:rows])
@@ -99,7 +108,7 @@ def check_against(pipe, out_dir: Path, kind: str, precision: str) -> None:
     for name, entry in manifest["graphs"].items():
         session = ort.InferenceSession(str(out_dir / entry["file"]), providers=["CPUExecutionProvider"])
         for rows, h, w in [(1, 8, 8), (2, 16, 24)]:
-            x = random_inputs(session, rows, h, w, gen)
+            x = random_inputs(session, rows, h, w, gen, skip=min(rows - 1, entry.get("clip_skips", 1) - 1))
             feeds = {i.name: x[i.name].numpy().astype(NP[i.type]) for i in session.get_inputs()}
             outs = session.run(None, feeds)
             refs = reference(pipe, name, x, kind == "sdxl")
@@ -128,7 +137,7 @@ def test_manifest_describes_the_directory(kind, exports, folders):
         assert ([i.name for i in g.graph.input], [o.name for o in g.graph.output]) == io[name]
         assert all(e <= entry["verify"]["tolerance"] for e in entry["verify"]["rel_l2"].values())
         assert len(entry["verify"]["shapes"]) >= 2
-    assert m["shapes"] == {"min_px": 64, "max_px": 192, "px_multiple": 8, "max_images": 2}
+    assert m["shapes"] == {"min_px": 64, "max_px": 192, "px_multiple": 8, "max_images": 2, "max_prompt_chunks": 3}
     assert (m["latent"]["vae_scale_factor"], m["unet"]["downsampling"], m["unet"]["sample_size"]) == (8, 2, 8)
     assert m["source"]["kind"] == "diffusers" and m["precision"] == "fp16"
     assert {"torch", "diffusers", "onnx", "onnxruntime"} <= set(m["tools"])

@@ -82,7 +82,13 @@ def test_sizes_off_the_multiple_are_one_line_errors(kind, height, multiple, pipe
 def test_default_range_holds_the_native_size(native96):
     m = json.loads((native96 / "manifest.json").read_text())
     assert m["unet"]["sample_size"] == 12 and m["unet"]["downsampling"] == 2 and m["latent"]["vae_scale_factor"] == 8
-    assert m["shapes"] == {"min_px": 48, "max_px": 192, "px_multiple": 8, "max_images": 4}  # native/2 .. 2 x native
+    assert m["shapes"] == {
+        "min_px": 48,
+        "max_px": 192,
+        "px_multiple": 8,
+        "max_images": 4,
+        "max_prompt_chunks": 3,
+    }  # native/2 .. 2 x native
 
 
 @NATIVE96
