@@ -8,6 +8,8 @@ import sys
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
+EMPHASIS_NAMES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
+
 
 def png_parameters(req, model: str, index: int) -> str:
     """The `parameters` text chunk in the format image tools already read (prompt, negative, key: value list); LoRA
@@ -19,6 +21,16 @@ def png_parameters(req, model: str, index: int) -> str:
     ]  # fmt: skip
     if req.image is not None:
         fields.append(f"Denoising strength: {req.strength:g}")
+    if req.clip_skip[0]:  # the web UI counts the last layer as 1
+        fields.append(f"Clip skip: {req.clip_skip[0] + 1}")
+    if req.eta:
+        fields.append(f"Eta: {req.eta:g}")
+    if req.guidance_rescale:
+        fields.append(f"Guidance rescale: {req.guidance_rescale:g}")
+    if req.texts is not None and req.texts.syntax == "webui":
+        fields.append("Prompt syntax: webui")
+        if req.texts.emphasis != "original":  # as the web UI names its modes
+            fields.append(f"Emphasis: {EMPHASIS_NAMES[req.texts.emphasis]}")
     for k, c in enumerate(req.control):  # as the web UI's ControlNet extension writes its units
         fields.append(f'ControlNet {k}: "Model: {c.name}, Weight: {c.scale:g}, Guidance Start: {c.start:g}, '
                       f'Guidance End: {c.end:g}"')  # fmt: skip
@@ -71,6 +83,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, n=args.batch, seed=args.seed, sampler=args.sampler,
         image=args.init_image, strength=args.strength, mask=args.mask, loras=_loras(args.lora),
+        clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale,
+        prompt_syntax=args.prompt_syntax, emphasis=args.emphasis,
         controlnets=controlnet_args(args.controlnet, args.control_image, _each(args.control_scale, 1.0),
                                     _each(args.control_start, 0.0), _each(args.control_end, 1.0)),
     )  # fmt: skip
@@ -116,6 +130,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sampler", help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm or pndm "
                    "(default: the checkpoint's own scheduler)")  # fmt: skip
     g.add_argument("--seed", type=int, help="seed of torch.Generator('cpu'), as in diffusers (default: random)")
+    g.add_argument("--prompt-syntax", choices=("plain", "webui"), default="plain",
+                   help="plain: the text as diffusers reads it (77 tokens, the rest cut); webui: the web UI's "
+                   "(word:1.3), [word], BREAK and prompts of any length in 75-token chunks")  # fmt: skip
+    g.add_argument("--emphasis", choices=tuple(EMPHASIS_NAMES), default="original",
+                   help="with --prompt-syntax webui, the web UI's emphasis mode (default original: weighted "
+                   "chunks keep their mean; no_norm: they do not; ignore: weights dropped; none: brackets are "
+                   "text)")  # fmt: skip
+    g.add_argument("--clip-skip", type=int, default=0, metavar="N",
+                   help="condition on the text encoder's states N layers before the usual ones, as diffusers' "
+                   "clip_skip (the web UI's 'Clip skip' N+1; with --prompt-syntax webui the negative too)")  # fmt: skip
+    g.add_argument("--eta", type=float, help="DDIM's eta in [0, 1] (default 0: deterministic)")
+    g.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="diffusers' guidance_rescale in [0, 1], for zero-SNR / v-prediction models (default 0)",
+    )
     g.add_argument("--height", type=int, help="px (default: the model's native size, or the init image's)")
     g.add_argument("--width", type=int, help="px (default: the model's native size, or the init image's)")
     g.add_argument("--batch", type=int, default=1, help="images for the prompt (default 1)")

@@ -55,4 +55,7 @@ class Params:
     prompt_syntax: str = "plain"  # "webui": the web UI's (x:1.2), BREAK and 75-token chunks (runtime/prompts.py)
     emphasis: str = "original"  # with "webui": the web UI's "Original" emphasis, or "no_norm", "ignore", "none"
     clip_skip: int = 0  # diffusers' clip_skip: condition on the states this many layers before the usual one
+    eta: float | None = None  # DDIM's eta (default 0); Euler ancestral's is 1; the other samplers have none
+    webui_clip_skip: int | None = None  # the web UI's "Clip skip" setting, as it reads it (1: none; SD 1.x only)
+    guidance_rescale: float = 0.0  # diffusers' rescale of the guided prediction (zero-SNR / v-prediction models)
     pad_chunks: bool = False  # with "webui": pad the shorter of prompt and negative with empty chunks (pad_cond_uncond)

@@ -124,6 +124,8 @@ class Pipeline:
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
         clip_skip: int = 0,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
         prompt_syntax: str = "plain",
         emphasis: str = "original",
         progress: bool = False,
@@ -133,13 +135,15 @@ class Pipeline:
         with `sdrt lora add`; ``controlnet`` (a name given at `sdrt export --controlnet`, or a list of names: their
         residuals add up, as diffusers' MultiControlNetModel) with ``control_image`` (one per ControlNet) as
         diffusers' ControlNet pipelines take it; ``clip_skip`` as diffusers' (the prompt's states only; with the
-        web-UI syntax the negative's too, as the web UI skips both). Arguments named as diffusers names
+        web-UI syntax the negative's too, as the web UI skips both), ``eta`` (DDIM) and ``guidance_rescale`` as
+        diffusers'. Arguments named as diffusers names
         them. ``prompt_syntax="webui"`` reads the prompts as the web UI does (``(word:1.3)``, ``BREAK``, prompts
         longer than 75 tokens in chunks; runtime/prompts.py), with its ``emphasis`` mode."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
-            strength=strength, mask=mask_image, loras=loras, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+            strength=strength, mask=mask_image, loras=loras, clip_skip=clip_skip, eta=eta,
+            guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax,
             emphasis=emphasis, controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
                                         control_guidance_start, control_guidance_end),
         )  # fmt: skip
@@ -198,10 +202,14 @@ class Pipeline:
             raise SdrtError(f"the prompt has {texts.chunks[0]} chunks of 75 tokens and the negative prompt "
                             f"{texts.chunks[1]}: with a ControlNet they must have as many (add or remove a BREAK, "
                             "or pad them: pad_chunks / pad_cond_uncond)", field="negative_prompt")  # fmt: skip
+        rescale = p.guidance_rescale
+        if not isinstance(rescale, (int, float)) or isinstance(rescale, bool) or not 0 <= rescale <= 1:
+            raise SdrtError(f"guidance_rescale must be a number in [0, 1], got {rescale!r}", field="guidance_rescale")
+        eta = self._eta(p.eta, sampler)
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
-                      float(strength), init, mask_img, loras, controls, self._clip_skip(p),
-                      texts)  # fmt: skip
-        self.plan(req.sampler, req.steps, req.strength)  # a step count the schedule cannot honour: ScheduleError
+                      float(strength), init, mask_img, loras, controls, self._clip_skip(p), texts,
+                      eta, float(rescale))  # fmt: skip
+        self.plan(req.sampler, req.steps, req.strength, req.eta)  # what the schedule cannot honour: ScheduleError
         return req
 
     def _texts(self, p: Params, prompts: tuple[str, ...], negatives: tuple, cfg: bool) -> Texts:
@@ -240,21 +248,51 @@ class Pipeline:
                 raise SdrtError(f"the {field.replace('_', ' ')} is {max(counts)} chunks of 75 tokens; this engine "
                                 f"takes at most {most}: shorten it, or re-export with --max-prompt-chunks "
                                 f"{max(counts)}", field=field)  # fmt: skip
-        return Texts(sides[0], sides[1], renorm=p.emphasis == "original")
+        return Texts(sides[0], sides[1], p.prompt_syntax, p.emphasis)
+
+    @staticmethod
+    def _eta(eta: float | None, sampler: str) -> float:
+        """DDIM's eta (default 0); Euler ancestral takes only its own, 1; the other samplers have none."""
+        if eta is None:
+            return 0.0
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
+            raise SdrtError(f"eta must be a number in [0, 1], got {eta!r}", field="eta")
+        if sampler == "euler_a" and eta != 1:
+            raise SdrtError(f"eta {eta:g} with euler_a: its ancestral noise is eta 1 (diffusers' Euler ancestral); "
+                            "use eta 1, or ddim with eta", field="eta")  # fmt: skip
+        return float(eta) if sampler == "ddim" else 0.0
 
     def _clip_skip(self, p: Params) -> tuple[int, int]:
-        """(the prompt's, the negative's) clip skip: diffusers skips layers of the prompt only, the web UI both."""
+        """(the prompt's, the negative's) clip skip: diffusers skips layers of the prompt only, the web UI both.
+        The web UI's own setting (``webui_clip_skip``, its CLIP_stop_at_last_layers) acts on SD 1.x's CLIP text
+        encoder only: its OpenCLIP encoders (SD 2.x) and SDXL's ignore it. sdrt tells them apart as the web UI's
+        tokenizers do: OpenCLIP's pads with 0, CLIP's with its end token."""
         skip = p.clip_skip
         if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
             raise SdrtError(f"clip_skip must be a whole number >= 0, got {skip!r}", field="clip_skip")
+        if p.webui_clip_skip is not None:
+            n = p.webui_clip_skip
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise SdrtError(f"CLIP_stop_at_last_layers must be a whole number >= 1, got {n!r}",
+                                field="webui_clip_skip")  # fmt: skip
+            _, eos, pad = self.tokenizers[0].special
+            if self.manifest["family"] != "sd" or pad != eos:
+                n = 1  # the web UI ignores it for this text encoder
+            if skip and n > 1:
+                raise SdrtError("give clip_skip or the web UI's clip skip setting, not both", field="clip_skip")
+            skip = max(skip, n - 1)
         graphs = [self.manifest["graphs"][g] for g in self.text_encoders]
         if skip and not all("clip_skip" in g["inputs"] for g in graphs):
             raise SdrtError(f"{self.root} was exported before clip skip existed; re-export it to use clip_skip",
                             field="clip_skip")  # fmt: skip
         most = min((g.get("clip_skips", 1) for g in graphs), default=1) - 1
+        if skip > most and p.webui_clip_skip is not None:
+            raise SdrtError(f"CLIP_stop_at_last_layers {p.webui_clip_skip} is past this text encoder's layers; use 1 "
+                            f"to {most + 1}", field="webui_clip_skip")  # fmt: skip
         if skip > most:
             raise SdrtError(f"clip_skip {skip} is past this text encoder's layers; use 0 to {most}", field="clip_skip")
-        return skip, (skip if p.prompt_syntax == "webui" else 0)
+        both = p.prompt_syntax == "webui" or p.webui_clip_skip is not None
+        return skip, (skip if both else 0)
 
     def _images(self, image, mask) -> tuple[Image.Image | None, Image.Image | None]:
         if mask is not None and image is None:
@@ -264,11 +302,11 @@ class Pipeline:
                             field="image" if image is None else "mask")  # fmt: skip
         return (open_image(image) if image is not None else None), (open_image(mask, "mask") if mask else None)
 
-    def plan(self, sampler: str, steps: int, strength: float) -> Plan:
-        """The host-side sampler plan, computed once per (sampler, steps, strength)."""
-        key = (sampler, steps, strength)
+    def plan(self, sampler: str, steps: int, strength: float, eta: float = 0.0) -> Plan:
+        """The host-side sampler plan, computed once per (sampler, steps, strength, eta)."""
+        key = (sampler, steps, strength, eta)
         if key not in self._plans:
-            self._plans[key] = make_plan(sampler, self.schedule, steps, strength)
+            self._plans[key] = make_plan(sampler, self.schedule, steps, strength, eta)
         return self._plans[key]
 
     def default_size(self) -> tuple[int, int]:
@@ -311,7 +349,7 @@ class Pipeline:
         key = layout.join_key
         with self.lock:
             t0 = time.perf_counter()
-            plan = self.plan(key.sampler, key.steps, key.strength)
+            plan = self.plan(key.sampler, key.steps, key.strength, key.eta)
             self.adapters.apply(self.backend, key.loras)  # W0 + the request's adapters, from the base every time
             latent = (self.latent_channels, self.geometry.vae_scale_factor)
             host = host_inputs(reqs, plan, latent, self._encodes_init(key), self.zero_negatives)
@@ -351,7 +389,8 @@ class Pipeline:
                     extra = torch.cat([extra, extra]) if key.cfg else extra
         with stage("denoise_ms"):
             residuals = key.controlnets and Residuals(self.backend, key.controlnets, key.cfg, buf)
-            denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals)
+            rescale = buf["guidance_rescale"] if key.rescale else None
+            denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals, rescale)
             latents = sample(plan, denoise, x, buf["noise"], after)
         with stage("vae_decoder_ms"):
             images = self.backend.run(
@@ -412,7 +451,7 @@ class Pipeline:
         return [states, pooled] if self.pooled else [states]
 
     def _denoiser(self, cfg: bool, plan: Plan, cond: list[dict[str, torch.Tensor]], guidance: torch.Tensor, extra,
-                  progress, residuals=None):  # fmt: skip
+                  progress, residuals=None, rescale: torch.Tensor | None = None):  # fmt: skip
         """The one denoiser contract: sigma-space x at call i -> x0, with guidance and the prediction type inside.
         ``cond``: the conditioning feeds of each U-Net call of a step (`_conditioning`): one call over every row,
         or (prompt and negative of different lengths) the negative's, then the prompt's."""
@@ -438,6 +477,8 @@ class Pipeline:
             if cfg:
                 uncond, text = out.chunk(2)
                 out = uncond + guidance * (text - uncond)
+                if rescale is not None:
+                    out = rescaled(out, text, rescale)
             if progress is not None:
                 progress.step()
             return to_x0(x, out, plan.sigmas[i], prediction)
@@ -445,10 +486,22 @@ class Pipeline:
         return denoise
 
 
+def rescaled(guided: torch.Tensor, text: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """diffusers' rescale_noise_cfg (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", sec. 3.4): the guided prediction [B, C, h, w] scaled to the text prediction's std per row, mixed with
+    the plain guided one by ``factor`` [B] (0: unchanged)."""
+    dims = list(range(1, guided.dim()))
+    std_ratio = text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    f = factor.view(-1, *[1] * (guided.dim() - 1))
+    return f * (guided * std_ratio) + (1 - f) * guided
+
+
 def emphasised(z: torch.Tensor, weights: torch.Tensor, renorm: torch.Tensor) -> torch.Tensor:
     """The web UI's emphasis on one chunk's states z [P, 77, D]: each token's states times its weight [P, 77];
     where renorm [P] is 1 ("Original"), the result rescaled to the mean z had before (all weights 1: z unchanged)."""
     before = z.mean(dim=(1, 2))
     z = z * weights.to(z.dtype)[..., None]
-    ratio = torch.where(renorm > 0, before / z.mean(dim=(1, 2)), torch.ones_like(before))
+    after = z.mean(dim=(1, 2))
+    # a mean of exactly 0 (states normalised without a bias) is left as it is rather than made 0 / 0
+    ratio = torch.where((renorm > 0) & (after != 0), before / torch.where(after != 0, after, 1), 1.0)
     return z * ratio.view(-1, 1, 1)

@@ -39,6 +39,8 @@ class JoinKey(NamedTuple):
     controlnets: tuple[str, ...] = ()  # the ControlNet graphs the body runs (their scales and images are data)
     chunks: tuple[int, int] = (1, 1)  # 77-token chunks of the prompts and of the negatives (the text axis)
     clip_skip: tuple[int, int] = (0, 0)  # of the prompts and of the negatives
+    eta: float = 0.0  # DDIM's eta (the plan's coefficients and noise draws)
+    rescale: bool = False  # guidance_rescale > 0 somewhere in the batch (its value per request is data)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,12 @@ class Texts:
 
     prompts: tuple[tuple[Chunks, ...], ...]
     negatives: tuple[tuple[Chunks, ...], ...]
-    renorm: bool = True  # the web UI's "Original" emphasis: each weighted chunk rescaled to its mean
+    syntax: str = "plain"  # how the texts were read (runtime/prompts.py)
+    emphasis: str = "original"  # the web UI's emphasis mode ("original": each weighted chunk rescaled to its mean)
+
+    @property
+    def renorm(self) -> bool:
+        return self.emphasis == "original"
 
     @property
     def chunks(self) -> tuple[int, int]:
@@ -74,6 +81,8 @@ class Request:
     control: tuple[Control, ...] = ()  # ControlNets: name, control image at (width, height), scale, start, end
     clip_skip: tuple[int, int] = (0, 0)  # of the prompts and of the negatives (diffusers skips the prompt's only)
     texts: Texts | None = field(default=None, compare=False)  # tokenized by `Pipeline.request`
+    eta: float = 0.0  # DDIM: diffusers' eta (0: deterministic)
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, sec. 3.4)
 
     @property
     def batch(self) -> int:
@@ -90,7 +99,7 @@ class Request:
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
                        self.image is not None, self.mask is not None, self.loras,
                        tuple(c.name for c in self.control), chunks if self.cfg else (chunks[0], 0),
-                       self.clip_skip)  # fmt: skip
+                       self.clip_skip, self.eta, self.cfg and self.guidance_rescale > 0)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,7 @@ def host_inputs(
         torch.tensor([r.images_per_prompt for r in reqs for _ in r.prompts])
     )
     host["guidance"] = torch.tensor([r.guidance for r in reqs for _ in range(r.batch)], dtype=torch.float32)
+    host["guidance_rescale"] = torch.tensor([r.guidance_rescale for r in reqs for _ in range(r.batch)])
     sizes = [[r.height, r.width, 0, 0, r.height, r.width] for r in reqs for _ in range(r.batch)]
     host["time_ids"] = torch.tensor(sizes, dtype=torch.float32)  # SDXL: original size, crop top-left, target size
     draws: dict[str, list[torch.Tensor]] = {"posterior_noise": [], "noise0": [], "masked_noise": [], "noise": []}

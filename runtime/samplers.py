@@ -108,20 +108,24 @@ def inpaint_blend(plan: Plan, init_latents: torch.Tensor, noise0: torch.Tensor, 
 
 # ---------------------------------------------------------------------------------------------------- samplers
 def sample_ddim(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
-    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 with eta = 0), in sigma space.
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12), in sigma space.
 
-    x_{t-1} = x0 + sigma_{t-1} * eps, with eps from the unclipped x0 as diffusers has it. diffusers steps to
+    x_{t-1} = x0 + dir_{t-1} * eps + std_{t-1} * z, with eps from the unclipped x0 as diffusers has it; with eta = 0
+    dir is sigma_{t-1} and there is no noise, with eta > 0 (`plan.noise_draws` > 0) the step draws fresh noise z of
+    std eta * sigma_t(eta = 1) (eq. 16) and takes that variance from the direction. diffusers steps to
     t - T // steps, which is the next call's timestep except with "linspace" or uneven "trailing" spacing; `rescale`
     (1 otherwise) then re-reads the state at the next call's timestep, exactly as diffusers' next step does.
     """
-    sigmas, sigma_to, rescale = plan.sigmas, plan.coef["sigma_to"], plan.coef["rescale"]
+    sigmas, direction, rescale = plan.sigmas, plan.coef["sigma_to"], plan.coef["rescale"]
     for i in range(len(plan.timesteps)):
         x0 = denoise(x, i)
         eps = (x - x0) / sigmas[i]
         if plan.clip is not None:
             x0 = x0.clamp(-plan.clip, plan.clip)
-        x = (x0 + sigma_to[i] * eps) * rescale[i]
-        x = after(x, i)
+        x = x0 + direction[i] * eps
+        if plan.noise_draws:
+            x = x + plan.coef["std"][i] * noise[i]
+        x = after(x * rescale[i], i)
     return x
 
 
@@ -226,8 +230,10 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 # ---------------------------------------------------------------------------------------------------- plans
-def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0) -> Plan:
-    """The host-side plan for `steps` steps (img2img: `strength` < 1, as StableDiffusionImg2ImgPipeline cuts it)."""
+def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0, eta: float = 0.0) -> Plan:
+    """The host-side plan for `steps` steps (img2img: `strength` < 1, as StableDiffusionImg2ImgPipeline cuts it);
+    ``eta``: DDIM's (diffusers' ``eta``: 0 is deterministic DDIM, 1 the DDPM variance); other samplers ignore it, as
+    diffusers' pipelines do."""
     if sampler not in SAMPLERS:
         raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}", field="sampler")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -246,6 +252,10 @@ def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float
             field="strength",
         )
     start = steps - init_timestep  # diffusers' t_start * scheduler.order; every scheduler mirrored has order 1
+    if sampler == "ddim":
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
+            raise ScheduleError(f"eta must be a number in [0, 1], got {eta!r}", field="eta")
+        return _plan_ddim(sampler, cfg, schedule.alphas_cumprod, steps, start, float(eta))
     return _PLANNERS[sampler](sampler, cfg, schedule.alphas_cumprod, steps, start)
 
 
@@ -283,15 +293,20 @@ def _clip(cfg: dict) -> float | None:
     return float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
 
 
-def _plan_ddim(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
-    """DDIMScheduler: steps from t to t - T // steps (the final alpha past the end)."""
+def _plan_ddim(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int, eta: float = 0.0) -> Plan:
+    """DDIMScheduler: steps from t to t - T // steps (the final alpha past the end); with eta, the variance of
+    diffusers' `_get_variance`, std = eta * sqrt((1 - a_to) / (1 - a) * (1 - a / a_to)), in sigma space / sqrt(a_to)."""
     timesteps = sch.spaced_timesteps(cfg, steps).round().astype(np.int64)[start:]
     stride, final = cfg["num_train_timesteps"] // steps, 1.0 if cfg["set_alpha_to_one"] else float(ac[0])
     alphas = [sch.alpha_at(ac, final, t) for t in timesteps]
     alphas_to = [sch.alpha_at(ac, final, t - stride) for t in timesteps]
     rescale = [math.sqrt(a / b) for a, b in zip(alphas_to, [*alphas[1:], alphas_to[-1]], strict=True)]
-    coef = {"sigma_to": _f32([sch.sigma_of(a) for a in alphas_to]), "rescale": _f32(rescale)}
-    return _alpha_plan(sampler, timesteps, alphas, alphas_to[-1], noise_draws=0, clip=_clip(cfg), coef=coef)
+    std = [eta * math.sqrt((1 - b) / (1 - a) * (1 - a / b)) for a, b in zip(alphas, alphas_to, strict=True)]
+    direction = [math.sqrt(max(1 - b - s * s, 0.0) / b) for b, s in zip(alphas_to, std, strict=True)]
+    coef = {"sigma_to": _f32(direction if eta else [sch.sigma_of(a) for a in alphas_to]), "rescale": _f32(rescale),
+            "std": _f32([s / math.sqrt(b) for s, b in zip(std, alphas_to, strict=True)])}  # fmt: skip
+    draws = len(timesteps) if eta else 0
+    return _alpha_plan(sampler, timesteps, alphas, alphas_to[-1], noise_draws=draws, clip=_clip(cfg), coef=coef)
 
 
 def _plan_lcm(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:

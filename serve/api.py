@@ -43,6 +43,7 @@ from sdrt.serve.control import (
     webui_units,
 )
 from sdrt.serve.inputs import bad_request, decode_image
+from sdrt.serve.webui import check_fields, sampling_options
 
 # web-UI sampler names (and the k-diffusion aliases older clients send) -> sdrt samplers
 WEBUI_SAMPLERS = {
@@ -56,10 +57,12 @@ WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m
 # `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it; the web UI's adapters are
 # tags in its prompt; a ControlNet's own fields (controlnets.K.name, ...) are added per request (`control`)
 V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
-                                     "sampler", "image", "strength", "mask", "loras", "controlnets")}  # fmt: skip
+                                     "sampler", "image", "strength", "mask", "loras", "controlnets", "clip_skip",
+                                     "eta", "guidance_rescale", "prompt_syntax", "emphasis")}  # fmt: skip
 SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
                 "image": "init_images", "strength": "denoising_strength", "loras": "prompt",
-                "controlnets": "alwayson_scripts"}  # fmt: skip
+                "controlnets": "alwayson_scripts", "emphasis": "override_settings.emphasis",
+                "webui_clip_skip": "override_settings.CLIP_stop_at_last_layers"}  # fmt: skip
 
 # the web UI's extra-network tags, <KIND:ARG:ARG...> (its modules/extra_networks.py, re_extra_net); its Lora
 # extension answers to "lora" and to the alias "lyco"
@@ -91,9 +94,14 @@ class ImagesRequest(BaseModel):
     loras: dict[str, Any] | None = Field(None, description="{adapter added with `sdrt lora add`: scale}; they add up")
     controlnets: list[ControlNetSpec] | None = Field(None, description="ControlNets exported with `sdrt export "
                                                      "--controlnet`; their residuals add up")  # fmt: skip
+    clip_skip: int = Field(0, description="diffusers' clip_skip: the prompt's states this many layers earlier")
+    eta: float | None = Field(None, description="DDIM's eta in [0, 1] (default 0)")
+    guidance_rescale: float = Field(0.0, description="diffusers' guidance_rescale in [0, 1]")
+    prompt_syntax: str = Field("plain", description="plain (diffusers') or webui: (word:1.3), BREAK, long prompts")
+    emphasis: str = Field("original", description="with webui: original, no_norm, ignore or none")
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
-    def calls(self, max_pixels: int) -> list[Params]:
+    def calls(self, max_pixels: int, model: str = "") -> list[Params]:
         image = decode_image(self.image, "image", max_pixels) if self.image is not None else None
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         sampler = sampler_name(self.sampler, None, "sampler")
@@ -101,7 +109,9 @@ class ImagesRequest(BaseModel):
         return [
             Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                    height=self.height, width=self.width, n=self.n, seed=self.seed, sampler=sampler, image=image,
-                   strength=self.strength, mask=mask, loras=self.loras, controlnets=controlnets)
+                   strength=self.strength, mask=mask, loras=self.loras, controlnets=controlnets,
+                   clip_skip=self.clip_skip, eta=self.eta, guidance_rescale=self.guidance_rescale,
+                   prompt_syntax=self.prompt_syntax, emphasis=self.emphasis)
         ]  # fmt: skip
 
     def fields(self) -> dict[str, str]:
@@ -110,12 +120,13 @@ class ImagesRequest(BaseModel):
 
 
 class Txt2ImgRequest(BaseModel):
-    """``POST /sdapi/v1/txt2img``, the web-UI body. Fields sdrt has no use for (``restore_faces``,
-    ``override_settings``, ``send_images``, ...) are accepted and ignored; ``enable_hr`` (hires fix), which
-    would change the picture in a way sdrt cannot honour, is refused. Of ``alwayson_scripts``, the ControlNet
+    """``POST /sdapi/v1/txt2img``, the web-UI body. Prompts are read with the web UI's syntax (emphasis, BREAK,
+    75-token chunks); ``eta`` and ``override_settings`` as the web UI reads them (`sdrt.serve.webui`). Fields that
+    would change the picture in a way sdrt cannot honour (``enable_hr``, ``restore_faces``, ``styles``, ...) are
+    refused; those that do not (``send_images``, ...) are ignored. Of ``alwayson_scripts``, the ControlNet
     extension's units are read (`sdrt.serve.control`); the other scripts are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # every field the client sent, to check it (`check_fields`)
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = 50
@@ -129,16 +140,20 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     enable_hr: bool = False
+    eta: float | None = None
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    disable_extra_networks: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     _units: list[Unit] = PrivateAttr(default_factory=list)  # the enabled ControlNet units, once `calls` read them
 
-    def calls(self, max_pixels: int) -> list[Params]:
-        return self._calls(max_pixels, [None])
+    def calls(self, max_pixels: int, model: str = "") -> list[Params]:
+        return self._calls(max_pixels, model, [None])
 
-    def _calls(self, max_pixels: int, images: list[Image.Image | None], strength: float | None = None,
+    def _calls(self, max_pixels: int, model: str, images: list[Image.Image | None], strength: float | None = None,
                mask=None) -> list[Params]:  # fmt: skip
         if self.enable_hr:
             raise bad_request("enable_hr", "enable_hr (hires fix) is not supported; send enable_hr false")
+        check_fields(self.model_dump())
         for name in ("batch_size", "n_iter"):
             if getattr(self, name) < 1:
                 raise bad_request(name, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -147,6 +162,8 @@ class Txt2ImgRequest(BaseModel):
             raise bad_request("seed", f"seed must be -1 (random) or in [0, 2^64), got {self.seed}")
         seed = secrets.randbits(32) if self.seed == -1 else self.seed
         prompt, loras = prompt_loras(self.prompt)  # the negative prompt is text, as in the web UI
+        loras = {} if self.disable_extra_networks else loras  # the tags are removed either way, as there
+        options = sampling_options(self.override_settings, self.eta, sampler, model)
         count = self.batch_size * self.n_iter  # image i has seed + i, as in the web UI
         self._units = webui_units(self.alwayson_scripts, max_pixels)
         controlnets = tuple(u.arg for u in self._units)
@@ -155,7 +172,7 @@ class Txt2ImgRequest(BaseModel):
             Params(prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
                    height=sizes[i % len(images)][1], width=sizes[i % len(images)][0], n=1, seed=(seed + i) % 2**64,
                    sampler=sampler, image=images[i % len(images)], strength=strength, mask=mask,
-                   loras=loras or None, controlnets=controlnets)
+                   loras=loras or None, controlnets=controlnets, **options)
             for i in range(count)
         ]  # fmt: skip
 
@@ -177,12 +194,12 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: str | None = None
     inpainting_mask_invert: int = 0
 
-    def calls(self, max_pixels: int) -> list[Params]:
+    def calls(self, max_pixels: int, model: str = "") -> list[Params]:
         images = [decode_image(s, f"init_images.{i}", max_pixels) for i, s in enumerate(self.init_images)]
         mask = decode_image(self.mask, "mask", max_pixels) if self.mask is not None else None
         if mask is not None and self.inpainting_mask_invert:
             mask = ImageOps.invert(mask.convert("L"))
-        return self._calls(max_pixels, images, self.denoising_strength, mask)
+        return self._calls(max_pixels, model, images, self.denoising_strength, mask)
 
     def echo(self) -> dict[str, Any]:
         return {**super().echo(), "init_images": None, "mask": None}  # as the web UI: no images echoed

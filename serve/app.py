@@ -128,7 +128,7 @@ class _Generation:
         client that leaves or a deadline that passes meanwhile drops the request before it reaches the engine."""
         deadline = time.monotonic() + timeout_s
         try:
-            calls: list[Params] = await asyncio.to_thread(body.calls, self.max_pixels)
+            calls: list[Params] = await asyncio.to_thread(body.calls, self.max_pixels, self.engine.model)
         except asyncio.CancelledError:
             self.metrics.dropped.labels("cancelled", "preparing").inc()
             raise

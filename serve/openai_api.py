@@ -91,7 +91,7 @@ class GenerationsRequest(BaseModel):
     sampler: str | None = Field(None, description="an sdrt sampler name, or its web-UI name")
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
-    def calls(self, max_pixels: int) -> list[Params]:
+    def calls(self, max_pixels: int, model: str = "") -> list[Params]:
         self._check_form()
         height, width = image_size(self.size)
         sampler = sampler_name(self.sampler, None, "sampler")

@@ -179,7 +179,7 @@ def test_webuiapi_img2img_and_inpainting_batch(webui, pipe):
     init = noise_image(0)
     r = webui.img2img(images=[init], prompt="a red fox", seed=7, denoising_strength=0.5, cfg_scale=7.5,
                       sampler_name="DDIM", steps=4, width=64, height=64)  # fmt: skip
-    ref = alone(pipe, request(7, steps=4, sampler="ddim", strength=0.5), image=init)[0]
+    ref = alone(pipe, request(7, steps=4, sampler="ddim", strength=0.5, eta=1.0), image=init)[0]  # webuiapi's eta
     assert np.array_equal(np.asarray(r.image), ref) and r.info["denoising_strength"] == 0.5
     mask = Image.fromarray(np.where(np.arange(64)[:, None] < 32, 255, 0).astype(np.uint8).repeat(64, 1))
     r = webui.img2img(images=[init], mask_image=mask, prompt="a red fox", seed=9, batch_size=2,
@@ -198,3 +198,77 @@ def test_webuiapi_refusals_and_samplers(webui):
         webui.txt2img(prompt="a red fox", sampler_name="Heun", width=64, height=64)
     assert err.value.args[0] == 400 and '"field":"sampler_name"' in err.value.args[1]
     assert {"Euler a", "Euler", "DDIM", "DPM++ 2M"} <= {s["name"] for s in webui.get_samplers()}
+
+
+# -- what web-UI clients send: prompts in its syntax, its settings ------------------------------------------------
+
+
+def test_webuiapi_prompts_and_settings_mean_what_they_mean_in_the_web_ui(webui, pipe):
+    """Emphasis and BREAK in the prompt, a long negative, clip skip 2 and "No norm" emphasis in override_settings,
+    and the DDIM eta webuiapi sends: the pipeline's picture for the web-UI reading of the same request
+    (test_prompts holds that reading against float64 states and diffusers)."""
+    prompt, negative = "a (red:1.4) fox [sitting] BREAK in the snow", "(blurry:1.2) " * 20
+    r = webui.txt2img(prompt=prompt, negative_prompt=negative, seed=11, cfg_scale=7.0, width=64, height=64,
+                      override_settings={"CLIP_stop_at_last_layers": 2, "emphasis": "No norm"})  # fmt: skip
+    ref = alone(pipe, request(11, prompt=prompt, negative_prompt=negative, guidance=7.0, prompt_syntax="webui",
+                              webui_clip_skip=2, emphasis="no_norm"))[0]  # fmt: skip
+    assert np.array_equal(np.asarray(r.image), ref)
+    plain = alone(pipe, request(11, prompt=prompt, negative_prompt=negative, guidance=7.0))[0]
+    assert np.abs(plain.astype(int) - ref).mean() > 1  # the reading changes the picture
+    r = webui.txt2img(prompt="a red fox", seed=12, sampler_name="DDIM", width=64, height=64, eta=0.5,
+                      override_settings={"pad_cond_uncond": True})  # fmt: skip
+    assert np.array_equal(np.asarray(r.image), alone(pipe, request(12, sampler="ddim", eta=0.5, guidance=7.0,
+                          prompt_syntax="webui", pad_chunks=True))[0])  # fmt: skip
+
+
+def _refused(server, body: dict) -> dict:
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "a red fox", "steps": STEPS, "width": 64,
+                                                           "height": 64, **body}, timeout=60)  # fmt: skip
+    assert r.status_code == 400, r.text
+    return r.json()
+
+
+def _changed(value):
+    """A value other than ``value`` of its kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 0.5 if value not in (0, 1) else value + 2
+    if isinstance(value, list):
+        return ["a style"]
+    return "something else"
+
+
+def test_every_field_and_setting_that_would_change_the_picture_is_refused_naming_it(server):
+    from sdrt.serve.webui import AT_DEFAULT, FIELDS_AT_DEFAULT
+
+    for name, allowed in FIELDS_AT_DEFAULT.items():
+        err = _refused(server, {name: _changed(next(a for a in allowed if a is not None))})
+        assert err["field"] == name, (name, err)
+    for key, allowed in AT_DEFAULT.items():
+        err = _refused(server, {"override_settings": {key: _changed(next(a for a in allowed if a is not None))}})
+        assert err["field"] == f"override_settings.{key}", (key, err)
+    for body, field in (
+        ({"prompt": "a [fox:cat:2]"}, "prompt"), ({"negative_prompt": "a AND b"}, "negative_prompt"),
+        ({"prompt": "a (fox:1.2.3)"}, "prompt"), ({"prompt": " BREAK ".join(["fox"] * 4)}, "prompt"),
+        ({"override_settings": {"randn_source": "GPU"}}, "override_settings.randn_source"),
+        ({"override_settings": {"sd_model_checkpoint": "other.ckpt"}}, "override_settings.sd_model_checkpoint"),
+        ({"override_settings": {"emphasis": "Loud"}}, "override_settings.emphasis"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, "override_settings.CLIP_stop_at_last_layers"),
+        ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
+        ({"sampler_name": "Euler a", "override_settings": {"eta_ancestral": 0.5}}, "override_settings.eta_ancestral"),
+    ):  # fmt: skip
+        err = _refused(server, body)
+        assert err["field"] == field and "\n" not in err["detail"], (body, err)
+
+
+def test_settings_that_do_not_change_the_picture_are_ignored(server, pipe):
+    """The web UI's saving, preview and speed options, the model served by name, extra networks disabled."""
+    body = {"prompt": "a red fox <lora:none_such:1>", "steps": STEPS, "width": 64, "height": 64, "seed": 21,
+            "sampler_name": "Euler", "cfg_scale": 7.5, "disable_extra_networks": True, "save_images": True,
+            "override_settings": {"samples_save": False, "cross_attention_optimization": "Doggettx",
+                                  "sd_model_checkpoint": pipe.model_name + ".safetensors [0123abcd]",
+                                  "randn_source": "CPU", "CLIP_stop_at_last_layers": 1}}  # fmt: skip
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert np.array_equal(decoded(r.json()["images"][0]), alone(pipe, request(21, guidance=7.5))[0])

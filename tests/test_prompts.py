@@ -264,3 +264,21 @@ def test_clip_skip_matches_diffusers(kind, exports, folders):
     ref = (out.images * 255).round().astype(np.uint8)
     check(ours, ref)
     assert np.abs(without.astype(int) - ours).mean() > 1
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_eta_and_guidance_rescale_match_diffusers(kind, exports, folders):
+    """DDIM with eta (its noise drawn after each step's model call, from the seed's generator, as diffusers draws
+    it) and guidance_rescale (SD 2.x: v-prediction), against diffusers' own pipeline."""
+    from tests.test_pipeline import sdrt_images
+
+    kw = dict(prompt="a watercolor fox", negative_prompt="blurry", num_inference_steps=5, height=64, width=64,
+              guidance_scale=7.0, eta=0.7, guidance_rescale=0.6)  # fmt: skip
+    with Pipeline.load(exports.get(kind, "fp32"), backend="onnxruntime", device="cpu") as pipe:
+        ours = sdrt_images(pipe, **kw, seed=6, sampler="ddim")
+        plain = sdrt_images(pipe, **dict(kw, eta=0.0, guidance_rescale=0.0), seed=6, sampler="ddim")
+        with pytest.raises(SdrtError) as err:
+            pipe(**dict(kw, eta=1.5), seed=6, sampler="ddim")
+        assert err.value.field == "eta"
+    check(ours, diffusers_images(folders[kind], "ddim", seed=6, **kw))
+    assert np.abs(plain.astype(int) - ours).mean() > 1

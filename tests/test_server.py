@@ -106,8 +106,12 @@ def alone(pipe: Pipeline, b: dict, image=None, mask=None) -> np.ndarray:
     req = pipe.request(Params(prompt=b["prompt"], negative_prompt=b.get("negative_prompt"), steps=b["steps"],
                               guidance=b.get("guidance", DEFAULT_GUIDANCE), height=b["height"], width=b["width"],
                               n=b.get("n", 1), seed=b["seed"], sampler=b["sampler"], image=image,
-                              strength=b.get("strength"), mask=mask))  # fmt: skip
+                              strength=b.get("strength"), mask=mask,
+                              **{k: b[k] for k in OPTIONS if k in b}))  # fmt: skip
     return pipe.generate(req).numpy()
+
+
+OPTIONS = ("eta", "clip_skip", "webui_clip_skip", "prompt_syntax", "emphasis", "pad_chunks", "guidance_rescale")
 
 
 def png_b64(img: Image.Image) -> str:
