@@ -52,6 +52,23 @@ def test_graph_replay_equals_step_by_step(engine, sampler, record_property):
     assert psnr(a, b) >= 50.0
 
 
+WEBUI = [  # what a captured graph must hold: chunks per side, two U-Net calls a step, DDIM's noise, the rescale
+    dict(prompt="a (red:1.4) fox BREAK in the snow", negative_prompt="(blurry:1.2) " * 20, prompt_syntax="webui"),
+    dict(prompt="a (red:1.4) fox BREAK in the snow", negative_prompt="blurry", prompt_syntax="webui", clip_skip=1),
+    dict(prompt=PROMPT, negative_prompt="blurry", sampler="ddim", eta=0.8, guidance_rescale=0.5),
+]
+
+
+@pytest.mark.parametrize("case", range(len(WEBUI)))
+def test_graph_replay_equals_step_by_step_for_web_ui_prompts_and_eta(engine, case, record_property):
+    kw = {**KW, "sampler": "euler", **WEBUI[case]}
+    graph = Pipeline.load(engine, backend="torch", device="cuda", cuda_graph=True)
+    steps = Pipeline.load(engine, backend="torch", device="cuda", cuda_graph=False)
+    a, a2, b = images(graph, **kw), images(graph, **kw), images(steps, **kw)
+    record_property("graph_vs_steps_psnr_db", psnr(a, b))
+    assert np.array_equal(a, a2) and psnr(a, b) >= 50.0
+
+
 def test_torch_backend_matches_diffusers_fp16_on_the_same_gpu(engine, folders, record_property):
     import diffusers
 
