@@ -7,8 +7,7 @@ import sys
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
-EMPHASIS_NAMES = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
+from sdrt.runtime.prompts import EMPHASIS
 
 
 def png_parameters(req, model: str, index: int) -> str:
@@ -30,7 +29,7 @@ def png_parameters(req, model: str, index: int) -> str:
     if req.texts is not None and req.texts.syntax == "webui":
         fields.append("Prompt syntax: webui")
         if req.texts.emphasis != "original":  # as the web UI names its modes
-            fields.append(f"Emphasis: {EMPHASIS_NAMES[req.texts.emphasis]}")
+            fields.append(f"Emphasis: {EMPHASIS[req.texts.emphasis]}")
     for k, c in enumerate(req.control):  # as the web UI's ControlNet extension writes its units
         fields.append(f'ControlNet {k}: "Model: {c.name}, Weight: {c.scale:g}, Guidance Start: {c.start:g}, '
                       f'Guidance End: {c.end:g}"')  # fmt: skip
@@ -133,7 +132,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt-syntax", choices=("plain", "webui"), default="plain",
                    help="plain: the text as diffusers reads it (77 tokens, the rest cut); webui: the web UI's "
                    "(word:1.3), [word], BREAK and prompts of any length in 75-token chunks")  # fmt: skip
-    g.add_argument("--emphasis", choices=tuple(EMPHASIS_NAMES), default="original",
+    g.add_argument("--emphasis", choices=tuple(EMPHASIS), default="original",
                    help="with --prompt-syntax webui, the web UI's emphasis mode (default original: weighted "
                    "chunks keep their mean; no_norm: they do not; ignore: weights dropped; none: brackets are "
                    "text)")  # fmt: skip

@@ -136,9 +136,9 @@ class Pipeline:
         residuals add up, as diffusers' MultiControlNetModel) with ``control_image`` (one per ControlNet) as
         diffusers' ControlNet pipelines take it; ``clip_skip`` as diffusers' (the prompt's states only; with the
         web-UI syntax the negative's too, as the web UI skips both), ``eta`` (DDIM) and ``guidance_rescale`` as
-        diffusers'. Arguments named as diffusers names
-        them. ``prompt_syntax="webui"`` reads the prompts as the web UI does (``(word:1.3)``, ``BREAK``, prompts
-        longer than 75 tokens in chunks; runtime/prompts.py), with its ``emphasis`` mode."""
+        diffusers'. Arguments named as diffusers names them. ``prompt_syntax="webui"`` reads the prompts as the
+        web UI does (``(word:1.3)``, ``BREAK``, prompts longer than 75 tokens in chunks; runtime/prompts.py), with
+        its ``emphasis`` mode."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
@@ -197,8 +197,9 @@ class Pipeline:
         if controls:
             check_loras_with_controlnet(self.manifest, loras)
         controls = tuple(resized(c, width, height) for c in controls)
-        texts = self._texts(p, prompts, negatives, cfg=p.guidance > 1.0)
-        if controls and texts.chunks[0] != texts.chunks[1] and p.guidance > 1.0:
+        cfg = p.guidance > 1.0  # as Request.cfg
+        texts = self._texts(p, prompts, negatives, cfg)
+        if controls and texts.chunks[0] != texts.chunks[1] and cfg:
             raise SdrtError(f"the prompt has {texts.chunks[0]} chunks of 75 tokens and the negative prompt "
                             f"{texts.chunks[1]}: with a ControlNet they must have as many (add or remove a BREAK, "
                             "or pad them: pad_chunks / pad_cond_uncond)", field="negative_prompt")  # fmt: skip
@@ -460,16 +461,17 @@ class Pipeline:
         timesteps = [plan.timesteps[:, None].expand(-1, f["encoder_hidden_states"].shape[0]).contiguous()
                      for f in cond]  # [n_calls, rows] per U-Net call  # fmt: skip
         graph = "unet_controlnet" if residuals else "unet"
+        # an inpainting U-Net's extra channels for each call: every row's, or each half's (one side a call)
+        extras = [extra] * len(cond) if extra is None or len(cond) == 1 else [extra.chunk(2)[0]] * len(cond)
 
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
             x_in = x * plan.c_in[i]  # diffusers' scale_model_input
             x_in = torch.cat([x_in, x_in]) if cfg and len(cond) == 1 else x_in  # [2B or B, 4, h, w]
             outs = []
-            for part, t in zip(cond, timesteps, strict=True):
+            for part, t, more in zip(cond, timesteps, extras, strict=True):
                 feeds = {"timestep": t[i], **part}
                 if residuals:  # ControlNet: the residuals go to the U-Net graph that takes them
                     feeds.update(residuals(x_in, feeds, i))
-                more = extra if extra is None or len(cond) == 1 else extra[: x.shape[0]]
                 sample_in = torch.cat([x_in, more], dim=1) if more is not None else x_in  # inpainting: 9 channels
                 feeds["sample"] = sample_in.to(sample_dtype)
                 outs.append(self.backend.run(graph, feeds)[0].float())

@@ -25,7 +25,7 @@ import numpy as np
 from sdrt.runtime.errors import SdrtError
 
 SYNTAXES = ("plain", "webui")  # plain: diffusers' (one 77-token chunk, the rest cut); webui: as above
-EMPHASIS = ("original", "no_norm", "ignore", "none")  # the web UI's "Original", "No norm", "Ignore", "None"
+EMPHASIS = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}  # the web UI's names
 CHUNK = 75  # prompt tokens per chunk; with BOS and EOS, the text encoder's 77
 COMMA_BACKTRACK = 20  # the web UI's comma_padding_backtrack default
 

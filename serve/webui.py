@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sdrt.runtime import prompts
 from sdrt.serve.inputs import bad_request
 
 # settings that change the picture, at the values where they do not (the web UI's defaults)
@@ -33,7 +34,7 @@ AT_DEFAULT: dict[str, tuple[Any, ...]] = {
     "extra_networks_default_multiplier": (1,), "sd_vae_encode_method": ("Full",), "sd_vae_decode_method": ("Full",),
     "enable_batch_seeds": (True,),
 }  # fmt: skip
-EMPHASIS = {"Original": "original", "No norm": "no_norm", "Ignore": "ignore", "None": "none"}
+EMPHASIS = {name: mode for mode, name in prompts.EMPHASIS.items()}  # the web UI's name -> sdrt's
 
 # body fields that change the picture, at the values where they do not
 FIELDS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
