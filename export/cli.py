@@ -1,4 +1,5 @@
-"""The build-time stage's commands: `sdrt export`, `verify`, `build`, `lora add|remove`, `controlnet add`, `presets`.
+"""The build-time stage's commands: `sdrt export`, `verify`, `build`, `lora add|remove`, `embedding add|remove|list`,
+`controlnet add`, `presets`.
 
 Only argparse at import: `sdrt --help` and `sdrt presets` work on a runtime-only install, and each command imports
 what it needs when it runs (the export extra for export and verify, the build extra for build).
@@ -115,6 +116,31 @@ def cmd_lora_remove(args: argparse.Namespace) -> int:
 
     remove_lora(args.dir, args.name)
     print(f"{args.dir}: removed LoRA {args.name}")
+    return 0
+
+
+def cmd_embedding_add(args: argparse.Namespace) -> int:
+    from sdrt.runtime.embeddings import add_embedding
+
+    entry = add_embedding(args.dir, args.file, name=args.name, force=args.force)
+    print(f"{args.dir}: added embedding {entry['name']} ({entry['vectors']} vectors); write {entry['name']} in a "
+          "prompt to use it")  # fmt: skip
+    return 0
+
+
+def cmd_embedding_remove(args: argparse.Namespace) -> int:
+    from sdrt.runtime.embeddings import remove_embedding
+
+    remove_embedding(args.dir, args.name)
+    print(f"{args.dir}: removed embedding {args.name}")
+    return 0
+
+
+def cmd_embedding_list(args: argparse.Namespace) -> int:
+    from sdrt.runtime.manifest import read_manifest
+
+    for name, e in sorted(read_manifest(args.dir).get("embeddings", {}).items()):
+        print(f"{name}\t{e['vectors']} vectors\tfrom {e['source']} (sha256 {e['source_sha256'][:12]})")
     return 0
 
 
@@ -287,6 +313,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lr.add_argument("dir", metavar="DIR")
     lr.add_argument("name", metavar="NAME")
     lr.set_defaults(func=cmd_lora_remove)
+
+    em = sub.add_parser("embedding", help="textual-inversion embeddings of an engine directory").add_subparsers(
+        dest="embedding_command", required=True, metavar="ACTION"
+    )
+    ea = em.add_parser(
+        "add",
+        help="import a textual-inversion embedding into DIR",
+        description="Store a textual-inversion embedding (.safetensors: diffusers' or the web UI's layout, emb_params, "
+        "string_to_param, or SDXL's clip_l + clip_g) in DIR. Its name is its trigger: wherever a prompt spells it, "
+        "its vectors replace those tokens, as in the web UI, on every backend, with no new export or build.",
+    )
+    ea.add_argument("dir", metavar="DIR")
+    ea.add_argument("file", metavar="FILE", help="an embedding .safetensors file (pickle files are refused)")
+    ea.add_argument("--name", help="the trigger word (default: the file's name without .safetensors, as the web UI)")
+    ea.add_argument("--force", action="store_true", help="replace an embedding of the same name")
+    ea.set_defaults(func=cmd_embedding_add)
+    er = em.add_parser("remove", help="remove an embedding from DIR")
+    er.add_argument("dir", metavar="DIR")
+    er.add_argument("name", metavar="NAME")
+    er.set_defaults(func=cmd_embedding_remove)
+    el = em.add_parser("list", help="list DIR's embeddings")
+    el.add_argument("dir", metavar="DIR")
+    el.set_defaults(func=cmd_embedding_list)
 
     co = sub.add_parser("controlnet", help="ControlNets of an engine directory").add_subparsers(
         dest="controlnet_command", required=True, metavar="ACTION"

@@ -127,6 +127,7 @@ def export_graph(g: G.Graph, stage: Path, dims: G.Dims, precision: str, p: Progr
         },
         "rows": list(dims.rows(g.name)),
         **({"clip_skips": g.clip_skips} if g.clip_skips else {}),  # text encoders: clip_skip takes 0..this - 1
+        **({"vocab_size": g.vocab_size} if g.vocab_size else {}),  # text encoders: ids from here read `embeddings`
         "verify": report,
     }
 

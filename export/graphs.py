@@ -103,16 +103,31 @@ class Graph:
 
 
 class TextEncoder(torch.nn.Module):
-    """(input_ids [B,77], clip_skip [1]) -> text_embeddings [B,77,D] (+ pooled_embeddings [B,P] for the pooled
-    encoder).
+    """(input_ids [B,77], clip_skip [1], embeddings [B,77,D]) -> text_embeddings [B,77,D] (+ pooled_embeddings [B,P]
+    for the pooled encoder).
 
     ``clip_skip`` is diffusers' (0: none): the states of layer ``-(1 + clip_skip)`` through the final layer norm
     (SD 1.x / 2.x), or of layer ``-(2 + clip_skip)`` without it (SDXL's penultimate states), as diffusers'
-    ``encode_prompt`` selects them. An input, not a constant, so one graph serves every clip skip."""
+    ``encode_prompt`` selects them. An input, not a constant, so one graph serves every clip skip.
+
+    ``embeddings``: textual-inversion vectors. Where an id is the vocabulary size or above, the token embedding
+    there is the vector at the same place in ``embeddings`` (the rest of it is never read), and the encoder sees
+    token 0 there, as the web UI's placeholder: the pooled state stays at the prompt's end token. The vectors are
+    data, so embeddings are added to an engine directory without a new graph."""
 
     def __init__(self, model: torch.nn.Module, penultimate: bool, pooled: bool):
         super().__init__()
         self.model, self.penultimate, self.pooled = model, penultimate, pooled
+        self.vocab = int(model.config.vocab_size)
+        self._swap: tuple[torch.Tensor, torch.Tensor] | None = None  # (where, vectors) during forward
+        tokens = getattr(model, "text_model", model).embeddings.token_embedding  # transformers 4 or 5
+        tokens.register_forward_hook(self._swapped)
+
+    def _swapped(self, module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if self._swap is None:
+            return out
+        where, vectors = self._swap
+        return torch.where(where[..., None], vectors.to(out.dtype), out)
 
     @staticmethod
     def skips(model: torch.nn.Module, penultimate: bool) -> int:
@@ -120,8 +135,13 @@ class TextEncoder(torch.nn.Module):
         the one read without skipping."""
         return int(model.config.num_hidden_layers) + 1 - int(penultimate)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor):
-        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, embeddings: torch.Tensor):
+        where = input_ids >= self.vocab
+        self._swap = (where, embeddings)
+        try:
+            out = self.model(torch.where(where, 0, input_ids), output_hidden_states=True, return_dict=True)
+        finally:
+            self._swap = None
         layers = torch.stack(out.hidden_states)  # [L + 1, B, 77, D]: the embeddings, each layer's output
         last = layers.shape[0] - 1 - int(self.penultimate)  # the layer diffusers reads without clip skip
         states = layers.index_select(0, last - clip_skip.long()).squeeze(0)  # [B, 77, D]
@@ -233,7 +253,7 @@ def graphs_for(c: Components) -> list[Graph]:
         module = TextEncoder(model, fam.penultimate_hidden_states, pooled)
         states = ("B", 77, model.config.hidden_size)
         shapes = (states, ("B", model.config.projection_dim)) if pooled else (states,)
-        inputs = {"input_ids": (("B", 77), i32), "clip_skip": ((1,), i32)}
+        inputs = {"input_ids": (("B", 77), i32), "clip_skip": ((1,), i32), "embeddings": (states, f32)}
         skips = TextEncoder.skips(model, fam.penultimate_hidden_states)
         out.append(Graph(name, module, inputs, outputs, shapes, vocab_size=model.config.vocab_size, clip_skips=skips))
     ctx = c.unet.config.cross_attention_dim
@@ -292,8 +312,9 @@ def sample_inputs(
         s = concrete_shape(shape, rows, h, w, f, tokens)
         if name == "clip_skip":
             out[name] = torch.randint(0, g.clip_skips, s, generator=generator, dtype=torch.int32)
-        elif dtype == torch.int32:
+        elif dtype == torch.int32:  # token ids; a few at the vocabulary size read `embeddings` there
             out[name] = torch.randint(0, g.vocab_size, s, generator=generator, dtype=torch.int32)
+            out[name][:, 2:5] = g.vocab_size
         elif name == "timestep":
             out[name] = torch.randint(0, 1000, s, generator=generator).float()
         elif name == "time_ids":  # (orig h, orig w, crop top, crop left, target h, target w)

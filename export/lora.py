@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdrt.runtime.embeddings import is_embedding
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.lora import BASE_FILE, LORA_DIR, NAME_RE, graph_weights
 from sdrt.runtime.manifest import read_manifest, sha256_file, write_manifest
@@ -39,6 +40,9 @@ def _read(file: Path, family: str, unet_config: Any = None) -> tuple[dict[str, t
 
     if file.suffix != ".safetensors":
         raise SdrtError(f"{file}: only .safetensors LoRA files are read (pickle files can run code); convert it first")
+    if is_embedding(file):
+        raise SdrtError(f"{file} is a textual-inversion embedding, not a LoRA: add it with `sdrt embedding add DIR "
+                        f"{file}` and write its name in the prompt")  # fmt: skip
     try:
         state, alphas = getattr(diffusers, _PIPELINES[family]).lora_state_dict(str(file), unet_config=unet_config)
     except Exception as err:  # diffusers raises ValueError, KeyError, safetensors errors ... for what it cannot read
@@ -241,6 +245,9 @@ def parse_fuse_arg(text: str) -> tuple[str, float]:
         raise SdrtError(f"--lora {text}: the scale must be a finite number")
     if not Path(file).is_file():
         raise SdrtError(f"--lora {file}: no such file")
+    if Path(file).suffix == ".safetensors" and is_embedding(Path(file)):
+        raise SdrtError(f"--lora {file} is a textual-inversion embedding, not a LoRA: export without it, then "
+                        f"`sdrt embedding add DIR {file}` and write its name in the prompt")  # fmt: skip
     return file, value
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from sdrt.runtime.backends import Backend, open_backend
 from sdrt.runtime.capture import CaptureCache
 from sdrt.runtime.control import Residuals, check_controls, controlnet_args, resized
+from sdrt.runtime.embeddings import Embeddings
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
@@ -54,6 +55,12 @@ class Pipeline:
         self.model_name = model_name(manifest)
         self.text_encoders = [g for g in ("text_encoder", "text_encoder_2") if g in manifest["graphs"]]
         self.tokenizers = [PromptTokenizer(root, t) for t in manifest["tokenizers"].values()]
+        self.embeddings = Embeddings(root, manifest)  # textual inversion: names in prompts, vectors on the device
+        for j, tok in enumerate(self.tokenizers):
+            tok.use(self.embeddings, j)
+        self._vectors = [torch.from_numpy(t).to(self.device, backend.dtype(g, "embeddings"))
+                         for t, g in zip(self.embeddings.tables, self.text_encoders, strict=True)
+                         if self.embeddings.enabled]  # fmt: skip
         self.pooled = "pooled_embeddings" in manifest["graphs"][self.text_encoders[-1]]["outputs"]  # SDXL
         self.zero_negatives = bool(manifest.get("pipeline", {}).get("force_zeros_for_empty_prompt", self.pooled))
         self.unet_channels = int(manifest["unet"]["in_channels"])  # 9: an inpainting U-Net
@@ -443,6 +450,9 @@ class Pipeline:
             feeds = skip if "clip_skip" in self.manifest["graphs"][graph]["inputs"] else {}
             zs = []
             for c in range(ids.shape[0]):  # the chunk count is part of the join key: fixed for a capture
+                if self._vectors:  # where an id is vocab + r, the graph reads row r of the embeddings' table
+                    rows = (ids[c].long() - self.embeddings.vocab[j]).clamp(min=0)
+                    feeds["embeddings"] = self._vectors[j][rows]  # [P, 77, D]
                 out = run(graph, {"input_ids": ids[c], **feeds})
                 zs.append(emphasised(out[0].float(), weights[:, c], buf[f"{side}_renorm"]))
                 if c == 0 and len(out) > 1:

@@ -8,7 +8,9 @@ The web UI's syntax (its wiki, "Attention/emphasis"; `modules/prompt_parser.py` 
 - the text is tokenized fragment by fragment (without special tokens) and cut into chunks of 75 tokens, each read
   as BOS + 75 tokens + EOS (padded with EOS, then with the tokenizer's pad token after the first EOS): a chunk that
   fills up within 20 tokens after a comma moves the words after that comma to the next chunk;
-- each chunk is encoded on its own and the chunks are joined along the token axis (77 x k states).
+- each chunk is encoded on its own and the chunks are joined along the token axis (77 x k states);
+- a textual-inversion embedding's name (runtime/embeddings.py), wherever the tokens spell it, becomes its vectors,
+  kept together in one chunk.
 
 A parsed text is `Chunks`: ids and weights [k, 77]. The weights multiply the text encoder's states per token; the
 web UI's default emphasis ("Original") then rescales each chunk back to its mean before weighting, its "No norm"
@@ -146,9 +148,11 @@ def _top_level(inner: str) -> str:
     return "".join(out)
 
 
-def chunk_tokens(pieces: list[tuple[list[int] | None, float]], bos: int, eos: int, pad: int,
+def chunk_tokens(pieces: list[tuple[list[int | tuple[int, ...]] | None, float]], bos: int, eos: int, pad: int,
                  comma: int | None) -> Chunks:  # fmt: skip
-    """(token ids, weight) of each parsed fragment (a BREAK: ids None) -> 77-token chunks, as the web UI cuts them."""
+    """(tokens, weight) of each parsed fragment (a BREAK: tokens None) -> 77-token chunks, as the web UI cuts them.
+    A token is an id, or a textual-inversion embedding's vector ids (a tuple): those go into one chunk together,
+    the next one when they do not fit in this one."""
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -175,8 +179,11 @@ def chunk_tokens(pieces: list[tuple[list[int] | None, float]], bos: int, eos: in
                 ids, weights = list(moved[0]), list(moved[1])
             if len(ids) == CHUNK:
                 close()
-            ids.append(token)
-            weights.append(weight)
+            vectors = token if isinstance(token, tuple) else (token,)
+            if len(ids) + len(vectors) > CHUNK:
+                close()
+            ids.extend(vectors)
+            weights.extend([weight] * len(vectors))
     if ids or not chunks:
         close()
     out = np.array([c[0] for c in chunks], dtype=np.int32)

@@ -1,7 +1,8 @@
 """`sdrt serve`: the HTTP API (FastAPI on uvicorn) over an engine that batches concurrent requests.
 
 Endpoints: ``POST /v1/images``, ``POST /sdapi/v1/txt2img`` and ``/sdapi/v1/img2img`` (the web-UI request shape),
-``POST /v1/images/generations`` (OpenAI's request and answer), ``GET /sdapi/v1/samplers``, ``GET /healthz``
+``POST /v1/images/generations`` (OpenAI's request and answer), ``GET /sdapi/v1/samplers`` and
+``/sdapi/v1/embeddings`` (the directory's textual-inversion embeddings, as the web UI lists them), ``GET /healthz``
 (process up), ``GET /readyz`` (warm), ``GET /metrics`` (Prometheus).
 
 Every failure is one JSON body ``{"error": kind, "field": ..., "detail": message}`` (on the OpenAI endpoint,
@@ -38,7 +39,7 @@ from sdrt.serve.metrics import Metrics
 log = logging.getLogger("sdrt")
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
 ENDPOINTS = ("/v1/images", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/sdapi/v1/samplers",
-             "/healthz", "/readyz", "/metrics")  # fmt: skip
+             "/sdapi/v1/embeddings", "/healthz", "/readyz", "/metrics")  # fmt: skip
 
 
 class Engine(Protocol):
@@ -169,6 +170,14 @@ def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
         return [{"name": web, "aliases": [ours], "options": {}} for ours, web in api.WEBUI_NAMES.items()]
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings() -> dict[str, Any]:  # the web UI's answer; "shape": the vectors' width (all encoders')
+        e = engine.pipe.embeddings
+        width = sum(t.shape[1] for t in e.tables)
+        loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
+                         "vectors": count} for name, (_, count) in e.rows.items()}  # fmt: skip
+        return {"loaded": loaded, "skipped": {}}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -14,13 +15,13 @@ import torch
 
 TOL = {"fp32": 1e-4, "fp16": 2e-2}
 DESIGN_IO = {  # DESIGN.md's graph I/O names
-    "text_encoder": (["input_ids", "clip_skip"], ["text_embeddings"]),
+    "text_encoder": (["input_ids", "clip_skip", "embeddings"], ["text_embeddings"]),
     "unet": (["sample", "timestep", "encoder_hidden_states"], ["noise_pred"]),
     "vae_decoder": (["latent"], ["images"]),
     "vae_encoder": (["images"], ["latent_mean", "latent_logvar"]),
 }
 SDXL_IO = {
-    "text_encoder_2": (["input_ids", "clip_skip"], ["text_embeddings", "pooled_embeddings"]),
+    "text_encoder_2": (["input_ids", "clip_skip", "embeddings"], ["text_embeddings", "pooled_embeddings"]),
     "unet": (["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["noise_pred"]),
 }
 NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32}
@@ -43,7 +44,18 @@ def reference(pipe, graph: str, x: dict[str, torch.Tensor], sdxl: bool) -> list[
     with torch.no_grad():
         if graph.startswith("text_encoder"):  # diffusers' encode_prompt with clip_skip
             model, skip = getattr(pipe, graph), int(x["clip_skip"][0])
-            out = model(x["input_ids"].long(), output_hidden_states=True)
+            ids = x["input_ids"].long()
+            vocab = model.config.vocab_size
+            where = ids >= vocab
+            if where.any():  # as diffusers' load_textual_inversion: one new token row per marked place
+                model = copy.deepcopy(model)
+                model.resize_token_embeddings(vocab + int(where.sum()))
+                rows = vocab + torch.arange(int(where.sum()))
+                with torch.no_grad():
+                    model.get_input_embeddings().weight[rows] = x["embeddings"][where]
+                ids = ids.clone()
+                ids[where] = rows
+            out = model(ids, output_hidden_states=True)
             if sdxl:
                 states = out.hidden_states[-(skip + 2)]
             else:  # transformers 5's CLIPTextModel has its final norm at the top level
@@ -66,8 +78,9 @@ def random_inputs(session: ort.InferenceSession, rows: int, h: int, w: int, gen:
             t = torch.tensor([skip], dtype=torch.int32)
         elif i.name == "encoder_hidden_states":
             t = torch.randn(rows, 77 * rows, i.shape[2], generator=gen)
-        elif i.name == "input_ids":
+        elif i.name == "input_ids":  # the prompt's tokens, and textual-inversion places (ids from the vocab size)
             t = torch.randint(0, 514, (rows, 77), generator=gen, dtype=torch.int32)
+            t[:, 3:6] = 1000
         elif i.name == "timestep":
             t = torch.tensor([981.0, 3.0][:rows])
         elif i.name == "time_ids":

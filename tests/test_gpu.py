@@ -23,11 +23,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def engine(folders, tmp_path_factory):
-    """The SD1-like folder exported fp16, with torch programs (the CUDA-graph path without TensorRT)."""
+    """The SD1-like folder exported fp16, with torch programs (the CUDA-graph path without TensorRT), and a
+    2-vector textual-inversion embedding, "badthing"."""
+    from safetensors.torch import save_file
+
     from sdrt.export import Dims, export_model
+    from sdrt.runtime.embeddings import add_embedding
 
     out = tmp_path_factory.mktemp("gpu") / "sd1-fp16"
     export_model(str(folders["sd1"]), out, precision="fp16", dims=Dims(64, 256, 2), torch_programs=True)
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0)) * 0.5},
+              str(out.parent / "badthing.safetensors"))  # fmt: skip
+    add_embedding(out, out.parent / "badthing.safetensors")
     return out
 
 
@@ -55,6 +62,7 @@ def test_graph_replay_equals_step_by_step(engine, sampler, record_property):
 WEBUI = [  # what a captured graph must hold: chunks per side, two U-Net calls a step, DDIM's noise, the rescale
     dict(prompt="a (red:1.4) fox BREAK in the snow", negative_prompt="(blurry:1.2) " * 20, prompt_syntax="webui"),
     dict(prompt="a (red:1.4) fox BREAK in the snow", negative_prompt="blurry", prompt_syntax="webui", clip_skip=1),
+    dict(prompt=PROMPT, negative_prompt="(badthing:1.2), blurry", prompt_syntax="webui"),  # an embedding's vectors
     dict(prompt=PROMPT, negative_prompt="blurry", sampler="ddim", eta=0.8, guidance_rescale=0.5),
 ]
 

@@ -45,3 +45,40 @@ def test_torch_and_onnxruntime_backends_agree(engine):
     from test_pipeline import psnr
 
     assert psnr(*images) >= 35.0
+
+
+def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, folders, tmp_path):
+    """The web UI's reading on the torch programs: emphasis, BREAK, a 2-chunk negative, clip skip and a 2-vector
+    embedding in the negative, against float64 states of diffusers' text encoder with the same file loaded by its
+    own load_textual_inversion (1e-5), and the picture against diffusers' pipeline on those states (>= 40 dB)."""
+    import shutil
+
+    from test_embeddings import _reference_pipe, write
+    from test_pipeline import check, diffusers_images
+    from test_prompts import CHUNKED, CHUNKED_PARSED, _sdrt_states, reference_states
+
+    from sdrt.runtime.cli import main
+    from sdrt.runtime.params import Params
+
+    root = tmp_path / "native96"
+    shutil.copytree(native96, root)
+    path, vs = write(tmp_path / "badthing.safetensors", "sd1", 2, seed=11)
+    assert main(["embedding", "add", str(root), str(path)]) == 0
+    negative = "(badthing:1.2) " + "low quality " * 8  # 2 vectors + 8 x 10 letter tokens: two chunks
+    ref_pipe = _reference_pipe(folders["sd1-native96"], "sd1", {"badthing": (path, vs)})
+    cond, _ = reference_states(ref_pipe, CHUNKED_PARSED, skip=1)
+    low = ("low quality " * 8).rstrip(" ")
+    uncond, _ = reference_states(ref_pipe, [("badthing badthing_1", 1.2), (" " + low, 1.0)], skip=1)
+    assert uncond.shape[1] == 154
+    kw = dict(seed=2, sampler="euler", prompt_syntax="webui", clip_skip=1)
+    with Pipeline.load(root, backend="torch", device="cpu") as pipe:
+        params = Params(prompt=CHUNKED, negative_prompt=negative, steps=4, height=64, width=64, **kw)
+        for ours, ref in zip(_sdrt_states(pipe, params), (cond, uncond), strict=True):
+            assert ours.shape == ref.shape
+            assert float((ours - ref).abs().max() / ref.abs().max()) <= 1e-5
+        ours = np.stack([np.asarray(im) for im in pipe(CHUNKED, negative, num_inference_steps=4, height=64, width=64,
+                                                       guidance_scale=7.0, **kw)])  # fmt: skip
+    embeds = dict(prompt_embeds=cond.float(), negative_prompt_embeds=uncond.float())
+    ref = diffusers_images(folders["sd1-native96"], "euler", seed=2, num_inference_steps=4, height=64, width=64,
+                           guidance_scale=7.0, **embeds)  # fmt: skip
+    check(ours, ref)
