@@ -181,6 +181,17 @@ def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> 
     }
 
 
+def _note_sampler(manifest: dict[str, Any], p: Progress) -> None:
+    """Say in one line, before the long work, when the checkpoint's scheduler has no sampler of its own: the
+    directory is still made, and generates with an explicit sampler."""
+    from sdrt.runtime.schedule import NoiseSchedule, ScheduleError, default_sampler
+
+    try:
+        default_sampler(NoiseSchedule.from_manifest(manifest["scheduler"]))
+    except ScheduleError as err:
+        p.say(f"note: {err}")
+
+
 def stage_dir(dest: Path) -> Path:
     stage = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     if stage.exists():
@@ -252,6 +263,7 @@ def export_model(
     stage = stage_dir(dest)
     try:
         manifest = _manifest(c, dims, precision, _tokenizer_entries(c, stage))
+        _note_sampler(manifest, p)
         graphs = G.graphs_for(c)
         if cns:
             from sdrt.export.controlnet import controlnet_graphs, manifest_entry

@@ -32,7 +32,7 @@ from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGT
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
 from sdrt.runtime.request import Layout, Request, Texts, host_inputs, open_image
 from sdrt.runtime.samplers import SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
-from sdrt.runtime.schedule import NoiseSchedule, default_sampler
+from sdrt.runtime.schedule import NoiseSchedule, ScheduleError, default_sampler
 from sdrt.runtime.stages import Batch, Progress, Stages, no_stage
 from sdrt.runtime.tokenizer import PromptTokenizer
 
@@ -65,7 +65,11 @@ class Pipeline:
         self.zero_negatives = bool(manifest.get("pipeline", {}).get("force_zeros_for_empty_prompt", self.pooled))
         self.unet_channels = int(manifest["unet"]["in_channels"])  # 9: an inpainting U-Net
         self.schedule = NoiseSchedule.from_manifest(manifest["scheduler"])
-        self.default_sampler = default_sampler(self.schedule)
+        try:  # a checkpoint scheduler without a sampler of its own still runs with an explicit one
+            self.default_sampler: str | None = default_sampler(self.schedule)
+            self._no_default: ScheduleError | None = None
+        except ScheduleError as err:
+            self.default_sampler, self._no_default = None, err
         self.shapes = manifest["shapes"]
         self.scaling_factor = float(manifest["latent"]["scaling_factor"])
         self.latent_channels = int(manifest["latent"]["channels"])
@@ -181,6 +185,8 @@ class Pipeline:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
             raise SdrtError(f"seed must be a whole number in [0, 2^64), got {seed!r}", field="seed")
         sampler = p.sampler or self.default_sampler
+        if sampler is None:
+            raise self._no_default
         if sampler not in SAMPLERS:
             raise SdrtError(f"unknown sampler {sampler!r}; samplers are: {', '.join(SAMPLERS)}", field="sampler")
         init, mask_img = self._images(p.image, p.mask)

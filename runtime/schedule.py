@@ -76,6 +76,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 _SPACINGS = ("leading", "trailing", "linspace")
+# DDPM's variance types: DPM-Solver reads only "learned" / "learned_range" (a model output with variance channels)
+_FIXED_VARIANCE = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 _COMMON = {"rescale_betas_zero_snr": (False,), "thresholding": (False,), "timestep_spacing": _SPACINGS}
 # Options each class accepts, with the values the samplers implement. Anything else is refused by name.
@@ -91,7 +93,7 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     "DPMSolverMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(2,), algorithm_type=("dpmsolver++", "deis"),
         solver_type=("midpoint", "logrho", "bh1", "bh2"), use_exponential_sigmas=(False,), use_beta_sigmas=(False,),
-        use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=(None,),
+        use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
         final_sigmas_type=("zero", "sigma_min"),
     ),
     "LCMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
@@ -145,19 +147,32 @@ class NoiseSchedule:
 
 
 def default_sampler(schedule: NoiseSchedule) -> str:
-    """The sampler matching the checkpoint's own scheduler class (an explicit table; unknown classes raise)."""
+    """The sampler matching the checkpoint's own scheduler class (an explicit table). A class without one raises,
+    naming the samplers that do run on this schedule: the directory stays usable with an explicit sampler."""
     name = schedule.scheduler_class
     if name == "DPMSolverMultistepScheduler":
         return "dpmpp_2m_karras" if schedule.config_for(name).get("use_karras_sigmas") else "dpmpp_2m"
     table = {cls: sampler for sampler, (cls, fixed) in SCHEDULERS.items() if not fixed}
     if name not in table:
-        known = ", ".join(sorted({cls for cls, _ in SCHEDULERS.values()}))
+        usable = ", ".join(runnable_samplers(schedule)) or "none: re-export with another scheduler"
         raise ScheduleError(
-            f"the checkpoint's scheduler {name} has no matching sampler (known: {known}); "
-            f"choose one with --sampler ({', '.join(SCHEDULERS)})",
+            f"the checkpoint's scheduler {name} has no matching sampler in sdrt (it has samplers for "
+            f"{', '.join(sorted(table))}); choose one with --sampler: {usable}",
             field="sampler",
         )
     return table[name]
+
+
+def runnable_samplers(schedule: NoiseSchedule) -> list[str]:
+    """The samplers whose scheduler class can honour this checkpoint's schedule and options (`resolve`)."""
+    out = []
+    for sampler in SCHEDULERS:
+        try:
+            resolve(schedule, sampler)
+        except ScheduleError:
+            continue
+        out.append(sampler)
+    return out
 
 
 def resolve(schedule: NoiseSchedule, sampler: str) -> tuple[str, dict[str, Any]]:

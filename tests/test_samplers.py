@@ -185,6 +185,7 @@ def test_bad_requests_raise(sampler, steps, strength, match):
         ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "euler", "interpolation_type"),
         ("DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_2m", "solver_order"),
         ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "dpmpp_2m_karras", "algorithm_type"),
+        ("DDPMScheduler", dict(variance_type="learned_range"), "dpmpp_2m", "variance_type"),  # variance channels
         # a config that never states skip_prk_steps (like sdrt's own random-weight SDXL preset): PNDM's default
         # is the Runge-Kutta warm-up, which is not implemented
         ("EulerDiscreteScheduler", dict(_SCALED, timestep_spacing="leading"), "pndm", "skip_prk_steps"),
