@@ -178,25 +178,20 @@ class ControlNet(torch.nn.Module):
 
 class UNetResiduals(torch.nn.Module):
     """The U-Net graph's module (`graphs.UNet`) with the ControlNet residuals added: diffusers'
-    down_block_additional_residuals and mid_block_additional_residual."""
+    down_block_additional_residuals and mid_block_additional_residual, after the U-Net's own inputs."""
 
-    def __init__(self, unet: G.UNet, added: bool):
+    def __init__(self, unet: G.UNet):
         super().__init__()
         # the diffusers U-Net under the same attribute as in `graphs.UNet`, so that its weights keep their names
         # (`sdrt lora add` maps an adapter onto both U-Net graphs by them)
-        self.unet, self.skip, self.added = unet.unet, unet.skip, added
+        self.unet, self.skip, self.conds = unet.unet, unet.skip, unet.conds
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
-        text_embeds, time_ids = rest[:2] if self.added else (None, None)
-        residuals = rest[2:] if self.added else rest
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        self.skip.sizes.clear()
-        try:
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                             down_block_additional_residuals=tuple(residuals[:-1]),
-                             mid_block_additional_residual=residuals[-1], return_dict=False)[0]  # fmt: skip
-        finally:
-            self.skip.sizes.clear()
+        n = len(self.conds)
+        residuals = rest[n:]
+        return G.call_unet(self, sample, timestep, encoder_hidden_states, rest[:n],
+                           down_block_additional_residuals=tuple(residuals[:-1]),
+                           mid_block_additional_residual=residuals[-1])  # fmt: skip
 
 
 def _names(down: list) -> tuple[str, ...]:
@@ -210,11 +205,12 @@ def controlnet_graphs(graphs: list[G.Graph], cns: list[LoadedControlNet]) -> lis
     unet = next(g for g in graphs if g.name == "unet")
     f32, added = torch.float32, "text_embeds" in unet.inputs
     down, mid = residual_shapes(cns[0].model)
-    base = {k: unet.inputs[k] for k in unet.inputs}  # sample, timestep, states(, text_embeds, time_ids)
     res = {n: (s, f32) for n, s in zip(_names(down), [*down, mid], strict=True)}
-    out = [G.Graph("unet_controlnet", UNetResiduals(unet.module, added).eval(), {**base, **res}, unet.outputs,
+    out = [G.Graph("unet_controlnet", UNetResiduals(unet.module).eval(), {**unet.inputs, **res}, unet.outputs,
                    unet.output_shapes, keep_fp32_inputs=unet.keep_fp32_inputs,
                    upcast_attention=unet.upcast_attention)]  # fmt: skip
+    # sample, timestep, states(, text_embeds, time_ids): diffusers gives a ControlNet no guidance embedding
+    base = {k: v for k, v in unet.inputs.items() if k != "timestep_cond"}
     sample = base["sample"][0]
     for cn in cns:
         cn_in = {**base, "controlnet_cond": (("B", 3, "H", "W"), f32), "conditioning_scale": (("B",), f32)}

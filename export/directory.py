@@ -172,6 +172,7 @@ def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> 
             "sample_size": dims.geometry.sample_size,  # latent side it was trained at: native px = factor x this
             "downsampling": dims.geometry.unet_downsampling,  # 2 ** down blocks that downsample
             "addition_embed_type": c.unet.config.addition_embed_type,
+            "time_cond_proj_dim": c.unet.config.time_cond_proj_dim,  # a distilled U-Net's guidance embedding
         },
         "pipeline": {"force_zeros_for_empty_prompt": c.zero_negatives},  # SDXL: an unset negative is zeros
         "scheduler": _scheduler_entry(c),

@@ -182,16 +182,18 @@ def _plain_upsampler(up: Any) -> bool:
 
 
 class UNet(torch.nn.Module):
-    """(sample, timestep[, text_embeds, time_ids]) -> noise_pred; the U-Net's output, whatever it predicts.
+    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond]) -> noise_pred; the
+    U-Net's output, whatever it predicts. ``timestep_cond``: a distilled U-Net's guidance embedding (LCM: its
+    config's time_cond_proj_dim), which diffusers computes from the guidance scale.
 
     diffusers' forward checks whether the latent divides by 2 ** (upsamplers) and only then forwards the skip
     connections' sizes to the upsamplers; a traced graph cannot branch on a dynamic size, so this module always
     takes that path: each upsampler reaches the recorded size of its skip connection, and the U-Net's divisibility
     check is turned off (num_upsamplers = 0) so that it never forwards sizes of its own."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, conds: tuple[str, ...] = ()):
         super().__init__()
-        self.unet, self.skip = unet, _SkipSizes()
+        self.unet, self.skip, self.conds = unet, _SkipSizes(), conds
         ups = unet.up_blocks
         for j, block in enumerate(ups[:-1]):
             samplers = getattr(block, "upsamplers", None)
@@ -204,13 +206,21 @@ class UNet(torch.nn.Module):
             block.register_forward_pre_hook(self.skip.record, with_kwargs=True)
         unet.num_upsamplers = 0
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        self.skip.sizes.clear()
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        try:
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-        finally:  # no trace's symbolic sizes left on the module: torch 2.11 cannot deepcopy them (fp16 programs)
-            self.skip.sizes.clear()
+    def forward(self, sample, timestep, encoder_hidden_states, *conds):
+        return call_unet(self, sample, timestep, encoder_hidden_states, conds)
+
+
+def call_unet(m: torch.nn.Module, sample, timestep, encoder_hidden_states, conds: tuple, **more) -> torch.Tensor:
+    """The diffusers U-Net ``m.unet`` of a U-Net graph's module ``m`` (`UNet`, or ControlNet's `UNetResiduals`) on
+    the graph's inputs; ``conds``: the values of the inputs ``m.conds`` names, in order."""
+    named = dict(zip(m.conds, conds, strict=True))
+    added = {k: named[k] for k in ("text_embeds", "time_ids")} if "text_embeds" in named else None
+    m.skip.sizes.clear()
+    try:
+        return m.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                      timestep_cond=named.get("timestep_cond"), return_dict=False, **more)[0]  # fmt: skip
+    finally:  # no trace's symbolic sizes left on the module: torch 2.11 cannot deepcopy them (fp16 programs)
+        m.skip.sizes.clear()
 
 
 class VaeDecoder(torch.nn.Module):
@@ -268,11 +278,12 @@ def graphs_for(c: Components) -> list[Graph]:
         pooled_dim = c.text_encoders[fam.pooled_from].config.projection_dim
         unet_in.update(text_embeds=(("B", pooled_dim), f32), time_ids=(("B", 6), f32))
         keep = ("timestep", "time_ids")
+    if c.unet.config.time_cond_proj_dim is not None:  # a distilled U-Net: the guidance scale as an embedding
+        unet_in["timestep_cond"] = (("B", int(c.unet.config.time_cond_proj_dim)), f32)
     upcast = bool(getattr(c.unet.config, "upcast_attention", False))
     noise = (("B", c.unet.config.out_channels, "h", "w"),)
-    out.append(
-        Graph("unet", UNet(c.unet), unet_in, ("noise_pred",), noise, keep_fp32_inputs=keep, upcast_attention=upcast)
-    )
+    module = UNet(c.unet, tuple(unet_in)[3:])
+    out.append(Graph("unet", module, unet_in, ("noise_pred",), noise, keep_fp32_inputs=keep, upcast_attention=upcast))
     lat = c.vae.config.latent_channels
     vae_fp16 = fam.vae_fp16 if c.vae_fp16 is None else c.vae_fp16
     latent, images = ("B", lat, "h", "w"), ("B", 3, "H", "W")
@@ -362,6 +373,7 @@ def dynamic_shapes(g: Graph, dims: Dims) -> dict[str, dict[int, Any]] | tuple:
     params = inspect.signature(g.module.forward).parameters.values()
     if not any(p.kind is p.VAR_POSITIONAL for p in params):
         return out
-    # forward(a, b, *rest) (ControlNet graphs): positional, the inputs after the named ones as one tuple
+    # forward(a, b, *rest) (U-Net and ControlNet graphs): positional, the inputs after the named ones as one tuple
     n, per_input = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params), list(out.values())
-    return (*per_input[:n], tuple(per_input[n:]))
+    rest = tuple(per_input[n:])  # none (an SD U-Net without added inputs): torch.export sees only the named ones
+    return (*per_input[:n], rest) if rest else tuple(per_input)

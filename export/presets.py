@@ -33,6 +33,7 @@ SD = Family(
         "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline",
         "StableDiffusionInpaintPipeline",
+        "LatentConsistencyModelPipeline",  # an LCM-distilled U-Net (its guidance embedding) with LCMScheduler
     ),
     text_encoders=("text_encoder",),
     penultimate_hidden_states=False,

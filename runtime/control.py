@@ -147,9 +147,10 @@ class Residuals:
     def __call__(self, x_in: torch.Tensor, feeds: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         """``x_in``: the scaled latents [rows, C, h, w]; ``feeds``: the U-Net's conditioning feeds. Several
         ControlNets' residuals add up in the graphs' own dtype, as MultiControlNetModel adds them."""
-        dtype, total = self.backend.dtype, None
+        dtype, total, graphs = self.backend.dtype, None, self.backend.manifest["graphs"]
         for graph, image, scale in zip(self.graphs, self.images, self.scales, strict=True):
-            ins = {k: v.to(dtype(graph, k)) for k, v in feeds.items()}  # same dtypes as the U-Net's: no copies
+            # same dtypes as the U-Net's: no copies; a distilled U-Net's timestep_cond is the U-Net's alone
+            ins = {k: v.to(dtype(graph, k)) for k, v in feeds.items() if k in graphs[graph]["inputs"]}
             ins.update(sample=x_in.to(dtype(graph, "sample")), controlnet_cond=image, conditioning_scale=scale[i])
             outs = self.backend.run(graph, ins)
             total = list(outs) if total is None else [t + o for t, o in zip(total, outs, strict=True)]

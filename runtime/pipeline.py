@@ -64,6 +64,8 @@ class Pipeline:
         self.pooled = "pooled_embeddings" in manifest["graphs"][self.text_encoders[-1]]["outputs"]  # SDXL
         self.zero_negatives = bool(manifest.get("pipeline", {}).get("force_zeros_for_empty_prompt", self.pooled))
         self.unet_channels = int(manifest["unet"]["in_channels"])  # 9: an inpainting U-Net
+        cond = manifest["graphs"]["unet"]["inputs"].get("timestep_cond")  # a distilled (LCM) U-Net's guidance input
+        self.guidance_embedding = int(cond["shape"][-1]) if cond else 0
         self.schedule = NoiseSchedule.from_manifest(manifest["scheduler"])
         try:  # a checkpoint scheduler without a sampler of its own still runs with an explicit one
             self.default_sampler: str | None = default_sampler(self.schedule)
@@ -210,7 +212,7 @@ class Pipeline:
         if controls:
             check_loras_with_controlnet(self.manifest, loras)
         controls = tuple(resized(c, width, height) for c in controls)
-        cfg = p.guidance > 1.0  # as Request.cfg
+        cfg = p.guidance > 1.0 and not self.guidance_embedding  # as Request.cfg
         texts = self._texts(p, prompts, negatives, cfg)
         if controls and texts.chunks[0] != texts.chunks[1] and cfg:
             raise SdrtError(f"the prompt has {texts.chunks[0]} chunks of 75 tokens and the negative prompt "
@@ -222,7 +224,7 @@ class Pipeline:
         eta = self._eta(p.eta, sampler)
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
                       float(strength), init, mask_img, loras, controls, self._clip_skip(p), texts,
-                      eta, float(rescale))  # fmt: skip
+                      eta, float(rescale), bool(self.guidance_embedding))  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength, req.eta)  # what the schedule cannot honour: ScheduleError
         return req
 
@@ -366,7 +368,8 @@ class Pipeline:
             plan = self.plan(key.sampler, key.steps, key.strength, key.eta)
             self.adapters.apply(self.backend, key.loras)  # W0 + the request's adapters, from the base every time
             latent = (self.latent_channels, self.geometry.vae_scale_factor)
-            host = host_inputs(reqs, plan, latent, self._encodes_init(key), self.zero_negatives)
+            host = host_inputs(reqs, plan, latent, self._encodes_init(key), self.zero_negatives,
+                               self.guidance_embedding)  # fmt: skip
             timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
             if self.cuda_graph:
                 pixels = self._captured.replay(self, layout, plan.to(self.device), host, timings)
@@ -404,6 +407,9 @@ class Pipeline:
         with stage("denoise_ms"):
             residuals = key.controlnets and Residuals(self.backend, key.controlnets, key.cfg, buf)
             rescale = buf["guidance_rescale"] if key.rescale else None
+            if self.guidance_embedding:  # a distilled U-Net reads the guidance scale, unguided
+                cond = [{**f, "timestep_cond": buf["timestep_cond"].to(self.backend.dtype("unet", "timestep_cond"))}
+                        for f in cond]  # fmt: skip
             denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals, rescale)
             latents = sample(plan, denoise, x, buf["noise"], after)
         with stage("vae_decoder_ms"):

@@ -83,14 +83,15 @@ class Request:
     texts: Texts | None = field(default=None, compare=False)  # tokenized by `Pipeline.request`
     eta: float = 0.0  # DDIM: diffusers' eta (0: deterministic)
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, sec. 3.4)
+    distilled: bool = False  # the U-Net takes the guidance scale as an embedding (LCM): no classifier-free guidance
 
     @property
     def batch(self) -> int:
         return len(self.prompts) * self.images_per_prompt
 
     @property
-    def cfg(self) -> bool:  # diffusers: guidance only when guidance_scale > 1
-        return self.guidance > 1.0
+    def cfg(self) -> bool:  # diffusers: guidance only when guidance_scale > 1, and never for a distilled U-Net
+        return self.guidance > 1.0 and not self.distilled
 
     @property
     def join_key(self) -> JoinKey:
@@ -131,6 +132,7 @@ def host_inputs(
     latent: tuple[int, int],
     encodes_init: bool,
     zero_negatives: bool,
+    guidance_embedding: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Everything a batch reads, on the host. Per request, from its own generator, in diffusers' order: the init
     image's posterior sample (where `encodes_init`: img2img, or inpainting with a 4-channel U-Net or strength < 1),
@@ -142,7 +144,8 @@ def host_inputs(
     prompt_clip_skip / negative_clip_skip [1]. keep_negative [P]: 0 where a negative was not given and the model
     zeroes those (SDXL), else 1.
     rows [B]: the prompt each image row is conditioned on (a prompt's images are consecutive, as diffusers has them).
-    ``latent``: (channels, VAE scale factor) of the model.
+    ``latent``: (channels, VAE scale factor) of the model. ``guidance_embedding``: a distilled U-Net's
+    time_cond_proj_dim, for timestep_cond [B, dim] (`guidance_scale_embedding` of each row's guidance - 1).
     """
     first = reqs[0]
     latent_channels, factor = latent
@@ -167,6 +170,9 @@ def host_inputs(
     )
     host["guidance"] = torch.tensor([r.guidance for r in reqs for _ in range(r.batch)], dtype=torch.float32)
     host["guidance_rescale"] = torch.tensor([r.guidance_rescale for r in reqs for _ in range(r.batch)])
+    if guidance_embedding:
+        scales = torch.tensor([r.guidance - 1 for r in reqs for _ in range(r.batch)])
+        host["timestep_cond"] = guidance_scale_embedding(scales, guidance_embedding)
     sizes = [[r.height, r.width, 0, 0, r.height, r.width] for r in reqs for _ in range(r.batch)]
     host["time_ids"] = torch.tensor(sizes, dtype=torch.float32)  # SDXL: original size, crop top-left, target size
     draws: dict[str, list[torch.Tensor]] = {"posterior_noise": [], "noise0": [], "masked_noise": [], "noise": []}
@@ -195,6 +201,18 @@ def host_inputs(
         host["mask"] = torch.nn.functional.interpolate(masks, size=(h, w))  # nearest, as diffusers
         host["masked_noise"] = torch.cat(draws["masked_noise"])
     return host
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """[len(w), dim]: the sinusoidal embedding of 1000 w (VDM, Kingma et al. 2021; the LCM paper's guidance
+    embedding, Luo et al. 2023 sec. 4.1), sin then cos of geometric frequencies 10000^(-k / (dim/2 - 1)), in float32
+    as diffusers' get_guidance_scale_embedding computes it; an odd dim ends with a zero."""
+    half = dim // 2
+    scale = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -scale)
+    angles = (w * 1000.0).float()[:, None] * freqs[None, :]
+    out = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(out, (0, dim % 2))
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:

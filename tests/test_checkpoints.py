@@ -4,7 +4,9 @@ pipeline on the same folder, seed, size and steps."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from conftest import SIZES, build_pipeline
 
 from sdrt.runtime.cli import main
@@ -50,3 +52,42 @@ def test_a_scheduler_without_its_own_sampler_is_no_dead_end(tmp_path, capfd):
     assert main(["generate", str(out), "a fox", "--steps", "2", "--sampler", "euler", "--height", "64", "--width",
                  "64", "--out", str(tmp_path / "x.png")]) == 0  # fmt: skip
     assert (tmp_path / "x.png").is_file()
+
+
+def _distilled(kind: str):
+    """The test pipeline of ``kind`` with an LCM-distilled U-Net (time_cond_proj_dim: the guidance scale enters
+    as an embedding) and LCMScheduler, as an LCM checkpoint ships."""
+    import diffusers
+    from conftest import UNETS
+
+    pipe = build_pipeline(kind)
+    torch.manual_seed(5)
+    pipe.unet = diffusers.UNet2DConditionModel(**UNETS[kind], time_cond_proj_dim=32)
+    with torch.no_grad():  # a fresh projection is small: weight the embedding as strongly as the timestep's
+        pipe.unet.time_embedding.cond_proj.weight.mul_(30)
+    pipe.register_modules(unet=pipe.unet, scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_lcm_distilled_unets_take_the_guidance_embedding_unguided(kind, tmp_path, capfd):
+    """An LCM-distilled U-Net saved as the plain pipeline's folder (StableDiffusionPipeline / StableDiffusionXL
+    Pipeline, as LCM-Dreamshaper and SDXL LCM checkpoints ship): the U-Net graph takes timestep_cond from the
+    guidance scale and no classifier-free guidance runs, as diffusers' LatentConsistencyModelPipeline (SD) and
+    StableDiffusionXLPipeline (SDXL) do; the default sampler is the folder's LCM."""
+    import diffusers
+
+    folder, out, _ = _export(_distilled(kind), tmp_path, f"{kind}-lcm", capfd)
+    kw = dict(prompt="a watercolor fox in the snow", num_inference_steps=4, height=64, width=64,
+              guidance_scale=8.0)  # fmt: skip
+    with Pipeline.load(out, backend="onnxruntime", device="cpu") as sdrt:
+        assert sdrt.default_sampler == "lcm"
+        ours = sdrt_images(sdrt, seed=3, **kw)
+        other = sdrt_images(sdrt, seed=3, **dict(kw, guidance_scale=2.0))
+    name = "StableDiffusionXLPipeline" if kind == "sdxl" else "LatentConsistencyModelPipeline"
+    load = {} if kind == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+    ref_pipe = getattr(diffusers, name).from_pretrained(folder, local_files_only=True, **load)
+    ref_pipe.set_progress_bar_config(disable=True)
+    out_ref = ref_pipe(**kw, generator=torch.Generator("cpu").manual_seed(3), output_type="np")
+    check(ours, (out_ref.images * 255).round().astype(np.uint8))
+    assert np.abs(other.astype(int) - ours).mean() > 1, "the guidance embedding should change the picture"
