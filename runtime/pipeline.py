@@ -31,7 +31,7 @@ from sdrt.runtime.manifest import Geometry, check_files, default_size, model_nam
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, ImageArg, Params
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
 from sdrt.runtime.request import Layout, Request, Texts, host_inputs, open_image
-from sdrt.runtime.samplers import SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
+from sdrt.runtime.samplers import ANCESTRAL, SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, ScheduleError, default_sampler
 from sdrt.runtime.stages import Batch, Progress, Stages, no_stage
 from sdrt.runtime.tokenizer import PromptTokenizer
@@ -268,13 +268,14 @@ class Pipeline:
 
     @staticmethod
     def _eta(eta: float | None, sampler: str) -> float:
-        """DDIM's eta (default 0); Euler ancestral takes only its own, 1; the other samplers have none."""
+        """DDIM's eta (default 0); the ancestral samplers (Euler a, DPM++ 2M SDE) take only their own, 1; the other
+        samplers have none."""
         if eta is None:
             return 0.0
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
             raise SdrtError(f"eta must be a number in [0, 1], got {eta!r}", field="eta")
-        if sampler == "euler_a" and eta != 1:
-            raise SdrtError(f"eta {eta:g} with euler_a: its ancestral noise is eta 1 (diffusers' Euler ancestral); "
+        if sampler in ANCESTRAL and eta != 1:
+            raise SdrtError(f"eta {eta:g} with {sampler}: its noise is eta 1 (as diffusers' scheduler draws it); "
                             "use eta 1, or ddim with eta", field="eta")  # fmt: skip
         return float(eta) if sampler == "ddim" else 0.0
 

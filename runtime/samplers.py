@@ -29,7 +29,9 @@ from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
 StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "pndm")
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lcm",
+            "pndm")  # fmt: skip
+ANCESTRAL = ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")  # fresh noise every step, at eta 1 (diffusers')
 
 
 @dataclass
@@ -159,7 +161,11 @@ def sample_dpmpp_2m(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models", Algorithm 2), in k-diffusion's form with t = lambda = -log sigma. `plan.orders` marks the first-order
-    steps diffusers takes (the first, and the last per lower_order_final / final_sigmas_type)."""
+    steps diffusers takes (the first, and the last per lower_order_final / final_sigmas_type).
+
+    With noise draws (dpmpp_2m_sde: diffusers' "sde-dpmsolver++", k-diffusion's sample_dpmpp_2m_sde at eta 1) each
+    step solves the data-prediction SDE instead: the state decays by exp(-h) more, the update weights the data
+    prediction by 1 - exp(-2h), and fresh noise of std sigma_next * sqrt(1 - exp(-2h)) is added."""
     sigmas = plan.sigmas
     t = -sigmas.log()  # +inf for a final sigma of 0: h = inf, the step lands on x0
     old_denoised = None  # orders[0] is always 1: the first step has no history
@@ -170,7 +176,11 @@ def sample_dpmpp_2m(
         if order == 2:
             r = (t[i] - t[i - 1]) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised_d
+        if plan.noise_draws:  # decay, data weight and noise std of the step, from the host (float64)
+            decay, kept, std = plan.coef["decay"][i], plan.coef["kept"][i], plan.coef["std"][i]
+            x = decay * x + kept * denoised_d + std * noise[i]
+        else:
+            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised_d
         old_denoised = denoised
         x = after(x, i)
     return x
@@ -224,6 +234,8 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler_a": sample_euler_a,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m,
+    "dpmpp_2m_sde_karras": sample_dpmpp_2m,
     "lcm": sample_lcm,
     "pndm": sample_pndm,
 }
@@ -264,7 +276,8 @@ def _f32(values) -> torch.Tensor:
 
 
 def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
-    """Euler, Euler ancestral, DPM++ 2M: diffusers' own sigmas; Euler's latents live in sigma space, DPM's do not."""
+    """Euler, Euler ancestral, DPM++ 2M (and its SDE): diffusers' own sigmas; Euler's latents live in sigma space,
+    DPM's do not."""
     if sampler.startswith("dpmpp"):
         timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps)
     else:
@@ -278,7 +291,15 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
     final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n_all < 15) or cfg["final_sigmas_type"] == "zero"
     orders = tuple(1 if j == start or (j == n_all - 1 and final) else 2 for j in range(start, n_all))
     init, out = math.sqrt(float(sigmas[0]) ** 2 + 1), 1 / math.sqrt(float(sigmas[-1]) ** 2 + 1)
-    return Plan(sampler, timesteps, sigmas, c_in, init, 0, out_scale=out, orders=orders)
+    if "_sde" not in sampler:
+        return Plan(sampler, timesteps, sigmas, c_in, init, 0, out_scale=out, orders=orders)
+    # the SDE solver: per step (sigma_to / sigma) * exp(-h) = (sigma_to / sigma)^2, 1 - exp(-2h), and the noise std
+    # sigma_to * sqrt(1 - exp(-2h)); noise drawn at every step, the last too (its std is 0 there)
+    s = sigmas.double()
+    ratio = s[1:] / s[:-1]
+    coef = {"decay": ratio**2, "kept": 1 - ratio**2, "std": s[1:] * (1 - ratio**2).sqrt()}
+    coef = {k: v.float() for k, v in coef.items()}
+    return Plan(sampler, timesteps, sigmas, c_in, init, len(timesteps), out_scale=out, orders=orders, coef=coef)
 
 
 def _alpha_plan(sampler: str, timesteps: np.ndarray, alphas: list[float], alpha_last: float, **kw) -> Plan:
@@ -347,6 +368,8 @@ _PLANNERS = {
     "euler_a": _plan_sigma_space,
     "dpmpp_2m": _plan_sigma_space,
     "dpmpp_2m_karras": _plan_sigma_space,
+    "dpmpp_2m_sde": _plan_sigma_space,
+    "dpmpp_2m_sde_karras": _plan_sigma_space,
     "lcm": _plan_lcm,
     "pndm": _plan_pndm,
 }

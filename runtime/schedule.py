@@ -69,8 +69,13 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=False, algorithm_type="dpmsolver++")),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True, algorithm_type="dpmsolver++")),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=False, algorithm_type="sde-dpmsolver++")),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"),
+    ),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
@@ -91,7 +96,7 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     ),
     "EulerAncestralDiscreteScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction")),
     "DPMSolverMultistepScheduler": dict(
-        _COMMON, prediction_type=_PREDICTIONS, solver_order=(2,), algorithm_type=("dpmsolver++", "deis"),
+        _COMMON, prediction_type=_PREDICTIONS, solver_order=(2,), algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
         solver_type=("midpoint", "logrho", "bh1", "bh2"), use_exponential_sigmas=(False,), use_beta_sigmas=(False,),
         use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
         final_sigmas_type=("zero", "sigma_min"),
@@ -151,7 +156,16 @@ def default_sampler(schedule: NoiseSchedule) -> str:
     naming the samplers that do run on this schedule: the directory stays usable with an explicit sampler."""
     name = schedule.scheduler_class
     if name == "DPMSolverMultistepScheduler":
-        return "dpmpp_2m_karras" if schedule.config_for(name).get("use_karras_sigmas") else "dpmpp_2m"
+        cfg = schedule.config_for(name)
+        algorithm = cfg.get("algorithm_type")
+        if algorithm not in ("dpmsolver++", "sde-dpmsolver++", "deis"):  # diffusers reads "deis" as dpmsolver++
+            raise ScheduleError(
+                f"the checkpoint's {name} uses algorithm_type={algorithm!r}, which no sampler in sdrt implements; "
+                f"choose one with --sampler: {', '.join(runnable_samplers(schedule))}",
+                field="sampler",
+            )
+        sde = "_sde" if algorithm == "sde-dpmsolver++" else ""
+        return f"dpmpp_2m{sde}{'_karras' if cfg.get('use_karras_sigmas') else ''}"
     table = {cls: sampler for sampler, (cls, fixed) in SCHEDULERS.items() if not fixed}
     if name not in table:
         usable = ", ".join(runnable_samplers(schedule)) or "none: re-export with another scheduler"

@@ -49,10 +49,13 @@ from sdrt.serve.webui import check_fields, sampling_options
 WEBUI_SAMPLERS = {
     "euler a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim",
     "dpm++ 2m": "dpmpp_2m", "k_dpmpp_2m": "dpmpp_2m", "dpm++ 2m karras": "dpmpp_2m_karras",
+    "dpm++ 2m sde": "dpmpp_2m_sde", "k_dpmpp_2m_sde": "dpmpp_2m_sde", "dpm++ 2m sde karras": "dpmpp_2m_sde_karras",
     "lcm": "lcm", "plms": "pndm", "pndm": "pndm",
 }  # fmt: skip
 WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M",
-               "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM", "pndm": "PLMS"}  # fmt: skip
+               "dpmpp_2m_karras": "DPM++ 2M Karras", "dpmpp_2m_sde": "DPM++ 2M SDE",
+               "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lcm": "LCM", "pndm": "PLMS"}  # fmt: skip
+KARRAS = {"dpmpp_2m": "dpmpp_2m_karras", "dpmpp_2m_sde": "dpmpp_2m_sde_karras"}  # the web UI's scheduler: Karras
 
 # `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it; the web UI's adapters are
 # tags in its prompt; a ControlNet's own fields (controlnets.K.name, ...) are added per request (`control`)
@@ -208,9 +211,11 @@ class Img2ImgRequest(Txt2ImgRequest):
 def sampler_name(name: str | None, scheduler: str | None, field: str) -> str | None:
     """An sdrt sampler for an sdrt or web-UI sampler name (and the web UI's separate ``scheduler`` field)."""
     if scheduler not in (None, "", "Automatic", "automatic"):
-        if scheduler.lower() != "karras" or sampler_name(name, None, field) not in ("dpmpp_2m", "dpmpp_2m_karras"):
-            raise bad_request("scheduler", f"scheduler {scheduler!r} is only supported as Karras with DPM++ 2M")
-        return "dpmpp_2m_karras"
+        plain = sampler_name(name, None, field)
+        if scheduler.lower() != "karras" or plain not in (*KARRAS, *KARRAS.values()):
+            raise bad_request("scheduler", f"scheduler {scheduler!r} is only supported as Karras with DPM++ 2M and "
+                              "DPM++ 2M SDE")  # fmt: skip
+        return KARRAS.get(plain, plain)
     if name is None or name in SAMPLERS:
         return name
     if name.lower() in WEBUI_SAMPLERS:

@@ -173,6 +173,10 @@ def test_webuiapi_txt2img_and_a_batch(webui, pipe):
     assert r.info["all_seeds"] == [50, 51] and r.info["sampler_name"] == "DPM++ 2M Karras" and len(r.images) == 2
     for i, image in enumerate(r.images):
         assert np.array_equal(np.asarray(image), alone(pipe, request(50 + i, sampler="dpmpp_2m_karras"))[0]), i
+    r = webui.txt2img(prompt="a red fox", seed=60, cfg_scale=7.5, width=64, height=64, sampler_name="DPM++ 2M SDE",
+                      scheduler="Karras")  # fmt: skip
+    assert r.info["sampler_name"] == "DPM++ 2M SDE Karras"
+    assert np.array_equal(np.asarray(r.image), alone(pipe, request(60, sampler="dpmpp_2m_sde_karras", eta=1.0))[0])
 
 
 def test_webuiapi_img2img_and_inpainting_batch(webui, pipe):
@@ -257,6 +261,7 @@ def test_every_field_and_setting_that_would_change_the_picture_is_refused_naming
         ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, "override_settings.CLIP_stop_at_last_layers"),
         ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
         ({"sampler_name": "Euler a", "override_settings": {"eta_ancestral": 0.5}}, "override_settings.eta_ancestral"),
+        ({"sampler_name": "DPM++ 2M SDE", "eta": 0.5}, "eta"),
     ):  # fmt: skip
         err = _refused(server, body)
         assert err["field"] == field and "\n" not in err["detail"], (body, err)

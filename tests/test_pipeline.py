@@ -20,6 +20,11 @@ SCHEDULERS = {  # sdrt sampler -> (diffusers scheduler class, extra config)
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True),
+    ),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
