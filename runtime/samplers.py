@@ -264,11 +264,15 @@ def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float
             field="strength",
         )
     start = steps - init_timestep  # diffusers' t_start * scheduler.order; every scheduler mirrored has order 1
+    if sampler in ("ddim", "lcm") and float(schedule.alphas_cumprod[-1]) == 0 and schedule.prediction_type == "epsilon":
+        raise ScheduleError(f"sampler {sampler!r} on a zero-terminal-SNR schedule with an epsilon-predicting model: x0 "
+                            "is undefined at the last timestep (diffusers divides by 0 there); use euler or dpmpp_2m, "
+                            "or a v-prediction model", field="sampler")  # fmt: skip
     if sampler == "ddim":
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
             raise ScheduleError(f"eta must be a number in [0, 1], got {eta!r}", field="eta")
-        return _plan_ddim(sampler, cfg, schedule.alphas_cumprod, steps, start, float(eta))
-    return _PLANNERS[sampler](sampler, cfg, schedule.alphas_cumprod, steps, start)
+        return _plan_ddim(sampler, cfg, sch.sampling_alphas(schedule, sampler), steps, start, float(eta))
+    return _PLANNERS[sampler](sampler, cfg, sch.sampling_alphas(schedule, sampler), steps, start)
 
 
 def _f32(values) -> torch.Tensor:
@@ -288,6 +292,11 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
     if not sampler.startswith("dpmpp"):  # Euler's init_noise_sigma: max sigma, or sqrt(max^2 + 1) when "leading"
         init = full.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else (full.max() ** 2 + 1) ** 0.5
         return Plan(sampler, timesteps, sigmas, c_in, float(init), len(timesteps) if sampler == "euler_a" else 0)
+    if start == 0 and int((timesteps == timesteps[0]).sum()) > 1:  # Karras sigmas past the end (zero SNR)
+        # diffusers finds its first step by timestep, takes the second of repeated ones and runs past its sigmas
+        raise ScheduleError(f"sampler {sampler!r}: at {steps} steps its first timestep repeats on this schedule, "
+                            "where diffusers' scheduler loses count of its steps; use fewer steps or dpmpp_2m "
+                            "without Karras", field="sampler")  # fmt: skip
     final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n_all < 15) or cfg["final_sigmas_type"] == "zero"
     orders = tuple(1 if j == start or (j == n_all - 1 and final) else 2 for j in range(start, n_all))
     init, out = math.sqrt(float(sigmas[0]) ** 2 + 1), 1 / math.sqrt(float(sigmas[-1]) ** 2 + 1)

@@ -84,7 +84,7 @@ _SPACINGS = ("leading", "trailing", "linspace")
 # DDPM's variance types: DPM-Solver reads only "learned" / "learned_range" (a model output with variance channels)
 _FIXED_VARIANCE = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
-_COMMON = {"rescale_betas_zero_snr": (False,), "thresholding": (False,), "timestep_spacing": _SPACINGS}
+_COMMON = {"thresholding": (False,), "timestep_spacing": _SPACINGS}
 # Options each class accepts, with the values the samplers implement. Anything else is refused by name.
 # fmt: off
 SUPPORTED: dict[str, dict[str, tuple]] = {
@@ -107,7 +107,6 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
 _WHY = {
     "skip_prk_steps": "PNDM's Runge-Kutta warm-up is not implemented (every Stable Diffusion config sets "
     "skip_prk_steps=True)",
-    "rescale_betas_zero_snr": "a zero-terminal-SNR schedule has an infinite sigma, which sigma space cannot hold",
     "thresholding": "dynamic thresholding is meant for pixel-space models, not latent diffusion",
 }
 
@@ -209,12 +208,39 @@ def resolve(schedule: NoiseSchedule, sampler: str) -> tuple[str, dict[str, Any]]
                 f"sampler {sampler!r}: {cls} would use {key}={cfg[key]!r}, but the checkpoint's betas "
                 f"come from {key}={own[key]!r}; pick another --sampler"
             )
+    # zero terminal SNR: a class without the option (PNDM) builds its betas without the rescale
+    rescales = bool(cfg["rescale_betas_zero_snr"]) if "rescale_betas_zero_snr" in DEFAULTS[cls] else False
+    if rescales != bool(own.get("rescale_betas_zero_snr", False)):
+        raise ScheduleError(
+            f"sampler {sampler!r}: the checkpoint's betas are rescaled to zero terminal SNR "
+            f"(rescale_betas_zero_snr=True), which {cls} does not do (diffusers' would use other betas); pick another "
+            "--sampler",
+            field="sampler",
+        )
     if cfg["num_train_timesteps"] != len(schedule.alphas_cumprod):
         raise ScheduleError(
             f"the config's num_train_timesteps ({cfg['num_train_timesteps']}) differs from the "
             f"{len(schedule.alphas_cumprod)} betas in the manifest; re-run `sdrt export`"
         )
     return cls, cfg
+
+
+ZERO_SNR_ALPHA = 2.0**-24  # diffusers' stand-in for a zero terminal alpha_bar (Euler, DPM): the first sigma ~4096
+ALPHA_SPACE_ZERO = 2.0**-60  # DDIM's and LCM's exact 0, as near as sigma space holds it: the first sigma ~2^30
+
+
+def sampling_alphas(schedule: NoiseSchedule, sampler: str) -> torch.Tensor:
+    """alpha_bar as ``sampler`` reads it. A zero-terminal-SNR schedule's last alpha_bar is exactly 0 (an infinite
+    sigma; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.1): diffusers'
+    Euler and DPM-Solver schedulers replace it by 2^-24, and so do their samplers here; DDIM and LCM keep the 0 in
+    diffusers (alpha space), here 2^-60, whose x0 and eps at that step equal the exact ones to float32 precision
+    (c_in = 2^-30 and the start scale 2^30 are exact). Such a step needs a v-prediction model (`check_zero_snr`)."""
+    ac = schedule.alphas_cumprod
+    if float(ac[-1]) > 0:
+        return ac
+    ac = ac.clone()
+    ac[-1] = ALPHA_SPACE_ZERO if sampler in ("ddim", "lcm") else ZERO_SNR_ALPHA
+    return ac
 
 
 def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:

@@ -91,3 +91,26 @@ def test_lcm_distilled_unets_take_the_guidance_embedding_unguided(kind, tmp_path
     out_ref = ref_pipe(**kw, generator=torch.Generator("cpu").manual_seed(3), output_type="np")
     check(ours, (out_ref.images * 255).round().astype(np.uint8))
     assert np.abs(other.astype(int) - ours).mean() > 1, "the guidance embedding should change the picture"
+
+
+ZERO_SNR_SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde_karras", "lcm"]
+
+
+def test_zero_terminal_snr_runs_every_sampler_diffusers_runs(tmp_path, capfd):
+    """The "terminal SNR" recipe of SD 2.x fine-tunes (Lin et al. 2024): DDIM with rescaled betas, trailing
+    spacing, v-prediction, guidance_rescale 0.7. Each sampler against diffusers' pipeline with that scheduler made
+    from the folder's config (Euler and DPM-Solver: diffusers' 2^-24 for the last alpha; DDIM and LCM: its 0)."""
+    import diffusers
+
+    pipe = build_pipeline("sd2")
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
+                                                         timestep_spacing="trailing")  # fmt: skip
+    folder, out, _ = _export(pipe, tmp_path, "sd2-zsnr", capfd)
+    kw = dict(KW, guidance_rescale=0.7, guidance_scale=7.0)
+    with Pipeline.load(out, backend="onnxruntime", device="cpu") as sdrt:
+        assert sdrt.default_sampler == "ddim"
+        ours = {s: sdrt_images(sdrt, sampler=s, **kw) for s in ZERO_SNR_SAMPLERS}
+        with pytest.raises(SdrtError, match="pick another --sampler"):  # PNDM: neither warm-up nor the rescale
+            sdrt("a fox", sampler="pndm", num_inference_steps=4, height=64, width=64)
+    for sampler, image in ours.items():
+        print(f"zero terminal SNR, {sampler}: {check(image, diffusers_images(folder, sampler, **kw)):.1f} dB")

@@ -48,17 +48,23 @@ CONFIGS = {
                                   steps_offset=1, skip_prk_steps=True)),
     # a model predicting x0 ("sample"), DDIM's default clipping
     "x0": ("DDIMScheduler", dict(_SCALED, prediction_type="sample", skip_prk_steps=True)),
+    # zero terminal SNR (Lin et al. 2024): rescaled betas, "trailing" spacing, v-prediction, as SD 2.x fine-tunes ship
+    "zsnr": ("DDIMScheduler", dict(_SCALED, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                    prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                                    steps_offset=1, skip_prk_steps=True)),
 }  # fmt: skip
-# Pairs sdrt refuses: LCMScheduler would build other betas than the checkpoint's (its defaults differ), and
-# diffusers' PNDM / Euler ancestral raise on x0-prediction.
-REFUSED = {("linspace", "lcm"), ("x0", "pndm"), ("x0", "euler_a")}
+# Pairs sdrt refuses: LCMScheduler would build other betas than the checkpoint's (its defaults differ), PNDM
+# has no zero-SNR rescale (its betas would differ too), and diffusers' PNDM / Euler ancestral raise on x0-prediction.
+REFUSED = {("linspace", "lcm"), ("x0", "pndm"), ("x0", "euler_a"), ("zsnr", "pndm")}
 CASES = [
     (c, s, n, st)
     for c in CONFIGS
     for s in SAMPLERS
     for n in (1, 4, 25)
     for st in (1.0, 0.6)
-    if n * st >= 1 and (c, s) not in REFUSED
+    if n * st >= 1
+    and (c, s) not in REFUSED
+    and (c, n, s.endswith("karras") and s.startswith("dpm")) != ("zsnr", 25, True)
 ]
 CASES += [("sd15", s, 50, 1.0) for s in SAMPLERS]
 
@@ -145,7 +151,7 @@ def test_matches_diffusers(name, sampler, steps, strength):
 def test_refuses_what_diffusers_cannot_match(name, sampler):
     cls, fixed = SCHEDULERS[sampler]
     reference = getattr(diffusers, cls).from_config(entry_for(name)["config"], **fixed)
-    if sampler == "lcm":  # diffusers runs, but on other betas than the checkpoint was trained with
+    if sampler == "lcm" or name == "zsnr":  # diffusers runs, but on other betas than the checkpoint was trained with
         assert not torch.equal(reference.betas, torch.tensor(entry_for(name)["betas"]))
     else:
         with pytest.raises((ValueError, NotImplementedError)):
@@ -181,7 +187,7 @@ def test_bad_requests_raise(sampler, steps, strength, match):
     "cls,cfg,sampler,key",
     [
         ("DDIMScheduler", dict(thresholding=True), "ddim", "thresholding"),
-        ("DDIMScheduler", dict(rescale_betas_zero_snr=True), "euler", "rescale_betas_zero_snr"),
+        ("DDIMScheduler", dict(rescale_betas_zero_snr=True, skip_prk_steps=True), "pndm", "rescale_betas_zero_snr"),
         ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True), "euler", "use_exponential_sigmas"),
         ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "euler", "interpolation_type"),
         ("DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_2m", "solver_order"),
@@ -227,6 +233,24 @@ def test_default_sampler(cls, cfg, expected):
     schedule = NoiseSchedule.from_manifest(entry(cls, dict(_SCALED, **cfg)))
     assert default_sampler(schedule) == expected
     make_plan(expected, schedule, 4)  # and it runs on the checkpoint's own config
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "dpmpp_2m_sde_karras"])
+def test_karras_sigmas_that_repeat_timesteps_are_refused_where_diffusers_loses_count(sampler):
+    """Zero SNR: sigma_max ~4096, and at 25 steps Karras sigmas round to repeated timesteps; diffusers' scheduler
+    then indexes past its sigmas."""
+    with pytest.raises(IndexError):
+        run_diffusers("zsnr", sampler, 25, 1.0)
+    with pytest.raises(ValueError, match="first timestep repeats"):
+        make_plan(sampler, NoiseSchedule.from_manifest(entry_for("zsnr")), 25)
+
+
+def test_zero_snr_alpha_space_samplers_refuse_epsilon_models():
+    cfg = dict(CONFIGS["zsnr"][1], prediction_type="epsilon")
+    for sampler in ("ddim", "lcm"):
+        with pytest.raises(ValueError, match="epsilon-predicting model"):
+            make_plan(sampler, NoiseSchedule.from_manifest(entry("DDIMScheduler", cfg)), 4)
+    make_plan("euler", NoiseSchedule.from_manifest(entry("DDIMScheduler", cfg)), 4)  # diffusers' 2^-24: finite
 
 
 def test_default_sampler_refuses_a_dpm_algorithm_it_does_not_implement():
