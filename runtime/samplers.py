@@ -29,8 +29,8 @@ from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
 StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lcm",
-            "pndm")  # fmt: skip
+SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
+            "lcm", "pndm")  # fmt: skip
 ANCESTRAL = ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")  # fresh noise every step, at eta 1 (diffusers')
 
 
@@ -142,6 +142,29 @@ def sample_euler(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Ten
     return x
 
 
+def sample_heun(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
+    """Heun's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn): an Euler step to
+    the next sigma, a second U-Net call there, and the step again with the mean of both slopes; the last step, to
+    sigma 0, is Euler's. Two U-Net calls a step, as diffusers' HeunDiscreteScheduler lays them out: plan.sigmas are
+    per call, [s0, s1, s1, s2, s2, ..., s_last, 0]; `after` runs after each call's update, as diffusers' pipelines
+    blend after every scheduler step."""
+    sigmas, calls = plan.sigmas, len(plan.timesteps)
+    for i in range(0, calls, 2):  # call i: the first-order half at sigmas[i]; i + 1: the correction at sigmas[i + 1]
+        x0 = denoise(x, i)
+        if plan.clip is not None:
+            x0 = x0.clamp(-plan.clip, plan.clip)
+        d, dt = (x - x0) / sigmas[i], sigmas[i + 1] - sigmas[i]
+        x_next = after(x + d * dt, i)
+        if i + 1 == calls:
+            return x_next
+        x0 = denoise(x_next, i + 1)
+        if plan.clip is not None:
+            x0 = x0.clamp(-plan.clip, plan.clip)
+        d_next = (x_next - x0) / sigmas[i + 1]
+        x = after(x + (d + d_next) / 2 * dt, i + 1)
+    return x
+
+
 def sample_euler_a(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
     """Euler ancestral (k-diffusion's sample_euler_ancestral, eta = 1): an Euler step down to sigma_down, then fresh
     noise of std sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_next^2 (ancestral sampling, Ho et al. 2020)."""
@@ -232,6 +255,7 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "euler": sample_euler,
     "euler_a": sample_euler_a,
+    "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m,
@@ -311,6 +335,21 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
     return Plan(sampler, timesteps, sigmas, c_in, init, len(timesteps), out_scale=out, orders=orders, coef=coef)
 
 
+def _plan_heun(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """HeunDiscreteScheduler: Euler's timesteps and sigmas (Karras where the config asks), each after the first
+    called twice (calls [t0, t1, t1, ..., t_last, t_last], sigmas [s0, s1, s1, ..., s_last, 0]); img2img starts at
+    call 2 x start (its order is 2)."""
+    own = dict(cfg, final_sigmas_type="zero", sigma_min=None, sigma_max=None)  # Heun has neither option
+    timesteps, sigmas = sch.euler_schedule(own, ac, steps, ancestral=False)
+    calls = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])[2 * start :]
+    sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])[2 * start :]
+    full = torch.from_numpy(sigmas)
+    init = full.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else (full.max() ** 2 + 1) ** 0.5
+    c_in = 1 / (full[:-1] ** 2 + 1) ** 0.5
+    timesteps = torch.from_numpy(calls.astype(np.float32))
+    return Plan(sampler, timesteps, full, c_in, float(init), 0, clip=_clip(cfg))
+
+
 def _alpha_plan(sampler: str, timesteps: np.ndarray, alphas: list[float], alpha_last: float, **kw) -> Plan:
     """A plan for an alpha-space scheduler (diffusers' latents are x * sqrt(alpha_bar) of the call's timestep)."""
     sigmas = [sch.sigma_of(a) for a in [*alphas, alpha_last]]
@@ -375,6 +414,7 @@ _PLANNERS = {
     "ddim": _plan_ddim,
     "euler": _plan_sigma_space,
     "euler_a": _plan_sigma_space,
+    "heun": _plan_heun,
     "dpmpp_2m": _plan_sigma_space,
     "dpmpp_2m_karras": _plan_sigma_space,
     "dpmpp_2m_sde": _plan_sigma_space,

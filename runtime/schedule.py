@@ -55,6 +55,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         lambda_min_clipped=-float("inf"), variance_type=None, timestep_spacing="linspace", steps_offset=0,
         rescale_betas_zero_snr=False, use_dynamic_shifting=False, time_shift_type="exponential",
     ),
+    "HeunDiscreteScheduler": dict(
+        _BETAS, **_SIGMA_KINDS, beta_start=0.00085, beta_end=0.012, prediction_type="epsilon", clip_sample=False,
+        clip_sample_range=1.0, timestep_spacing="linspace", steps_offset=0,
+    ),
     "LCMScheduler": dict(
         _BETAS, **_THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         original_inference_steps=50, clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True,
@@ -76,6 +80,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"),
     ),
+    "heun": ("HeunDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
@@ -100,6 +105,9 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
         solver_type=("midpoint", "logrho", "bh1", "bh2"), use_exponential_sigmas=(False,), use_beta_sigmas=(False,),
         use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
         final_sigmas_type=("zero", "sigma_min"),
+    ),
+    "HeunDiscreteScheduler": dict(
+        _COMMON, prediction_type=_PREDICTIONS, use_exponential_sigmas=(False,), use_beta_sigmas=(False,)
     ),
     "LCMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
 }

@@ -18,6 +18,7 @@ SCHEDULERS = {  # sdrt sampler -> (diffusers scheduler class, extra config)
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
@@ -105,7 +106,9 @@ def test_batches_match_diffusers(kind, sampler, prompts, n, pipes, folders):
     check(ours, ref)
 
 
-@pytest.mark.parametrize("kind,sampler", [("sd1", "ddim"), ("sd1", "euler_a"), ("sd1", "pndm"), ("sd2", "euler")])
+@pytest.mark.parametrize(
+    "kind,sampler", [("sd1", "ddim"), ("sd1", "euler_a"), ("sd1", "pndm"), ("sd2", "euler"), ("sd1", "heun")]
+)
 def test_img2img_matches_diffusers(kind, sampler, pipes, folders):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:64, 0:128]
@@ -156,7 +159,7 @@ def test_threads_share_one_pipeline(pipes):
         (dict(width=512), "outside this engine's sizes"),
         (dict(num_inference_steps=0), "steps must be"),
         (dict(guidance_scale=float("nan")), "guidance must be a finite number"),
-        (dict(sampler="heun"), "unknown sampler"),
+        (dict(sampler="dpm2"), "unknown sampler"),
         (dict(seed=-1), "seed must be"),
         (dict(image="/nonexistent.png"), "cannot read init image"),
         (dict(image=Image.new("RGB", (64, 64)), strength=0.0), "strength must be in (0, 1]"),

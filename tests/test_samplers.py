@@ -53,9 +53,11 @@ CONFIGS = {
                                     prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
                                     steps_offset=1, skip_prk_steps=True)),
 }  # fmt: skip
-# Pairs sdrt refuses: LCMScheduler would build other betas than the checkpoint's (its defaults differ), PNDM
-# has no zero-SNR rescale (its betas would differ too), and diffusers' PNDM / Euler ancestral raise on x0-prediction.
-REFUSED = {("linspace", "lcm"), ("x0", "pndm"), ("x0", "euler_a"), ("zsnr", "pndm")}
+# Pairs sdrt refuses: LCM and Heun would build other betas than the checkpoint's (their defaults differ), PNDM
+# and Heun have no zero-SNR rescale (their betas would differ too), and diffusers' PNDM / Euler ancestral raise on
+# x0-prediction.
+BETAS_DIFFER = {("linspace", "lcm"), ("linspace", "heun"), ("zsnr", "pndm"), ("zsnr", "heun")}
+REFUSED = BETAS_DIFFER | {("x0", "pndm"), ("x0", "euler_a")}
 CASES = [
     (c, s, n, st)
     for c in CONFIGS
@@ -151,7 +153,7 @@ def test_matches_diffusers(name, sampler, steps, strength):
 def test_refuses_what_diffusers_cannot_match(name, sampler):
     cls, fixed = SCHEDULERS[sampler]
     reference = getattr(diffusers, cls).from_config(entry_for(name)["config"], **fixed)
-    if sampler == "lcm" or name == "zsnr":  # diffusers runs, but on other betas than the checkpoint was trained with
+    if (name, sampler) in BETAS_DIFFER:  # diffusers runs, but on other betas than the checkpoint was trained with
         assert not torch.equal(reference.betas, torch.tensor(entry_for(name)["betas"]))
     else:
         with pytest.raises((ValueError, NotImplementedError)):
@@ -163,7 +165,7 @@ def test_refuses_what_diffusers_cannot_match(name, sampler):
 @pytest.mark.parametrize(
     "sampler,steps,strength,match",
     [
-        ("heun", 4, 1.0, "unknown sampler 'heun'; choose one of ddim"),
+        ("dpm2", 4, 1.0, "unknown sampler 'dpm2'; choose one of ddim"),
         ("euler", 0, 1.0, "steps"),
         ("euler", -2, 1.0, "steps"),
         ("euler", 2.5, 1.0, "steps"),
