@@ -313,9 +313,9 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
     full = torch.from_numpy(sigmas)  # float32, as diffusers holds them
     sigmas, timesteps, n_all = full[start:], torch.from_numpy(timesteps[start:].astype(np.float32)), len(timesteps)
     c_in = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5
-    if not sampler.startswith("dpmpp"):  # Euler's init_noise_sigma: max sigma, or sqrt(max^2 + 1) when "leading"
-        init = full.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else (full.max() ** 2 + 1) ** 0.5
-        return Plan(sampler, timesteps, sigmas, c_in, float(init), len(timesteps) if sampler == "euler_a" else 0)
+    if not sampler.startswith("dpmpp"):
+        init = _euler_init_sigma(cfg, full)
+        return Plan(sampler, timesteps, sigmas, c_in, init, len(timesteps) if sampler == "euler_a" else 0)
     if start == 0 and int((timesteps == timesteps[0]).sum()) > 1:  # Karras sigmas past the end (zero SNR)
         # diffusers finds its first step by timestep, takes the second of repeated ones and runs past its sigmas
         raise ScheduleError(f"sampler {sampler!r}: at {steps} steps its first timestep repeats on this schedule, "
@@ -335,6 +335,13 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
     return Plan(sampler, timesteps, sigmas, c_in, init, len(timesteps), out_scale=out, orders=orders, coef=coef)
 
 
+def _euler_init_sigma(cfg: dict, sigmas: torch.Tensor) -> float:
+    """init_noise_sigma of the Euler-family schedulers (Euler, Euler a, Heun): the largest sigma, or
+    sqrt(max^2 + 1) with "leading" spacing."""
+    top = sigmas.max()
+    return float(top if cfg["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5)
+
+
 def _plan_heun(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
     """HeunDiscreteScheduler: Euler's timesteps and sigmas (Karras where the config asks), each after the first
     called twice (calls [t0, t1, t1, ..., t_last, t_last], sigmas [s0, s1, s1, ..., s_last, 0]); img2img starts at
@@ -344,10 +351,9 @@ def _plan_heun(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int
     calls = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])[2 * start :]
     sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])[2 * start :]
     full = torch.from_numpy(sigmas)
-    init = full.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else (full.max() ** 2 + 1) ** 0.5
     c_in = 1 / (full[:-1] ** 2 + 1) ** 0.5
     timesteps = torch.from_numpy(calls.astype(np.float32))
-    return Plan(sampler, timesteps, full, c_in, float(init), 0, clip=_clip(cfg))
+    return Plan(sampler, timesteps, full, c_in, _euler_init_sigma(cfg, full), 0, clip=_clip(cfg))
 
 
 def _alpha_plan(sampler: str, timesteps: np.ndarray, alphas: list[float], alpha_last: float, **kw) -> Plan:

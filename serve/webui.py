@@ -109,10 +109,9 @@ def sampling_options(settings: dict[str, Any], eta: float | None, sampler: str |
         raise bad_request("override_settings.sd_model_checkpoint", f"this server serves {model}, not "
                           f"{checkpoint!r}; send that model, or leave the setting out")  # fmt: skip
     # eta: the body's, else the sampler's own setting (the web UI's eta_ddim, eta_ancestral)
-    ancestral = sampler in ANCESTRAL
-    default = settings.get("eta_ddim", 0.0) if sampler == "ddim" else settings.get("eta_ancestral", 1.0)
-    out["eta"] = (default if sampler == "ddim" or ancestral else None) if eta is None else eta
-    if ancestral and isinstance(out["eta"], (int, float)) and out["eta"] != 1:
+    defaults = {"ddim": settings.get("eta_ddim", 0.0), **dict.fromkeys(ANCESTRAL, settings.get("eta_ancestral", 1.0))}
+    out["eta"] = defaults.get(sampler) if eta is None else eta
+    if sampler in ANCESTRAL and isinstance(out["eta"], (int, float)) and out["eta"] != 1:
         field = "eta" if eta is not None else "override_settings.eta_ancestral"
         raise bad_request(field, f"eta {out['eta']!r} with {sampler}: its noise is eta 1 in sdrt (as diffusers' "
                           "scheduler draws it); send 1, or DDIM with its eta")  # fmt: skip
