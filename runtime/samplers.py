@@ -30,7 +30,7 @@ from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
 StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
 SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-            "lcm", "pndm")  # fmt: skip
+            "lcm", "pndm", "unipc")  # fmt: skip
 ANCESTRAL = ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")  # fresh noise every step, at eta 1 (diffusers')
 
 
@@ -47,7 +47,8 @@ class Plan:
     out_scale: float = 1.0  # latents diffusers hands to the VAE = x_final * out_scale (1/sqrt(sigma_last^2+1);
     #                         1 for Euler-family schedulers, which keep their latents in sigma space)
     clip: float | None = None  # clamp x0 to [-clip, clip] where diffusers clips it (clip_sample), else None
-    orders: tuple[int, ...] = ()  # DPM++ 2M: solver order of each step (host structure, fixed per plan)
+    orders: tuple[int, ...] = ()  # DPM++ 2M, UniPC: solver order of each step (host structure, fixed per plan)
+    corrections: tuple[int, ...] = ()  # UniPC: the corrector's order before each step (0: none)
     coef: dict[str, torch.Tensor] = field(default_factory=dict)  # sampler-specific per-step scalars, [n_calls] each
 
     def to(self, device: torch.device | str) -> Plan:
@@ -251,6 +252,28 @@ def sample_pndm(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tens
     return x
 
 
+def sample_unipc(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
+    Models", Algorithms 2-3, B(h) variants) on the data prediction: each call's x0 first corrects the state the last
+    predictor produced (UniC: from that step's start, with this call's x0 added to its history), then the
+    predictor (UniP) takes the next step from the corrected state. The model sees the uncorrected state, as in
+    diffusers' UniPCMultistepScheduler. Every update is linear in the state and the x0 history, with coefficients
+    from the host: x = p_x[i] * x + sum_j p_m[i, j] * x0_{i-j}; corrector c_x, c_m (j = 0: this call's x0)."""
+    p_x, p_m, c_x, c_m = (plan.coef[k] for k in ("p_x", "p_m", "c_x", "c_m"))
+    keep = p_m.shape[1]  # the solver order: how many x0 the history holds
+    history: list[torch.Tensor] = []  # x0 of the latest calls, newest first
+    x_start = x  # the state the last predictor started from
+    for i, (order, corrector) in enumerate(zip(plan.orders, plan.corrections, strict=True)):
+        x0 = denoise(x, i)
+        if corrector:
+            x = c_x[i] * x_start + sum(c_m[i, j] * m for j, m in enumerate([x0, *history[:corrector]]))
+        history = [x0, *history[: keep - 1]]
+        x_start = x
+        x = p_x[i] * x + sum(p_m[i, j] * m for j, m in enumerate(history[:order]))
+        x = after(x, i)
+    return x
+
+
 _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "euler": sample_euler,
@@ -262,6 +285,7 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m_sde_karras": sample_dpmpp_2m,
     "lcm": sample_lcm,
     "pndm": sample_pndm,
+    "unipc": sample_unipc,
 }
 
 
@@ -416,6 +440,77 @@ def _plan_pndm(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int
     return _alpha_plan(sampler, timesteps, alpha, a_p, noise_draws=0, coef=coef)  # a_p: where the last step lands
 
 
+def _plan_unipc(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """UniPCMultistepScheduler: DPM-Solver's timesteps and sigmas; per step the predictor's and the corrector's
+    coefficients on the state and the x0 history (`_unipc_update`), at the orders diffusers takes (warm-up from
+    img2img's first step, lower_order_final, disable_corrector by absolute step index)."""
+    timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps, unipc=True)
+    n_all, top, bh1 = len(timesteps), int(cfg["solver_order"]), cfg["solver_type"] == "bh1"
+    if not cfg["lower_order_final"] and top > 1 and float(sigmas[-1]) == 0:
+        raise ScheduleError(f"sampler 'unipc': lower_order_final=False takes the last step, to sigma 0, at order "
+                            f"{top}, where its history weights divide by zero (diffusers draws NaN); set "
+                            "lower_order_final=True", field="sampler")  # fmt: skip
+    s = [float(v) for v in sigmas]  # float32 values, in float64 arithmetic
+    orders, corrections = [], []
+    p_x, p_m, c_x, c_m = [], [], [], []
+    for k, j in enumerate(range(start, n_all)):
+        order = min(top, n_all - j) if cfg["lower_order_final"] else top
+        orders.append(min(order, k + 1))
+        corrector = orders[k - 1] if k > 0 and j - 1 not in cfg["disable_corrector"] else 0
+        corrections.append(corrector)
+        gain, weights = _unipc_update(s, j, orders[k], bh1)
+        p_x.append(gain)
+        p_m.append(weights + [0.0] * (top - len(weights)))
+        gain, weights = _unipc_update(s, j - 1, corrector, bh1, corrector=True) if corrector else (0.0, [])
+        c_x.append(gain)
+        c_m.append(weights + [0.0] * (top + 1 - len(weights)))
+    full = torch.from_numpy(sigmas)
+    sig, ts = full[start:], torch.from_numpy(timesteps[start:].astype(np.float32))
+    c_in = 1 / (sig[:-1] ** 2 + 1) ** 0.5
+    init, out = math.sqrt(float(sig[0]) ** 2 + 1), 1 / math.sqrt(float(sig[-1]) ** 2 + 1)
+    coef = {"p_x": _f32(p_x), "p_m": _f32(p_m), "c_x": _f32(c_x), "c_m": _f32(c_m)}
+    return Plan(sampler, ts, sig, c_in, init, 0, out_scale=out, orders=tuple(orders), corrections=tuple(corrections),
+                coef=coef)  # fmt: skip
+
+
+def _unipc_update(s: list[float], j: int, order: int, bh1: bool, corrector: bool = False) -> tuple[float, list]:
+    """One UniP (or UniC) B(h) update from sigma s[j] to s[j + 1] in sigma space, as linear weights: the state's
+    gain sigma_to / sigma and the weights on x0 of calls [j, j - 1, ...] (the corrector's: [j + 1, j, j - 1, ...],
+    j + 1 being the call that corrects). With lambda = -log sigma, h = lambda_to - lambda and r_k the history's
+    lambda offsets / h, the update is -phi_1 x0_j - B(h) sum_k rho_k (x0_{j-k} - x0_j) / r_k (+ rho_last (x0_{j+1}
+    - x0_j) for UniC), rho solving R rho = b (the paper's eq. 8; diffusers fixes rho = 1/2 for a second-order
+    UniP and a first-order UniC)."""
+    lam = [-math.log(v) if v > 0 else math.inf for v in s]
+    h = lam[j + 1] - lam[j]
+    if h == 0:  # a step to the same sigma (UniPC's Karras "sigma_min" ending) leaves the state as it is
+        return 1.0, [0.0] * (order + corrector)
+    hh = -h
+    phi_1 = math.expm1(hh)
+    rks = [(lam[j - k] - lam[j]) / h for k in range(1, order)] + [1.0]
+    b_h = hh if bh1 else math.expm1(hh)
+    size = order if corrector else order - 1
+    rhos: list[float] = []
+    if size:
+        if (corrector and order == 1) or (not corrector and order == 2):
+            rhos = [0.5]
+        else:
+            phi_k, fact, b = phi_1 / hh - 1, 1, []
+            for i in range(1, order + 1):
+                b.append(phi_k * fact / b_h)
+                fact *= i + 1
+                phi_k = phi_k / hh - 1 / fact
+            r = np.array([[rk ** (i - 1) for rk in rks] for i in range(1, order + 1)])
+            rhos = list(np.linalg.solve(r[:size, :size], np.array(b[:size])))
+    gain = s[j + 1] / s[j]
+    weights = [-phi_1] + [0.0] * (order - 1)  # on x0_j, x0_{j-1}, ...
+    for k in range(1, order):  # D_k = (x0_{j-k} - x0_j) / r_k, weighted by rho_k
+        weights[k] -= b_h * rhos[k - 1] / rks[k - 1]
+        weights[0] += b_h * rhos[k - 1] / rks[k - 1]
+    if corrector:  # D_t = x0_{j+1} - x0_j, weighted by the last rho
+        weights = [-b_h * rhos[-1], weights[0] + b_h * rhos[-1], *weights[1:]]
+    return gain, weights
+
+
 _PLANNERS = {
     "ddim": _plan_ddim,
     "euler": _plan_sigma_space,
@@ -427,4 +522,5 @@ _PLANNERS = {
     "dpmpp_2m_sde_karras": _plan_sigma_space,
     "lcm": _plan_lcm,
     "pndm": _plan_pndm,
+    "unipc": _plan_unipc,
 }

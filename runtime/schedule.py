@@ -65,6 +65,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         steps_offset=0, prediction_type="epsilon", timestep_spacing="leading", timestep_scaling=10.0,
         rescale_betas_zero_snr=False,
     ),
+    "UniPCMultistepScheduler": dict(
+        _BETAS, **_SIGMA_KINDS, solver_order=2, prediction_type="epsilon", **_THRESHOLD, predict_x0=True,
+        solver_type="bh2", lower_order_final=True, disable_corrector=[], solver_p=None, use_flow_sigmas=False,
+        flow_shift=1.0, timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
+        rescale_betas_zero_snr=False, use_dynamic_shifting=False, time_shift_type="exponential", sigma_min=None,
+        sigma_max=None, shift_terminal=None,
+    ),
 }
 # fmt: on
 
@@ -83,6 +90,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -96,26 +104,30 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     "DDIMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
     "PNDMScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction"), skip_prk_steps=(True,)),
     "EulerDiscreteScheduler": dict(
-        _COMMON, prediction_type=_PREDICTIONS, interpolation_type=("linear",), use_exponential_sigmas=(False,),
-        use_beta_sigmas=(False,), timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
+        _COMMON, prediction_type=_PREDICTIONS, interpolation_type=("linear",), use_beta_sigmas=(False,), timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
     ),
     "EulerAncestralDiscreteScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction")),
     "DPMSolverMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(2,), algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
-        solver_type=("midpoint", "logrho", "bh1", "bh2"), use_exponential_sigmas=(False,), use_beta_sigmas=(False,),
-        use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
+        solver_type=("midpoint", "logrho", "bh1", "bh2"), use_beta_sigmas=(False,), use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
         final_sigmas_type=("zero", "sigma_min"),
     ),
-    "HeunDiscreteScheduler": dict(
-        _COMMON, prediction_type=_PREDICTIONS, use_exponential_sigmas=(False,), use_beta_sigmas=(False,)
-    ),
+    "HeunDiscreteScheduler": dict(_COMMON, prediction_type=_PREDICTIONS, use_beta_sigmas=(False,)),
     "LCMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
+    # solver types other than bh1 / bh2 are DPM-Solver's, which diffusers' UniPC reads as bh2
+    "UniPCMultistepScheduler": dict(
+        _COMMON, prediction_type=_PREDICTIONS, solver_order=(1, 2, 3), predict_x0=(True,),
+        solver_type=("bh1", "bh2", "midpoint", "heun", "logrho"), solver_p=(None,), use_beta_sigmas=(False,),
+        use_flow_sigmas=(False,), use_dynamic_shifting=(False,), final_sigmas_type=("zero", "sigma_min"),
+    ),
 }
 # fmt: on
 _WHY = {
     "skip_prk_steps": "PNDM's Runge-Kutta warm-up is not implemented (every Stable Diffusion config sets "
     "skip_prk_steps=True)",
     "thresholding": "dynamic thresholding is meant for pixel-space models, not latent diffusion",
+    "use_beta_sigmas": "beta sigmas are not implemented; Karras and exponential sigmas are",
+    "predict_x0": "UniPC's noise-prediction form is not implemented; its default predict_x0=True is",
 }
 
 
@@ -208,6 +220,11 @@ def resolve(schedule: NoiseSchedule, sampler: str) -> tuple[str, dict[str, Any]]
                 "pick another --sampler",
                 field="sampler",
             )
+    kinds = [key for key in _SIGMA_KINDS if key in DEFAULTS[cls] and cfg[key]]
+    if len(kinds) > 1:  # diffusers' schedulers refuse the pair too
+        raise ScheduleError(f"sampler {sampler!r}: {cls} takes one of {' and '.join(kinds)}, not both; pick another "
+                            "--sampler (one without Karras in its name, for a checkpoint with exponential sigmas)",
+                            field="sampler")  # fmt: skip
     # the betas in the manifest are the checkpoint class's; a class that would build different ones cannot agree
     own = schedule.config_for(schedule.scheduler_class) if schedule.scheduler_class in DEFAULTS else cfg
     for key in _BETAS:
@@ -276,10 +293,18 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low_idx + w * (low_idx + 1)).reshape(sigma.shape)
 
 
-def karras_sigmas(cfg: dict[str, Any], sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
-    """Karras et al. 2022 (EDM), eq. 5 with rho = 7; a config's sigma_min / sigma_max override the schedule's."""
+def sigma_kind(cfg: dict[str, Any]) -> str | None:
+    """"karras" or "exponential" where the config asks for that spacing of sigmas (else None)."""
+    return next((k for k in ("karras", "exponential") if cfg.get(f"use_{k}_sigmas")), None)
+
+
+def spaced_sigmas(cfg: dict[str, Any], kind: str, sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
+    """`steps` sigmas from sigma_max down to sigma_min (a config's own sigma_min / sigma_max win): Karras et al.
+    2022 (EDM), eq. 5 with rho = 7, or evenly spaced in log sigma ("exponential"), as diffusers' `_convert_to_*`."""
     lo = cfg.get("sigma_min") if cfg.get("sigma_min") is not None else sigma_min
     hi = cfg.get("sigma_max") if cfg.get("sigma_max") is not None else sigma_max
+    if kind == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), steps))
     ramp, rho = np.linspace(0, 1, steps), 7.0
     return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
@@ -294,22 +319,28 @@ def euler_schedule(
     cfg: dict[str, Any], alphas_cumprod: torch.Tensor, steps: int, ancestral: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps float32 [n], sigmas float32 [n+1]) of EulerDiscreteScheduler (or EulerAncestralDiscreteScheduler,
-    which has neither Karras sigmas nor final_sigmas_type, whatever the config says)."""
+    which has neither Karras / exponential sigmas nor final_sigmas_type, whatever the config says)."""
     timesteps = spaced_timesteps(cfg, steps).astype(np.float32)
     train = train_sigmas(alphas_cumprod)
     sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-    if not ancestral and cfg["use_karras_sigmas"]:
-        sigmas = karras_sigmas(cfg, sigmas[-1].item(), sigmas[0].item(), steps)
+    kind = None if ancestral else sigma_kind(cfg)
+    if kind:
+        sigmas = spaced_sigmas(cfg, kind, sigmas[-1].item(), sigmas[0].item(), steps)
         timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas]).astype(np.float32)
     final = 0.0 if ancestral else _final_sigma(cfg, alphas_cumprod)
     return timesteps, np.concatenate([sigmas, [final]]).astype(np.float32)
 
 
-def dpm_schedule(cfg: dict[str, Any], alphas_cumprod: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps int64 [n], sigmas float32 [n+1]) of DPMSolverMultistepScheduler.set_timesteps."""
+def dpm_schedule(
+    cfg: dict[str, Any], alphas_cumprod: torch.Tensor, steps: int, unipc: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps int64 [n], sigmas float32 [n+1]) of DPMSolverMultistepScheduler.set_timesteps, or with `unipc`
+    of UniPCMultistepScheduler's (no lambda_min_clipped; Karras timesteps rounded whatever the betas; a final
+    "sigma_min" that is the last converted sigma)."""
     n_train, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
     lambda_t = torch.log(torch.sqrt(alphas_cumprod)) - torch.log(torch.sqrt(1 - alphas_cumprod))
-    last = n_train - int(torch.searchsorted(torch.flip(lambda_t, [0]), cfg["lambda_min_clipped"]))
+    clipped = -float("inf") if unipc else cfg["lambda_min_clipped"]
+    last = n_train - int(torch.searchsorted(torch.flip(lambda_t, [0]), clipped))
     if spacing == "linspace":
         timesteps = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
     elif spacing == "leading":
@@ -318,13 +349,19 @@ def dpm_schedule(cfg: dict[str, Any], alphas_cumprod: torch.Tensor, steps: int) 
     else:
         timesteps = np.arange(last, 0, -n_train / steps).round().copy().astype(np.int64) - 1
     train = train_sigmas(alphas_cumprod)
-    if cfg["use_karras_sigmas"]:
-        sigmas = karras_sigmas(cfg, float(train[0]), float(train[-1]), steps)
+    kind = sigma_kind(cfg)
+    if kind:
+        sigmas = spaced_sigmas(cfg, kind, float(train[0]), float(train[-1]), steps)
         timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
-        timesteps = (timesteps if cfg["beta_schedule"] == "squaredcos_cap_v2" else timesteps.round()).astype(np.int64)
+        if kind == "karras" and (unipc or cfg["beta_schedule"] != "squaredcos_cap_v2"):
+            timesteps = timesteps.round()
+        timesteps = timesteps.astype(np.int64)  # (diffusers' int64 tensor: truncated where not rounded)
     else:
         sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-    return timesteps, np.concatenate([sigmas, [_final_sigma(cfg, alphas_cumprod)]]).astype(np.float32)
+    final = _final_sigma(cfg, alphas_cumprod)
+    if unipc and kind and cfg["final_sigmas_type"] == "sigma_min":
+        final = sigmas[-1]  # UniPC's "sigma_min" is the last of its own Karras / exponential sigmas
+    return timesteps, np.concatenate([sigmas, [final]]).astype(np.float32)
 
 
 def lcm_timesteps(cfg: dict[str, Any], steps: int) -> np.ndarray:

@@ -54,6 +54,23 @@ def test_a_scheduler_without_its_own_sampler_is_no_dead_end(tmp_path, capfd):
     assert (tmp_path / "x.png").is_file()
 
 
+def test_a_unipc_folder_runs_its_own_scheduler(tmp_path, capfd):
+    """A folder saved with UniPC (third order, Karras sigmas): exported without a note, generated with UniPC by
+    default, the picture diffusers' with the folder's own scheduler."""
+    import diffusers
+
+    pipe = build_pipeline("sd1")
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, solver_order=3,
+                                                                   use_karras_sigmas=True)  # fmt: skip
+    folder, out, log = _export(pipe, tmp_path, "unipc", capfd)
+    assert "note:" not in log
+    kw = dict(KW, num_inference_steps=6)
+    with Pipeline.load(out, backend="onnxruntime", device="cpu") as sdrt:
+        assert sdrt.default_sampler == "unipc"
+        ours = sdrt_images(sdrt, **kw)
+    print(f"UniPC folder: {check(ours, diffusers_images(folder, 'unipc', **kw)):.1f} dB")
+
+
 def _distilled(kind: str):
     """The test pipeline of ``kind`` with an LCM-distilled U-Net (time_cond_proj_dim: the guidance scale enters
     as an embedding) and LCMScheduler, as an LCM checkpoint ships."""
@@ -93,7 +110,7 @@ def test_lcm_distilled_unets_take_the_guidance_embedding_unguided(kind, tmp_path
     assert np.abs(other.astype(int) - ours).mean() > 1, "the guidance embedding should change the picture"
 
 
-ZERO_SNR_SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde_karras", "lcm"]
+ZERO_SNR_SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde_karras", "lcm", "unipc"]
 
 
 def test_zero_terminal_snr_runs_every_sampler_diffusers_runs(tmp_path, capfd):

@@ -28,6 +28,7 @@ SCHEDULERS = {  # sdrt sampler -> (diffusers scheduler class, extra config)
     ),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 PROMPT, NEGATIVE = "a watercolor fox in the snow, detailed", "blurry, low quality"
 

@@ -52,12 +52,31 @@ CONFIGS = {
     "zsnr": ("DDIMScheduler", dict(_SCALED, rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                     prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
                                     steps_offset=1, skip_prk_steps=True)),
+    # exponential sigmas, as Euler, Heun, DPM-Solver and UniPC read them
+    "exp": ("EulerDiscreteScheduler", dict(_SCALED, use_exponential_sigmas=True, timestep_spacing="trailing",
+                                           skip_prk_steps=True)),
+}  # fmt: skip
+# Configs run by the listed samplers only (their options are ones the other classes do not take or refuse).
+_UNIPC = "UniPCMultistepScheduler"
+ONLY = {
+    # B(h) = h, the corrector skipped after step 1, landing on sigma_min (diffusers' bh1 to sigma 0 draws NaN)
+    "unipc_bh1": (_UNIPC, dict(_SCALED, solver_type="bh1", final_sigmas_type="sigma_min", disable_corrector=[1],
+                               timestep_spacing="trailing", prediction_type="v_prediction"), ("unipc",)),
+    "unipc3_karras": (_UNIPC, dict(_SCALED, solver_order=3, use_karras_sigmas=True), ("unipc",)),
+    "unipc3_exp_x0": (_UNIPC, dict(_SCALED, solver_order=3, use_exponential_sigmas=True, prediction_type="sample",
+                                   final_sigmas_type="sigma_min"), ("unipc",)),
+    "unipc1_leading": (_UNIPC, dict(_SCALED, solver_order=1, timestep_spacing="leading", steps_offset=1),
+                       ("unipc",)),
+    # its Karras "sigma_min" is the last sigma again: a last step of h = 0, taken at order 2
+    "unipc_karras_min": (_UNIPC, dict(_SCALED, use_karras_sigmas=True, final_sigmas_type="sigma_min",
+                                      lower_order_final=False), ("unipc",)),
+    "unipc_zsnr": (_UNIPC, dict(CONFIGS["zsnr"][1], solver_order=3), ("unipc",)),
 }  # fmt: skip
 # Pairs sdrt refuses: LCM and Heun would build other betas than the checkpoint's (their defaults differ), PNDM
 # and Heun have no zero-SNR rescale (their betas would differ too), and diffusers' PNDM / Euler ancestral raise on
 # x0-prediction.
 BETAS_DIFFER = {("linspace", "lcm"), ("linspace", "heun"), ("zsnr", "pndm"), ("zsnr", "heun")}
-REFUSED = BETAS_DIFFER | {("x0", "pndm"), ("x0", "euler_a")}
+REFUSED = BETAS_DIFFER | {("x0", "pndm"), ("x0", "euler_a"), ("exp", "dpmpp_2m_karras"), ("exp", "dpmpp_2m_sde_karras")}
 CASES = [
     (c, s, n, st)
     for c in CONFIGS
@@ -69,6 +88,8 @@ CASES = [
     and (c, n, s.endswith("karras") and s.startswith("dpm")) != ("zsnr", 25, True)
 ]
 CASES += [("sd15", s, 50, 1.0) for s in SAMPLERS]
+CASES += [(c, s, n, st) for c, (_, _, ss) in ONLY.items() for s in ss for n in (1, 4, 25) for st in (1.0, 0.6)
+          if n * st >= 1]  # fmt: skip
 
 
 def entry(cls: str, cfg: dict) -> dict:
@@ -79,7 +100,7 @@ def entry(cls: str, cfg: dict) -> dict:
 
 
 def entry_for(name: str) -> dict:
-    return entry(*CONFIGS[name])
+    return entry(*CONFIGS[name]) if name in CONFIGS else entry(*ONLY[name][:2])
 
 
 def fake_unet(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -152,8 +173,8 @@ def test_matches_diffusers(name, sampler, steps, strength):
 @pytest.mark.parametrize("name,sampler", sorted(REFUSED))
 def test_refuses_what_diffusers_cannot_match(name, sampler):
     cls, fixed = SCHEDULERS[sampler]
-    reference = getattr(diffusers, cls).from_config(entry_for(name)["config"], **fixed)
     if (name, sampler) in BETAS_DIFFER:  # diffusers runs, but on other betas than the checkpoint was trained with
+        reference = getattr(diffusers, cls).from_config(entry_for(name)["config"], **fixed)
         assert not torch.equal(reference.betas, torch.tensor(entry_for(name)["betas"]))
     else:
         with pytest.raises((ValueError, NotImplementedError)):
@@ -190,7 +211,10 @@ def test_bad_requests_raise(sampler, steps, strength, match):
     [
         ("DDIMScheduler", dict(thresholding=True), "ddim", "thresholding"),
         ("DDIMScheduler", dict(rescale_betas_zero_snr=True, skip_prk_steps=True), "pndm", "rescale_betas_zero_snr"),
-        ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True), "euler", "use_exponential_sigmas"),
+        ("EulerDiscreteScheduler", dict(use_beta_sigmas=True), "euler", "use_beta_sigmas"),
+        ("UniPCMultistepScheduler", dict(predict_x0=False), "unipc", "predict_x0"),
+        ("UniPCMultistepScheduler", dict(solver_order=4), "unipc", "solver_order"),
+        ("UniPCMultistepScheduler", dict(use_flow_sigmas=True), "unipc", "use_flow_sigmas"),
         ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "euler", "interpolation_type"),
         ("DPMSolverMultistepScheduler", dict(solver_order=3), "dpmpp_2m", "solver_order"),
         (
@@ -206,7 +230,12 @@ def test_bad_requests_raise(sampler, steps, strength, match):
     ],
 )
 def test_unsupported_options_raise(cls, cfg, sampler, key):
-    schedule = NoiseSchedule.from_manifest(entry(cls, cfg))
+    if "use_beta_sigmas" in cfg:  # as a file states it (diffusers itself needs scipy to build beta sigmas)
+        stated = entry(cls, {})
+        stated["config"] = {k: v for k, v in stated["config"].items() if k != "_use_default_values"} | cfg
+    else:
+        stated = entry(cls, cfg)
+    schedule = NoiseSchedule.from_manifest(stated)
     with pytest.raises(ValueError, match=f"{key}="):
         make_plan(sampler, schedule, 4)
 
@@ -245,6 +274,44 @@ def test_karras_sigmas_that_repeat_timesteps_are_refused_where_diffusers_loses_c
         run_diffusers("zsnr", sampler, 25, 1.0)
     with pytest.raises(ValueError, match="first timestep repeats"):
         make_plan(sampler, NoiseSchedule.from_manifest(entry_for("zsnr")), 25)
+
+
+def test_unipc_bh1_lands_on_x0_where_diffusers_draws_nan():
+    """bh1's B(h) = h is infinite on the step to sigma 0; that first-order step's weight on it multiplies nothing,
+    and its limit is the data prediction itself. diffusers computes inf * 0 there. The reference: diffusers' own
+    steps up to the last call, then its own x0 of that call (`convert_model_output`)."""
+    cfg = dict(_SCALED, solver_type="bh1")
+    sched = diffusers.UniPCMultistepScheduler.from_config(entry(_UNIPC, cfg)["config"])
+    sched.set_timesteps(6)
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED))
+    for k, t in enumerate(sched.timesteps):
+        out = fake_unet(sched.scale_model_input(latents, t), t)
+        if k == len(sched.timesteps) - 1:
+            sched._step_index = k  # (its counter, as step() would have it)
+            reference = sched.convert_model_output(out, sample=latents)
+            assert torch.isnan(sched.step(out, t, latents).prev_sample).all()
+        else:
+            latents = sched.step(out, t, latents).prev_sample
+    schedule = NoiseSchedule.from_manifest(entry(_UNIPC, cfg))
+    plan = make_plan("unipc", schedule, 6)
+    x = start_latents(plan, torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED)))
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        return to_x0(x, fake_unet(x * plan.c_in[i], plan.timesteps[i]), plan.sigmas[i], "epsilon")
+
+    assert rel(sample(plan, denoise, x, torch.empty(0)), reference) < 1e-4
+
+
+def test_unipc_refuses_a_high_order_last_step_to_sigma_zero():
+    cfg = dict(_SCALED, lower_order_final=False)
+    sched = diffusers.UniPCMultistepScheduler.from_config(entry(_UNIPC, cfg)["config"])
+    sched.set_timesteps(4)
+    x = torch.randn(SHAPE)
+    for t in sched.timesteps:
+        x = sched.step(fake_unet(x, t), t, x).prev_sample
+    assert not torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="lower_order_final=True"):
+        make_plan("unipc", NoiseSchedule.from_manifest(entry(_UNIPC, cfg)), 4)
 
 
 def test_zero_snr_alpha_space_samplers_refuse_epsilon_models():
