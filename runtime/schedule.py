@@ -104,12 +104,14 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     "DDIMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
     "PNDMScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction"), skip_prk_steps=(True,)),
     "EulerDiscreteScheduler": dict(
-        _COMMON, prediction_type=_PREDICTIONS, interpolation_type=("linear",), use_beta_sigmas=(False,), timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
+        _COMMON, prediction_type=_PREDICTIONS, interpolation_type=("linear",), use_beta_sigmas=(False,),
+        timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
     ),
     "EulerAncestralDiscreteScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction")),
     "DPMSolverMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(2,), algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
-        solver_type=("midpoint", "logrho", "bh1", "bh2"), use_beta_sigmas=(False,), use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
+        solver_type=("midpoint", "logrho", "bh1", "bh2"), use_beta_sigmas=(False,), use_lu_lambdas=(False,),
+        use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
         final_sigmas_type=("zero", "sigma_min"),
     ),
     "HeunDiscreteScheduler": dict(_COMMON, prediction_type=_PREDICTIONS, use_beta_sigmas=(False,)),
@@ -294,7 +296,7 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def sigma_kind(cfg: dict[str, Any]) -> str | None:
-    """"karras" or "exponential" where the config asks for that spacing of sigmas (else None)."""
+    """The spacing of sigmas the config asks for: "karras", "exponential"; or None."""
     return next((k for k in ("karras", "exponential") if cfg.get(f"use_{k}_sigmas")), None)
 
 
