@@ -29,9 +29,9 @@ from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
 StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
-SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-            "lcm", "pndm", "unipc")  # fmt: skip
-ANCESTRAL = ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")  # fresh noise every step, at eta 1 (diffusers')
+SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
+            "dpmpp_2m_sde_karras", "lcm", "pndm", "unipc")  # fmt: skip
+ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")  # fresh noise every step at eta 1 (diffusers')
 
 
 @dataclass
@@ -98,12 +98,13 @@ def inpaint_blend(plan: Plan, init_latents: torch.Tensor, noise0: torch.Tensor, 
     """The latent blend diffusers' inpainting pipelines apply after every step with a 4-channel U-Net: keep the
     init latents, noised to the next call's timestep (`add_noise` with the initial noise; clean after the last
     step), where the mask is 0. In sigma space that target is init + sigma_{i+1} * noise0, and after the last
-    step init / out_scale (the blend happens on diffusers' alpha-space latents, which are x * out_scale).
+    step init / out_scale (the blend happens on diffusers' alpha-space latents, which are x * out_scale); where
+    diffusers' add_noise reads another sigma than the next call's (DPM2's midpoints), coef["blend"] holds it.
     mask: [B, 1, h, w], 1 where the sampler's result is kept."""
-    last = len(plan.timesteps) - 1
+    last, noised = len(plan.timesteps) - 1, plan.coef.get("blend", plan.sigmas[1:])
 
     def after(x: torch.Tensor, i: int) -> torch.Tensor:
-        target = init_latents + plan.sigmas[i + 1] * noise0 if i < last else init_latents / plan.out_scale
+        target = init_latents + noised[i] * noise0 if i < last else init_latents / plan.out_scale
         return (1 - mask) * target + mask * x
 
     return after
@@ -163,6 +164,27 @@ def sample_heun(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tens
             x0 = x0.clamp(-plan.clip, plan.clip)
         d_next = (x_next - x0) / sigmas[i + 1]
         x = after(x + (d + d_next) / 2 * dt, i + 1)
+    return x
+
+
+def sample_dpm2(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
+    """DPM2 (Karras et al. 2022's second-order step at the midpoint; k-diffusion's sample_dpm_2): an Euler step to
+    the geometric mean of sigma and the step's end, a second U-Net call there, and the whole step from the start
+    with that midpoint's slope; the last step, to sigma 0, is Euler's. With noise draws (dpm2_a, k-diffusion's
+    sample_dpm_2_ancestral) the step ends at sigma_down and adds noise of std sigma_up, as Euler a does.
+    Two calls a step, as diffusers' KDPM2(Ancestral)DiscreteScheduler lays them out: plan.sigmas per call
+    [s0, mid0, s1, mid1, ..., s_last, 0]; per first call coef["to"] (the step's end) and coef["up"]."""
+    sigmas, to, calls = plan.sigmas, plan.coef["to"], len(plan.timesteps)
+    for i in range(0, calls, 2):  # call i at the step's sigma, call i + 1 at its midpoint
+        d = (x - denoise(x, i)) / sigmas[i]
+        x_mid = after(x + d * (sigmas[i + 1] - sigmas[i]), i)
+        if i + 1 == calls:
+            return x_mid
+        d_mid = (x_mid - denoise(x_mid, i + 1)) / sigmas[i + 1]
+        x = x + d_mid * (to[i] - sigmas[i])
+        if plan.noise_draws:
+            x = x + plan.coef["up"][i] * noise[i // 2]
+        x = after(x, i + 1)
     return x
 
 
@@ -279,6 +301,8 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": sample_euler,
     "euler_a": sample_euler_a,
     "heun": sample_heun,
+    "dpm2": sample_dpm2,
+    "dpm2_a": sample_dpm2,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m,
@@ -378,6 +402,40 @@ def _plan_heun(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int
     c_in = 1 / (full[:-1] ** 2 + 1) ** 0.5
     timesteps = torch.from_numpy(calls.astype(np.float32))
     return Plan(sampler, timesteps, full, c_in, _euler_init_sigma(cfg, full), 0, clip=_clip(cfg))
+
+
+def _plan_dpm2(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """KDPM2(Ancestral)DiscreteScheduler: Euler's timesteps and sigmas (Karras timesteps rounded), each step's
+    midpoint sigma in log space as diffusers computes it (float32), its timestep by log-sigma interpolation; calls
+    [t0, tm0, t1, tm1, ..., t_last] from call 2 x start. Ancestral: the midpoint lies between sigma and sigma_down,
+    noise drawn after each second call."""
+    own = dict(cfg, final_sigmas_type="zero", sigma_min=None, sigma_max=None)  # neither option in these classes
+    timesteps, s = sch.euler_schedule(own, ac, steps, ancestral=False)
+    if sch.sigma_kind(cfg) == "karras":
+        timesteps = timesteps.round()
+    s, n = torch.from_numpy(s), steps
+    if sampler == "dpm2_a":
+        s_next = torch.cat([s[1:], s.new_zeros(1)])
+        up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+        to = (s_next**2 - up**2) ** 0.5
+        to[-1] = 0.0
+        mid = s.log().lerp(to.log(), 0.5).exp()
+        mid[-2:] = 0.0  # (the last step's midpoint is 0: it is Euler's, to sigma 0)
+    else:  # the geometric mean of each sigma and the next (diffusers' sigmas.log().lerp(sigmas.roll(1).log()))
+        mid = s.log().lerp(s.roll(1).log(), 0.5).exp()[1:]
+        to, up = s[1:], torch.zeros(n)
+    log_train = torch.from_numpy(np.log(sch.train_sigmas(ac)))  # per sigma, on tensors, as diffusers computes it
+    t_mid = np.array([sch.sigma_to_t(m, log_train) for m in mid[: n - 1]], dtype=np.float32).reshape(-1)
+    calls = np.stack([timesteps[:-1], t_mid], axis=1).reshape(-1)
+    calls = np.concatenate([calls, timesteps[-1:]])[2 * start :].astype(np.float32)
+    per_call = torch.stack([s[:n], mid[:n]], dim=1).reshape(-1)  # [s0, mid0, s1, ..., s_last, mid_last = 0]
+    sigmas = per_call[2 * start :]
+    step_of = torch.arange(2 * start, 2 * n - 1) // 2
+    coef = {"to": to[step_of], "up": up[step_of], "blend": s[step_of + 1]}  # blend: diffusers' self.sigmas[i + 1]
+    c_in = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5
+    draws = n - start - 1 if sampler == "dpm2_a" else 0
+    init = _euler_init_sigma(cfg, s)
+    return Plan(sampler, torch.from_numpy(calls), sigmas, c_in, init, draws, coef=coef)
 
 
 def _alpha_plan(sampler: str, timesteps: np.ndarray, alphas: list[float], alpha_last: float, **kw) -> Plan:
@@ -516,6 +574,8 @@ _PLANNERS = {
     "euler": _plan_sigma_space,
     "euler_a": _plan_sigma_space,
     "heun": _plan_heun,
+    "dpm2": _plan_dpm2,
+    "dpm2_a": _plan_dpm2,
     "dpmpp_2m": _plan_sigma_space,
     "dpmpp_2m_karras": _plan_sigma_space,
     "dpmpp_2m_sde": _plan_sigma_space,

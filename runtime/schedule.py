@@ -65,6 +65,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         steps_offset=0, prediction_type="epsilon", timestep_spacing="leading", timestep_scaling=10.0,
         rescale_betas_zero_snr=False,
     ),
+    "KDPM2DiscreteScheduler": dict(
+        _BETAS, beta_start=0.00085, beta_end=0.012, **_SIGMA_KINDS, prediction_type="epsilon",
+        timestep_spacing="linspace", steps_offset=0,
+    ),
+    "KDPM2AncestralDiscreteScheduler": dict(
+        _BETAS, beta_start=0.00085, beta_end=0.012, **_SIGMA_KINDS, prediction_type="epsilon",
+        timestep_spacing="linspace", steps_offset=0,
+    ),
     "UniPCMultistepScheduler": dict(
         _BETAS, **_SIGMA_KINDS, solver_order=2, prediction_type="epsilon", **_THRESHOLD, predict_x0=True,
         solver_type="bh2", lower_order_final=True, disable_corrector=[], solver_p=None, use_flow_sigmas=False,
@@ -88,6 +96,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"),
     ),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -116,6 +126,10 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     ),
     "HeunDiscreteScheduler": dict(_COMMON, prediction_type=_PREDICTIONS, use_beta_sigmas=(False,)),
     "LCMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
+    "KDPM2DiscreteScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,)),
+    "KDPM2AncestralDiscreteScheduler": dict(
+        _COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,)
+    ),
     # solver types other than bh1 / bh2 are DPM-Solver's, which diffusers' UniPC reads as bh2
     "UniPCMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(1, 2, 3), predict_x0=(True,),

@@ -115,7 +115,7 @@ def test_openai_size_is_width_by_height_and_absent_is_the_models_own(client, pip
         ({"output_format": "jpeg"}, "output_format"),
         ({"n": 3}, "n"),  # the engine's batch is 2
         ({"extra_body": {"stepz": 4}}, "stepz"),
-        ({"extra_body": {"sampler": "dpm2"}}, "sampler"),
+        ({"extra_body": {"sampler": "dpm_fast"}}, "sampler"),
         ({"extra_body": {"seed": -1}}, "seed"),
         ({"extra_body": {"steps": "many"}}, "steps"),
     ],
@@ -199,7 +199,7 @@ def test_webuiapi_refusals_and_samplers(webui):
         webui.txt2img(prompt="a red fox", enable_hr=True, width=64, height=64)
     assert err.value.args[0] == 400 and '"field":"enable_hr"' in err.value.args[1]
     with pytest.raises(RuntimeError) as err:
-        webui.txt2img(prompt="a red fox", sampler_name="DPM2 a", width=64, height=64)
+        webui.txt2img(prompt="a red fox", sampler_name="DPM adaptive", width=64, height=64)
     assert err.value.args[0] == 400 and '"field":"sampler_name"' in err.value.args[1]
     assert {"Euler a", "Euler", "DDIM", "DPM++ 2M"} <= {s["name"] for s in webui.get_samplers()}
 

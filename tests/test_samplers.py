@@ -75,8 +75,24 @@ ONLY = {
 # Pairs sdrt refuses: LCM and Heun would build other betas than the checkpoint's (their defaults differ), PNDM
 # and Heun have no zero-SNR rescale (their betas would differ too), and diffusers' PNDM / Euler ancestral raise on
 # x0-prediction.
-BETAS_DIFFER = {("linspace", "lcm"), ("linspace", "heun"), ("zsnr", "pndm"), ("zsnr", "heun")}
-REFUSED = BETAS_DIFFER | {("x0", "pndm"), ("x0", "euler_a"), ("exp", "dpmpp_2m_karras"), ("exp", "dpmpp_2m_sde_karras")}
+BETAS_DIFFER = {
+    ("linspace", "lcm"),
+    ("linspace", "heun"),
+    ("zsnr", "pndm"),
+    ("zsnr", "heun"),
+    ("linspace", "dpm2"),
+    ("linspace", "dpm2_a"),
+    ("zsnr", "dpm2"),
+    ("zsnr", "dpm2_a"),
+}
+REFUSED = BETAS_DIFFER | {
+    ("x0", "pndm"),
+    ("x0", "euler_a"),
+    ("x0", "dpm2"),
+    ("x0", "dpm2_a"),
+    ("exp", "dpmpp_2m_karras"),
+    ("exp", "dpmpp_2m_sde_karras"),
+}
 CASES = [
     (c, s, n, st)
     for c in CONFIGS
@@ -132,7 +148,7 @@ def run_diffusers(name: str, sampler: str, steps: int, strength: float):
     calls = []
     for t in timesteps:
         x_in = sched.scale_model_input(latents, t)
-        calls.append((float(t), x_in))
+        calls.append((float(torch.as_tensor(t).float()), x_in))  # (the U-Net reads float32)
         latents = sched.step(fake_unet(x_in, t), t, latents, **extra, return_dict=False)[0]
     return calls, latents
 
@@ -186,7 +202,7 @@ def test_refuses_what_diffusers_cannot_match(name, sampler):
 @pytest.mark.parametrize(
     "sampler,steps,strength,match",
     [
-        ("dpm2", 4, 1.0, "unknown sampler 'dpm2'; choose one of ddim"),
+        ("dpm_fast", 4, 1.0, "unknown sampler 'dpm_fast'; choose one of ddim"),
         ("euler", 0, 1.0, "steps"),
         ("euler", -2, 1.0, "steps"),
         ("euler", 2.5, 1.0, "steps"),

@@ -82,6 +82,8 @@ INPAINT = [  # (kind, diffusers pipeline, sampler, strength)
     ("sd1", "StableDiffusionInpaintPipeline", "lcm", 1.0),
     ("sd1", "StableDiffusionInpaintPipeline", "heun", 0.8),  # two calls a step, the blend after each
     ("sd1", "StableDiffusionInpaintPipeline", "dpmpp_2m_sde", 1.0),
+    ("sd1", "StableDiffusionInpaintPipeline", "dpm2_a", 0.8),  # blended to the step's end sigma, not the midpoint
+    ("sd1", "StableDiffusionInpaintPipeline", "unipc", 1.0),  # the corrector reads the unblended state
     ("sdxl-inpaint", "StableDiffusionXLInpaintPipeline", "euler", 0.9999),  # SDXL inpainting's default strength
     ("sdxl-inpaint", "StableDiffusionXLInpaintPipeline", "euler_a", 1.0),
     ("sdxl", "StableDiffusionXLInpaintPipeline", "euler", 1.0),
