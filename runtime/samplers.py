@@ -30,7 +30,7 @@ from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
 StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
 SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
-            "dpmpp_2m_sde_karras", "lcm", "pndm", "unipc")  # fmt: skip
+            "dpmpp_2m_sde_karras", "deis", "lcm", "pndm", "unipc")  # fmt: skip
 ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")  # fresh noise every step at eta 1 (diffusers')
 
 
@@ -296,6 +296,20 @@ def sample_unipc(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Ten
     return x
 
 
+def sample_deis(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
+    """DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", the log-rho
+    multistep AB-DEIS of diffusers' DEISMultistepScheduler): in sigma space (rho = sigma) each step adds to x a
+    combination of the latest eps = (x - x0) / sigma, weighted by the integrals of their Lagrange polynomial in
+    log rho over the step (host coefficients coef["w"][i, j] on eps_{i-j}); first order it is Euler's step."""
+    sigmas, w = plan.sigmas, plan.coef["w"]
+    history: list[torch.Tensor] = []  # eps of the latest calls, newest first
+    for i, order in enumerate(plan.orders):
+        history = [(x - denoise(x, i)) / sigmas[i], *history[: w.shape[1] - 1]]
+        x = x + sum(w[i, j] * e for j, e in enumerate(history[:order]))
+        x = after(x, i)
+    return x
+
+
 _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "euler": sample_euler,
@@ -310,6 +324,7 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "lcm": sample_lcm,
     "pndm": sample_pndm,
     "unipc": sample_unipc,
+    "deis": sample_deis,
 }
 
 
@@ -502,7 +517,7 @@ def _plan_unipc(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: in
     """UniPCMultistepScheduler: DPM-Solver's timesteps and sigmas; per step the predictor's and the corrector's
     coefficients on the state and the x0 history (`_unipc_update`), at the orders diffusers takes (warm-up from
     img2img's first step, lower_order_final, disable_corrector by absolute step index)."""
-    timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps, unipc=True)
+    timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps, "unipc")
     n_all, top, bh1 = len(timesteps), int(cfg["solver_order"]), cfg["solver_type"] == "bh1"
     if not cfg["lower_order_final"] and top > 1 and float(sigmas[-1]) == 0:
         raise ScheduleError(f"sampler 'unipc': lower_order_final=False takes the last step, to sigma 0, at order "
@@ -529,6 +544,54 @@ def _plan_unipc(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: in
     coef = {"p_x": _f32(p_x), "p_m": _f32(p_m), "c_x": _f32(c_x), "c_m": _f32(c_m)}
     return Plan(sampler, ts, sig, c_in, init, 0, out_scale=out, orders=tuple(orders), corrections=tuple(corrections),
                 coef=coef)  # fmt: skip
+
+
+def _plan_deis(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """DEISMultistepScheduler: DPM-Solver's timesteps, ending at the training sigma_min (or repeating the last
+    Karras / exponential sigma); orders as diffusers takes them (warm-up from the first step run, first and second
+    order on the last two steps below 15 steps with lower_order_final)."""
+    timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps, "deis")
+    n_all, top = len(timesteps), int(cfg["solver_order"])
+    s = [float(v) for v in sigmas]
+    low = cfg["lower_order_final"] and n_all < 15
+    orders, w = [], []
+    for k, j in enumerate(range(start, n_all)):
+        if top == 1 or k < 1 or (low and j == n_all - 1):
+            order = 1
+        elif top == 2 or k < 2 or (low and j == n_all - 2):
+            order = 2
+        else:
+            order = 3
+        orders.append(order)
+        w.append(_deis_weights(s[j + 1], [s[j - m] for m in range(order)]) + [0.0] * (top - order))
+    full = torch.from_numpy(sigmas)
+    sig, ts = full[start:], torch.from_numpy(timesteps[start:].astype(np.float32))
+    c_in = 1 / (sig[:-1] ** 2 + 1) ** 0.5
+    init, out = math.sqrt(float(sig[0]) ** 2 + 1), 1 / math.sqrt(float(sig[-1]) ** 2 + 1)
+    return Plan(sampler, ts, sig, c_in, init, 0, out_scale=out, orders=tuple(orders), coef={"w": _f32(w)})
+
+
+def _deis_weights(to: float, rhos: list[float]) -> list[float]:
+    """Weights on eps at rhos[0] (this call), rhos[1], ... for the step from rhos[0] to `to`: the integral over
+    [rhos[0], to] of each eps's Lagrange basis polynomial in log rho (diffusers' `ind_fn`, in closed form)."""
+    if len(rhos) == 1:
+        return [to - rhos[0]]
+    if len(rhos) == 2:
+
+        def ind(t: float, b: float, c: float) -> float:
+            return t * (-math.log(c) + math.log(t) - 1) / (math.log(b) - math.log(c))
+
+        r0, r1 = rhos
+        return [ind(to, r0, r1) - ind(r0, r0, r1), ind(to, r1, r0) - ind(r0, r1, r0)]
+
+    def ind3(t: float, b: float, c: float, d: float) -> float:
+        lt, lc, ld = math.log(t), math.log(c), math.log(d)
+        numerator = t * (lc * (ld - lt + 1) - ld * lt + ld + lt**2 - 2 * lt + 2)
+        return numerator / ((math.log(b) - lc) * (math.log(b) - ld))
+
+    r0, r1, r2 = rhos
+    return [ind3(to, r0, r1, r2) - ind3(r0, r0, r1, r2), ind3(to, r1, r2, r0) - ind3(r0, r1, r2, r0),
+            ind3(to, r2, r0, r1) - ind3(r0, r2, r0, r1)]  # fmt: skip
 
 
 def _unipc_update(s: list[float], j: int, order: int, bh1: bool, corrector: bool = False) -> tuple[float, list]:
@@ -583,4 +646,5 @@ _PLANNERS = {
     "lcm": _plan_lcm,
     "pndm": _plan_pndm,
     "unipc": _plan_unipc,
+    "deis": _plan_deis,
 }

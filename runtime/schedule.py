@@ -73,6 +73,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         _BETAS, beta_start=0.00085, beta_end=0.012, **_SIGMA_KINDS, prediction_type="epsilon",
         timestep_spacing="linspace", steps_offset=0,
     ),
+    "DEISMultistepScheduler": dict(
+        _BETAS, solver_order=2, prediction_type="epsilon", **_THRESHOLD, algorithm_type="deis", solver_type="logrho",
+        lower_order_final=True, **_SIGMA_KINDS, use_flow_sigmas=False, flow_shift=1.0, timestep_spacing="linspace",
+        steps_offset=0, use_dynamic_shifting=False, time_shift_type="exponential",
+    ),
     "UniPCMultistepScheduler": dict(
         _BETAS, **_SIGMA_KINDS, solver_order=2, prediction_type="epsilon", **_THRESHOLD, predict_x0=True,
         solver_type="bh2", lower_order_final=True, disable_corrector=[], solver_p=None, use_flow_sigmas=False,
@@ -101,6 +106,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
 }
 
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -129,6 +135,12 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     "KDPM2DiscreteScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,)),
     "KDPM2AncestralDiscreteScheduler": dict(
         _COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,)
+    ),
+    # DPM-Solver's algorithm and solver types are read as DEIS's own ("deis", "logrho"), as diffusers does
+    "DEISMultistepScheduler": dict(
+        _COMMON, prediction_type=_PREDICTIONS, solver_order=(1, 2, 3),
+        algorithm_type=("deis", "dpmsolver", "dpmsolver++"), solver_type=("logrho", "midpoint", "heun", "bh1", "bh2"),
+        use_beta_sigmas=(False,), use_flow_sigmas=(False,), use_dynamic_shifting=(False,),
     ),
     # solver types other than bh1 / bh2 are DPM-Solver's, which diffusers' UniPC reads as bh2
     "UniPCMultistepScheduler": dict(
@@ -348,14 +360,15 @@ def euler_schedule(
 
 
 def dpm_schedule(
-    cfg: dict[str, Any], alphas_cumprod: torch.Tensor, steps: int, unipc: bool = False
+    cfg: dict[str, Any], alphas_cumprod: torch.Tensor, steps: int, variant: str = "dpm"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps int64 [n], sigmas float32 [n+1]) of DPMSolverMultistepScheduler.set_timesteps, or with `unipc`
-    of UniPCMultistepScheduler's (no lambda_min_clipped; Karras timesteps rounded whatever the betas; a final
-    "sigma_min" that is the last converted sigma)."""
+    """(timesteps int64 [n], sigmas float32 [n+1]) of DPMSolverMultistepScheduler.set_timesteps, or of its
+    relatives' (`variant` "unipc", "deis": no lambda_min_clipped, Karras timesteps rounded whatever the betas;
+    UniPC's "sigma_min" and DEIS's Karras / exponential ending repeat the last sigma; DEIS otherwise always ends
+    at the training sigma_min)."""
     n_train, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
     lambda_t = torch.log(torch.sqrt(alphas_cumprod)) - torch.log(torch.sqrt(1 - alphas_cumprod))
-    clipped = -float("inf") if unipc else cfg["lambda_min_clipped"]
+    clipped = cfg["lambda_min_clipped"] if variant == "dpm" else -float("inf")
     last = n_train - int(torch.searchsorted(torch.flip(lambda_t, [0]), clipped))
     if spacing == "linspace":
         timesteps = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
@@ -369,14 +382,17 @@ def dpm_schedule(
     if kind:
         sigmas = spaced_sigmas(cfg, kind, float(train[0]), float(train[-1]), steps)
         timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
-        if kind == "karras" and (unipc or cfg["beta_schedule"] != "squaredcos_cap_v2"):
+        if kind == "karras" and (variant != "dpm" or cfg["beta_schedule"] != "squaredcos_cap_v2"):
             timesteps = timesteps.round()
         timesteps = timesteps.astype(np.int64)  # (diffusers' int64 tensor: truncated where not rounded)
     else:
         sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-    final = _final_sigma(cfg, alphas_cumprod)
-    if unipc and kind and cfg["final_sigmas_type"] == "sigma_min":
-        final = sigmas[-1]  # UniPC's "sigma_min" is the last of its own Karras / exponential sigmas
+    if variant == "deis":
+        final = sigmas[-1] if kind else ((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5
+    elif variant == "unipc" and kind and cfg["final_sigmas_type"] == "sigma_min":
+        final = sigmas[-1]
+    else:
+        final = _final_sigma(cfg, alphas_cumprod)
     return timesteps, np.concatenate([sigmas, [final]]).astype(np.float32)
 
 

@@ -51,12 +51,12 @@ WEBUI_SAMPLERS = {
     "heun": "heun", "k_heun": "heun", "dpm2": "dpm2", "k_dpm_2": "dpm2", "dpm2 a": "dpm2_a", "k_dpm_2_a": "dpm2_a",
     "dpm++ 2m": "dpmpp_2m", "k_dpmpp_2m": "dpmpp_2m", "dpm++ 2m karras": "dpmpp_2m_karras",
     "dpm++ 2m sde": "dpmpp_2m_sde", "k_dpmpp_2m_sde": "dpmpp_2m_sde", "dpm++ 2m sde karras": "dpmpp_2m_sde_karras",
-    "lcm": "lcm", "plms": "pndm", "pndm": "pndm", "unipc": "unipc",
+    "lcm": "lcm", "plms": "pndm", "pndm": "pndm", "unipc": "unipc", "deis": "deis",
 }  # fmt: skip
 WEBUI_NAMES = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
                "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
                "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "lcm": "LCM",
-               "pndm": "PLMS", "unipc": "UniPC"}  # fmt: skip
+               "pndm": "PLMS", "unipc": "UniPC", "deis": "DEIS"}  # fmt: skip
 KARRAS = {"dpmpp_2m": "dpmpp_2m_karras", "dpmpp_2m_sde": "dpmpp_2m_sde_karras"}  # the web UI's scheduler: Karras
 
 # `SdrtError.field` (the Python argument at fault) -> each endpoint's spelling of it; the web UI's adapters are

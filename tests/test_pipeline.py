@@ -31,6 +31,7 @@ SCHEDULERS = {  # sdrt sampler -> (diffusers scheduler class, extra config)
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
 }
 PROMPT, NEGATIVE = "a watercolor fox in the snow, detailed", "blurry, low quality"
 

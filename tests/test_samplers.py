@@ -70,29 +70,19 @@ ONLY = {
     # its Karras "sigma_min" is the last sigma again: a last step of h = 0, taken at order 2
     "unipc_karras_min": (_UNIPC, dict(_SCALED, use_karras_sigmas=True, final_sigmas_type="sigma_min",
                                       lower_order_final=False), ("unipc",)),
+    "deis3_karras": ("DEISMultistepScheduler", dict(_SCALED, solver_order=3, use_karras_sigmas=True), ("deis",)),
+    "deis3_v": ("DEISMultistepScheduler", dict(_SCALED, solver_order=3, prediction_type="v_prediction",
+                                               timestep_spacing="trailing"), ("deis",)),
+    "deis1_exp": ("DEISMultistepScheduler", dict(_SCALED, solver_order=1, use_exponential_sigmas=True), ("deis",)),
     "unipc_zsnr": (_UNIPC, dict(CONFIGS["zsnr"][1], solver_order=3), ("unipc",)),
 }  # fmt: skip
-# Pairs sdrt refuses: LCM and Heun would build other betas than the checkpoint's (their defaults differ), PNDM
-# and Heun have no zero-SNR rescale (their betas would differ too), and diffusers' PNDM / Euler ancestral raise on
-# x0-prediction.
-BETAS_DIFFER = {
-    ("linspace", "lcm"),
-    ("linspace", "heun"),
-    ("zsnr", "pndm"),
-    ("zsnr", "heun"),
-    ("linspace", "dpm2"),
-    ("linspace", "dpm2_a"),
-    ("zsnr", "dpm2"),
-    ("zsnr", "dpm2_a"),
-}
-REFUSED = BETAS_DIFFER | {
-    ("x0", "pndm"),
-    ("x0", "euler_a"),
-    ("x0", "dpm2"),
-    ("x0", "dpm2_a"),
-    ("exp", "dpmpp_2m_karras"),
-    ("exp", "dpmpp_2m_sde_karras"),
-}
+# Pairs sdrt refuses: LCM, Heun and DPM2 would build other betas than the checkpoint's (their defaults differ); PNDM,
+# Heun, DPM2 and DEIS have no zero-SNR rescale (their betas would differ too); diffusers' PNDM, Euler ancestral and
+# DPM2 raise on x0-prediction, and every class on Karras and exponential sigmas at once.
+BETAS_DIFFER = {(c, s) for c in ("linspace", "zsnr") for s in ("heun", "dpm2", "dpm2_a")} | {
+    ("linspace", "lcm"), ("zsnr", "pndm"), ("zsnr", "deis")}  # fmt: skip
+REFUSED = BETAS_DIFFER | {("x0", "pndm"), ("x0", "euler_a"), ("x0", "dpm2"), ("x0", "dpm2_a"),
+                          ("exp", "dpmpp_2m_karras"), ("exp", "dpmpp_2m_sde_karras")}  # fmt: skip
 CASES = [
     (c, s, n, st)
     for c in CONFIGS
@@ -274,6 +264,10 @@ def test_unsupported_options_raise(cls, cfg, sampler, key):
         ),
         ("DPMSolverMultistepScheduler", dict(algorithm_type="deis", final_sigmas_type="sigma_min"), "dpmpp_2m"),
         ("LCMScheduler", {}, "lcm"),
+        ("UniPCMultistepScheduler", dict(solver_type="bh1", solver_order=3), "unipc"),
+        ("DEISMultistepScheduler", {}, "deis"),
+        ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True), "dpm2"),
+        ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
     ],
 )
 def test_default_sampler(cls, cfg, expected):
