@@ -174,7 +174,8 @@ def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> 
             "addition_embed_type": c.unet.config.addition_embed_type,
             "time_cond_proj_dim": c.unet.config.time_cond_proj_dim,  # a distilled U-Net's guidance embedding
         },
-        "pipeline": {"force_zeros_for_empty_prompt": c.zero_negatives},  # SDXL: an unset negative is zeros
+        # SDXL: an unset negative is zeros; the refiner's time ids end in an aesthetic score
+        "pipeline": {"force_zeros_for_empty_prompt": c.zero_negatives, "requires_aesthetics_score": c.aesthetics},
         "scheduler": _scheduler_entry(c),
         "tokenizers": tokenizers,
         "graphs": {},

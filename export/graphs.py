@@ -253,6 +253,22 @@ class VaeEncoder(torch.nn.Module):
         return mean, torch.clamp(logvar, -30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
 
 
+def time_ids_width(c: Components, pooled_dim: int) -> int:
+    """SDXL's size conditioning: 6 time ids (original size, crop top-left, target size), or 5 where the pipeline
+    has requires_aesthetics_score (original size, crop top-left, aesthetic score: the refiner), as the U-Net's
+    added-embedding width says; a pipeline option that disagrees with the U-Net is refused (diffusers raises)."""
+    cfg = c.unet.config
+    width, rest = divmod(cfg.projection_class_embeddings_input_dim - pooled_dim, cfg.addition_time_embed_dim)
+    if rest or width != (5 if c.aesthetics else 6):
+        raise SdrtError(
+            f"the U-Net's added embedding takes {cfg.projection_class_embeddings_input_dim - pooled_dim} time-id "
+            f"features, but requires_aesthetics_score={c.aesthetics} in model_index.json means "
+            f"{5 if c.aesthetics else 6} x {cfg.addition_time_embed_dim}; set requires_aesthetics_score to match the "
+            "U-Net (True for an SDXL refiner)"
+        )
+    return width
+
+
 def graphs_for(c: Components) -> list[Graph]:
     """The graphs of one pipeline, in export order."""
     fam, f32, i32 = c.family, torch.float32, torch.int32
@@ -276,7 +292,7 @@ def graphs_for(c: Components) -> list[Graph]:
     keep = ("timestep",)
     if c.unet.config.addition_embed_type == "text_time":
         pooled_dim = c.text_encoders[fam.pooled_from].config.projection_dim
-        unet_in.update(text_embeds=(("B", pooled_dim), f32), time_ids=(("B", 6), f32))
+        unet_in.update(text_embeds=(("B", pooled_dim), f32), time_ids=(("B", time_ids_width(c, pooled_dim)), f32))
         keep = ("timestep", "time_ids")
     if c.unet.config.time_cond_proj_dim is not None:  # a distilled U-Net: the guidance scale as an embedding
         unet_in["timestep_cond"] = (("B", int(c.unet.config.time_cond_proj_dim)), f32)
@@ -328,8 +344,9 @@ def sample_inputs(
             out[name][:, 2:5] = g.vocab_size
         elif name == "timestep":
             out[name] = torch.randint(0, 1000, s, generator=generator).float()
-        elif name == "time_ids":  # (orig h, orig w, crop top, crop left, target h, target w)
-            out[name] = torch.tensor([h * f, w * f, 0, 0, h * f, w * f], dtype=torch.float32).repeat(rows, 1)
+        elif name == "time_ids":  # (orig h, orig w, crop top, crop left, target h, target w or aesthetic score)
+            ids = [h * f, w * f, 0, 0] + ([h * f, w * f] if s[1] == 6 else [6.0])
+            out[name] = torch.tensor(ids, dtype=torch.float32).repeat(rows, 1)
         elif name == "images":
             out[name] = torch.rand(s, generator=generator) * 2 - 1
         elif name in ("controlnet_cond", "conditioning_scale"):  # a control image in [0, 1]; scales around 1

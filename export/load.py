@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdrt.export.presets import PRESETS, Family, Preset, family_of_pipeline, get_preset
+from sdrt.export.presets import PRESETS, Family, Preset, family_of_index, family_of_pipeline, get_preset
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import sha256_file
 
@@ -49,12 +49,19 @@ class Components:
             parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         else:
             parts.update(force_zeros_for_empty_prompt=self.zero_negatives)
+            if "text_encoder" not in self.text_encoders:  # the refiner
+                parts.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=self.aesthetics)
         return getattr(diffusers, name)(unet=self.unet, vae=self.vae, scheduler=self.scheduler, **parts)
 
     @property
     def zero_negatives(self) -> bool:
         """SDXL's force_zeros_for_empty_prompt: an unset negative prompt conditions on zeros (diffusers' default)."""
         return self.family.pooled_from is not None and bool(self.options.get("force_zeros_for_empty_prompt", True))
+
+    @property
+    def aesthetics(self) -> bool:
+        """SDXL img2img's requires_aesthetics_score (the refiner's): time ids end in an aesthetic score."""
+        return bool(self.options.get("requires_aesthetics_score", False))
 
 
 def load_model(
@@ -67,15 +74,15 @@ def load_model(
     defer: bool = False,
 ) -> Components:
     """Dispatch on what ``model`` names: a preset, a diffusers folder, or a single checkpoint file; ``vae``
-    replaces its VAE with a diffusers AutoencoderKL folder the user vouches for in fp16.
+    replaces its VAE with a diffusers VAE folder (`VAE_CLASSES`) the user vouches for in fp16.
 
     ``defer``: load only the text encoders now; the U-Net and VAE are weightless (meta-device) placeholders with
     their real configs until ``deferred()`` loads their weights into them, so an export can trace and free the
     text encoders before the U-Net exists (SDXL: 3.3 GB + 10.6 GB float32 never at once). Single files load at once.
     """
     check_model_arg(model)
-    if vae is not None and not (Path(vae) / "config.json").is_file():
-        raise SdrtError(f"--vae {vae}: not a diffusers VAE folder (config.json and .safetensors weights)")
+    if vae is not None:
+        vae_config(Path(vae))  # refused before the model loads
     if model in PRESETS:
         preset = get_preset(model)
         c = components_from_preset(preset, preset.seed if seed is None else seed, defer=defer)
@@ -86,14 +93,40 @@ def load_model(
     return with_vae(c, Path(vae)) if vae is not None else c
 
 
+# --vae: the VAE classes diffusers' Stable Diffusion pipelines drive, and what sdrt exports of each
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # AutoencoderTiny: TAESD, encode(...).latents, no distribution
+
+
+def vae_config(folder: Path) -> dict[str, Any]:
+    """The config.json of a --vae folder, refused in one line unless its `_class_name` is in `VAE_CLASSES`."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SdrtError(f"--vae {folder}: not a diffusers VAE folder (config.json and .safetensors weights)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SdrtError(f"--vae {path} is damaged ({err})") from None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name not in VAE_CLASSES:
+        said = f"is a {name}" if isinstance(name, str) else "names no _class_name in its config.json"
+        raise SdrtError(f"--vae {folder} {said}; sdrt exports {' and '.join(VAE_CLASSES)} (TAESD) VAE folders")
+    return config
+
+
 def with_vae(c: Components, folder: Path) -> Components:
-    """``c`` with the VAE from ``folder`` (e.g. an fp16-safe SDXL VAE), exported in fp16 like the rest."""
+    """``c`` with the VAE from ``folder`` (an fp16-safe SDXL VAE, or TAESD), exported in fp16 like the rest."""
     import diffusers
 
+    config = vae_config(folder)
     if not any(folder.glob("*.safetensors")):
         raise SdrtError(f"--vae {folder} has no .safetensors weights; convert them, pickle files are not loaded")
+    channels, unet = config.get("latent_channels", 4), c.unet.config.out_channels
+    if channels != unet:
+        raise SdrtError(f"--vae {folder} makes {channels}-channel latents, the U-Net denoises {unet}: "
+                        "give a VAE made for this model's latent space")  # fmt: skip
+    cls = getattr(diffusers, config["_class_name"])
     try:
-        c.vae = diffusers.AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        c.vae = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise SdrtError(f"--vae {folder}: cannot load the VAE ({str(err).splitlines()[0]})") from None
     c.vae.float().eval()
@@ -274,7 +307,7 @@ def components_from_folder(folder: Path, *, allow_pickle: bool = False, defer: b
     import transformers
 
     index = _read_model_index(folder)
-    family = family_of_pipeline(index.get("_class_name", "?"))
+    family = family_of_index(index)
     kw = dict(local_files_only=True)
     safe = {c: _weights_format(folder, c, allow_pickle) for c in ("unet", "vae", *family.text_encoders)}
     classes = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL}
@@ -317,7 +350,7 @@ def _load_errors(folder: Path):
 
 
 def _options(index: dict[str, Any]) -> dict[str, Any]:
-    return {k: index[k] for k in ("force_zeros_for_empty_prompt",) if k in index}
+    return {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
 
 
 # -- single checkpoint files ----------------------------------------------------------------------------------

@@ -52,6 +52,16 @@ SDXL = Family(
     pooled_from="text_encoder_2",
     vae_fp16=False,
 )
+# SDXL's refiner: StableDiffusionXLImg2ImgPipeline with the OpenCLIP encoder alone (model_index.json states
+# `text_encoder: [null, null]`); its U-Net reads the aesthetic score in its time ids (`requires_aesthetics_score`)
+SDXL_REFINER = Family(
+    name="sdxl",
+    pipeline_classes=("StableDiffusionXLImg2ImgPipeline",),
+    text_encoders=("text_encoder_2",),
+    penultimate_hidden_states=True,
+    pooled_from="text_encoder_2",
+    vae_fp16=False,
+)
 FAMILIES = (SD, SDXL)
 SUPPORTED = "SD 1.x and 2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline)"
 
@@ -66,6 +76,15 @@ def geometry_of(unet: Mapping[str, Any], vae: Mapping[str, Any]) -> Geometry:
     if not isinstance(sample, int) or isinstance(sample, bool):
         raise SdrtError(f"unsupported U-Net sample_size {sample!r}: sdrt needs one integer (square native size)")
     return Geometry(2 ** (len(vae["block_out_channels"]) - 1), 2 ** (len(unet["down_block_types"]) - 1), sample)
+
+
+def family_of_index(index: Mapping[str, Any]) -> Family:
+    """The family of a diffusers folder's model_index.json: its pipeline class, and for SDXL whether the first
+    text encoder is there (a refiner folder states it as null)."""
+    family = family_of_pipeline(index.get("_class_name", "?"))
+    if family is SDXL and not any(index.get("text_encoder") or ()):
+        return SDXL_REFINER
+    return family
 
 
 def family_of_pipeline(class_name: str) -> Family:

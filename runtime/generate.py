@@ -26,6 +26,8 @@ def png_parameters(req, model: str, index: int) -> str:
         fields.append(f"Eta: {req.eta:g}")
     if req.guidance_rescale:
         fields.append(f"Guidance rescale: {req.guidance_rescale:g}")
+    if req.aesthetic is not None:
+        fields.append(f"Aesthetic score: {req.aesthetic[0]:g}, Negative aesthetic score: {req.aesthetic[1]:g}")
     if req.texts is not None and req.texts.syntax == "webui":
         fields.append("Prompt syntax: webui")
         if req.texts.emphasis != "original":  # as the web UI names its modes
@@ -83,6 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height, width=args.width, n=args.batch, seed=args.seed, sampler=args.sampler,
         image=args.init_image, strength=args.strength, mask=args.mask, loras=_loras(args.lora),
         clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale,
+        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         prompt_syntax=args.prompt_syntax, emphasis=args.emphasis,
         controlnets=controlnet_args(args.controlnet, args.control_image, _each(args.control_scale, 1.0),
                                     _each(args.control_start, 0.0), _each(args.control_end, 1.0)),
@@ -148,6 +151,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="X",
         help="diffusers' guidance_rescale in [0, 1], for zero-SNR / v-prediction models (default 0)",
     )
+    g.add_argument("--aesthetic-score", type=float, default=6.0, metavar="X",
+                   help="SDXL refiner: the aesthetic score it conditions on (default 6, as diffusers)")  # fmt: skip
+    g.add_argument("--negative-aesthetic-score", type=float, default=2.5, metavar="X",
+                   help="SDXL refiner: the negative side's aesthetic score (default 2.5, as diffusers)")  # fmt: skip
     g.add_argument("--height", type=int, help="px (default: the model's native size, or the init image's)")
     g.add_argument("--width", type=int, help="px (default: the model's native size, or the init image's)")
     g.add_argument("--batch", type=int, default=1, help="images for the prompt (default 1)")

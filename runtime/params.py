@@ -58,4 +58,6 @@ class Params:
     eta: float | None = None  # DDIM's eta (default 0); Euler ancestral's is 1; the other samplers have none
     webui_clip_skip: int | None = None  # the web UI's "Clip skip" setting, as it reads it (1: none; SD 1.x only)
     guidance_rescale: float = 0.0  # diffusers' rescale of the guided prediction (zero-SNR / v-prediction models)
+    aesthetic_score: float = 6.0  # SDXL refiner: the score its time ids condition on (diffusers' default)
+    negative_aesthetic_score: float = 2.5  # ... and the negative side's
     pad_chunks: bool = False  # with "webui": pad the shorter of prompt and negative with empty chunks (pad_cond_uncond)

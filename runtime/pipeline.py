@@ -63,6 +63,7 @@ class Pipeline:
                          if self.embeddings.enabled]  # fmt: skip
         self.pooled = "pooled_embeddings" in manifest["graphs"][self.text_encoders[-1]]["outputs"]  # SDXL
         self.zero_negatives = bool(manifest.get("pipeline", {}).get("force_zeros_for_empty_prompt", self.pooled))
+        self.aesthetics = bool(manifest.get("pipeline", {}).get("requires_aesthetics_score", False))  # the refiner
         self.unet_channels = int(manifest["unet"]["in_channels"])  # 9: an inpainting U-Net
         cond = manifest["graphs"]["unet"]["inputs"].get("timestep_cond")  # a distilled (LCM) U-Net's guidance input
         self.guidance_embedding = int(cond["shape"][-1]) if cond else 0
@@ -141,6 +142,8 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         prompt_syntax: str = "plain",
         emphasis: str = "original",
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
@@ -151,12 +154,14 @@ class Pipeline:
         web-UI syntax the negative's too, as the web UI skips both), ``eta`` (DDIM) and ``guidance_rescale`` as
         diffusers'. Arguments named as diffusers names them. ``prompt_syntax="webui"`` reads the prompts as the
         web UI does (``(word:1.3)``, ``BREAK``, prompts longer than 75 tokens in chunks; runtime/prompts.py), with
-        its ``emphasis`` mode."""
+        its ``emphasis`` mode. An SDXL refiner directory (img2img only) conditions on ``aesthetic_score`` and
+        ``negative_aesthetic_score`` as diffusers' StableDiffusionXLImg2ImgPipeline does."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
             strength=strength, mask=mask_image, loras=loras, clip_skip=clip_skip, eta=eta,
-            guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax,
+            guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
             emphasis=emphasis, controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
                                         control_guidance_start, control_guidance_end),
         )  # fmt: skip
@@ -224,7 +229,7 @@ class Pipeline:
         eta = self._eta(p.eta, sampler)
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
                       float(strength), init, mask_img, loras, controls, self._clip_skip(p), texts,
-                      eta, float(rescale), bool(self.guidance_embedding))  # fmt: skip
+                      eta, float(rescale), bool(self.guidance_embedding), self._aesthetic(p))  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength, req.eta)  # what the schedule cannot honour: ScheduleError
         return req
 
@@ -278,6 +283,24 @@ class Pipeline:
             raise SdrtError(f"eta {eta:g} with {sampler}: its noise is eta 1 (as diffusers' scheduler draws it); "
                             "use eta 1, or ddim with eta", field="eta")  # fmt: skip
         return float(eta) if sampler == "ddim" else 0.0
+
+    def _aesthetic(self, p: Params) -> tuple[float, float] | None:
+        """The refiner's (aesthetic_score, negative_aesthetic_score); None for a U-Net without them, where only
+        diffusers' defaults are accepted (a score it cannot read would change nothing)."""
+        scores = {"aesthetic_score": p.aesthetic_score, "negative_aesthetic_score": p.negative_aesthetic_score}
+        if not self.aesthetics:
+            for name, value in scores.items():
+                if value != Params.__dataclass_fields__[name].default:
+                    raise SdrtError(f"{name} applies to SDXL refiner directories (requires_aesthetics_score); "
+                                    f"this model has no aesthetic conditioning: leave it out", field=name)  # fmt: skip
+            return None
+        for name, value in scores.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise SdrtError(f"{name} must be a finite number, got {value!r}", field=name)
+        if p.image is None:
+            raise SdrtError("this is an SDXL refiner (img2img only, as diffusers' StableDiffusionXLImg2ImgPipeline); "
+                            "give an init image", field="image")  # fmt: skip
+        return float(p.aesthetic_score), float(p.negative_aesthetic_score)
 
     def _clip_skip(self, p: Params) -> tuple[int, int]:
         """(the prompt's, the negative's) clip skip: diffusers skips layers of the prompt only, the web UI both.
@@ -433,7 +456,8 @@ class Pipeline:
         """Text encoders -> the U-Net's conditioning feeds per image row: one feed dict (uncond rows first) when
         prompt and negative have as many chunks, else one per side (negative first), each run as its own U-Net
         call, as the web UI runs them. SDXL: both encoders' states side by side, pooled embedding from the second
-        encoder's first chunk, size conditioning in time_ids; a negative not given is zeros there."""
+        encoder's first chunk, size conditioning in time_ids (the refiner's aesthetic score there differs per side); a
+        negative not given is zeros there."""
         dtype, rows = self.backend.dtype, buf["rows"]
         sides = {side: self._encode_text(side, buf) for side in (("negative", "prompt") if cfg else ("prompt",))}
         if cfg and self.zero_negatives:  # [P] -> broadcast over each tensor's other axes
@@ -441,14 +465,15 @@ class Pipeline:
             sides["negative"] = [t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype) for t in sides["negative"]]
         per_image = {k: [t.index_select(0, rows) for t in v] for k, v in sides.items()}  # [P, ...] -> [B, ...]
         same = len({v[0].shape[1] for v in per_image.values()}) == 1
-        parts = [[torch.cat(ts) for ts in zip(*per_image.values(), strict=True)]] if same else list(per_image.values())
+        groups = [list(per_image)] if same else [[side] for side in per_image]
+        ids = {"prompt": buf["time_ids"], "negative": buf["negative_time_ids"]}  # (they differ for the refiner)
         feeds = []
-        for part in parts:
+        for group in groups:
+            part = [torch.cat(ts) for ts in zip(*(per_image[side] for side in group), strict=True)]
             f = {"encoder_hidden_states": part[0].to(dtype("unet", "encoder_hidden_states"))}
             if self.pooled:
                 f["text_embeds"] = part[1].to(dtype("unet", "text_embeds"))
-                n = part[0].shape[0] // buf["time_ids"].shape[0]  # the negative rows get the same sizes
-                f["time_ids"] = buf["time_ids"].repeat(n, 1)
+                f["time_ids"] = torch.cat([ids[side] for side in group])
             feeds.append(f)
         return feeds
 

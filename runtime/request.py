@@ -84,6 +84,7 @@ class Request:
     eta: float = 0.0  # DDIM: diffusers' eta (0: deterministic)
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, sec. 3.4)
     distilled: bool = False  # the U-Net takes the guidance scale as an embedding (LCM): no classifier-free guidance
+    aesthetic: tuple[float, float] | None = None  # SDXL refiner: aesthetic scores of the prompt and the negative
 
     @property
     def batch(self) -> int:
@@ -124,6 +125,13 @@ class Layout:
     def key(self) -> tuple:
         # adapters change weights in place, not the captured graph: requests with any adapters replay one capture
         return (*self.join_key._replace(loras=()), self.prompts, self.images, self.inits)
+
+
+def time_ids(r: Request, negative: bool) -> list[float]:
+    """SDXL's size conditioning of one image: original size, crop top-left, then the target size, or for the
+    refiner its aesthetic score (the negative's on the negative rows), as diffusers' `_get_add_time_ids`."""
+    end = (r.height, r.width) if r.aesthetic is None else (r.aesthetic[negative],)
+    return [r.height, r.width, 0, 0, *end]
 
 
 def host_inputs(
@@ -173,8 +181,9 @@ def host_inputs(
     if guidance_embedding:
         scales = torch.tensor([r.guidance - 1 for r in reqs for _ in range(r.batch)])
         host["timestep_cond"] = guidance_scale_embedding(scales, guidance_embedding)
-    sizes = [[r.height, r.width, 0, 0, r.height, r.width] for r in reqs for _ in range(r.batch)]
-    host["time_ids"] = torch.tensor(sizes, dtype=torch.float32)  # SDXL: original size, crop top-left, target size
+    images = [r for r in reqs for _ in range(r.batch)]
+    for key, negative in (("time_ids", False), ("negative_time_ids", True)):
+        host[key] = torch.tensor([time_ids(r, negative) for r in images], dtype=torch.float32)
     draws: dict[str, list[torch.Tensor]] = {"posterior_noise": [], "noise0": [], "masked_noise": [], "noise": []}
     for r in reqs:
         gen = torch.Generator("cpu").manual_seed(r.seed)

@@ -131,3 +131,65 @@ def test_zero_terminal_snr_runs_every_sampler_diffusers_runs(tmp_path, capfd):
             sdrt("a fox", sampler="pndm", num_inference_steps=4, height=64, width=64)
     for sampler, image in ours.items():
         print(f"zero terminal SNR, {sampler}: {check(image, diffusers_images(folder, sampler, **kw)):.1f} dB")
+
+
+def _refiner():
+    """An SDXL refiner as diffusers ships one: StableDiffusionXLImg2ImgPipeline with the OpenCLIP encoder alone,
+    a U-Net conditioned on its states (width 64 here) and on 5 time ids ending in the aesthetic score."""
+    import diffusers
+    from conftest import UNETS
+
+    base = build_pipeline("sdxl")
+    torch.manual_seed(3)
+    unet = diffusers.UNet2DConditionModel(**dict(UNETS["sdxl"], cross_attention_dim=64,
+                                                 projection_class_embeddings_input_dim=8 * 5 + 32))  # fmt: skip
+    with torch.no_grad():  # weight the aesthetic score's embedding as strongly as the sizes'
+        unet.add_embedding.linear_1.weight[:, 32:].mul_(5)
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )  # fmt: skip
+
+
+def test_an_sdxl_refiner_folder_is_img2img_with_its_aesthetic_score(tmp_path, capfd):
+    """The refiner exports (one text encoder, 5 time ids); img2img equals diffusers' StableDiffusionXLImg2ImgPipeline
+    on the folder at the default aesthetic scores and at others; txt2img is refused in one line naming the image."""
+    from PIL import Image
+
+    folder, out, _ = _export(_refiner(), tmp_path, "refiner", capfd)
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    kw = dict(KW, image=image, strength=0.5, num_inference_steps=6, guidance_scale=6.0)
+    scores = dict(aesthetic_score=8.0, negative_aesthetic_score=1.0)
+    with Pipeline.load(out, backend="onnxruntime", device="cpu") as sdrt:
+        assert sdrt.text_encoders == ["text_encoder_2"] and sdrt.aesthetics
+        ours = sdrt_images(sdrt, sampler="euler", **kw)
+        ours_scored = sdrt_images(sdrt, sampler="euler", **kw, **scores)
+        with pytest.raises(SdrtError, match="SDXL refiner .*give an init image") as err:
+            sdrt("a fox", num_inference_steps=2, height=64, width=64)
+        assert err.value.field == "image"
+    refiner = "StableDiffusionXLImg2ImgPipeline"
+    print(f"refiner: {check(ours, diffusers_images(folder, 'euler', pipeline=refiner, **kw)):.1f} dB")
+    ref = diffusers_images(folder, "euler", pipeline=refiner, **kw, **scores)
+    print(f"refiner, aesthetic 8 / 1: {check(ours_scored, ref):.1f} dB")
+    assert not np.array_equal(ours, ours_scored)  # the scores reach the U-Net
+
+
+def test_aesthetic_scores_are_refused_where_the_unet_has_none(exports):
+    with Pipeline.load(exports.get("sdxl", "fp32"), backend="onnxruntime", device="cpu") as sdrt:
+        with pytest.raises(SdrtError, match="aesthetic_score applies to SDXL refiner") as err:
+            sdrt("a fox", num_inference_steps=2, height=64, width=64, aesthetic_score=7.0)
+        assert err.value.field == "aesthetic_score"
+
+
+def test_a_refiner_whose_options_disagree_with_its_unet_is_refused(tmp_path, capfd):
+    pipe = _refiner()
+    pipe.register_to_config(requires_aesthetics_score=False)
+    folder = tmp_path / "refiner-6"
+    pipe.save_pretrained(folder)
+    capfd.readouterr()
+    assert main(["export", str(folder), str(tmp_path / "out"), "--precision", "fp32", *SIZES]) == 2
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the load's progress lines
+    assert "requires_aesthetics_score=False" in last and "Traceback" not in err and not (tmp_path / "out").exists()

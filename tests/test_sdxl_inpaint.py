@@ -137,7 +137,7 @@ def test_sdxl_honours_force_zeros_false(pipes, exports, folders, tmp_path):
     root = tmp_path / "engine"
     shutil.copytree(exports.get("sdxl", "fp32"), root)
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["pipeline"] == {"force_zeros_for_empty_prompt": True}
+    assert manifest["pipeline"] == {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
     manifest["pipeline"]["force_zeros_for_empty_prompt"] = False
     (root / "manifest.json").write_text(json.dumps(manifest))
     pipe = Pipeline.load(root, backend="onnxruntime", device="cpu")
