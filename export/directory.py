@@ -166,6 +166,8 @@ def _manifest(c: Components, dims: G.Dims, precision: str, tokenizers: dict) -> 
             "channels": vae.latent_channels,
             "scaling_factor": float(vae.scaling_factor),
             "vae_scale_factor": dims.geometry.vae_scale_factor,  # pixels per latent
+            # AutoencoderTiny (TAESD): vae_encoder gives the latents themselves, no distribution to sample
+            "vae_class": type(c.vae).__name__,
         },
         "unet": {
             "in_channels": c.unet.config.in_channels,

@@ -224,7 +224,8 @@ def call_unet(m: torch.nn.Module, sample, timestep, encoder_hidden_states, conds
 
 
 class VaeDecoder(torch.nn.Module):
-    """latent (as the sampler leaves it) -> images in [-1, 1]; the decode path itself, without slicing branches."""
+    """latent (as the sampler leaves it) -> images in [-1, 1]; the decode path itself, without slicing branches.
+    AutoencoderKL and AutoencoderTiny alike: diffusers' pipelines divide by the scaling factor for both."""
 
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
@@ -233,13 +234,15 @@ class VaeDecoder(torch.nn.Module):
 
     def forward(self, latent):
         z = latent / self.scaling_factor
-        if self.vae.post_quant_conv is not None:
+        if getattr(self.vae, "post_quant_conv", None) is not None:  # AutoencoderTiny has none
             z = self.vae.post_quant_conv(z)
         return self.vae.decoder(z)
 
 
 class VaeEncoder(torch.nn.Module):
     """images in [-1, 1] -> (latent_mean, latent_logvar), the posterior's parameters (unscaled)."""
+
+    outputs = ("latent_mean", "latent_logvar")
 
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
@@ -251,6 +254,16 @@ class VaeEncoder(torch.nn.Module):
             h = self.vae.quant_conv(h)
         mean, logvar = torch.chunk(h, 2, dim=1)
         return mean, torch.clamp(logvar, -30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
+
+
+class TinyVaeEncoder(VaeEncoder):
+    """images in [-1, 1] -> latents (unscaled): AutoencoderTiny's (TAESD's) encoder has no distribution, and
+    diffusers' retrieve_latents takes its ``encode(...).latents`` as they are, drawing no noise."""
+
+    outputs = ("latents",)
+
+    def forward(self, images):
+        return self.vae.encoder(images)
 
 
 def time_ids_width(c: Components, pooled_dim: int) -> int:
@@ -313,13 +326,14 @@ def graphs_for(c: Components) -> list[Graph]:
             precision_fp16=vae_fp16,
         )
     )
+    encoder = TinyVaeEncoder if type(c.vae).__name__ == "AutoencoderTiny" else VaeEncoder
     out.append(
         Graph(
             "vae_encoder",
-            VaeEncoder(c.vae),
+            encoder(c.vae),
             {"images": (images, f32)},
-            ("latent_mean", "latent_logvar"),
-            (latent, latent),
+            encoder.outputs,
+            (latent,) * len(encoder.outputs),
             precision_fp16=vae_fp16,
         )
     )

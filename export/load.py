@@ -124,6 +124,8 @@ def with_vae(c: Components, folder: Path) -> Components:
     if channels != unet:
         raise SdrtError(f"--vae {folder} makes {channels}-channel latents, the U-Net denoises {unet}: "
                         "give a VAE made for this model's latent space")  # fmt: skip
+    if config["_class_name"] == "AutoencoderTiny":
+        _check_tiny_scales(folder, config)
     cls = getattr(diffusers, config["_class_name"])
     try:
         c.vae = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
@@ -133,6 +135,16 @@ def with_vae(c: Components, folder: Path) -> Components:
     c.vae_fp16 = True
     c.source = {**c.source, "vae": {"path": str(folder.resolve()), "sha256": _folder_hashes(folder)}}
     return c
+
+
+def _check_tiny_scales(folder: Path, config: dict[str, Any]) -> None:
+    """A TAESD whose encoder, decoder and diffusers' vae_scale_factor (2 ** (decoder blocks - 1)) agree on the
+    pixels per latent, so that its images have the size the pipeline asks for."""
+    enc, dec = (len(config.get(f"{k}_block_out_channels", (64,) * 4)) for k in ("encoder", "decoder"))
+    scales = {2 ** (enc - 1), config.get("upsampling_scaling_factor", 2) ** (dec - 1), 2 ** (dec - 1)}
+    if len(scales) > 1:
+        raise SdrtError(f"--vae {folder}: this AutoencoderTiny's encoder and decoder scale images differently "
+                        f"({sorted(scales)} pixels per latent); diffusers' pipelines assume one factor")  # fmt: skip
 
 
 class SourceMissing(SdrtError):

@@ -76,6 +76,8 @@ class Pipeline:
         self.shapes = manifest["shapes"]
         self.scaling_factor = float(manifest["latent"]["scaling_factor"])
         self.latent_channels = int(manifest["latent"]["channels"])
+        # AutoencoderKL's encoder gives a distribution sampled with the seed's noise; TAESD's gives latents
+        self.posterior = "latent_logvar" in manifest["graphs"]["vae_encoder"]["outputs"]
         self.geometry = Geometry.from_manifest(manifest)
         self.cuda_graph = cuda_graph and self.device.type == "cuda" and backend.capturable
         probe = getattr(backend, "capturable_on", None)  # TensorRT asks its engines (TensorRT for RTX may refuse)
@@ -393,7 +395,7 @@ class Pipeline:
             self.adapters.apply(self.backend, key.loras)  # W0 + the request's adapters, from the base every time
             latent = (self.latent_channels, self.geometry.vae_scale_factor)
             host = host_inputs(reqs, plan, latent, self._encodes_init(key), self.zero_negatives,
-                               self.guidance_embedding)  # fmt: skip
+                               self.guidance_embedding, self.posterior)  # fmt: skip
             timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
             if self.cuda_graph:
                 pixels = self._captured.replay(self, layout, plan.to(self.device), host, timings)
@@ -418,14 +420,15 @@ class Pipeline:
         with stage("start_ms"):
             z = extra = after = None
             if self._encodes_init(key):
-                z = self._encode(buf["image"], buf["posterior_noise"]).index_select(0, buf["image_rows"])
+                z = self._encode(buf["image"], buf.get("posterior_noise")).index_select(0, buf["image_rows"])
             x = start_latents(plan, buf["noise0"], z if key.image and (not key.mask or key.strength < 1) else None)
             if key.mask:
                 mask = buf["mask"].index_select(0, buf["image_rows"])  # [B, 1, h, w], 1 = repaint
                 if self.unet_channels == self.latent_channels:  # a regular U-Net: blend the kept region back
                     after = inpaint_blend(plan, z, buf["noise0"], mask)
                 else:  # an inpainting U-Net reads the mask and the masked image's latents as extra channels
-                    masked = self._encode(buf["masked_image"], buf["masked_noise"]).index_select(0, buf["image_rows"])
+                    masked = self._encode(buf["masked_image"], buf.get("masked_noise"))
+                    masked = masked.index_select(0, buf["image_rows"])
                     extra = torch.cat([mask, masked], dim=1)  # [B, 1 + 4, h, w]
                     extra = torch.cat([extra, extra]) if key.cfg else extra
         with stage("denoise_ms"):
@@ -445,11 +448,13 @@ class Pipeline:
             pixels = ((images[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             return pixels.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
 
-    def _encode(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """VAE posterior sample, scaled: (mean + std * noise) * scaling_factor, as diffusers' retrieve_latents."""
-        mean, logvar = self.backend.run(
-            "vae_encoder", {"images": images.to(self.backend.dtype("vae_encoder", "images"))}
-        )
+    def _encode(self, images: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """VAE posterior sample, scaled: (mean + std * noise) * scaling_factor, as diffusers' retrieve_latents;
+        without a posterior (TAESD: no noise drawn), the encoder's latents * scaling_factor."""
+        out = self.backend.run("vae_encoder", {"images": images.to(self.backend.dtype("vae_encoder", "images"))})
+        if not self.posterior:
+            return out[0].float() * self.scaling_factor
+        mean, logvar = out
         return (mean.float() + torch.exp(0.5 * logvar.float()) * noise) * self.scaling_factor
 
     def _conditioning(self, cfg: bool, buf: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -141,6 +141,7 @@ def host_inputs(
     encodes_init: bool,
     zero_negatives: bool,
     guidance_embedding: int = 0,
+    posterior: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Everything a batch reads, on the host. Per request, from its own generator, in diffusers' order: the init
     image's posterior sample (where `encodes_init`: img2img, or inpainting with a 4-channel U-Net or strength < 1),
@@ -154,6 +155,8 @@ def host_inputs(
     rows [B]: the prompt each image row is conditioned on (a prompt's images are consecutive, as diffusers has them).
     ``latent``: (channels, VAE scale factor) of the model. ``guidance_embedding``: a distilled U-Net's
     time_cond_proj_dim, for timestep_cond [B, dim] (`guidance_scale_embedding` of each row's guidance - 1).
+    ``posterior``: False where the VAE encoder gives latents, not a distribution (TAESD): diffusers draws no
+    noise for the init or masked image then.
     """
     first = reqs[0]
     latent_channels, factor = latent
@@ -188,10 +191,10 @@ def host_inputs(
     for r in reqs:
         gen = torch.Generator("cpu").manual_seed(r.seed)
         shape = (r.batch, latent_channels, h, w)
-        if encodes_init:
+        if encodes_init and posterior:
             draws["posterior_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
         draws["noise0"].append(torch.randn(shape, generator=gen))
-        if r.mask is not None:  # drawn even for a 4-channel U-Net, which does not use it: later draws depend on it
+        if r.mask is not None and posterior:  # drawn even for a 4-channel U-Net, unused: later draws depend on it
             draws["masked_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
         steps = [torch.randn(shape, generator=gen) for _ in range(plan.noise_draws)]
         draws["noise"].append(torch.stack(steps) if steps else torch.zeros((0, *shape)))
@@ -199,7 +202,7 @@ def host_inputs(
     host["noise"] = torch.cat(draws["noise"], dim=1)  # [draws, B, 4, h, w]
     if first.image is not None:
         host["image"] = torch.cat([_pixels(r.image) for r in reqs])  # [R, 3, H, W] in [-1, 1]
-        if encodes_init:
+        if encodes_init and posterior:
             host["posterior_noise"] = torch.cat(draws["posterior_noise"])
         host["image_rows"] = torch.arange(len(reqs)).repeat_interleave(torch.tensor([r.batch for r in reqs]))
     if first.control:
@@ -208,7 +211,8 @@ def host_inputs(
         masks = torch.cat([_mask(r.mask) for r in reqs])  # [R, 1, H, W], 1 = repaint
         host["masked_image"] = host["image"] * (masks < 0.5)
         host["mask"] = torch.nn.functional.interpolate(masks, size=(h, w))  # nearest, as diffusers
-        host["masked_noise"] = torch.cat(draws["masked_noise"])
+        if posterior:
+            host["masked_noise"] = torch.cat(draws["masked_noise"])
     return host
 
 
