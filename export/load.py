@@ -380,6 +380,10 @@ def _single_file_family(path: Path, config: str | None) -> Family:
         raise SdrtError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return family_of_pipeline("StableDiffusionXLPipeline")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):  # OpenCLIP alone: SDXL's refiner
+        raise SdrtError(f"{path} is an SDXL refiner checkpoint, which sdrt reads as a diffusers folder only; convert "
+                        "it (StableDiffusionXLImg2ImgPipeline.from_single_file(...).save_pretrained(DIR)) and export "
+                        "DIR")  # fmt: skip
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return family_of_pipeline("StableDiffusionPipeline")
     raise SdrtError(f"{path} does not look like a Stable Diffusion checkpoint (no model.diffusion_model.* keys)")

@@ -59,6 +59,17 @@ def test_existing_destination_needs_force(capsys, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_a_refiner_single_file_names_the_conversion(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sd_xl_refiner.safetensors"  # its keys' layout: the OpenCLIP encoder alone, then the U-Net
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2),
+               "model.diffusion_model.out.2.bias": torch.zeros(2)}, path)  # fmt: skip
+    msg = one_line_error(capsys, "export", str(path), str(tmp_path / "out"))
+    assert "SDXL refiner" in msg and "StableDiffusionXLImg2ImgPipeline.from_single_file" in msg
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
 def test_pickle_checkpoint_is_refused(capsys, tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
