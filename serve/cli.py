@@ -57,7 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="steps of the warm-up request at the default size, run before /readyz says ready (default 20)",
     )
-    s.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto",
+    s.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
                    help="as `sdrt generate --backend`")  # fmt: skip
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
     s.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of captured graphs")
