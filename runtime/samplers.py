@@ -375,9 +375,8 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
         timesteps, sigmas = sch.euler_schedule(cfg, ac, steps, ancestral=sampler == "euler_a")
     full = torch.from_numpy(sigmas)  # float32, as diffusers holds them
     sigmas, timesteps, n_all = full[start:], torch.from_numpy(timesteps[start:].astype(np.float32)), len(timesteps)
-    c_in = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5
     if not sampler.startswith("dpmpp"):
-        init = _euler_init_sigma(cfg, full)
+        c_in, init = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5, _euler_init_sigma(cfg, full)
         return Plan(sampler, timesteps, sigmas, c_in, init, len(timesteps) if sampler == "euler_a" else 0)
     if start == 0 and int((timesteps == timesteps[0]).sum()) > 1:  # Karras sigmas past the end (zero SNR)
         # diffusers finds its first step by timestep, takes the second of repeated ones and runs past its sigmas
@@ -386,16 +385,23 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
                             "without Karras", field="sampler")  # fmt: skip
     final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n_all < 15) or cfg["final_sigmas_type"] == "zero"
     orders = tuple(1 if j == start or (j == n_all - 1 and final) else 2 for j in range(start, n_all))
-    init, out = math.sqrt(float(sigmas[0]) ** 2 + 1), 1 / math.sqrt(float(sigmas[-1]) ** 2 + 1)
+    plan = _dpm_family_plan(sampler, timesteps, sigmas, orders=orders)
     if "_sde" not in sampler:
-        return Plan(sampler, timesteps, sigmas, c_in, init, 0, out_scale=out, orders=orders)
+        return plan
     # the SDE solver: per step (sigma_to / sigma) * exp(-h) = (sigma_to / sigma)^2, 1 - exp(-2h), and the noise std
     # sigma_to * sqrt(1 - exp(-2h)); noise drawn at every step, the last too (its std is 0 there)
     s = sigmas.double()
     ratio = s[1:] / s[:-1]
     coef = {"decay": ratio**2, "kept": 1 - ratio**2, "std": s[1:] * (1 - ratio**2).sqrt()}
-    coef = {k: v.float() for k, v in coef.items()}
-    return Plan(sampler, timesteps, sigmas, c_in, init, len(timesteps), out_scale=out, orders=orders, coef=coef)
+    return dataclasses.replace(plan, noise_draws=len(timesteps), coef={k: v.float() for k, v in coef.items()})
+
+
+def _dpm_family_plan(sampler: str, timesteps: torch.Tensor, sigmas: torch.Tensor, **kw) -> Plan:
+    """A plan of DPM-Solver's family (DPM++, UniPC, DEIS) from the calls' timesteps and sigmas (float32, the last
+    the final sigma): diffusers keeps their latents in alpha space, from plain noise (init_noise_sigma 1)."""
+    c_in = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5
+    init, out = math.sqrt(float(sigmas[0]) ** 2 + 1), 1 / math.sqrt(float(sigmas[-1]) ** 2 + 1)
+    return Plan(sampler, timesteps, sigmas, c_in, init, 0, out_scale=out, **kw)
 
 
 def _euler_init_sigma(cfg: dict, sigmas: torch.Tensor) -> float:
@@ -537,13 +543,10 @@ def _plan_unipc(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: in
         gain, weights = _unipc_update(s, j - 1, corrector, bh1, corrector=True) if corrector else (0.0, [])
         c_x.append(gain)
         c_m.append(weights + [0.0] * (top + 1 - len(weights)))
-    full = torch.from_numpy(sigmas)
-    sig, ts = full[start:], torch.from_numpy(timesteps[start:].astype(np.float32))
-    c_in = 1 / (sig[:-1] ** 2 + 1) ** 0.5
-    init, out = math.sqrt(float(sig[0]) ** 2 + 1), 1 / math.sqrt(float(sig[-1]) ** 2 + 1)
     coef = {"p_x": _f32(p_x), "p_m": _f32(p_m), "c_x": _f32(c_x), "c_m": _f32(c_m)}
-    return Plan(sampler, ts, sig, c_in, init, 0, out_scale=out, orders=tuple(orders), corrections=tuple(corrections),
-                coef=coef)  # fmt: skip
+    ts = torch.from_numpy(timesteps[start:].astype(np.float32))
+    return _dpm_family_plan(sampler, ts, torch.from_numpy(sigmas[start:]), orders=tuple(orders),
+                            corrections=tuple(corrections), coef=coef)  # fmt: skip
 
 
 def _plan_deis(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
@@ -564,11 +567,8 @@ def _plan_deis(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int
             order = 3
         orders.append(order)
         w.append(_deis_weights(s[j + 1], [s[j - m] for m in range(order)]) + [0.0] * (top - order))
-    full = torch.from_numpy(sigmas)
-    sig, ts = full[start:], torch.from_numpy(timesteps[start:].astype(np.float32))
-    c_in = 1 / (sig[:-1] ** 2 + 1) ** 0.5
-    init, out = math.sqrt(float(sig[0]) ** 2 + 1), 1 / math.sqrt(float(sig[-1]) ** 2 + 1)
-    return Plan(sampler, ts, sig, c_in, init, 0, out_scale=out, orders=tuple(orders), coef={"w": _f32(w)})
+    ts = torch.from_numpy(timesteps[start:].astype(np.float32))
+    return _dpm_family_plan(sampler, ts, torch.from_numpy(sigmas[start:]), orders=tuple(orders), coef={"w": _f32(w)})
 
 
 def _deis_weights(to: float, rhos: list[float]) -> list[float]:
@@ -604,7 +604,7 @@ def _unipc_update(s: list[float], j: int, order: int, bh1: bool, corrector: bool
     lam = [-math.log(v) if v > 0 else math.inf for v in s]
     h = lam[j + 1] - lam[j]
     if h == 0:  # a step to the same sigma (UniPC's Karras "sigma_min" ending) leaves the state as it is
-        return 1.0, [0.0] * (order + corrector)
+        return 1.0, [0.0] * (order + 1 if corrector else order)
     hh = -h
     phi_1 = math.expm1(hh)
     rks = [(lam[j - k] - lam[j]) / h for k in range(1, order)] + [1.0]
