@@ -65,14 +65,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         steps_offset=0, prediction_type="epsilon", timestep_spacing="leading", timestep_scaling=10.0,
         rescale_betas_zero_snr=False,
     ),
-    "KDPM2DiscreteScheduler": dict(
+    **dict.fromkeys(("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"), dict(
         _BETAS, beta_start=0.00085, beta_end=0.012, **_SIGMA_KINDS, prediction_type="epsilon",
         timestep_spacing="linspace", steps_offset=0,
-    ),
-    "KDPM2AncestralDiscreteScheduler": dict(
-        _BETAS, beta_start=0.00085, beta_end=0.012, **_SIGMA_KINDS, prediction_type="epsilon",
-        timestep_spacing="linspace", steps_offset=0,
-    ),
+    )),
     "DEISMultistepScheduler": dict(
         _BETAS, solver_order=2, prediction_type="epsilon", **_THRESHOLD, algorithm_type="deis", solver_type="logrho",
         lower_order_final=True, **_SIGMA_KINDS, use_flow_sigmas=False, flow_shift=1.0, timestep_spacing="linspace",
@@ -132,10 +128,8 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     ),
     "HeunDiscreteScheduler": dict(_COMMON, prediction_type=_PREDICTIONS, use_beta_sigmas=(False,)),
     "LCMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
-    "KDPM2DiscreteScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,)),
-    "KDPM2AncestralDiscreteScheduler": dict(
-        _COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,)
-    ),
+    **dict.fromkeys(("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"),
+                    dict(_COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,))),
     # DPM-Solver's algorithm and solver types are read as DEIS's own ("deis", "logrho"), as diffusers does
     "DEISMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(1, 2, 3),
