@@ -263,8 +263,8 @@ def _plan_unipc(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: in
 
 def _plan_deis(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
     """DEISMultistepScheduler: DPM-Solver's timesteps, ending at the training sigma_min (or repeating the last
-    Karras / exponential sigma); orders as diffusers takes them (warm-up from the first step run, first and second
-    order on the last two steps below 15 steps with lower_order_final)."""
+    Karras / exponential / beta sigma); orders as diffusers takes them (warm-up from the first step run, first and
+    second order on the last two steps below 15 steps with lower_order_final)."""
     timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps, "deis")
     n_all, top = len(timesteps), int(cfg["solver_order"])
     s = [float(v) for v in sigmas]

@@ -116,31 +116,30 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     "DDIMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
     "PNDMScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction"), skip_prk_steps=(True,)),
     "EulerDiscreteScheduler": dict(
-        _COMMON, prediction_type=_PREDICTIONS, interpolation_type=("linear",), use_beta_sigmas=(False,),
-        timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
+        _COMMON, prediction_type=_PREDICTIONS, interpolation_type=("linear",), timestep_type=("discrete",),
+        final_sigmas_type=("zero", "sigma_min"),
     ),
     "EulerAncestralDiscreteScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction")),
     "DPMSolverMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(2,), algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
-        solver_type=("midpoint", "logrho", "bh1", "bh2"), use_beta_sigmas=(False,), use_lu_lambdas=(False,),
-        use_flow_sigmas=(False,), variance_type=_FIXED_VARIANCE,
-        final_sigmas_type=("zero", "sigma_min"),
+        solver_type=("midpoint", "logrho", "bh1", "bh2"), use_lu_lambdas=(False,), use_flow_sigmas=(False,),
+        variance_type=_FIXED_VARIANCE, final_sigmas_type=("zero", "sigma_min"),
     ),
-    "HeunDiscreteScheduler": dict(_COMMON, prediction_type=_PREDICTIONS, use_beta_sigmas=(False,)),
+    "HeunDiscreteScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
     "LCMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
     **dict.fromkeys(("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"),
-                    dict(_COMMON, prediction_type=("epsilon", "v_prediction"), use_beta_sigmas=(False,))),
+                    dict(_COMMON, prediction_type=("epsilon", "v_prediction"))),
     # DPM-Solver's algorithm and solver types are read as DEIS's own ("deis", "logrho"), as diffusers does
     "DEISMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(1, 2, 3),
         algorithm_type=("deis", "dpmsolver", "dpmsolver++"), solver_type=("logrho", "midpoint", "heun", "bh1", "bh2"),
-        use_beta_sigmas=(False,), use_flow_sigmas=(False,), use_dynamic_shifting=(False,),
+        use_flow_sigmas=(False,), use_dynamic_shifting=(False,),
     ),
     # solver types other than bh1 / bh2 are DPM-Solver's, which diffusers' UniPC reads as bh2
     "UniPCMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(1, 2, 3), predict_x0=(True,),
-        solver_type=("bh1", "bh2", "midpoint", "heun", "logrho"), solver_p=(None,), use_beta_sigmas=(False,),
-        use_flow_sigmas=(False,), use_dynamic_shifting=(False,), final_sigmas_type=("zero", "sigma_min"),
+        solver_type=("bh1", "bh2", "midpoint", "heun", "logrho"), solver_p=(None,), use_flow_sigmas=(False,),
+        use_dynamic_shifting=(False,), final_sigmas_type=("zero", "sigma_min"),
     ),
 }
 # fmt: on
@@ -148,7 +147,6 @@ _WHY = {
     "skip_prk_steps": "PNDM's Runge-Kutta warm-up is not implemented (every Stable Diffusion config sets "
     "skip_prk_steps=True)",
     "thresholding": "dynamic thresholding is meant for pixel-space models, not latent diffusion",
-    "use_beta_sigmas": "beta sigmas are not implemented; Karras and exponential sigmas are",
     "predict_x0": "UniPC's noise-prediction form is not implemented; its default predict_x0=True is",
 }
 
@@ -245,8 +243,8 @@ def resolve(schedule: NoiseSchedule, sampler: str) -> tuple[str, dict[str, Any]]
     kinds = [key for key in _SIGMA_KINDS if key in DEFAULTS[cls] and cfg[key]]
     if len(kinds) > 1:  # diffusers' schedulers refuse the pair too
         raise ScheduleError(f"sampler {sampler!r}: {cls} takes one of {' and '.join(kinds)}, not both; pick another "
-                            "--sampler (one without Karras in its name, for a checkpoint with exponential sigmas)",
-                            field="sampler")  # fmt: skip
+                            "--sampler (one without Karras in its name, for a checkpoint with exponential or beta "
+                            "sigmas)", field="sampler")  # fmt: skip
     # the betas in the manifest are the checkpoint class's; a class that would build different ones cannot agree
     own = schedule.config_for(schedule.scheduler_class) if schedule.scheduler_class in DEFAULTS else cfg
     for key in _BETAS:
@@ -316,17 +314,26 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def sigma_kind(cfg: dict[str, Any]) -> str | None:
-    """The spacing of sigmas the config asks for: "karras", "exponential"; or None."""
-    return next((k for k in ("karras", "exponential") if cfg.get(f"use_{k}_sigmas")), None)
+    """The spacing of sigmas the config asks for: "karras", "exponential", "beta"; or None."""
+    return next((k for k in ("karras", "exponential", "beta") if cfg.get(f"use_{k}_sigmas")), None)
 
 
 def spaced_sigmas(cfg: dict[str, Any], kind: str, sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
     """`steps` sigmas from sigma_max down to sigma_min (a config's own sigma_min / sigma_max win): Karras et al.
-    2022 (EDM), eq. 5 with rho = 7, or evenly spaced in log sigma ("exponential"), as diffusers' `_convert_to_*`."""
+    2022 (EDM), eq. 5 with rho = 7; evenly spaced in log sigma ("exponential"); or at the quantiles of a
+    Beta(0.6, 0.6) distribution ("beta": Lee et al. 2024, "Beta Sampling is All You Need"), as diffusers'
+    `_convert_to_*`. Beta sigmas need scipy (`scipy.stats.beta.ppf`, as diffusers computes them)."""
     lo = cfg.get("sigma_min") if cfg.get("sigma_min") is not None else sigma_min
     hi = cfg.get("sigma_max") if cfg.get("sigma_max") is not None else sigma_max
     if kind == "exponential":
         return np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+    if kind == "beta":
+        try:
+            from scipy import stats
+        except ImportError:
+            raise ScheduleError("beta sigmas (use_beta_sigmas=True) need scipy: pip install scipy, or sdrt[samplers]",
+                                field="sampler") from None  # fmt: skip
+        return lo + stats.beta.ppf(1 - np.linspace(0, 1, steps), 0.6, 0.6) * (hi - lo)
     ramp, rho = np.linspace(0, 1, steps), 7.0
     return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
@@ -341,7 +348,7 @@ def euler_schedule(
     cfg: dict[str, Any], alphas_cumprod: torch.Tensor, steps: int, ancestral: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps float32 [n], sigmas float32 [n+1]) of EulerDiscreteScheduler (or EulerAncestralDiscreteScheduler,
-    which has neither Karras / exponential sigmas nor final_sigmas_type, whatever the config says)."""
+    which has neither Karras / exponential / beta sigmas nor final_sigmas_type, whatever the config says)."""
     timesteps = spaced_timesteps(cfg, steps).astype(np.float32)
     train = train_sigmas(alphas_cumprod)
     sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
@@ -358,8 +365,8 @@ def dpm_schedule(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps int64 [n], sigmas float32 [n+1]) of DPMSolverMultistepScheduler.set_timesteps, or of its
     relatives' (`variant` "unipc", "deis": no lambda_min_clipped, Karras timesteps rounded whatever the betas;
-    UniPC's "sigma_min" and DEIS's Karras / exponential ending repeat the last sigma; DEIS otherwise always ends
-    at the training sigma_min)."""
+    UniPC's "sigma_min" and DEIS's Karras / exponential / beta ending repeat the last sigma; DEIS otherwise
+    always ends at the training sigma_min)."""
     n_train, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
     lambda_t = torch.log(torch.sqrt(alphas_cumprod)) - torch.log(torch.sqrt(1 - alphas_cumprod))
     clipped = cfg["lambda_min_clipped"] if variant == "dpm" else -float("inf")

@@ -9,6 +9,7 @@ denoiser contract (c_in, timesteps, to_x0) and the same seed, drawing its noise 
 from __future__ import annotations
 
 import inspect
+import sys
 
 import diffusers
 import pytest
@@ -76,13 +77,23 @@ ONLY = {
     "deis1_exp": ("DEISMultistepScheduler", dict(_SCALED, solver_order=1, use_exponential_sigmas=True), ("deis",)),
     "unipc_zsnr": (_UNIPC, dict(CONFIGS["zsnr"][1], solver_order=3), ("unipc",)),
 }  # fmt: skip
+# Configs run in a few cases only (`FEW_CASES`): diffusers' KDPM2 / UniPC classes build beta sigmas for 1000 steps
+# when made
+FEW = {
+    # beta sigmas (Lee et al. 2024), in every class that takes them (DPM2 a builds them as DPM2: one of the two)
+    "beta": ("EulerDiscreteScheduler", dict(_SCALED, use_beta_sigmas=True, timestep_spacing="trailing"),
+             ("euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_sde", "deis", "unipc")),
+    "unipc3_beta_min": (_UNIPC, dict(_SCALED, solver_order=3, use_beta_sigmas=True, final_sigmas_type="sigma_min",
+                                     prediction_type="v_prediction"), ("unipc",)),
+}  # fmt: skip
 # Pairs sdrt refuses: LCM, Heun and DPM2 would build other betas than the checkpoint's (their defaults differ); PNDM,
 # Heun, DPM2 and DEIS have no zero-SNR rescale (their betas would differ too); diffusers' PNDM, Euler ancestral and
-# DPM2 raise on x0-prediction, and every class on Karras and exponential sigmas at once.
+# DPM2 raise on x0-prediction, and every class on Karras and exponential (or beta) sigmas at once.
 BETAS_DIFFER = {(c, s) for c in ("linspace", "zsnr") for s in ("heun", "dpm2", "dpm2_a")} | {
     ("linspace", "lcm"), ("zsnr", "pndm"), ("zsnr", "deis")}  # fmt: skip
 REFUSED = BETAS_DIFFER | {("x0", "pndm"), ("x0", "euler_a"), ("x0", "dpm2"), ("x0", "dpm2_a"),
-                          ("exp", "dpmpp_2m_karras"), ("exp", "dpmpp_2m_sde_karras")}  # fmt: skip
+                          ("exp", "dpmpp_2m_karras"), ("exp", "dpmpp_2m_sde_karras"),
+                          ("beta", "dpmpp_2m_karras"), ("beta", "dpmpp_2m_sde_karras")}  # fmt: skip
 CASES = [
     (c, s, n, st)
     for c in CONFIGS
@@ -96,6 +107,9 @@ CASES = [
 CASES += [("sd15", s, 50, 1.0) for s in SAMPLERS]
 CASES += [(c, s, n, st) for c, (_, _, ss) in ONLY.items() for s in ss for n in (1, 4, 25) for st in (1.0, 0.6)
           if n * st >= 1]  # fmt: skip
+FEW_CASES = [("unipc3_beta_min", "unipc", 6, 0.6)]
+FEW_CASES += [("beta", s, *[(4, 1.0), (6, 0.6)][k % 2]) for k, s in enumerate(FEW["beta"][2])]
+CASES += FEW_CASES
 
 
 def entry(cls: str, cfg: dict) -> dict:
@@ -106,7 +120,7 @@ def entry(cls: str, cfg: dict) -> dict:
 
 
 def entry_for(name: str) -> dict:
-    return entry(*CONFIGS[name]) if name in CONFIGS else entry(*ONLY[name][:2])
+    return entry(*CONFIGS[name]) if name in CONFIGS else entry(*{**ONLY, **FEW}[name][:2])
 
 
 def fake_unet(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +231,6 @@ def test_bad_requests_raise(sampler, steps, strength, match):
     [
         ("DDIMScheduler", dict(thresholding=True), "ddim", "thresholding"),
         ("DDIMScheduler", dict(rescale_betas_zero_snr=True, skip_prk_steps=True), "pndm", "rescale_betas_zero_snr"),
-        ("EulerDiscreteScheduler", dict(use_beta_sigmas=True), "euler", "use_beta_sigmas"),
         ("UniPCMultistepScheduler", dict(predict_x0=False), "unipc", "predict_x0"),
         ("UniPCMultistepScheduler", dict(solver_order=4), "unipc", "solver_order"),
         ("UniPCMultistepScheduler", dict(use_flow_sigmas=True), "unipc", "use_flow_sigmas"),
@@ -236,14 +249,18 @@ def test_bad_requests_raise(sampler, steps, strength, match):
     ],
 )
 def test_unsupported_options_raise(cls, cfg, sampler, key):
-    if "use_beta_sigmas" in cfg:  # as a file states it (diffusers itself needs scipy to build beta sigmas)
-        stated = entry(cls, {})
-        stated["config"] = {k: v for k, v in stated["config"].items() if k != "_use_default_values"} | cfg
-    else:
-        stated = entry(cls, cfg)
-    schedule = NoiseSchedule.from_manifest(stated)
+    schedule = NoiseSchedule.from_manifest(entry(cls, cfg))
     with pytest.raises(ValueError, match=f"{key}="):
         make_plan(sampler, schedule, 4)
+
+
+def test_beta_sigmas_without_scipy_are_one_line_naming_the_install(monkeypatch):
+    """diffusers computes beta sigmas with scipy; sdrt imports it only where they are asked for (sdrt[samplers])."""
+    schedule = NoiseSchedule.from_manifest(entry_for("beta"))
+    monkeypatch.setitem(sys.modules, "scipy", None)  # its import fails, as where it is not installed
+    with pytest.raises(SdrtError, match="pip install scipy, or sdrt\\[samplers\\]") as err:
+        make_plan("euler", schedule, 4)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
