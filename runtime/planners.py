@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sdrt.runtime import schedule as sch
+from sdrt.runtime.noise import Brownian
 from sdrt.runtime.schedule import NoiseSchedule, ScheduleError
 
 
@@ -28,13 +29,14 @@ class Plan:
     sigmas: torch.Tensor  # [n_calls + 1] float32: sigma at each call, then the final sigma
     c_in: torch.Tensor  # [n_calls] float32: model input scale, x_in = x * c_in[i] = x / sqrt(sigma^2 + 1)
     init_sigma: float  # txt2img: x_start = noise * init_sigma (reproduces diffusers' `latents * init_noise_sigma`)
-    noise_draws: int  # randn(latent shape) draws after the initial latents, in diffusers' order
+    noise_draws: int  # randn(latent shape) draws after the initial latents, in diffusers' order (or `brownian`'s)
     out_scale: float = 1.0  # latents diffusers hands to the VAE = x_final * out_scale (1/sqrt(sigma_last^2+1);
     #                         1 for Euler-family schedulers, which keep their latents in sigma space)
     clip: float | None = None  # clamp x0 to [-clip, clip] where diffusers clips it (clip_sample), else None
     orders: tuple[int, ...] = ()  # DPM++ 2M, UniPC: solver order of each step (host structure, fixed per plan)
     corrections: tuple[int, ...] = ()  # UniPC: the corrector's order before each step (0: none)
     coef: dict[str, torch.Tensor] = field(default_factory=dict)  # sampler-specific per-step scalars, [n_calls] each
+    brownian: Brownian | None = None  # DPM++ SDE: the noise draws are a Brownian tree's increments
 
     def to(self, device: torch.device | str) -> Plan:
         move = {k: getattr(self, k).to(device) for k in ("timesteps", "sigmas", "c_in")}
@@ -169,6 +171,62 @@ def _plan_dpm2(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int
     draws = n - start - 1 if sampler == "dpm2_a" else 0
     init = _euler_init_sigma(cfg, s)
     return Plan(sampler, torch.from_numpy(calls), sigmas, c_in, init, draws, coef=coef)
+
+
+def _plan_dpmpp_sde(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
+    """DPMSolverSDEScheduler: each step but the last called twice, at its sigma and at its midpoint in log sigma
+    (calls [t0, tm0, t1, ..., t_last], sigmas [s0, mid0, s1, ..., s_last, 0], from call 2 x start); per call but the
+    last, its update's coefficients and its noise's Brownian interval (`_sde_update`), the last call Euler's."""
+    seed = cfg["noise_sampler_seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ScheduleError(f"sampler {sampler!r}: noise_sampler_seed {seed!r} is not a whole number; set one, or "
+                            "null for a tree per image from the request's seed", field="sampler")  # fmt: skip
+    timesteps, s = _sde_schedule(cfg, ac, steps)
+    sig = torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))  # [n + 1], as diffusers holds them
+    sigmas, coef, intervals = [], {"decay": [], "kept": [], "up": []}, []
+    for k in range(steps - 1):  # 0-d float32 tensors, operation for operation as diffusers' step()
+        t, t_next = sig[k].log().neg(), sig[k + 1].log().neg()
+        t_mid = t + (t_next - t) * 0.5
+        sigmas += [sig[k], t_mid.neg().exp()]
+        for to in (t_mid, t_next):  # the first call's update, to the midpoint; the second's, over the whole step
+            *update, interval = _sde_update(t, to)
+            for key, value in zip(coef, update, strict=True):
+                coef[key].append(value)
+            intervals.append(interval)
+    calls = slice(2 * start, None)
+    coef = {k: torch.stack([*v, torch.tensor(0.0)])[calls] for k, v in coef.items()}  # (the last call: Euler's)
+    coef["blend"] = sig[torch.arange(2 * start, 2 * steps - 1) // 2 + 1]  # diffusers' add_noise: the step's end
+    sigmas = torch.stack([*sigmas, sig[-2], sig[-1]])[calls]
+    noise = Brownian((float(sig[-2]), float(sig[0])), tuple(intervals[calls]), seed)  # smallest nonzero, largest
+    c_in, init = 1 / (sigmas[:-1] ** 2 + 1) ** 0.5, _euler_init_sigma(cfg, sig)
+    ts = torch.from_numpy(timesteps[calls].astype(np.float32))
+    return Plan(sampler, ts, sigmas, c_in, init, len(noise.intervals), coef=coef, brownian=noise)
+
+
+def _sde_schedule(cfg: dict, ac: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """DPMSolverSDEScheduler.set_timesteps -> (every call's timestep [2n - 1], the steps' sigmas [n]), float64:
+    Euler's interpolation at unrounded timesteps, Karras / exponential / beta sigmas where the config asks (its
+    Karras sigmas read no sigma_min / sigma_max), each midpoint's timestep from its float64 sigma."""
+    train = sch.train_sigmas(ac)
+    timesteps = sch.spaced_timesteps(cfg, steps)
+    s = np.interp(timesteps, np.arange(len(train)), train)
+    if kind := sch.sigma_kind(cfg):
+        own = dict(cfg, sigma_min=None, sigma_max=None) if kind == "karras" else cfg
+        s = sch.spaced_sigmas(own, kind, s[-1].item(), s[0].item(), steps)
+        timesteps = np.array([sch.sigma_to_t(v, np.log(train)) for v in s])
+    lam = -np.log(s)
+    t_mid = np.array([sch.sigma_to_t(v, np.log(train)) for v in np.exp(-(lam[:-1] + np.diff(lam) * 0.5))])
+    return np.concatenate([np.stack([timesteps[:-1], t_mid.reshape(-1)], axis=1).reshape(-1), timesteps[-1:]]), s
+
+
+def _sde_update(t: torch.Tensor, to: torch.Tensor) -> tuple:
+    """One ancestral DPM-Solver++(1) step from lambda t to lambda `to` at eta 1, as diffusers' DPMSolverSDEScheduler
+    and k-diffusion's sample_dpmpp_sde take it: noise of std sigma_up, the exponential integrator down to
+    sigma_down, x <- decay * x + kept * x0 + sigma_up * z. -> (decay, kept, sigma_up, (sigma_from, sigma_to))."""
+    s_from, s_to = t.neg().exp(), to.neg().exp()
+    up = min(s_to, (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5)
+    t_down = ((s_to**2 - up**2) ** 0.5).log().neg()
+    return t_down.neg().exp() / s_from, -(t - t_down).expm1(), up, (float(s_from), float(s_to))
 
 
 def _alpha_plan(sampler: str, timesteps: np.ndarray, alphas: list[float], alpha_last: float, **kw) -> Plan:
@@ -351,6 +409,8 @@ _PLANNERS = {
     "heun": _plan_heun,
     "dpm2": _plan_dpm2,
     "dpm2_a": _plan_dpm2,
+    "dpmpp_sde": _plan_dpmpp_sde,
+    "dpmpp_sde_karras": _plan_dpmpp_sde,
     "dpmpp_2m": _plan_sigma_space,
     "dpmpp_2m_karras": _plan_sigma_space,
     "dpmpp_2m_sde": _plan_sigma_space,

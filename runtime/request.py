@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdrt.runtime.control import Control, control_host
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.noise import step_noise
 from sdrt.runtime.params import ImageArg
 from sdrt.runtime.prompts import Chunks
 from sdrt.runtime.samplers import Plan
@@ -145,7 +146,8 @@ def host_inputs(
 ) -> dict[str, torch.Tensor]:
     """Everything a batch reads, on the host. Per request, from its own generator, in diffusers' order: the init
     image's posterior sample (where `encodes_init`: img2img, or inpainting with a 4-channel U-Net or strength < 1),
-    the initial latents, the masked image's posterior sample (inpainting), then each ancestral step's noise.
+    the initial latents, the masked image's posterior sample (inpainting), then each ancestral step's noise (or
+    DPM++ SDE's Brownian increments, which take nothing from the generator: runtime/noise.py).
 
     prompt_ids[_2] [k, P, 77] and prompt_weights[_2] [P, k, 77]: every request's prompts, chunk by chunk, with
     their per-token weights, and (under guidance) negative_ids[_2] / negative_weights[_2] alike;
@@ -196,8 +198,7 @@ def host_inputs(
         draws["noise0"].append(torch.randn(shape, generator=gen))
         if r.mask is not None and posterior:  # drawn even for a 4-channel U-Net, unused: later draws depend on it
             draws["masked_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
-        steps = [torch.randn(shape, generator=gen) for _ in range(plan.noise_draws)]
-        draws["noise"].append(torch.stack(steps) if steps else torch.zeros((0, *shape)))
+        draws["noise"].append(step_noise(plan, shape, gen, r.seed))  # randn, or DPM++ SDE's Brownian tree
     host["noise0"] = torch.cat(draws["noise0"])  # [B, 4, h, w]
     host["noise"] = torch.cat(draws["noise"], dim=1)  # [draws, B, 4, h, w]
     if first.image is not None:

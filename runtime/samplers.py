@@ -25,9 +25,10 @@ from sdrt.runtime.schedule import ScheduleError
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
 StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
-SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
-            "dpmpp_2m_sde_karras", "deis", "lcm", "pndm", "unipc")  # fmt: skip
-ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")  # fresh noise every step at eta 1 (diffusers')
+SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m",
+            "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "deis", "lcm", "pndm", "unipc")  # fmt: skip
+# fresh noise every step at eta 1 (diffusers')
+ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")
 
 
 def to_x0(x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -162,6 +163,29 @@ def sample_dpm2(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tens
     return x
 
 
+def sample_dpmpp_sde(
+    plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook
+) -> torch.Tensor:
+    """DPM-Solver++(2S) on the SDE (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", Algorithm 1 with r = 1/2, as ancestral steps at eta 1): k-diffusion's sample_dpmpp_sde,
+    diffusers' DPMSolverSDEScheduler. A first-order step to the midpoint in log sigma with noise, a second U-Net
+    call there, then the whole step again from its start with the midpoint's x0 and noise over the whole step; the
+    last step, to sigma 0, is Euler's. Two calls a step (plan.sigmas per call [s0, mid0, s1, ..., s_last, 0]); call
+    i's update is x <- decay[i] * x_start + kept[i] * x0_i + up[i] * noise[i], its noise a Brownian tree's
+    increment over the update's sigmas (runtime/noise.py: the checkpoint's noise_sampler_seed, or the request's
+    seed + j for image j, as the web UI seeds it)."""
+    sigmas, calls = plan.sigmas, len(plan.timesteps)
+    decay, kept, up = (plan.coef[k] for k in ("decay", "kept", "up"))
+    for i in range(0, calls, 2):  # call i at the step's sigma, call i + 1 at its midpoint
+        x0 = denoise(x, i)
+        if i + 1 == calls:
+            return after(x + (x - x0) / sigmas[i] * (sigmas[i + 1] - sigmas[i]), i)
+        x_mid = after(decay[i] * x + kept[i] * x0 + up[i] * noise[i], i)
+        x0_mid = denoise(x_mid, i + 1)
+        x = after(decay[i + 1] * x + kept[i + 1] * x0_mid + up[i + 1] * noise[i + 1], i + 1)
+    return x
+
+
 def sample_euler_a(plan: Plan, denoise: Denoise, x: torch.Tensor, noise: torch.Tensor, after: StepHook) -> torch.Tensor:
     """Euler ancestral (k-diffusion's sample_euler_ancestral, eta = 1): an Euler step down to sigma_down, then fresh
     noise of std sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_next^2 (ancestral sampling, Ho et al. 2020)."""
@@ -291,6 +315,8 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "heun": sample_heun,
     "dpm2": sample_dpm2,
     "dpm2_a": sample_dpm2,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_sde_karras": sample_dpmpp_sde,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m,

@@ -69,6 +69,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         _BETAS, beta_start=0.00085, beta_end=0.012, **_SIGMA_KINDS, prediction_type="epsilon",
         timestep_spacing="linspace", steps_offset=0,
     )),
+    "DPMSolverSDEScheduler": dict(
+        _BETAS, beta_start=0.00085, beta_end=0.012, prediction_type="epsilon", **_SIGMA_KINDS,
+        noise_sampler_seed=None, timestep_spacing="linspace", steps_offset=0,
+    ),
     "DEISMultistepScheduler": dict(
         _BETAS, solver_order=2, prediction_type="epsilon", **_THRESHOLD, algorithm_type="deis", solver_type="logrho",
         lower_order_final=True, **_SIGMA_KINDS, use_flow_sigmas=False, flow_shift=1.0, timestep_spacing="linspace",
@@ -99,6 +103,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", dict(use_karras_sigmas=False)),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", dict(use_karras_sigmas=True)),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -129,6 +135,7 @@ SUPPORTED: dict[str, dict[str, tuple]] = {
     "LCMScheduler": dict(_COMMON, prediction_type=_PREDICTIONS),
     **dict.fromkeys(("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"),
                     dict(_COMMON, prediction_type=("epsilon", "v_prediction"))),
+    "DPMSolverSDEScheduler": dict(_COMMON, prediction_type=("epsilon", "v_prediction")),
     # DPM-Solver's algorithm and solver types are read as DEIS's own ("deis", "logrho"), as diffusers does
     "DEISMultistepScheduler": dict(
         _COMMON, prediction_type=_PREDICTIONS, solver_order=(1, 2, 3),
@@ -205,6 +212,8 @@ def default_sampler(schedule: NoiseSchedule) -> str:
             )
         sde = "_sde" if algorithm == "sde-dpmsolver++" else ""
         return f"dpmpp_2m{sde}{'_karras' if cfg.get('use_karras_sigmas') else ''}"
+    if name == "DPMSolverSDEScheduler":
+        return f"dpmpp_sde{'_karras' if schedule.config_for(name).get('use_karras_sigmas') else ''}"
     table = {cls: sampler for sampler, (cls, fixed) in SCHEDULERS.items() if not fixed}
     if name not in table:
         usable = ", ".join(runnable_samplers(schedule)) or "none: re-export with another scheduler"

@@ -17,6 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.noise import step_noise
 from sdrt.runtime.samplers import SAMPLERS, Plan, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import DEFAULTS, SCHEDULERS, NoiseSchedule, default_sampler
 
@@ -77,23 +78,30 @@ ONLY = {
     "deis1_exp": ("DEISMultistepScheduler", dict(_SCALED, solver_order=1, use_exponential_sigmas=True), ("deis",)),
     "unipc_zsnr": (_UNIPC, dict(CONFIGS["zsnr"][1], solver_order=3), ("unipc",)),
 }  # fmt: skip
-# Configs run in a few cases only (`FEW_CASES`): diffusers' KDPM2 / UniPC classes build beta sigmas for 1000 steps
-# when made
+SDE = ("dpmpp_sde", "dpmpp_sde_karras")
+# Configs run in a few cases only (`FEW_CASES`): DPM++ SDE's Brownian tree costs ms a query (here and in diffusers),
+# and diffusers' KDPM2 / UniPC classes build beta sigmas for 1000 steps when made
 FEW = {
+    # a checkpoint's own DPMSolverSDEScheduler stating its noise_sampler_seed: one tree over the batch, as diffusers
+    "sde_seeded": ("DPMSolverSDEScheduler", dict(_SCALED, noise_sampler_seed=1234, timestep_spacing="leading",
+                                                 steps_offset=1), SDE),
     # beta sigmas (Lee et al. 2024), in every class that takes them (DPM2 a builds them as DPM2: one of the two)
     "beta": ("EulerDiscreteScheduler", dict(_SCALED, use_beta_sigmas=True, timestep_spacing="trailing"),
-             ("euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_sde", "deis", "unipc")),
+             ("euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_sde", "deis", "unipc", "dpmpp_sde")),
     "unipc3_beta_min": (_UNIPC, dict(_SCALED, solver_order=3, use_beta_sigmas=True, final_sigmas_type="sigma_min",
                                      prediction_type="v_prediction"), ("unipc",)),
 }  # fmt: skip
-# Pairs sdrt refuses: LCM, Heun and DPM2 would build other betas than the checkpoint's (their defaults differ); PNDM,
-# Heun, DPM2 and DEIS have no zero-SNR rescale (their betas would differ too); diffusers' PNDM, Euler ancestral and
-# DPM2 raise on x0-prediction, and every class on Karras and exponential (or beta) sigmas at once.
-BETAS_DIFFER = {(c, s) for c in ("linspace", "zsnr") for s in ("heun", "dpm2", "dpm2_a")} | {
+# Pairs sdrt refuses: LCM, Heun, DPM2 and DPM++ SDE would build other betas than the checkpoint's (their defaults
+# differ); PNDM, Heun, DPM2, DPM++ SDE and DEIS have no zero-SNR rescale (their betas would differ too); diffusers'
+# PNDM, Euler ancestral, DPM2 and DPM++ SDE raise on x0-prediction, and every class on Karras and exponential (or
+# beta) sigmas at once.
+BETAS_DIFFER = {(c, s) for c in ("linspace", "zsnr") for s in ("heun", "dpm2", "dpm2_a", *SDE)} | {
     ("linspace", "lcm"), ("zsnr", "pndm"), ("zsnr", "deis")}  # fmt: skip
-REFUSED = BETAS_DIFFER | {("x0", "pndm"), ("x0", "euler_a"), ("x0", "dpm2"), ("x0", "dpm2_a"),
-                          ("exp", "dpmpp_2m_karras"), ("exp", "dpmpp_2m_sde_karras"),
-                          ("beta", "dpmpp_2m_karras"), ("beta", "dpmpp_2m_sde_karras")}  # fmt: skip
+REFUSED = (
+    BETAS_DIFFER
+    | {(c, s) for c in ("exp", "beta") for s in SAMPLERS if s.startswith("dpm") and s.endswith("karras")}
+    | {("x0", s) for s in ("pndm", "euler_a", "dpm2", "dpm2_a", *SDE)}
+)
 CASES = [
     (c, s, n, st)
     for c in CONFIGS
@@ -102,12 +110,19 @@ CASES = [
     for st in (1.0, 0.6)
     if n * st >= 1
     and (c, s) not in REFUSED
+    and s not in SDE
     and (c, n, s.endswith("karras") and s.startswith("dpm")) != ("zsnr", 25, True)
 ]
-CASES += [("sd15", s, 50, 1.0) for s in SAMPLERS]
+CASES += [("sd15", s, 50, 1.0) for s in SAMPLERS if s not in SDE]
 CASES += [(c, s, n, st) for c, (_, _, ss) in ONLY.items() for s in ss for n in (1, 4, 25) for st in (1.0, 0.6)
           if n * st >= 1]  # fmt: skip
-FEW_CASES = [("unipc3_beta_min", "unipc", 6, 0.6)]
+# DPM++ SDE with sdrt's seeding (a tree per image from the request's seed; diffusers given those seeds) on the
+# configs' spacings, predictions and sigma kinds, and with the checkpoint's own noise_sampler_seed; beta sigmas
+FEW_CASES = [("sd15", "dpmpp_sde", 1, 1.0), ("sd15", "dpmpp_sde", 4, 1.0), ("sd15", "dpmpp_sde", 6, 0.6),
+             ("sd15", "dpmpp_sde_karras", 4, 1.0), ("sd2v", "dpmpp_sde", 4, 1.0), ("sdxl", "dpmpp_sde_karras", 6, 0.6),
+             ("turbo", "dpmpp_sde", 4, 1.0), ("exp", "dpmpp_sde", 6, 0.6), ("sde_seeded", "dpmpp_sde", 4, 1.0),
+             ("sde_seeded", "dpmpp_sde_karras", 6, 0.6), ("sde_seeded", "dpmpp_sde_karras", 5, 1.0),
+             ("unipc3_beta_min", "unipc", 6, 0.6)]  # fmt: skip
 FEW_CASES += [("beta", s, *[(4, 1.0), (6, 0.6)][k % 2]) for k, s in enumerate(FEW["beta"][2])]
 CASES += FEW_CASES
 
@@ -136,7 +151,10 @@ def init_latents() -> torch.Tensor:
 def run_diffusers(name: str, sampler: str, steps: int, strength: float):
     """The reference: the scheduler as StableDiffusion(Img2Img)Pipeline drives it. -> ([(t, x_in)], latents)."""
     cls, fixed = SCHEDULERS[sampler]
-    sched = getattr(diffusers, cls).from_config(entry_for(name)["config"], **fixed)
+    config = entry_for(name)["config"]
+    if cls == "DPMSolverSDEScheduler" and config.get("noise_sampler_seed") is None:  # sdrt: the seed per image
+        fixed = dict(fixed, noise_sampler_seed=[SEED + j for j in range(SHAPE[0])])
+    sched = getattr(diffusers, cls).from_config(config, **fixed)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(SEED)
     timesteps = sched.timesteps
@@ -162,8 +180,7 @@ def run_sdrt(name: str, sampler: str, steps: int, strength: float):
     plan = make_plan(sampler, schedule, steps, strength)
     g = torch.Generator().manual_seed(SEED)
     x = start_latents(plan, torch.randn(SHAPE, generator=g), None if strength == 1.0 else init_latents())
-    draws = [torch.randn(SHAPE, generator=g) for _ in range(plan.noise_draws)]  # after noise0, in diffusers' order
-    noise = torch.stack(draws) if draws else torch.empty((0, *SHAPE))
+    noise = step_noise(plan, SHAPE, g, SEED)  # after noise0, in diffusers' order (or the Brownian tree's)
     calls = []
 
     def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -254,13 +271,28 @@ def test_unsupported_options_raise(cls, cfg, sampler, key):
         make_plan(sampler, schedule, 4)
 
 
-def test_beta_sigmas_without_scipy_are_one_line_naming_the_install(monkeypatch):
-    """diffusers computes beta sigmas with scipy; sdrt imports it only where they are asked for (sdrt[samplers])."""
-    schedule = NoiseSchedule.from_manifest(entry_for("beta"))
-    monkeypatch.setitem(sys.modules, "scipy", None)  # its import fails, as where it is not installed
-    with pytest.raises(SdrtError, match="pip install scipy, or sdrt\\[samplers\\]") as err:
-        make_plan("euler", schedule, 4)
+@pytest.mark.parametrize("module,name,sampler", [("scipy", "beta", "euler"), ("torchsde", "sd15", "dpmpp_sde")])
+def test_a_missing_optional_dependency_is_one_line_naming_the_install(monkeypatch, module, name, sampler):
+    """Beta sigmas need scipy, DPM++ SDE's Brownian tree torchsde: imported only where used (sdrt[samplers])."""
+    schedule = NoiseSchedule.from_manifest(entry_for(name))
+    monkeypatch.setitem(sys.modules, module, None)  # its import fails, as where it is not installed
+    with pytest.raises(SdrtError, match=f"pip install {module}, or sdrt\\[samplers\\]") as err:
+        step_noise(make_plan(sampler, schedule, 4), SHAPE, torch.Generator(), SEED)
     assert "\n" not in str(err.value)
+
+
+def test_sde_noise_of_image_j_is_the_one_image_request_with_seed_plus_j():
+    """Without the checkpoint's noise_sampler_seed, each image has its own tree, seeded as the web UI seeds them."""
+    plan = make_plan("dpmpp_sde", NoiseSchedule.from_manifest(entry_for("sd15")), 3)
+    batch = step_noise(plan, SHAPE, torch.Generator(), SEED)
+    assert batch.shape == (4, *SHAPE)
+    for j in range(SHAPE[0]):
+        assert torch.equal(batch[:, j : j + 1], step_noise(plan, (1, *SHAPE[1:]), torch.Generator(), SEED + j))
+    seeded = make_plan("dpmpp_sde", NoiseSchedule.from_manifest(entry_for("sde_seeded")), 3)
+    assert torch.equal(step_noise(seeded, SHAPE, torch.Generator(), 1), step_noise(seeded, SHAPE, torch.Generator(), 2))
+    cfg = dict(entry_for("sde_seeded")["config"], noise_sampler_seed=[1, 2])  # diffusers' per-image list: refused
+    with pytest.raises(ValueError, match="noise_sampler_seed \\[1, 2\\] is not a whole number"):
+        make_plan("dpmpp_sde", NoiseSchedule.from_manifest(dict(entry_for("sde_seeded"), config=cfg)), 3)
 
 
 @pytest.mark.parametrize(
@@ -285,6 +317,8 @@ def test_beta_sigmas_without_scipy_are_one_line_naming_the_install(monkeypatch):
         ("DEISMultistepScheduler", {}, "deis"),
         ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True), "dpm2"),
         ("KDPM2AncestralDiscreteScheduler", {}, "dpm2_a"),
+        ("DPMSolverSDEScheduler", dict(noise_sampler_seed=3), "dpmpp_sde"),
+        ("DPMSolverSDEScheduler", dict(use_karras_sigmas=True), "dpmpp_sde_karras"),
     ],
 )
 def test_default_sampler(cls, cfg, expected):
