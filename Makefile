@@ -22,7 +22,7 @@ BENCH_FLAGS   ?=
 TEST_WORKERS  ?= 2
 
 # the GPU check (benchmarks/GPU.md): wheels the lent GPU machine lacks, pinned so every session carries the same
-GPU_WHEEL_PINS ?= diffusers==0.42.1 importlib_metadata==10.2.0
+GPU_WHEEL_PINS ?= diffusers==0.42.1 importlib_metadata==10.2.0 torchsde==0.2.6 trampoline==0.1.2
 GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
 # the rehearsal's Python: 3.12 as on the device (pyenv's where no python3.12 is on the PATH)
 GPU_PYTHON    ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -V >/dev/null 2>&1 && echo python3.12 || ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
@@ -32,7 +32,7 @@ GPU_OUT       ?= build/gpu-rehearsal
 .PHONY: help setup engines demo bench test lint clean-engines gpu-wheels gpu-rehearsal
 
 help:
-	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve,rtx]"
+	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve,rtx,samplers]"
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
 	@echo "make demo      export MODEL, build (GPU only) and generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
@@ -62,9 +62,9 @@ $(VENV)/.export-done: pyproject.toml
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $@
 
-# the rest: the server (and Ray), TensorRT for RTX, the test tools
+# the rest: the server (and Ray), TensorRT for RTX, the test tools, the extra samplers' torchsde and scipy
 $(VENV)/.setup-done: $(VENV)/.export-done
-	$(BIN)/pip install -q -e '.[export,test,serve,rtx]'
+	$(BIN)/pip install -q -e '.[export,test,serve,rtx,samplers]'
 	touch $@
 
 # export once (remove engines/NAME or pass EXPORT_FLAGS=--force to redo it); build skips up-to-date plans
