@@ -129,8 +129,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}); <= 1: none")  # fmt: skip
-    g.add_argument("--sampler", help="ddim, euler, euler_a, heun, dpm2, dpm2_a, dpmpp_2m, dpmpp_2m_karras, "
-                   "dpmpp_2m_sde, dpmpp_2m_sde_karras, deis, lcm, pndm or unipc "
+    g.add_argument("--sampler", help="ddim, euler, euler_a, heun, dpm2, dpm2_a, dpmpp_sde, dpmpp_sde_karras, "
+                   "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, deis, lcm, pndm or unipc "
                    "(default: the checkpoint's own scheduler)")  # fmt: skip
     g.add_argument("--seed", type=int, help="seed of torch.Generator('cpu'), as in diffusers (default: random)")
     g.add_argument("--prompt-syntax", choices=("plain", "webui"), default="plain",
