@@ -47,7 +47,7 @@ KW = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=8, guidan
 
 
 @pytest.mark.parametrize(
-    "sampler", ["euler_a", "heun", "dpm2_a", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "pndm", "unipc"]
+    "sampler", ["euler_a", "heun", "dpm2_a", "dpmpp_sde", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "pndm", "unipc"]
 )
 def test_graph_replay_equals_step_by_step(engine, sampler, record_property):
     graph = Pipeline.load(engine, backend="torch", device="cuda", cuda_graph=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -21,6 +23,8 @@ SCHEDULERS = {  # sdrt sampler -> (diffusers scheduler class, extra config)
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {"use_karras_sigmas": False}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
@@ -54,9 +58,14 @@ def diffusers_images(
         load.update(safety_checker=None, requires_safety_checker=False)
     pipe = getattr(diffusers, name).from_pretrained(folder, **load)
     name, extra = SCHEDULERS[sampler]
+    seed = kw.pop("seed")
+    if name == "DPMSolverSDEScheduler" and pipe.scheduler.config.get("noise_sampler_seed") is None:
+        # sdrt's Brownian trees where the folder sets no seed: image j's seeded seed + j (diffusers would draw one)
+        prompts = 1 if isinstance(kw["prompt"], str) else len(kw["prompt"])
+        images = prompts * kw.get("num_images_per_prompt", 1)
+        extra = dict(extra, noise_sampler_seed=[seed + j for j in range(images)])
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
-    seed = kw.pop("seed")
     out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
     return np.stack([np.asarray(im) for im in out.images])
 
@@ -83,7 +92,9 @@ def check(ours: np.ndarray, ref: np.ndarray, min_db: float = 40.0) -> float:
     return db
 
 
-CASES = [("sd1", s) for s in SCHEDULERS] + [("sd2", s) for s in SCHEDULERS if s != "pndm"]
+# (DPM++ SDE: its Brownian tree costs ms a query, here and in diffusers; its own tests follow)
+SDE = ("dpmpp_sde", "dpmpp_sde_karras")
+CASES = [("sd1", s) for s in SCHEDULERS if s not in SDE] + [("sd2", s) for s in SCHEDULERS if s not in ("pndm", *SDE)]
 
 
 @pytest.mark.parametrize("kind,sampler", CASES)
@@ -111,9 +122,17 @@ def test_batches_match_diffusers(kind, sampler, prompts, n, pipes, folders):
 
 
 @pytest.mark.parametrize(
-    "kind,sampler", [("sd1", "ddim"), ("sd1", "euler_a"), ("sd1", "pndm"), ("sd2", "euler"), ("sd1", "heun")]
+    "kind,sampler",
+    [
+        ("sd1", "ddim"),
+        ("sd1", "euler_a"),
+        ("sd1", "pndm"),
+        ("sd2", "euler"),
+        ("sd1", "heun"),
+        ("sd1", "dpmpp_sde_karras"),
+    ],
 )
-def test_img2img_matches_diffusers(kind, sampler, pipes, folders):
+def test_img2img_matches_diffusers(kind, sampler, pipes, folders, record_property):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:64, 0:128]
     init = np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1).astype(np.uint8) // 2 + rng.integers(0, 64, (64, 128, 3))
@@ -121,7 +140,39 @@ def test_img2img_matches_diffusers(kind, sampler, pipes, folders):
     kw = dict(prompt=PROMPT, num_inference_steps=8, guidance_scale=5.0, strength=0.6, seed=99)
     ours = sdrt_images(pipes[kind], sampler=sampler, image=image, **kw)
     ref = diffusers_images(folders[kind], sampler, img2img=True, image=image, **kw)
-    check(ours, ref)
+    record_property("img2img_psnr_db", round(check(ours, ref), 1))
+
+
+@pytest.fixture(scope="module")
+def sde_sd1(exports, folders, tmp_path_factory):
+    """sd1 saved with DPMSolverSDEScheduler(noise_sampler_seed=31) as its own scheduler, and its engine directory:
+    the sd1 export with the scheduler entry `sdrt export` writes for that folder (the graphs do not read it)."""
+    import diffusers
+
+    root = tmp_path_factory.mktemp("sde")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)
+    pipe.scheduler = diffusers.DPMSolverSDEScheduler.from_config(pipe.scheduler.config, noise_sampler_seed=31)
+    pipe.save_pretrained(root / "model")
+    sched = diffusers.DPMSolverSDEScheduler.from_pretrained(root / "model", subfolder="scheduler")
+    shutil.copytree(exports.get("sd1", "fp32"), root / "engine")
+    manifest = json.loads((root / "engine" / "manifest.json").read_text())
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(sched.config).items()}
+    manifest["scheduler"] = {"class": "DPMSolverSDEScheduler", "config": config, "betas": sched.betas.tolist()}
+    (root / "engine" / "manifest.json").write_text(json.dumps(manifest))
+    return root / "model", root / "engine"
+
+
+def test_dpmpp_sde_folder_matches_diffusers(sde_sd1, record_property):
+    """The folder's own DPMSolverSDEScheduler is the default sampler, its Brownian tree seeded with the folder's
+    noise_sampler_seed as diffusers seeds it: one tree over the batch of two images, two U-Net calls a step."""
+    folder, engine = sde_sd1
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=6.0, height=64,
+              width=128, num_images_per_prompt=2, seed=1234)  # fmt: skip
+    with Pipeline.load(engine, backend="onnxruntime", device="cpu") as pipe:
+        assert pipe.default_sampler == "dpmpp_sde"
+        ours = sdrt_images(pipe, **kw)
+    db = check(ours, diffusers_images(folder, "dpmpp_sde", **kw))
+    record_property("dpmpp_sde_psnr_db", round(db, 1))
 
 
 def test_no_guidance_and_same_seed_same_picture(pipes, folders):
