@@ -32,7 +32,7 @@ GPU_OUT       ?= build/gpu-rehearsal
 .PHONY: help setup engines demo bench test lint clean-engines gpu-wheels gpu-rehearsal
 
 help:
-	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve,rtx,samplers]"
+	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve,rtx,samplers,openvino]"
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
 	@echo "make demo      export MODEL, build (GPU only) and generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
@@ -64,7 +64,7 @@ $(VENV)/.export-done: pyproject.toml
 
 # the rest: the server (and Ray), TensorRT for RTX, the test tools, the extra samplers' torchsde and scipy
 $(VENV)/.setup-done: $(VENV)/.export-done
-	$(BIN)/pip install -q -e '.[export,test,serve,rtx,samplers]'
+	$(BIN)/pip install -q -e '.[export,test,serve,rtx,samplers,openvino]'
 	touch $@
 
 # export once (remove engines/NAME or pass EXPORT_FLAGS=--force to redo it); build skips up-to-date plans

@@ -42,6 +42,8 @@ class SdrtContender:
     def describe(self) -> dict[str, Any]:
         out = {"name": self.name, "kind": self.kind, "backend": self.backend, "cuda_graph": self.cuda_graph,
                "precision": self.pipe.manifest["precision"]}  # fmt: skip
+        if self.pipe.backend.inference_precision:  # OpenVINO: computes in bf16 or f32 whatever the graphs hold
+            out["inference_precision"] = self.pipe.backend.inference_precision
         if self.cuda_graph:
             out["note"] = GRAPH_NOTE
         return out

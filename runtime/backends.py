@@ -17,7 +17,7 @@ import torch
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import concrete_shape
 
-BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch")
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
 
@@ -39,6 +39,7 @@ class Backend:
 
     name = "?"
     capturable = False  # whether `run` can be recorded inside a torch CUDA graph
+    inference_precision: str | None = None  # where the backend computes in another precision than the graphs'
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device):
         self.root, self.manifest, self.device = root, manifest, device
@@ -267,11 +268,27 @@ def plans_family(manifest: dict[str, Any]) -> str:
     return next(iter(manifest["engines"].values()))["key"].get("family", "tensorrt")
 
 
-def open_backend(root: Path, manifest: dict[str, Any], backend: str, device: torch.device) -> Backend:
-    """`auto`: on a GPU, TensorRT where plans exist, else the torch programs where saved; else ONNX Runtime."""
+def has_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def open_backend(
+    root: Path, manifest: dict[str, Any], backend: str, device: torch.device, cpu_precision: str | None = None
+) -> Backend:
+    """`auto`: on a GPU, TensorRT where plans exist, else the torch programs where saved; on the CPU OpenVINO where
+    installed; else ONNX Runtime. ``cpu_precision`` ("bf16", "f32"; None: the CPU's best) is OpenVINO's."""
     if backend not in BACKENDS:
         raise SdrtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     gpu = device.type == "cuda"
+    if backend != "openvino" and not (backend == "auto" and not gpu and has_openvino()) and cpu_precision:
+        raise SdrtError("--cpu-precision is OpenVINO's; add --backend openvino (pip install 'sdrt[openvino]')",
+                        field="cpu_precision")  # fmt: skip
+    if backend == "openvino" or (backend == "auto" and not gpu and has_openvino()):
+        from sdrt.runtime.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(root, manifest, device, cpu_precision)
     if backend == "torch" or (backend == "auto" and gpu and not has_plans(manifest) and has_torch_programs(manifest)):
         return TorchBackend(root, manifest, device)
     if backend in ("tensorrt", "tensorrt-rtx") or (backend == "auto" and gpu and has_plans(manifest)):
@@ -290,6 +307,8 @@ def available_backends(manifest: dict[str, Any], device: torch.device) -> list[s
     from sdrt.runtime.trt_family import FAMILIES, import_family
 
     out = []
+    if device.type != "cuda" and has_openvino():
+        out.append("openvino")
     if device.type == "cuda" and has_plans(manifest):
         family = plans_family(manifest)
         if import_family(FAMILIES[family])[0] is not None:

@@ -10,10 +10,11 @@ from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from sdrt.runtime.prompts import EMPHASIS
 
 
-def png_parameters(req, model: str, index: int) -> str:
+def png_parameters(req, model: str, index: int, precision: str | None = None) -> str:
     """The `parameters` text chunk in the format image tools already read (prompt, negative, key: value list); LoRA
     adapters as the web UI writes them, `<lora:NAME:SCALE>` tags at the end of the prompt; ControlNets as its
-    ControlNet extension does."""
+    ControlNet extension does. ``precision``: a backend's inference precision where it is not the graphs' own
+    (OpenVINO's bf16 or f32 on the CPU), which changes the picture."""
     fields = [
         f"Steps: {req.steps}", f"Sampler: {req.sampler}", f"CFG scale: {req.guidance:g}", f"Seed: {req.seed}",
         f"Size: {req.width}x{req.height}", f"Model: {model}",
@@ -35,6 +36,8 @@ def png_parameters(req, model: str, index: int) -> str:
     for k, c in enumerate(req.control):  # as the web UI's ControlNet extension writes its units
         fields.append(f'ControlNet {k}: "Model: {c.name}, Weight: {c.scale:g}, Guidance Start: {c.start:g}, '
                       f'Guidance End: {c.end:g}"')  # fmt: skip
+    if precision:
+        fields.append(f"Inference precision: {precision}")
     if req.batch > 1:
         fields += [f"Batch size: {req.batch}", f"Batch pos: {index}"]
     prompt = req.prompts[index // req.images_per_prompt]
@@ -91,7 +94,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                     _each(args.control_start, 0.0), _each(args.control_end, 1.0)),
     )  # fmt: skip
     t0 = time.perf_counter()
-    with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph) as pipe:
+    with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph,
+                       cpu_precision=args.cpu_precision) as pipe:  # fmt: skip
         load_ms = (time.perf_counter() - t0) * 1e3
         req = pipe.request(params)
         t1 = time.perf_counter()
@@ -99,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         total_ms = (time.perf_counter() - t1) * 1e3
         for i, path in enumerate(_out_paths(args.out, req.seed, req.batch)):
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", png_parameters(req, pipe.model_name, i))
+            info.add_text("parameters", png_parameters(req, pipe.model_name, i, pipe.backend.inference_precision))
             Image.fromarray(pixels[i].numpy()).save(path, pnginfo=info)
             print(path)
         if args.verbose:
@@ -183,9 +187,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             metavar="X",
             help=f"ControlNet {what} (default {default}); once for all, or once per --controlnet",
         )
-    g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
-                   help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as built), else torch "
-                   "programs where exported; else ONNX Runtime")  # fmt: skip
+    g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch"),
+                   default="auto", help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as "
+                   "built), else torch programs where exported; on the CPU OpenVINO where installed; else ONNX "
+                   "Runtime")  # fmt: skip
+    g.add_argument("--cpu-precision", choices=("bf16", "f32"),
+                   help="OpenVINO's inference precision (default: bf16 where the CPU has it, else f32)")  # fmt: skip
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
     g.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of one captured graph")
     g.add_argument("--out", metavar="PATH", help="output PNG (with -N suffixes for several; default sdrt-SEED-N.png)")

@@ -91,9 +91,15 @@ class Pipeline:
 
     @classmethod
     def load(
-        cls, root: str | Path, backend: str = "auto", device: str | None = None, cuda_graph: bool = True
+        cls,
+        root: str | Path,
+        backend: str = "auto",
+        device: str | None = None,
+        cuda_graph: bool = True,
+        cpu_precision: str | None = None,
     ) -> Pipeline:
-        """Open an engine directory; every file it will read is first checked against the manifest's SHA-256."""
+        """Open an engine directory; every file it will read is first checked against the manifest's SHA-256.
+        ``cpu_precision``: OpenVINO's inference precision, "bf16" or "f32" (None: bf16 where the CPU has it)."""
         root = Path(root)
         manifest = read_manifest(root)
         names = [n for g in manifest["graphs"].values() for n in g["files"]]
@@ -105,7 +111,8 @@ class Pipeline:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SdrtError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
-        return cls(root, manifest, open_backend(root, manifest, backend, torch.device(device)), cuda_graph)
+        opened = open_backend(root, manifest, backend, torch.device(device), cpu_precision)
+        return cls(root, manifest, opened, cuda_graph)
 
     def close(self) -> None:
         self._captured.clear()

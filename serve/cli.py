@@ -57,8 +57,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="steps of the warm-up request at the default size, run before /readyz says ready (default 20)",
     )
-    s.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "torch"), default="auto",
-                   help="as `sdrt generate --backend`")  # fmt: skip
+    s.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch"),
+                   default="auto", help="as `sdrt generate --backend`")  # fmt: skip
+    s.add_argument("--cpu-precision", choices=("bf16", "f32"), help="as `sdrt generate --cpu-precision`")
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
     s.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of captured graphs")
     r = s.add_argument_group("Ray Serve (--ray)")

@@ -153,6 +153,7 @@ class ServeArgs(BaseModel):
 
     dir: str
     backend: str = "auto"
+    cpu_precision: str | None = None
     device: str | None = None
     cuda_graph: bool = True
     max_batch: int | None = None
@@ -173,7 +174,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application ``serve run sdrt.serve.ray_app:app_builder dir=ENGINES`` deploys (``args`` as
     `ServeArgs`; a bad value is a validation error naming the field)."""
     args = ServeArgs.model_validate(args)
-    load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph}
+    load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph,
+            "cpu_precision": args.cpu_precision}  # fmt: skip
     return build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
                      args.replica_cpus, args.retries, limits_of(args))  # fmt: skip
 
@@ -222,7 +224,8 @@ def main(args) -> int:
     limits = limits_of(args)  # a bad flag fails before Ray starts
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    load = {"backend": args.backend, "device": args.device, "cuda_graph": not args.no_cuda_graph}
+    load = {"backend": args.backend, "device": args.device, "cuda_graph": not args.no_cuda_graph,
+            "cpu_precision": args.cpu_precision}  # fmt: skip
     app = build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
                     args.replica_cpus, limits=limits)  # fmt: skip
     serve.run(app, name="sdrt", route_prefix="/")

@@ -1,0 +1,176 @@
+"""OpenVINO: the engine directory's ONNX graphs compiled for the CPU, behind the same backend contract as ONNX Runtime.
+
+Each graph is read from its ONNX file, reshaped to the shapes of the call (static shapes: OpenVINO's CPU plugin
+plans memory and picks kernels once per shape; a few recent shapes per graph are kept, like the captured-graph
+cache on a GPU) and compiled with an inference precision: bf16 where the CPU has it (OpenVINO's own default
+there), f32 on request or where the CPU lacks bf16. Compiled models go to OpenVINO's model cache under a folder
+named by the graph files' SHA-256 from the manifest and the precision, so a second start skips compilation and a
+changed graph never meets a stale blob. LoRA adapters are initializer overrides, as on ONNX Runtime: the graph is
+read again from its file, the changed weights replaced from the exported base, and compiled (uncached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdrt.runtime.backends import Backend
+from sdrt.runtime.errors import SdrtError
+
+PRECISIONS = ("bf16", "f32")
+SHAPES_KEPT = 3  # compiled shapes kept per graph (each holds its own weights, in the compiled layout)
+_OV_TYPE = {"bf16": "bf16", "f32": "f32"}
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise SdrtError("the openvino backend needs OpenVINO: pip install 'sdrt[openvino]'") from None
+    return openvino
+
+
+def cpu_precisions(core: Any) -> tuple[str, ...]:
+    """The inference precisions this CPU runs natively, best first (bf16 needs AVX512_BF16 or AMX)."""
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return ("bf16", "f32") if "BF16" in caps else ("f32",)
+
+
+def resolve_precision(core: Any, asked: str | None) -> str:
+    """``None``: the best this CPU has (OpenVINO's own default); an explicit one must be native here."""
+    have = cpu_precisions(core)
+    if asked is None:
+        return have[0]
+    if asked not in PRECISIONS:
+        raise SdrtError(f"unknown CPU precision {asked!r}; use one of {', '.join(PRECISIONS)}", field="cpu_precision")
+    if asked not in have:
+        raise SdrtError(f"this CPU has no native {asked} (OpenVINO reports {', '.join(have)}); use --cpu-precision "
+                        f"{have[0]}", field="cpu_precision")  # fmt: skip
+    return asked
+
+
+def cache_root() -> Path:
+    """Where compiled models are cached: $SDRT_CACHE/openvino, else the user's cache folder."""
+    base = os.environ.get("SDRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
+    return Path(base) / "openvino"
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO's CPU plugin. ``precision``: "bf16" or "f32" (None: bf16 where native); ``cache``: the model cache
+    folder (None: `cache_root()`; False: no cache); ``static``: compile per call shape (else one dynamic model)."""
+
+    name = "openvino"
+    lora = True
+    controlnet = True
+
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict[str, Any],
+        device: torch.device,
+        precision: str | None = None,
+        cache: Path | bool | None = None,
+        static: bool = True,
+    ):
+        super().__init__(root, manifest, device)
+        if device.type != "cpu":
+            raise SdrtError("the openvino backend runs on the CPU; use --device cpu, or another backend on the GPU")
+        ov = import_openvino()
+        self.core = ov.Core()
+        self.precision = self.inference_precision = resolve_precision(self.core, precision)
+        self.cache = None if cache is False else Path(cache_root() if cache in (None, True) else cache)
+        self.static = static
+        self.threads = torch.get_num_threads()  # as ONNX Runtime's: the two thread pools never oversubscribe
+        self.overrides: dict[str, dict[str, np.ndarray]] = {}  # graph -> {initializer: value}, from the base
+        self.compiled: dict[str, OrderedDict[tuple, Any]] = {}  # graph -> {shape key: infer request}, LRU
+
+    def _config(self, graph: str) -> dict[str, Any]:
+        config = {
+            "INFERENCE_PRECISION_HINT": _OV_TYPE[self.precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": self.threads,
+        }
+        if self.cache is not None and not self.overrides.get(graph):
+            config["CACHE_DIR"] = str(self.cache / self.graph_key(graph))
+        return config
+
+    def graph_key(self, graph: str) -> str:
+        """The cache folder of ``graph``: its files' SHA-256 (as the manifest, checked at load, records them) and
+        the precision; OpenVINO's own key (the model, shapes and options) decides within it."""
+        h = hashlib.sha256()
+        for name in self.manifest["graphs"][graph]["files"]:
+            h.update(f"{name}={self.manifest['files'][name]};".encode())
+        return f"{graph}-{h.hexdigest()[:16]}-{self.precision}"
+
+    def _model(self, graph: str, shapes: dict[str, tuple[int, ...]] | None) -> Any:
+        """The graph as exported, with this backend's weight overrides, reshaped to ``shapes`` (None: dynamic)."""
+        ov = import_openvino()
+        model = self.core.read_model(str(self.root / self.manifest["graphs"][graph]["file"]))
+        overrides = self.overrides.get(graph)
+        if overrides:
+            found = 0
+            for op in model.get_ops():
+                value = overrides.get(op.get_friendly_name()) if op.get_type_name() == "Constant" else None
+                if value is not None:
+                    op.output(0).replace(ov.op.Constant(value).output(0))
+                    found += 1
+            if found != len(overrides):
+                raise SdrtError(f"{graph}: OpenVINO's reading of the graph lacks some adapted weights; use --backend "
+                                "onnxruntime for LoRA on this directory", field="loras")  # fmt: skip
+        if shapes is not None:
+            model.reshape({model.input(name): list(shape) for name, shape in shapes.items()})
+        return model
+
+    def request(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> Any:
+        """The infer request compiled for these input shapes (or the dynamic one), compiling on first use."""
+        kept = self.compiled.setdefault(graph, OrderedDict())
+        key = tuple(sorted(shapes.items())) if self.static else ()
+        if key in kept:
+            kept.move_to_end(key)
+            return kept[key]
+        model = self._model(graph, shapes if self.static else None)
+        try:
+            compiled = self.core.compile_model(model, "CPU", self._config(graph))
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SdrtError(f"OpenVINO cannot compile {graph} ({first}); use --backend onnxruntime") from None
+        actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        if actual != _OV_TYPE[self.precision]:  # never report a precision the CPU did not compute in
+            raise SdrtError(f"OpenVINO compiled {graph} in {actual}, not {self.precision}; use --cpu-precision "
+                            f"{actual}", field="cpu_precision")  # fmt: skip
+        kept[key] = compiled.create_infer_request()
+        while len(kept) > SHAPES_KEPT:
+            kept.popitem(last=False)
+        return kept[key]
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        arrays = {name: x.contiguous().numpy() for name, x in feeds.items()}
+        req = self.request(graph, {name: tuple(a.shape) for name, a in arrays.items()})
+        req.infer(arrays, share_inputs=True)
+        # copied out: the request's output memory is reused by its next call
+        names = self.manifest["graphs"][graph]["outputs"]
+        return tuple(torch.from_numpy(req.get_tensor(name).data.copy()) for name in names)
+
+    def set_weights(self, graph: str, updates: list) -> None:
+        """Overrides from the exported base (W0 + delta); the graph's compiled shapes are dropped and compiled
+        again on their next call."""
+        from safetensors import safe_open
+
+        from sdrt.runtime.lora import BASE_FILE
+
+        values = {}
+        if updates:
+            with safe_open(str(self.root / BASE_FILE), "pt") as base:
+                for u in updates:
+                    values[u.initializer] = u.applied_to(base.get_tensor(f"{graph}/{u.initializer}")).numpy()
+        self.compiled.pop(graph, None)
+        self.overrides[graph] = values
+
+    def close(self) -> None:
+        self.compiled.clear()
