@@ -2,9 +2,11 @@
 
 The denoiser is an identity-like stand-in (x0 = 0.9 x), so what is timed is the sampler update: its tensor
 arithmetic per call, the plan read from device buffers, the noise of the ancestral / SDE samplers. Set it beside a
-U-Net call at the same shape (`sdrt bench`) to see the share of a step it takes.
+U-Net call at the same shape (`sdrt bench`) to see the share of a step it takes. DPM++ SDE's noise is a Brownian
+tree's, made on the host once per request before the loop (runtime/noise.py): timed apart, per request.
 
-    python -m sdrt.benchmarks.sampler_cost [--latent 4x64x64] [--batch 1] [--steps 30] [--runs 20] [--json PATH]
+    python -m sdrt.benchmarks.sampler_cost [--latent 4x64x64] [--batch 1] [--steps 30] [--runs 20]
+                                           [--noise-runs 5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from sdrt.runtime.noise import step_noise
 from sdrt.runtime.samplers import SAMPLERS, make_plan, sample
 from sdrt.runtime.schedule import NoiseSchedule
 
@@ -27,11 +30,16 @@ SD15 = {"class": "PNDMScheduler", "betas": _BETAS.tolist(),
                    "skip_prk_steps": True, "set_alpha_to_one": False, "num_train_timesteps": 1000}}  # fmt: skip
 
 
-def measure(sampler: str, shape: tuple[int, ...], steps: int, runs: int) -> dict:
+def measure(sampler: str, shape: tuple[int, ...], steps: int, runs: int, noise_runs: int) -> dict:
     plan = make_plan(sampler, NoiseSchedule.from_manifest(SD15), steps)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(shape, generator=gen) * plan.init_sigma
-    noise = torch.randn((plan.noise_draws, *shape), generator=gen)
+    noise = torch.randn((plan.noise_draws, *shape), generator=gen)  # (its values do not change the arithmetic)
+    host = []
+    for r in range(noise_runs if plan.brownian else 0):  # the Brownian tree's draws: host work once per request
+        t0 = time.perf_counter()
+        step_noise(plan, shape, gen, seed=r)
+        host.append(time.perf_counter() - t0)
 
     def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
         return x * 0.9
@@ -45,7 +53,7 @@ def measure(sampler: str, shape: tuple[int, ...], steps: int, runs: int) -> dict
     calls = len(plan.timesteps)
     median = statistics.median(times)
     return {"sampler": sampler, "calls": calls, "median_ms": median * 1e3, "per_call_us": median / calls * 1e6,
-            "max_ms": max(times) * 1e3}  # fmt: skip
+            "max_ms": max(times) * 1e3, "host_noise_ms": statistics.median(host) * 1e3 if host else None}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,19 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--noise-runs", type=int, default=5, help="runs of DPM++ SDE's host-side Brownian tree draws")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     shape = (args.batch, *(int(v) for v in args.latent.split("x")))
-    rows = [measure(s, shape, args.steps, args.runs) for s in SAMPLERS]
+    rows = [measure(s, shape, args.steps, args.runs, args.noise_runs) for s in SAMPLERS]
     euler = next(r for r in rows if r["sampler"] == "euler")["per_call_us"]
     print(f"sampler update per U-Net call, latent {list(shape)}, {args.steps} steps, median of {args.runs}:")
     for r in rows:
+        host = f"  + host noise {r['host_noise_ms']:.0f} ms/request" if r["host_noise_ms"] is not None else ""
         print(f"  {r['sampler']:20s} {r['calls']:3d} calls  {r['per_call_us']:8.1f} us/call  "
-              f"({r['per_call_us'] / euler:4.2f}x Euler)")  # fmt: skip
+              f"({r['per_call_us'] / euler:4.2f}x Euler){host}")  # fmt: skip
     if args.json:
         out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "shape": list(shape), "steps": args.steps, "runs": args.runs,
-               "results": rows}  # fmt: skip
+               "noise_runs": args.noise_runs, "results": rows}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0
