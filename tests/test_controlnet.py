@@ -425,3 +425,15 @@ def test_single_file_controlnet_loads_as_its_folder(cn_export, folders, tmp_path
     for bad, msg in (("other.safetensors", "not a ControlNet checkpoint"), ("c.ckpt", "pickle files can run code")):
         with pytest.raises(SdrtError, match=msg):
             load_controlnet(str(tmp_path / bad), "x", config)
+
+
+def test_openvino_runs_controlnet_requests(cn_export, folders):
+    """The ControlNet graph and unet_controlnet on OpenVINO (f32): diffusers' picture (>= 40 dB)."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'sdrt[openvino]'")
+    image = control_image()
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64,
+              width=96, seed=5, controlnet_conditioning_scale=0.8, control_guidance_start=0.2)  # fmt: skip
+    with Pipeline.load(cn_export[0], backend="openvino", device="cpu", cpu_precision="f32") as p:
+        ours = sdrt_images(p, sampler="euler", controlnet="canny", control_image=image, **kw)
+    db = check(ours, reference(folders["sd1"], cn_export[1], "euler", image=image, **kw))
+    print(f"OpenVINO, one ControlNet: PSNR {db:.1f} dB")

@@ -325,3 +325,19 @@ def test_lora_remove(engine, tmp_path, capsys):
     capsys.readouterr()
     assert main(["lora", "remove", str(root), "p"]) == 2
     assert "has no LoRA adapter 'p' (it has: none)" in capsys.readouterr().err
+
+
+def test_openvino_adapters_match_diffusers_and_switch_exactly(engine, folders, files):
+    """OpenVINO (f32): the adapters' picture is diffusers' (>= 40 dB), and A -> B -> A -> none on one pipeline
+    gives byte for byte what a fresh load with each set gives."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'sdrt[openvino]'")
+    sets = [{"kohya": 1.0}, {"p": 0.8, "kohya": 0.3}, {"kohya": 1.0}, None]
+    fresh = {}
+    for s in sets[:2] + sets[3:]:
+        with Pipeline.load(engine, backend="openvino", device="cpu", cpu_precision="f32") as p:
+            fresh[str(s)] = sdrt_images(p, loras=s, **KW)
+    db = check(fresh[str(sets[0])], reference(folders["sd1"], {files["kohya"]: 1.0}))
+    with Pipeline.load(engine, backend="openvino", device="cpu", cpu_precision="f32") as p:
+        for s in sets:
+            assert np.array_equal(sdrt_images(p, loras=s, **KW), fresh[str(s)]), s
+    print(f"OpenVINO, kohya LoRA at 1: PSNR {db:.1f} dB against diffusers")

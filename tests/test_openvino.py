@@ -133,3 +133,28 @@ def test_a_dynamic_model_gives_the_static_models_picture(exports):
         dynamic = sdrt_images(pipe, sampler="euler", **kw)
         assert list(pipe.backend.compiled["unet"]) == [()]
     assert psnr(static, dynamic) > 60
+
+
+def test_the_server_batches_openvino_requests_each_as_alone(exports):
+    """Concurrent /v1/images requests joined into engine batches on OpenVINO: each gets its own seed's images,
+    byte for byte what the request gives alone; the PNG text names the inference precision."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+    from test_server import LiveServer, alone, body, pixels
+
+    with load(exports.get("sd1", "fp32")) as pipe:
+        server = LiveServer(pipe)
+        try:
+            bodies = [body(300 + i) for i in range(4)]
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda b: server.post("/v1/images", b), bodies))
+            assert [a.status_code for a in answers] == [200] * 4
+            assert any(a.json()["batch"]["requests"] > 1 for a in answers), "no two requests shared a batch"
+            for b, a in zip(bodies, answers, strict=True):
+                assert np.array_equal(pixels(a.json()["images"][0]), alone(pipe, b)[0]), b["seed"]
+            png = server.post("/v1/images", bodies[0], headers={"Accept": "image/png"}).content
+            assert "Inference precision: f32" in Image.open(io.BytesIO(png)).text["parameters"]
+        finally:
+            server.stop()
