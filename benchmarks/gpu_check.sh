@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: what a session holding the lent GPU runs first, as the one command of one device `run`.
+# The GPU check: sdrt on any CUDA GPU machine in one command, within a 10-minute limit (benchmarks/GPU.md).
 #
-#   device:    bash benchmarks/gpu_check.sh                      (carry [".whl"], from `make gpu-wheels`)
+#   GPU:       OUT=DIR bash benchmarks/gpu_check.sh              (with .whl/ from `make gpu-wheels` beside it)
 #   rehearsal: GPU_CHECK_DRY_RUN=1 OUT=DIR PYTHON=PY bash benchmarks/gpu_check.sh   (`make gpu-rehearsal`)
 #
 # Installs the carried wheels into a fresh site folder (--no-index --no-deps), then runs its stages in order of

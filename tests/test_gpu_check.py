@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh's plumbing, on the CPU: wheels installed into a fresh site folder, the probe, the GPU
 tests' collection, a stage that fails, a stage that times out, a spent budget, and the summary. The full dry run
-(export and benchmarks of tiny-sd1) is `make gpu-rehearsal`; this keeps the script from rotting between leases."""
+(export and benchmarks of tiny-sd1) is `make gpu-rehearsal`; this keeps the script from rotting between GPU runs."""
 
 from __future__ import annotations
 
