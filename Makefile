@@ -29,13 +29,23 @@ GPU_PYTHON    ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -V 
 GPU_VENV      ?= .gpu-venv
 GPU_OUT       ?= build/gpu-rehearsal
 
-.PHONY: help setup engines demo bench test lint clean-engines gpu-wheels gpu-rehearsal
+# `sdrt bench --peers`: optimum-intel and OpenVINO GenAI in a venv of their own. optimum-intel 2.2 needs transformers
+# < 5.6 (sdrt's is newer) and huggingface-hub < 1.22; diffusers 0.42 imports a Gemma class transformers 5.5 lacks,
+# and 0.40-0.41 need huggingface-hub >= 1.23: hence diffusers 0.39 (and hub 1.21's typer < 0.26). optimum-intel goes
+# in without its dependencies: torchvision does not import beside this torch build (transformers falls back to PIL).
+PEERS_VENV    ?= .peers-venv
+PEERS_PINS    ?= transformers==5.5.4 diffusers==0.39.0 huggingface-hub==1.21.0 typer==0.25.1 optimum==2.3.0 \
+                 openvino==2026.4.1 openvino-tokenizers==2026.4.1.0 openvino-genai==2026.4.1.0 nncf==3.4.0
+PEERS_NODEPS  ?= optimum-intel==2.2.0
+
+.PHONY: help setup engines demo bench test lint clean-engines gpu-wheels gpu-rehearsal cpu-peers
 
 help:
 	@echo "make setup     create $(VENV) with torch (TORCH=auto|cpu|cuda|keep) and sdrt[export,test,serve,rtx,samplers,openvino]"
 	@echo "make engines   export MODEL (default sd15) to engines/NAME (default MODEL), then build TensorRT plans"
 	@echo "make demo      export MODEL, build (GPU only) and generate one image (PROMPT, STEPS) to engines/NAME-demo.png"
 	@echo "make bench     make engines, then sdrt bench engines/NAME (BENCH_FLAGS) against eager diffusers -> benchmarks/results/"
+	@echo "make cpu-peers $(PEERS_VENV): optimum-intel and OpenVINO GenAI for sdrt bench --peers (pinned versions)"
 	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them; TEST_WORKERS processes)"
 	@echo "make lint      ruff"
 	@echo "make gpu-wheels     .whl/: sdrt's wheel and the pinned wheels the lent GPU machine lacks (benchmarks/GPU.md)"
@@ -91,6 +101,17 @@ endif
 # every available backend (CUDA graph on and off) and diffusers, interleaved; on the CPU use PRECISION=fp32
 bench: engines
 	$(BIN)/sdrt bench engines/$(NAME) $(BENCH_FLAGS)
+
+cpu-peers: $(PEERS_VENV)/.done
+
+$(PEERS_VENV)/.done: benchmarks/peers-constraints.txt Makefile
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --no-deps --retries 1 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
+	$(PEERS_VENV)/bin/pip install -q -c benchmarks/peers-constraints.txt $(PEERS_PINS)
+	$(PEERS_VENV)/bin/pip install -q --no-deps $(PEERS_NODEPS)
+	$(PEERS_VENV)/bin/python -c "from optimum.intel import OVDiffusionPipeline; import openvino_genai"
+	$(PEERS_VENV)/bin/python benchmarks/peer_worker.py --probe
+	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20
