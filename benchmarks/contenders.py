@@ -91,12 +91,15 @@ def with_sampler(pipe: Any, sampler: str) -> Any:
 
 class DiffusersContender:
     """diffusers' pipeline, eager (fp16 on a GPU, fp32 on the CPU) with its default attention, or with
-    ``torch.compile`` of the U-Net; ``output_type="np"``, converted to uint8 as diffusers' ``numpy_to_pil``."""
+    ``torch.compile`` of the U-Net, or (CPU) eager under ``torch.autocast("cpu", torch.bfloat16)`` over the fp32
+    modules; ``output_type="np"``, converted to uint8 as diffusers' ``numpy_to_pil``."""
 
     kind = "baseline"
 
-    def __init__(self, pipe: Any, device: torch.device, compile_unet: bool = False):
-        self.device = device
+    def __init__(self, pipe: Any, device: torch.device, compile_unet: bool = False, bf16: bool = False):
+        if bf16 and (compile_unet or device.type != "cpu"):
+            raise SdrtError("the bf16-autocast baseline is eager and on the CPU (a GPU's baseline is fp16)")
+        self.device, self.bf16 = device, bf16
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = quietly(pipe.to, device=device, dtype=self.dtype)  # diffusers warns about casting with to()
         if compile_unet:  # a second pipeline over the same modules; only its U-Net is compiled
@@ -107,7 +110,7 @@ class DiffusersContender:
             pipe.unet = torch.compile(pipe.unet)
             pipe.set_progress_bar_config(disable=True)
         self.pipe, self.compiled = pipe, compile_unet
-        self.name = "diffusers-compile" if compile_unet else "diffusers-eager"
+        self.name = "diffusers-compile" if compile_unet else "diffusers-eager-bf16" if bf16 else "diffusers-eager"
         self.kw: dict[str, Any] = {}
         self.seed = 0
         self.timings: dict[str, float] = {}
@@ -118,7 +121,10 @@ class DiffusersContender:
                "precision": str(self.dtype).removeprefix("torch."), "compile": self.compiled,
                "pipeline": type(self.pipe).__name__, "attention": processor,
                "scheduler": type(self.pipe.scheduler).__name__}  # fmt: skip
-        if self.device.type == "cpu":
+        if self.bf16:
+            out["precision"] = "bfloat16 autocast"
+            out["note"] = 'fp32 weights, computed under torch.autocast("cpu", dtype=torch.bfloat16)'
+        elif self.device.type == "cpu":
             out["note"] = "fp32: fp16 is not a real option on the CPU"
         return out
 
@@ -137,7 +143,8 @@ class DiffusersContender:
         encoders = [
             ("text_encoder", m) for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None
         ]
-        with module_hooks([*encoders, ("unet", pipe.unet)], spans):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        with module_hooks([*encoders, ("unet", pipe.unet)], spans), autocast:
             with timed_attribute(pipe.vae, "decode", spans, lambda *args: "vae_decoder"):
                 out = pipe(**self.kw, generator=torch.Generator("cpu").manual_seed(self.seed))
         return (np.asarray(out.images) * 255).round().astype(np.uint8)  # [B, H, W, 3]
