@@ -5,7 +5,9 @@ Every contender runs the same request (prompt, seed, sampler, steps, size, batch
 from the source DIR was exported from. Each is loaded and warmed up (reported, excluded), then the timed runs go
 round-robin over the contenders so that drift (clocks, thermals, other load) hits all of them alike. Beside the
 figures: FLOPs per stage, the device's matmul rate, the lower bound they imply, and the PSNR of each contender's
-image against the baseline's (a fast path that draws a different picture is not a win).
+image against the baseline's (a fast path that draws a different picture is not a win). On the CPU, `--peers`
+adds the OpenVINO pipelines a CPU user would otherwise pick (benchmarks/peers.py), and `--baseline-bf16` diffusers
+under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from sdrt.benchmarks.contenders import DiffusersContender, SdrtContender, quietly, source_pipeline
 from sdrt.benchmarks.flops import Shape, lower_bounds, matmul_tflops, stage_flops
 from sdrt.benchmarks.measure import Clock, Memory, Spans, psnr, stats
+from sdrt.benchmarks.peers import PeerContender, PeerPlan, export_ir, peers_python, select_peers
 from sdrt.benchmarks.report import STAGES, device_name, device_slug, finite, software, write_all
 from sdrt.runtime.backends import available_backends
 from sdrt.runtime.errors import SdrtError
@@ -60,13 +63,18 @@ class Options:
     baseline_compile: bool = False
     out_dir: Path = Path("benchmarks/results")
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
+    baseline_bf16: bool = False  # CPU: also diffusers under torch.autocast("cpu", dtype=torch.bfloat16)
+    peers: list[str] = field(default_factory=list)  # optimum-intel, openvino-genai, or ["all"]
+    peers_python: str | None = None  # None: $SDRT_PEERS_PYTHON, else the checkout's .peers-venv
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends is not None else None
+        peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
         return cls(Path(args.dir), args.steps, args.height, args.width, args.batch, args.sampler, args.guidance,
                    args.prompt, args.seed, args.runs, args.warmup, args.device, backends, not args.no_baseline,
-                   args.baseline_compile, Path(args.out_dir))  # fmt: skip
+                   args.baseline_compile, Path(args.out_dir), baseline_bf16=args.baseline_bf16, peers=peers,
+                   peers_python=args.peers_python)  # fmt: skip
 
 
 @dataclass
@@ -92,8 +100,8 @@ def check_extras() -> None:
         raise SdrtError(f"sdrt bench needs {', '.join(missing)}: pip install 'sdrt[bench]'")
 
 
-def resolve(opts: Options) -> tuple[dict[str, Any], torch.device, list[str]]:
-    """Fail fast, before anything loads: the directory, the device, the backends, the options."""
+def resolve(opts: Options) -> tuple[dict[str, Any], torch.device, list[str], PeerPlan]:
+    """Fail fast, before anything loads: the directory, the device, the backends, the options, the peers."""
     manifest = read_manifest(opts.dir)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -109,8 +117,12 @@ def resolve(opts: Options) -> tuple[dict[str, Any], torch.device, list[str]]:
     for what, value, least in (("--runs", opts.runs, 1), ("--warmup", opts.warmup, 0), ("--batch", opts.batch, 1)):
         if value < least:
             raise SdrtError(f"{what} must be >= {least}, got {value}")
+    if device.type != "cpu" and (opts.peers or opts.baseline_bf16):
+        raise SdrtError("--peers and --baseline-bf16 are CPU contenders: use --device cpu")
     check_extras()
-    return manifest, device, names
+    if not opts.peers:
+        return manifest, device, names, PeerPlan()
+    return manifest, device, names, select_peers(opts.peers, peers_python(opts.peers_python), manifest, opts.sampler)
 
 
 def run_once(entry: Entry, clock: Clock) -> tuple[float, dict[str, list[float]], np.ndarray]:
@@ -165,7 +177,8 @@ def make_request(pipe: Pipeline, opts: Options, device: torch.device) -> Request
 
 def run_bench(opts: Options) -> tuple[dict[str, Any], list[Path]]:
     """Load and warm up every contender, count FLOPs, time the interleaved runs, write the files."""
-    manifest, device, backends = resolve(opts)
+    manifest, device, backends, plan = resolve(opts)
+    irs = peer_irs(opts, manifest, plan)  # exported (once) before anything loads
     clock, entries, requests, failed = Clock(device), [], [], []
     load_before = os.getloadavg()  # CPU figures depend on what else runs: recorded beside them
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -182,18 +195,35 @@ def run_bench(opts: Options) -> tuple[dict[str, Any], list[Path]]:
         return entry and entry.contender
 
     try:
-        report = measure_all(opts, manifest, device, backends, add, requests, entries, clock)
-        report["failed"] = failed
+        report = measure_all(opts, manifest, device, backends, add, requests, entries, clock, irs, plan)
+        report["failed"], report["skipped"] = failed, plan.skipped
     finally:
         for entry in entries:
             entry.contender.close()
     report["date"] = started
+    report["settings"]["peers_python"] = str(plan.python) if plan.names else None
     report["settings"]["loadavg_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     stem = f"{report['date'][:10]}_{device_slug(device)}_{report['model']}"
     return report, write_all(report, opts.out_dir, stem)
 
 
-def measure_all(opts, manifest, device, backends, add, requests, entries, clock) -> dict[str, Any]:
+def peer_irs(opts: Options, manifest: dict[str, Any], plan: PeerPlan) -> dict[str, Path]:
+    """{peer: its IR folder}. An export that fails stops the run where the peers were named, and leaves them out
+    (noted in ``plan.skipped``) under ``--peers all``."""
+    if not plan.names:
+        return {}
+    try:
+        ir = export_ir(opts.dir, manifest, plan)
+    except SdrtError as err:
+        if opts.peers != ["all"]:
+            raise
+        plan.skipped += [{"name": p, "reason": str(err)} for p in plan.names]
+        plan.names = []
+        return {}
+    return dict.fromkeys(plan.names, ir)
+
+
+def measure_all(opts, manifest, device, backends, add, requests, entries, clock, irs, plan) -> dict[str, Any]:
     """Every contender loaded and warmed up in turn, the FLOPs counted, then the timed runs, interleaved."""
     for backend in backends:  # the CUDA graph on where it can be, then off
         graph = add(f"sdrt-{backend}-graph", partial(SdrtContender, opts.dir, backend, device, True))
@@ -220,11 +250,15 @@ def measure_all(opts, manifest, device, backends, add, requests, entries, clock)
                 entries[-1].load_ms += source_ms  # building the modules from the source is part of its load
             if opts.baseline_compile:
                 add("diffusers-compile", partial(DiffusersContender, source, device, compile_unet=True))
+            if opts.baseline_bf16:
+                add("diffusers-eager-bf16", partial(DiffusersContender, source, device, bf16=True))
         # the modules whose FLOPs bound every contender (the baseline's own, already moved, when it runs)
         counting = quietly(source.to, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
         flops = dict(stage_flops(counting, Shape(req.batch, req.height, req.width, req.cfg)), unet_calls=unet_calls)
         del counting, source
         gc.collect()
+    for peer, ir in irs.items():
+        add(peer, partial(PeerContender, peer, plan, ir, manifest))
     matmul = matmul_tflops(device)
 
     order = []
@@ -284,6 +318,7 @@ def assemble(opts, manifest, device, req, unet_calls, entries, order, flops, flo
                "--prompt", req.prompts[0], "--seed", str(req.seed), "--runs", str(opts.runs),
                "--warmup", str(opts.warmup), "--out-dir", str(opts.out_dir)]  # fmt: skip
     command += (["--no-baseline"] if not opts.baseline else []) + (["--baseline-compile"] * opts.baseline_compile)
+    command += ["--baseline-bf16"] * opts.baseline_bf16 + (["--peers", ",".join(opts.peers)] if opts.peers else [])
     return {
         "device": device_name(device),
         "device_type": device.type,

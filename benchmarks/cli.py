@@ -11,8 +11,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with needs_extra("sdrt bench", "bench"):  # checked before any engine loads: a run takes minutes
         import matplotlib  # noqa: F401  (the chart)
 
-        if not args.no_baseline:
-            import diffusers  # noqa: F401  (the baseline)
+        if not args.no_baseline or args.peers:
+            import diffusers  # noqa: F401  (the baseline; the source the peers' IR is exported from)
         from sdrt.benchmarks.bench import main as bench_main
     return bench_main(args)
 
@@ -44,5 +44,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bn.add_argument("--backends", metavar="A,B", help="sdrt backends to run (default: every available one)")
     bn.add_argument("--no-baseline", action="store_true", help="skip diffusers (FLOPs still counted if it loads)")
     bn.add_argument("--baseline-compile", action="store_true", help="also diffusers with torch.compile(unet)")
+    bn.add_argument(
+        "--baseline-bf16",
+        action="store_true",
+        help='CPU: also diffusers under torch.autocast("cpu", dtype=torch.bfloat16) (diffusers-eager-bf16)',
+    )
+    bn.add_argument(
+        "--peers",
+        metavar="A,B",
+        help="CPU: also optimum-intel and/or openvino-genai (OpenVINO pipelines, in the peers' own venv "
+        "from `make cpu-peers`), or all (those installed); their OpenVINO IR is exported once from the "
+        "source DIR was exported from, at fp32 weights, into .bench-peers/ beside DIR, and reused",
+    )
+    bn.add_argument(
+        "--peers-python",
+        metavar="PATH",
+        help="the peers' Python (default: $SDRT_PEERS_PYTHON, else .peers-venv/bin/python in the checkout)",
+    )
     bn.add_argument("--out-dir", default="benchmarks/results", help="where the files go (default benchmarks/results)")
     bn.set_defaults(func=cmd_bench)

@@ -87,6 +87,14 @@ def _p50(r: dict[str, Any], stage: str) -> float | None:
     return s["p50"] if s else None
 
 
+def _round_trip(r: dict[str, Any]) -> str:
+    """A peer's p50 split: its worker's own time and the IPC around it."""
+    t = r.get("runtime_timings_ms", {})
+    if "worker_ms" not in t:
+        return ""
+    return f" (p50: worker {_ms(t['worker_ms'])} ms, IPC {_ms(t['ipc_ms'])} ms)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The results table, the lower bound beside it, and load / warm-up times, as markdown."""
     s = report["settings"]
@@ -109,22 +117,24 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         e = r["e2e_ms"]
         mem = "—" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
-        if r["kind"] == "baseline" and not r.get("compile"):
+        if r["name"] == "diffusers-eager":
             agree = "reference"
         elif r.get("identical_to_baseline"):
             agree = "identical"
         else:
             agree = "—" if r.get("psnr_db") is None else f"{r['psnr_db']:.1f} dB"
         frac = r.get("bound_fraction", {}).get("e2e")
+        precision = r["precision"] + (f" ({r['inference_precision']} compute)" if r.get("inference_precision") else "")
         lines.append(
-            f"| {r['name']} | {r['backend']} | {r['precision']} | {'on' if r['cuda_graph'] else 'off'} "
+            f"| {r['name']} | {r['backend']} | {precision} | {'on' if r['cuda_graph'] else 'off'} "
             f"| {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['min'])} | {_ms(_p50(r, 'text_encoder'))} "
             f"| {_ms(_p50(r, 'unet_call'))} | {_ms(_p50(r, 'vae_decoder'))} | {_ms(_p50(r, 'other'))} | {mem} "
             f"| {agree} | {'—' if frac is None else f'{frac:.1%}'} |"
         )
     lines.append("")
-    notes = [f"- {r['name']}: {r['note']}" for r in report["results"] if r.get("note")]
+    notes = [f"- {r['name']}: {r['note']}{_round_trip(r)}" for r in report["results"] if r.get("note")]
     notes += [f"- {f['name']}: **failed**, left out: {f['error']}" for f in report.get("failed", [])]
+    notes += [f"- {f['name']}: left out: {f['reason']}" for f in report.get("skipped", [])]
     lines += notes + ([""] if notes else [])
     lb, fl, mm = report.get("lower_bound_ms"), report.get("flops"), report.get("matmul")
     if lb and fl and mm:
