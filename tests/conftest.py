@@ -285,6 +285,20 @@ def native96(folders, tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def bench_engine(tmp_path_factory) -> Path:
+    """The tiny-sd1 preset exported fp32 for 64-128 px, batch 1: the directory `sdrt bench`'s test modules run
+    (exported once per test run; its parent also holds the peers' IR cache, .bench-peers/)."""
+    from sdrt.export import Dims, export_model
+
+    dest = shared_root(tmp_path_factory) / "exports" / "tiny-sd1-bench"
+    dest.parent.mkdir(exist_ok=True)
+    with once(dest) as todo:
+        if todo:
+            export_model("tiny-sd1", dest, precision="fp32", dims=Dims(64, 128, 1))
+    return dest
+
+
 def pytest_configure(config):
     """pytest-xdist workers share the machine's cores: torch's default (a thread per core in every worker) leaves
     OpenMP threads spinning at barriers for cores another worker holds, which makes eager diffusers on these small

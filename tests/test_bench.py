@@ -19,12 +19,8 @@ STAGES = ("text_encoder", "unet", "vae_decoder")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    from sdrt.export import Dims, export_model
-
-    root = tmp_path_factory.mktemp("bench") / "tiny-sd1"
-    export_model("tiny-sd1", root, precision="fp32", dims=Dims(64, 128, 1))
-    return root
+def engine(bench_engine):
+    return bench_engine  # conftest: exported once, shared with test_bench_peers
 
 
 @pytest.fixture(scope="module")
