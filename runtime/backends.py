@@ -57,6 +57,12 @@ class Backend:
         """Give ``graph`` the exported weights plus these `runtime.lora.Update` deltas (none: the exported ones)."""
         raise NotImplementedError
 
+    def lora_refusal(self) -> str | None:
+        """Why requests with LoRA adapters are refused here, naming the fix (None: they are not)."""
+        if self.lora:
+            return None
+        return f"the {self.name} backend cannot apply LoRA adapters yet; use --backend onnxruntime or torch"
+
     def close(self) -> None:
         pass
 
@@ -275,20 +281,28 @@ def has_openvino() -> bool:
 
 
 def open_backend(
-    root: Path, manifest: dict[str, Any], backend: str, device: torch.device, cpu_precision: str | None = None
+    root: Path,
+    manifest: dict[str, Any],
+    backend: str,
+    device: torch.device,
+    cpu_precision: str | None = None,
+    cpu_int8: bool = False,
 ) -> Backend:
     """`auto`: on a GPU, TensorRT where plans exist, else the torch programs where saved; on the CPU OpenVINO where
-    installed; else ONNX Runtime. ``cpu_precision`` ("bf16", "f32"; None: the CPU's best) is OpenVINO's."""
+    installed; else ONNX Runtime. ``cpu_precision`` ("bf16", "f32"; None: the CPU's best) and ``cpu_int8`` (the
+    U-Net `sdrt quantize` made) are OpenVINO's."""
     if backend not in BACKENDS:
         raise SdrtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     gpu = device.type == "cuda"
-    if backend != "openvino" and not (backend == "auto" and not gpu and has_openvino()) and cpu_precision:
-        raise SdrtError("--cpu-precision is OpenVINO's; add --backend openvino (pip install 'sdrt[openvino]')",
-                        field="cpu_precision")  # fmt: skip
-    if backend == "openvino" or (backend == "auto" and not gpu and has_openvino()):
+    openvino = backend == "openvino" or (backend == "auto" and not gpu and has_openvino())
+    for flag, given in (("cpu_precision", cpu_precision), ("cpu_int8", cpu_int8)):
+        if given and not openvino:
+            raise SdrtError(f"--{flag.replace('_', '-')} is OpenVINO's; add --backend openvino (pip install "
+                            "'sdrt[openvino]')", field=flag)  # fmt: skip
+    if openvino:
         from sdrt.runtime.openvino import OpenVinoBackend
 
-        return OpenVinoBackend(root, manifest, device, cpu_precision)
+        return OpenVinoBackend(root, manifest, device, cpu_precision, cpu_int8=cpu_int8)
     if backend == "torch" or (backend == "auto" and gpu and not has_plans(manifest) and has_torch_programs(manifest)):
         return TorchBackend(root, manifest, device)
     if backend in ("tensorrt", "tensorrt-rtx") or (backend == "auto" and gpu and has_plans(manifest)):

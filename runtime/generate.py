@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     t0 = time.perf_counter()
     with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph,
-                       cpu_precision=args.cpu_precision) as pipe:  # fmt: skip
+                       cpu_precision=args.cpu_precision, cpu_int8=args.cpu_int8) as pipe:  # fmt: skip
         load_ms = (time.perf_counter() - t0) * 1e3
         req = pipe.request(params)
         t1 = time.perf_counter()
@@ -193,6 +193,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "Runtime")  # fmt: skip
     g.add_argument("--cpu-precision", choices=("bf16", "f32"),
                    help="OpenVINO's inference precision (default: bf16 where the CPU has it, else f32)")  # fmt: skip
+    g.add_argument("--cpu-int8", action="store_true", help="OpenVINO: run the INT8 U-Net `sdrt quantize DIR` made "
+                   "(the other graphs at --cpu-precision)")  # fmt: skip
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
     g.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of one captured graph")
     g.add_argument("--out", metavar="PATH", help="output PNG (with -N suffixes for several; default sdrt-SEED-N.png)")

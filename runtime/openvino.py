@@ -6,7 +6,8 @@ cache on a GPU) and compiled with an inference precision: bf16 where the CPU has
 there), f32 on request or where the CPU lacks bf16. Compiled models go to OpenVINO's model cache under a folder
 named by the graph files' SHA-256 from the manifest and the precision, so a second start skips compilation and a
 changed graph never meets a stale blob. LoRA adapters are initializer overrides, as on ONNX Runtime: the graph is
-read again from its file, the changed weights replaced from the exported base, and compiled (uncached).
+read again from its file, the changed weights replaced from the exported base, and compiled (uncached). With
+``cpu_int8`` the U-Net is read from the INT8 model `sdrt quantize` made (runtime/int8.py), cached under its hash.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from sdrt.runtime.backends import Backend
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.int8 import XML, describe, int8_entry
 
 PRECISIONS = ("bf16", "f32")
 SHAPES_KEPT = 3  # compiled shapes kept per graph (each holds its own weights, in the compiled layout)
@@ -63,7 +65,8 @@ def cache_root() -> Path:
 
 class OpenVinoBackend(Backend):
     """OpenVINO's CPU plugin. ``precision``: "bf16" or "f32" (None: bf16 where native); ``cache``: the model cache
-    folder (None: `cache_root()`; False: no cache); ``static``: compile per call shape (else one dynamic model)."""
+    folder (None: `cache_root()`; False: no cache); ``static``: compile per call shape (else one dynamic model);
+    ``cpu_int8``: the U-Net from the directory's INT8 model instead of unet.onnx (the other graphs as they are)."""
 
     name = "openvino"
     lora = True
@@ -77,6 +80,7 @@ class OpenVinoBackend(Backend):
         precision: str | None = None,
         cache: Path | bool | None = None,
         static: bool = True,
+        cpu_int8: bool = False,
     ):
         super().__init__(root, manifest, device)
         if device.type != "cpu":
@@ -84,6 +88,9 @@ class OpenVinoBackend(Backend):
         ov = import_openvino()
         self.core = ov.Core()
         self.precision = self.inference_precision = resolve_precision(self.core, precision)
+        self.int8 = int8_entry(root, manifest) if cpu_int8 else None  # the manifest's cpu_int8 entry, checked
+        if self.int8 is not None:
+            self.inference_precision = f"{self.precision}, {describe(self.int8)}"
         self.cache = None if cache is False else Path(cache_root() if cache in (None, True) else cache)
         self.static = static
         self.threads = torch.get_num_threads()  # as ONNX Runtime's: the two thread pools never oversubscribe
@@ -104,14 +111,18 @@ class OpenVinoBackend(Backend):
         """The cache folder of ``graph``: its files' SHA-256 (as the manifest, checked at load, records them) and
         the precision; OpenVINO's own key (the model, shapes and options) decides within it."""
         h = hashlib.sha256()
-        for name in self.manifest["graphs"][graph]["files"]:
+        for name in self._int8_files(graph) or self.manifest["graphs"][graph]["files"]:
             h.update(f"{name}={self.manifest['files'][name]};".encode())
         return f"{graph}-{h.hexdigest()[:16]}-{self.precision}"
+
+    def _int8_files(self, graph: str) -> list[str]:
+        return self.int8["files"] if self.int8 is not None and graph == "unet" else []
 
     def _model(self, graph: str, shapes: dict[str, tuple[int, ...]] | None) -> Any:
         """The graph as exported, with this backend's weight overrides, reshaped to ``shapes`` (None: dynamic)."""
         ov = import_openvino()
-        model = self.core.read_model(str(self.root / self.manifest["graphs"][graph]["file"]))
+        file = XML if self._int8_files(graph) else self.manifest["graphs"][graph]["file"]
+        model = self.core.read_model(str(self.root / file))
         overrides = self.overrides.get(graph)
         if overrides:
             found = 0
@@ -156,6 +167,12 @@ class OpenVinoBackend(Backend):
         # copied out: the request's output memory is reused by its next call
         names = self.manifest["graphs"][graph]["outputs"]
         return tuple(torch.from_numpy(req.get_tensor(name).data.copy()) for name in names)
+
+    def lora_refusal(self) -> str | None:
+        if self.int8 is not None:  # its weights are quantized from the exported ones: W0 + delta is not in it
+            return ("LoRA adapters change the exported U-Net's weights, which the INT8 U-Net no longer holds; leave "
+                    "out --cpu-int8 to use --lora")  # fmt: skip
+        return super().lora_refusal()
 
     def set_weights(self, graph: str, updates: list) -> None:
         """Overrides from the exported base (W0 + delta); the graph's compiled shapes are dropped and compiled

@@ -97,9 +97,11 @@ class Pipeline:
         device: str | None = None,
         cuda_graph: bool = True,
         cpu_precision: str | None = None,
+        cpu_int8: bool = False,
     ) -> Pipeline:
         """Open an engine directory; every file it will read is first checked against the manifest's SHA-256.
-        ``cpu_precision``: OpenVINO's inference precision, "bf16" or "f32" (None: bf16 where the CPU has it)."""
+        ``cpu_precision``: OpenVINO's inference precision, "bf16" or "f32" (None: bf16 where the CPU has it);
+        ``cpu_int8``: OpenVINO runs the INT8 U-Net `sdrt quantize` made."""
         root = Path(root)
         manifest = read_manifest(root)
         names = [n for g in manifest["graphs"].values() for n in g["files"]]
@@ -111,7 +113,7 @@ class Pipeline:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SdrtError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
-        opened = open_backend(root, manifest, backend, torch.device(device), cpu_precision)
+        opened = open_backend(root, manifest, backend, torch.device(device), cpu_precision, cpu_int8)
         return cls(root, manifest, opened, cuda_graph)
 
     def close(self) -> None:
@@ -220,9 +222,8 @@ class Pipeline:
         init = init and init.convert("RGB").resize((width, height), Image.LANCZOS)
         mask_img = mask_img and mask_img.convert("L").resize((width, height), Image.LANCZOS)
         loras = check_loras(self.manifest, p.loras)
-        if loras and not self.backend.lora:
-            raise SdrtError(f"the {self.backend.name} backend cannot apply LoRA adapters yet; use --backend "
-                            "onnxruntime or torch", field="loras")  # fmt: skip
+        if loras and (refusal := self.backend.lora_refusal()):
+            raise SdrtError(refusal, field="loras")
         if controls:
             check_loras_with_controlnet(self.manifest, loras)
         controls = tuple(resized(c, width, height) for c in controls)

@@ -60,6 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch"),
                    default="auto", help="as `sdrt generate --backend`")  # fmt: skip
     s.add_argument("--cpu-precision", choices=("bf16", "f32"), help="as `sdrt generate --cpu-precision`")
+    s.add_argument("--cpu-int8", action="store_true", help="as `sdrt generate --cpu-int8`")
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
     s.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of captured graphs")
     r = s.add_argument_group("Ray Serve (--ray)")
