@@ -21,7 +21,7 @@ BENCH_FLAGS   ?=
 # fixtures stay in one worker through their xdist_group mark)
 TEST_WORKERS  ?= 2
 
-# the GPU check (benchmarks/GPU.md): wheels the lent GPU machine lacks, pinned so every session carries the same
+# the GPU check (benchmarks/GPU.md): wheels a bare GPU machine's image lacks, pinned so every run carries the same
 GPU_WHEEL_PINS ?= diffusers==0.42.1 importlib_metadata==10.2.0 torchsde==0.2.6 trampoline==0.1.2
 GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
 # the rehearsal's Python: 3.12 as on the device (pyenv's where no python3.12 is on the PATH)
@@ -48,7 +48,7 @@ help:
 	@echo "make cpu-peers $(PEERS_VENV): optimum-intel and OpenVINO GenAI for sdrt bench --peers (pinned versions)"
 	@echo "make test      run the test suite (CPU; GPU and TensorRT tests skip without them; TEST_WORKERS processes)"
 	@echo "make lint      ruff"
-	@echo "make gpu-wheels     .whl/: sdrt's wheel and the pinned wheels the lent GPU machine lacks (benchmarks/GPU.md)"
+	@echo "make gpu-wheels     .whl/: sdrt's wheel and the pinned wheels a GPU machine's image lacks (benchmarks/GPU.md)"
 	@echo "make gpu-rehearsal  benchmarks/gpu_check.sh as a dry run on the CPU, in a venv of the device's versions"
 
 setup: $(VENV)/.setup-done
