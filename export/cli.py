@@ -317,9 +317,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--mode", choices=("hybrid", "weights"), default="hybrid",
                    help="hybrid (default): INT8 MatMul weights and fully INT8 Convolutions, calibrated; weights: "
                    "weight-only INT8, data-free")  # fmt: skip
-    q.add_argument("--prompts", type=int, default=8, metavar="N", help="calibration requests (default 8)")
-    q.add_argument("--steps", type=int, default=20, metavar="S", help="sampler steps of each (default 20)")
-    q.add_argument("--size", type=int, metavar="PX", help="calibration image side (default: the model's default size)")
+    q.add_argument("--prompts", type=int, default=4, metavar="N", help="calibration requests (default 4)")
+    q.add_argument("--steps", type=int, default=10, metavar="S", help="sampler steps of each (default 10)")
+    q.add_argument("--size", type=int, metavar="PX",
+                   help="calibration image side (default: the model's default size, at most 512)")  # fmt: skip
     q.add_argument("--seed", type=int, default=0, help="seed of the first calibration request (default 0)")
     q.add_argument("--force", action="store_true", help="replace the INT8 U-Net DIR already has")
     q.set_defaults(func=cmd_quantize)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -128,6 +129,13 @@ def test_refusals_are_one_line(exports, quantized, tmp_path, capsys):
             pipe.request(Params(prompt="a fox", loras={"ink": 1.0}))
     assert main(["quantize", str(quantized["hybrid"]), "--mode", "weights"]) == 2  # already there: needs --force
     assert "already has an INT8 U-Net (hybrid); pass --force" in capsys.readouterr().err
+
+
+def test_quantize_without_nncf_names_the_extra(quantized, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf raises ImportError
+    assert main(["quantize", str(quantized["hybrid"]), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "needs OpenVINO and NNCF (nncf is missing): pip install 'sdrt[openvino]'" in err and err.count("\n") == 1
 
 
 def test_a_changed_unet_refuses_its_int8_model(quantized, tmp_path):
