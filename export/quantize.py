@@ -73,8 +73,8 @@ NEGATIVE = "blurry, low quality, watermark"  # on every other prompt: both kinds
 class QuantizeOptions:
     mode: str = "hybrid"  # "hybrid" or "weights" (MODES)
     # calibration (hybrid) costs ~2.2 U-Net calls per call recorded (the run, then NNCF's statistics pass: measured
-    # on tiny-sd1 at 256 px); 4 prompts x 10 steps record 44, which at sd15's ~15-20 s per call at 512 px on 2 AVX2
-    # cores is ~30 min (estimated); prompts count for more than steps (tiny-sd1: 4 x 10 within 0.6 dB of 8 x 20)
+    # on tiny-sd1 at 256 px); 4 prompts x 10 steps record 44, an estimated 20-30 min for sd15 at 512 px on 2 AVX2
+    # cores (README); prompts count for more than steps (tiny-sd1: 4 x 10 within 0.6 dB of 8 x 20)
     prompts: int = 4  # calibration requests: PROMPTS cycled, seeds seed, seed + 1, ...
     steps: int = 10  # sampler steps of each (the checkpoint's own sampler, guidance 7.5)
     size: int | None = None  # px, square; None: the model's default size, at most 512 (as optimum-intel)

@@ -27,12 +27,13 @@ nncf = pytest.importorskip("nncf", reason="NNCF is not installed: pip install 's
 MODES = ("hybrid", "weights")
 KW = dict(prompt="a watercolor fox in the snow, detailed", negative_prompt="blurry, low quality", guidance_scale=6.0,
           num_inference_steps=5, height=64, width=128, seed=21)  # fmt: skip
-# What INT8 costs the tiny random-weight sd1's picture against diffusers' fp32, measured with NNCF 3.4 and OpenVINO
-# 2026.4 on an AVX2 CPU over 6 seeds x 2 sizes at 10 steps: hybrid 36.7-38.0 dB, weights 56.0-57.2 dB (f32 OpenVINO:
-# 89-95 dB; the same request at 4 steps instead of 5: 35 dB; another seed: 14 dB). The bounds sit ~3 dB (hybrid) and
-# ~6 dB (weights) under the lowest measured, for another CPU's INT8 kernels (VNNI, AMX) and rounding: a model
-# quantized wrongly (a missed input, a bad range) falls far below them. What INT8 costs a real model's picture is
-# the benchmark's to measure (benchmarks/cpu_int8.py).
+# What INT8 costs the tiny random-weight sd1's picture, measured with NNCF 3.4 and OpenVINO 2026.4 on an AVX2 CPU:
+# against diffusers' fp32 in this request hybrid 37.3 dB, weights 56.0 dB; against ONNX Runtime fp32 (diffusers'
+# picture to ~91 dB) over 6 seeds x 2 sizes at 10 steps hybrid 36.7-38.0 dB, weights 56.0-57.2 dB, where f32
+# OpenVINO gives 89-95 dB, the same request one step shorter 35 dB and another seed 14 dB. The bounds sit ~3 dB
+# (hybrid) and ~6 dB (weights) under the lowest measured, for another CPU's INT8 kernels (VNNI, AMX) and rounding: a
+# model quantized wrongly (a missed input, a bad range) falls far below them. What INT8 costs a real model's picture
+# is the benchmark's to measure (benchmarks/cpu_int8.py).
 MIN_DB = {"hybrid": 34.0, "weights": 50.0}
 
 
