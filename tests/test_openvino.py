@@ -161,3 +161,28 @@ def test_the_server_batches_openvino_requests_each_as_alone(exports):
             assert "Inference precision: f32" in Image.open(io.BytesIO(png)).text["parameters"]
         finally:
             server.stop()
+
+
+def test_attention_scales_are_folded_into_the_projections(exports):
+    """The q and k scales of torch's ONNX export end in the projections' weights (OpenVINO would otherwise fuse
+    them as post-ops onto a slower kernel); the U-Net's output is the unfolded graph's, and ONNX Runtime's."""
+    import onnxruntime as ort
+
+    from sdrt.runtime.openvino import fold_scalar_scales
+
+    path = str(exports.get("sd1", "fp32") / "unet.onnx")
+    gen = np.random.default_rng(0)
+    feeds = {"sample": gen.standard_normal((2, 4, 8, 12), np.float32), "timestep": np.array([500, 20], np.float32),
+             "encoder_hidden_states": gen.standard_normal((2, 77, 32), np.float32)}  # fmt: skip
+    core, outs = ov.Core(), []
+    for fold in (False, True):
+        model = core.read_model(path)
+        if fold:
+            blocks = sum(op.get_type_name() == "Softmax" for op in model.get_ops())
+            assert fold_scalar_scales(model) >= 2 * blocks  # q and k of every attention, at least
+            assert fold_scalar_scales(model) == 0  # nothing left to fold
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        outs.append(compiled.create_infer_request().infer(feeds)[0])
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    for out in outs:
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
