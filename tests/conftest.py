@@ -309,6 +309,10 @@ def pytest_configure(config):
         share = max(1, cores // workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(share))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if "SDRT_CACHE" not in os.environ:  # OpenVINO's compiled models: this run's, not the user's cache
+        import tempfile
+
+        os.environ["SDRT_CACHE"] = tempfile.mkdtemp(prefix="sdrt-cache-")
 
 
 def pytest_collection_modifyitems(config, items):
