@@ -32,6 +32,26 @@ class ControlNetArg:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Hires:
+    """The web UI's hires fix, a second pass on a txt2img request: its picture (width x height) upscaled by
+    ``scale`` (or to ``width`` x ``height``, one of them 0: kept in proportion) with ``upscaler`` (a latent
+    upscaler, "Latent", "Latent (bicubic)", ..., or an image one, "Lanczos" / "Nearest" / "None"), then img2img at
+    ``strength`` (the web UI's denoising_strength) for ``steps`` (0: the first pass's) with ``sampler``, ``prompt``,
+    ``negative_prompt`` and ``guidance`` (None: the first pass's). Names and defaults as the web UI's ``hr_*``."""
+
+    scale: float = 2.0
+    width: int = 0  # hr_resize_x
+    height: int = 0  # hr_resize_y
+    upscaler: str = "Latent"
+    steps: int = 0
+    strength: float = 0.7
+    sampler: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Params:
     """One generation as a caller asks for it, by keyword: the Python call, `sdrt generate`, every server endpoint
     and the benchmarks build one, and `Pipeline.request` checks it into a `Request`. sdrt's defaults live here; None
@@ -61,3 +81,4 @@ class Params:
     aesthetic_score: float = 6.0  # SDXL refiner: the score its time ids condition on (diffusers' default)
     negative_aesthetic_score: float = 2.5  # ... and the negative side's
     pad_chunks: bool = False  # with "webui": pad the shorter of prompt and negative with empty chunks (pad_cond_uncond)
+    hires: Hires | None = None  # txt2img: the web UI's hires fix, a second img2img pass at a larger size

@@ -10,6 +10,7 @@ branches inside the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -26,11 +27,12 @@ from sdrt.runtime.capture import CaptureCache
 from sdrt.runtime.control import Residuals, check_controls, controlnet_args, resized
 from sdrt.runtime.embeddings import Embeddings
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.hires import LATENT_UPSCALERS, check_upscaler, target_size, upscale_image, upscale_latents
 from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
-from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, ImageArg, Params
+from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, Hires, ImageArg, Params
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
-from sdrt.runtime.request import Layout, Request, Texts, host_inputs, open_image
+from sdrt.runtime.request import HiresPass, Layout, Request, Texts, host_inputs, open_image
 from sdrt.runtime.samplers import ANCESTRAL, SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, ScheduleError, default_sampler
 from sdrt.runtime.stages import Batch, Progress, Stages, no_stage
@@ -155,6 +157,7 @@ class Pipeline:
         emphasis: str = "original",
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
+        hires: Hires | None = None,
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
@@ -166,13 +169,15 @@ class Pipeline:
         diffusers'. Arguments named as diffusers names them. ``prompt_syntax="webui"`` reads the prompts as the
         web UI does (``(word:1.3)``, ``BREAK``, prompts longer than 75 tokens in chunks; runtime/prompts.py), with
         its ``emphasis`` mode. An SDXL refiner directory (img2img only) conditions on ``aesthetic_score`` and
-        ``negative_aesthetic_score`` as diffusers' StableDiffusionXLImg2ImgPipeline does."""
+        ``negative_aesthetic_score`` as diffusers' StableDiffusionXLImg2ImgPipeline does. ``hires``: the web UI's
+        hires fix on a txt2img call (`Hires`: its upscaler, scale or size, second-pass steps, strength, sampler,
+        prompts and guidance); the images are the second pass's."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
             strength=strength, mask=mask_image, loras=loras, clip_skip=clip_skip, eta=eta,
             guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score, hires=hires,
             emphasis=emphasis, controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
                                         control_guidance_start, control_guidance_end),
         )  # fmt: skip
@@ -241,7 +246,50 @@ class Pipeline:
                       float(strength), init, mask_img, loras, controls, self._clip_skip(p), texts,
                       eta, float(rescale), bool(self.guidance_embedding), self._aesthetic(p))  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength, req.eta)  # what the schedule cannot honour: ScheduleError
-        return req
+        return self._hires(p, req) if p.hires is not None else req
+
+    def _hires(self, p: Params, first: Request) -> Request:
+        """The web UI's hires fix on a checked txt2img request: its second pass, an img2img `Request` at the
+        upscaled size with the hires prompts, guidance, sampler, steps and strength (its init latents or images
+        come from the first pass when it runs)."""
+        h = p.hires
+        if not isinstance(h, Hires):
+            raise SdrtError("hires must be a Hires(...) of the hires fix's settings", field="hires")
+        if first.image is not None or first.control:
+            what = "an init image (img2img, inpainting)" if first.image is not None else "a ControlNet"
+            raise SdrtError(f"the hires fix is a txt2img second pass; it does not take {what}: leave hires out",
+                            field="hires")  # fmt: skip
+        upscaler = check_upscaler(h.upscaler)
+        width, height = target_size(first.width, first.height, h)
+        field = "hires.scale" if not (h.width or h.height) else "hires.width"
+        try:
+            height, width = self._size("height", height), self._size("width", width)
+        except SdrtError as err:
+            raise SdrtError(f"the hires fix's second pass is {width}x{height}: {err}", field=field) from None
+        if not isinstance(h.steps, int) or isinstance(h.steps, bool) or h.steps < 0:
+            raise SdrtError(f"hr_second_pass_steps must be a whole number >= 0 (0: the first pass's steps), got "
+                            f"{h.steps!r}", field="hires.steps")  # fmt: skip
+        if not isinstance(h.strength, (int, float)) or isinstance(h.strength, bool) or not 0 < h.strength <= 1:
+            raise SdrtError(f"the hires fix's denoising_strength must be in (0, 1], got {h.strength!r}",
+                            field="hires.strength")  # fmt: skip
+        guidance = p.guidance if h.guidance is None else h.guidance
+        count = 1 if isinstance(p.prompt, str) else len(p.prompt)  # a hires prompt stands for each prompt
+        prompt = p.prompt if h.prompt in (None, "") else h.prompt if count == 1 else [h.prompt] * count
+        negative = p.negative_prompt if h.negative_prompt in (None, "") else h.negative_prompt
+        second = dataclasses.replace(p, prompt=prompt, negative_prompt=negative, steps=h.steps or p.steps,
+                                     guidance=guidance, sampler=h.sampler or first.sampler, seed=first.seed,
+                                     hires=None)  # fmt: skip
+        try:  # checked as a txt2img at the second pass's size, then made its img2img
+            req = self.request(dataclasses.replace(second, height=height, width=width))
+        except SdrtError as err:
+            hires = ("prompt", "negative_prompt", "sampler", "guidance", "steps")
+            raise SdrtError(str(err), field=f"hires.{err.field}" if err.field in hires else err.field) from None
+        req = dataclasses.replace(req, strength=float(h.strength))
+        try:
+            self.plan(req.sampler, req.steps, req.strength, req.eta)
+        except ScheduleError as err:
+            raise SdrtError(f"the hires fix's second pass: {err}", field="hires.strength") from None
+        return dataclasses.replace(first, hires=HiresPass(upscaler, req, h))
 
     def _texts(self, p: Params, prompts: tuple[str, ...], negatives: tuple, cfg: bool) -> Texts:
         """Tokenize the prompts and negatives as ``p.prompt_syntax`` reads them; every text of one side must have
@@ -391,6 +439,8 @@ class Pipeline:
         what the request gives alone (its own seed's draws, its own prompts, guidance and init image), with the
         batch's stage timings."""
         layout = Layout.of(reqs)
+        if layout.join_key.hires:
+            return self._two_passes(reqs, progress)
         if layout.images > self.shapes["max_images"]:
             raise SdrtError(
                 f"{layout.images} images in one batch; this engine takes at most {self.shapes['max_images']}",
@@ -413,9 +463,33 @@ class Pipeline:
                 pixels = self.body(layout, plan.to(self.device), buf, Stages(timings, self.device), work).cpu()
         return Batch(list(pixels.split([r.batch for r in reqs])), timings)
 
+    def _two_passes(self, reqs: list[Request], progress: bool) -> Batch:
+        """The hires fix: the first passes as one batch, each request's latents or pictures upscaled, then the
+        second passes (img2img at the larger size) as one batch. Timings: the second pass's under ``hires_``."""
+        upscaler = reqs[0].hires.upscaler
+        latent = upscaler in LATENT_UPSCALERS
+        with self.lock:
+            one = self.generate_batch([dataclasses.replace(r, hires=None, to_latents=latent) for r in reqs], progress)
+            seconds = []
+            for r, out in zip(reqs, one.pixels, strict=True):
+                s = r.hires.second
+                if latent:
+                    size = (s.height // self.geometry.vae_scale_factor, s.width // self.geometry.vae_scale_factor)
+                    seconds.append(dataclasses.replace(s, latents=upscale_latents(out, upscaler, size)))
+                else:
+                    images = tuple(upscale_image(Image.fromarray(a), upscaler, s.width, s.height) for a in out.numpy())
+                    seconds.append(dataclasses.replace(s, image=images[0], images=images))
+            two = self.generate_batch(seconds, progress)
+        return Batch(two.pixels, {**one.timings_ms, **{f"hires_{k}": v for k, v in two.timings_ms.items()}})
+
     def _encodes_init(self, key) -> bool:
-        """Whether the init image is VAE-encoded: img2img; inpainting at strength < 1 or with a 4-channel U-Net."""
-        return key.image and (not key.mask or key.strength < 1 or self.unet_channels == self.latent_channels)
+        """Whether the init image is VAE-encoded: img2img (from an image, not from latents); inpainting at
+        strength < 1 or with a 4-channel U-Net."""
+        return (
+            key.image
+            and not key.latents
+            and (not key.mask or key.strength < 1 or self.unet_channels == self.latent_channels)
+        )
 
     def body(self, layout: Layout, plan: Plan, buf: dict[str, torch.Tensor], stage=None, progress=None):
         """The batch, from device buffers to uint8 pixels; no host synchronisation anywhere inside, so that it can
@@ -429,6 +503,8 @@ class Pipeline:
             z = extra = after = None
             if self._encodes_init(key):
                 z = self._encode(buf["image"], buf.get("posterior_noise")).index_select(0, buf["image_rows"])
+            elif key.latents:  # the hires fix's second pass: the upscaled latents, as diffusers takes latents
+                z = buf["init_latents"]
             x = start_latents(plan, buf["noise0"], z if key.image and (not key.mask or key.strength < 1) else None)
             if key.mask:
                 mask = buf["mask"].index_select(0, buf["image_rows"])  # [B, 1, h, w], 1 = repaint
@@ -447,6 +523,8 @@ class Pipeline:
                         for f in cond]  # fmt: skip
             denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals, rescale)
             latents = sample(plan, denoise, x, buf["noise"], after)
+        if key.to_latents:
+            return latents.float()
         with stage("vae_decoder_ms"):
             images = self.backend.run(
                 "vae_decoder", {"latent": latents.to(self.backend.dtype("vae_decoder", "latent"))}

@@ -20,7 +20,7 @@ from PIL import Image
 from sdrt.runtime.control import Control, control_host
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.noise import step_noise
-from sdrt.runtime.params import ImageArg
+from sdrt.runtime.params import Hires, ImageArg
 from sdrt.runtime.prompts import Chunks
 from sdrt.runtime.samplers import Plan
 
@@ -42,6 +42,9 @@ class JoinKey(NamedTuple):
     clip_skip: tuple[int, int] = (0, 0)  # of the prompts and of the negatives
     eta: float = 0.0  # DDIM's eta (the plan's coefficients and noise draws)
     rescale: bool = False  # guidance_rescale > 0 somewhere in the batch (its value per request is data)
+    latents: bool = False  # img2img from given latents (the hires fix's second pass after a latent upscale)
+    to_latents: bool = False  # the batch ends with the latents, not the VAE's picture (the hires fix's first pass)
+    hires: tuple = ()  # the hires fix: its upscaler and the second pass's join key
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class Request:
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, sec. 3.4)
     distilled: bool = False  # the U-Net takes the guidance scale as an embedding (LCM): no classifier-free guidance
     aesthetic: tuple[float, float] | None = None  # SDXL refiner: aesthetic scores of the prompt and the negative
+    hires: HiresPass | None = None  # the web UI's hires fix: this request is its first pass
+    latents: torch.Tensor | None = field(default=None, compare=False)  # img2img from latents [batch, C, h, w]
+    images: tuple[Image.Image, ...] = field(default=(), compare=False)  # img2img: an init image per image row
+    to_latents: bool = False  # end with the latents [batch, C, h, w] (float32), not the picture
 
     @property
     def batch(self) -> int:
@@ -99,10 +106,26 @@ class Request:
     def join_key(self) -> JoinKey:
         """Requests with equal join keys run through the same graph body and may share one engine batch."""
         chunks = self.texts.chunks if self.texts is not None else (1, 1)
+        hires = (self.hires.upscaler, self.hires.second.join_key) if self.hires else ()
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
-                       self.image is not None, self.mask is not None, self.loras,
+                       self.image is not None or self.latents is not None, self.mask is not None, self.loras,
                        tuple(c.name for c in self.control), chunks if self.cfg else (chunks[0], 0),
-                       self.clip_skip, self.eta, self.cfg and self.guidance_rescale > 0)  # fmt: skip
+                       self.clip_skip, self.eta, self.cfg and self.guidance_rescale > 0, self.latents is not None,
+                       self.to_latents, hires)  # fmt: skip
+
+    @property
+    def init_images(self) -> tuple[Image.Image, ...]:
+        """The init images the VAE encodes: one for the request, or one per image row."""
+        return self.images or ((self.image,) if self.image is not None else ())
+
+
+class HiresPass(NamedTuple):
+    """The hires fix of a request: the web UI's upscaler name, the second pass (an img2img `Request` at the larger
+    size, its init latents or images filled in when the first pass has run) and the hires settings as asked."""
+
+    upscaler: str
+    second: Request
+    settings: Hires
 
 
 @dataclass(frozen=True)
@@ -119,7 +142,7 @@ class Layout:
         keys = {r.join_key for r in reqs}
         if len(keys) != 1:
             raise ValueError(f"requests with different join keys cannot share a batch: {sorted(keys)}")
-        inits = sum(r.image is not None for r in reqs)
+        inits = sum(len(r.init_images) for r in reqs)
         return cls(keys.pop(), sum(len(r.prompts) for r in reqs), sum(r.batch for r in reqs), inits)
 
     @property
@@ -193,8 +216,8 @@ def host_inputs(
     for r in reqs:
         gen = torch.Generator("cpu").manual_seed(r.seed)
         shape = (r.batch, latent_channels, h, w)
-        if encodes_init and posterior:
-            draws["posterior_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
+        if encodes_init and posterior:  # one draw over the request's init images, as diffusers' latent_dist.sample
+            draws["posterior_noise"].append(torch.randn((len(r.init_images), *shape[1:]), generator=gen))
         draws["noise0"].append(torch.randn(shape, generator=gen))
         if r.mask is not None and posterior:  # drawn even for a 4-channel U-Net, unused: later draws depend on it
             draws["masked_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
@@ -202,10 +225,17 @@ def host_inputs(
     host["noise0"] = torch.cat(draws["noise0"])  # [B, 4, h, w]
     host["noise"] = torch.cat(draws["noise"], dim=1)  # [draws, B, 4, h, w]
     if first.image is not None:
-        host["image"] = torch.cat([_pixels(r.image) for r in reqs])  # [R, 3, H, W] in [-1, 1]
+        host["image"] = torch.cat([_pixels(im) for r in reqs for im in r.init_images])  # [inits, 3, H, W], [-1, 1]
         if encodes_init and posterior:
             host["posterior_noise"] = torch.cat(draws["posterior_noise"])
-        host["image_rows"] = torch.arange(len(reqs)).repeat_interleave(torch.tensor([r.batch for r in reqs]))
+        rows, start = [], 0  # each image row's init image: its request's one, or its own
+        for r in reqs:
+            count = len(r.init_images)
+            rows.append(torch.arange(start, start + count) if count > 1 else torch.full((r.batch,), start))
+            start += count
+        host["image_rows"] = torch.cat(rows)
+    if first.latents is not None:
+        host["init_latents"] = torch.cat([r.latents.float() for r in reqs])  # [B, C, h, w]
     if first.control:
         host.update(control_host(reqs, len(plan.timesteps)))
     if first.mask is not None:

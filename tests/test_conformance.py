@@ -105,8 +105,8 @@ class Draw:
 
 _SCALED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 _SIGMA_KINDS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-                "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                "DEISMultistepScheduler")  # fmt: skip
+                "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler",
+                "UniPCMultistepScheduler", "DEISMultistepScheduler")  # fmt: skip
 _ZERO_SNR = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
              "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler")  # fmt: skip
 
@@ -122,7 +122,7 @@ def draw_scheduler(rng: random.Random, lcm: bool) -> tuple[str, dict[str, Any]]:
     if cls in _ZERO_SNR and rng.random() < 0.25:  # the terminal-SNR recipe
         return cls, dict(cfg, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
     if cls in _SIGMA_KINDS:
-        kind = rng.choice([None, None, "karras", "exponential"])
+        kind = rng.choice([None, None, "karras", "exponential", "beta"])
         if kind:
             cfg[f"use_{kind}_sigmas"] = True
     if cls == "DDIMScheduler":
@@ -137,6 +137,8 @@ def draw_scheduler(rng: random.Random, lcm: bool) -> tuple[str, dict[str, Any]]:
             cfg["final_sigmas_type"] = "sigma_min"
     elif cls == "DEISMultistepScheduler":
         cfg["solver_order"] = rng.choice([1, 2, 3])
+    elif cls == "DPMSolverSDEScheduler":  # its Brownian tree's seed, as a folder may pin it
+        cfg["noise_sampler_seed"] = rng.choice([None, rng.randrange(1 << 16)])
     return cls, cfg
 
 

@@ -82,3 +82,14 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
     ref = diffusers_images(folders["sd1-native96"], "euler", seed=2, num_inference_steps=4, height=64, width=64,
                            guidance_scale=7.0, **embeds)  # fmt: skip
     check(ours, ref)
+
+
+
+def test_torch_programs_hires_fix(native96, folders):
+    """The hires fix (a latent upscale between the passes) on the fp32 torch programs, against diffusers' pieces."""
+    from test_hires import ours, reference
+    from test_pipeline import check
+
+    with Pipeline.load(native96, backend="torch", device="cpu") as pipe:
+        mine = ours(pipe, upscaler="Latent (bicubic)", scale=1.5, steps=4, strength=0.6)
+    check(mine, reference(folders["sd1-native96"], False, "Latent (bicubic)", (144, 96), steps=4, strength=0.6))
