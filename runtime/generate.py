@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.hires import UPSCALERS
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from sdrt.runtime.prompts import EMPHASIS
 
@@ -21,6 +22,8 @@ def png_parameters(req, model: str, index: int, precision: str | None = None) ->
     ]  # fmt: skip
     if req.image is not None:
         fields.append(f"Denoising strength: {req.strength:g}")
+    if req.hires is not None:
+        fields += hires_fields(req)
     if req.clip_skip[0]:  # the web UI counts the last layer as 1
         fields.append(f"Clip skip: {req.clip_skip[0] + 1}")
     if req.eta:
@@ -44,6 +47,33 @@ def png_parameters(req, model: str, index: int, precision: str | None = None) ->
     prompt += "".join(f" <lora:{name}:{scale:g}>" for name, scale in req.loras)
     negative = req.negatives[index // req.images_per_prompt]
     return f"{prompt}\n" + (f"Negative prompt: {negative}\n" if negative else "") + ", ".join(fields)
+
+
+def hires_fields(req) -> list[str]:
+    """The hires fix as the web UI records it: the second pass's strength, the scale or the size asked for, the
+    steps where given, the upscaler, and the second pass's sampler, prompts and guidance where they differ."""
+    h, second = req.hires.settings, req.hires.second
+    out = [f"Denoising strength: {second.strength:g}"]
+    out.append(f"Hires upscale: {h.scale:g}" if not (h.width or h.height) else f"Hires resize: {h.width}x{h.height}")
+    if h.steps:
+        out.append(f"Hires steps: {h.steps}")
+    out.append(f"Hires upscaler: {h.upscaler}")
+    if second.sampler != req.sampler:
+        out.append(f"Hires sampler: {second.sampler}")
+    for name, ours, first in (("Hires prompt", second.prompts[0], req.prompts[0]),
+                              ("Hires negative prompt", second.negatives[0], req.negatives[0])):  # fmt: skip
+        if ours != first:
+            out.append(f"{name}: {_quoted(ours or '')}")
+    if second.guidance != req.guidance:
+        out.append(f"Hires CFG Scale: {second.guidance:g}")
+    return out
+
+
+def _quoted(text: str) -> str:
+    """A value as the web UI's infotext quotes it: JSON-quoted where it holds a comma, colon or newline."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def _out_paths(out: str | None, seed: int, count: int) -> list[str]:
@@ -71,6 +101,18 @@ def _each(values: list[float] | None, default: float) -> float | list[float]:
     return default if not values else values[0] if len(values) == 1 else values
 
 
+def _hires(args: argparse.Namespace):
+    """The --hires-* flags as `Hires`, or None when none of the flags that turn it on is given."""
+    from sdrt.runtime.params import Hires
+
+    if args.hires_scale is None and not (args.hires_width or args.hires_height) and args.hires_upscaler is None:
+        return None
+    return Hires(scale=2.0 if args.hires_scale is None else args.hires_scale, width=args.hires_width,
+                 height=args.hires_height, upscaler=args.hires_upscaler or "Latent", steps=args.hires_steps,
+                 strength=args.hires_strength, sampler=args.hires_sampler, prompt=args.hires_prompt,
+                 negative_prompt=args.hires_negative_prompt, guidance=args.hires_guidance)  # fmt: skip
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -89,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         image=args.init_image, strength=args.strength, mask=args.mask, loras=_loras(args.lora),
         clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale,
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-        prompt_syntax=args.prompt_syntax, emphasis=args.emphasis,
+        prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, hires=_hires(args),
         controlnets=controlnet_args(args.controlnet, args.control_image, _each(args.control_scale, 1.0),
                                     _each(args.control_start, 0.0), _each(args.control_end, 1.0)),
     )  # fmt: skip
@@ -187,6 +229,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             metavar="X",
             help=f"ControlNet {what} (default {default}); once for all, or once per --controlnet",
         )
+    h = g.add_argument_group("hires fix", "the web UI's hires fix on txt2img: the picture upscaled, then img2img at "
+                             "the larger size (given any of --hires-scale, --hires-width, --hires-height, "
+                             "--hires-upscaler)")  # fmt: skip
+    h.add_argument("--hires-scale", type=float, metavar="X", help="upscale by X (the web UI's hr_scale; default 2)")
+    h.add_argument("--hires-width", type=int, default=0, metavar="PX",
+                   help="upscale to this width instead (hr_resize_x; the height in proportion)")  # fmt: skip
+    h.add_argument("--hires-height", type=int, default=0, metavar="PX",
+                   help="upscale to this height instead (hr_resize_y; the width in proportion)")  # fmt: skip
+    h.add_argument("--hires-upscaler", metavar="NAME", help=f"one of: {', '.join(UPSCALERS)} (default Latent)")
+    h.add_argument("--hires-steps", type=int, default=0, metavar="N",
+                   help="second-pass steps (default 0: --steps); it runs N x --hires-strength of them")  # fmt: skip
+    h.add_argument("--hires-strength", type=float, default=0.7, metavar="X",
+                   help="second-pass denoising strength in (0, 1] (default 0.7)")  # fmt: skip
+    h.add_argument("--hires-sampler", help="second-pass sampler (default: --sampler)")
+    h.add_argument("--hires-prompt", metavar="TEXT", help="second-pass prompt (default: PROMPT)")
+    h.add_argument("--hires-negative-prompt", metavar="TEXT", help="second-pass negative (default: the first's)")
+    h.add_argument("--hires-guidance", type=float, metavar="X", help="second-pass guidance (default: --guidance)")
     g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch"),
                    default="auto", help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as "
                    "built), else torch programs where exported; on the CPU OpenVINO where installed; else ONNX "

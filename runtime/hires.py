@@ -8,13 +8,15 @@ web UI draws the second pass's noise from the same seeds): ``strength`` x ``step
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Hires
+
+if TYPE_CHECKING:  # torch at import would slow the command line's start
+    import torch
 
 
 class LatentMode(NamedTuple):
@@ -69,6 +71,8 @@ def target_size(width: int, height: int, hires: Hires) -> tuple[int, int]:
 
 def upscale_latents(latents: torch.Tensor, name: str, size: tuple[int, int]) -> torch.Tensor:
     """[B, C, h, w] -> [B, C, size]: the web UI's `torch.nn.functional.interpolate` of its latent upscaler."""
+    import torch
+
     mode = LATENT_UPSCALERS[name]
     return torch.nn.functional.interpolate(latents, size=size, mode=mode.mode, antialias=mode.antialias)
 

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
+from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Hires, Params
 from sdrt.runtime.samplers import SAMPLERS
 from sdrt.serve.control import (
     ControlNetSpec,
@@ -66,11 +66,17 @@ KARRAS = {"dpmpp_sde": "dpmpp_sde_karras", "dpmpp_2m": "dpmpp_2m_karras", "dpmpp
 # tags in its prompt; a ControlNet's own fields (controlnets.K.name, ...) are added per request (`control`)
 V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
                                      "sampler", "image", "strength", "mask", "loras", "controlnets", "clip_skip",
-                                     "eta", "guidance_rescale", "prompt_syntax", "emphasis")}  # fmt: skip
+                                     "eta", "guidance_rescale", "prompt_syntax", "emphasis", "hires")}  # fmt: skip
+V1_FIELDS.update({f"hires.{name}": f"hires.{name}" for name in Hires.__dataclass_fields__})
 SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
                 "image": "init_images", "strength": "denoising_strength", "loras": "prompt",
                 "controlnets": "alwayson_scripts", "emphasis": "override_settings.emphasis",
-                "webui_clip_skip": "override_settings.CLIP_stop_at_last_layers"}  # fmt: skip
+                "webui_clip_skip": "override_settings.CLIP_stop_at_last_layers", "hires": "enable_hr",
+                "hires.scale": "hr_scale", "hires.width": "hr_resize_x", "hires.height": "hr_resize_y",
+                "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
+                "hires.strength": "denoising_strength", "hires.sampler": "hr_sampler_name",
+                "hires.prompt": "hr_prompt", "hires.negative_prompt": "hr_negative_prompt",
+                "hires.guidance": "hr_cfg"}  # fmt: skip
 
 # the web UI's extra-network tags, <KIND:ARG:ARG...> (its modules/extra_networks.py, re_extra_net); its Lora
 # extension answers to "lora" and to the alias "lyco"
@@ -81,6 +87,26 @@ LORA_KINDS = ("lora", "lyco")
 def field_of(err: SdrtError, names: dict[str, str]) -> str:
     """The request field an engine error is about, in the endpoint's own spelling ("body" when no one field is)."""
     return names.get(err.field, "body") if err.field else "body"
+
+
+class HiresSpec(BaseModel):
+    """``hires`` of ``/v1/images``: the web UI's hires fix (`Hires`), its fields named as sdrt names them."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale: float = Field(2.0, description="upscale factor (the web UI's hr_scale)")
+    width: int = Field(0, description="upscale to this width instead (hr_resize_x; 0: from scale)")
+    height: int = Field(0, description="upscale to this height instead (hr_resize_y; 0: from scale)")
+    upscaler: str = Field("Latent", description="a latent upscaler (Latent, Latent (bicubic), ...) or Lanczos, "
+                          "Nearest, None")  # fmt: skip
+    steps: int = Field(0, description="second-pass steps (0: the first pass's)")
+    strength: float = Field(0.7, description="second-pass denoising strength in (0, 1]")
+    sampler: str | None = Field(None, description="second-pass sampler (default: the first's)")
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance: float | None = None
+
+    def hires(self) -> Hires:
+        return Hires(**dict(self.model_dump(), sampler=sampler_name(self.sampler, None, "hires.sampler")))
 
 
 class ImagesRequest(BaseModel):
@@ -107,6 +133,8 @@ class ImagesRequest(BaseModel):
     guidance_rescale: float = Field(0.0, description="diffusers' guidance_rescale in [0, 1]")
     prompt_syntax: str = Field("plain", description="plain (diffusers') or webui: (word:1.3), BREAK, long prompts")
     emphasis: str = Field("original", description="with webui: original, no_norm, ignore or none")
+    hires: HiresSpec | None = Field(None, description="txt2img: the web UI's hires fix, a second pass at a larger "
+                                    "size")  # fmt: skip
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
     def calls(self, max_pixels: int, model: str = "") -> list[Params]:
@@ -119,7 +147,8 @@ class ImagesRequest(BaseModel):
                    height=self.height, width=self.width, n=self.n, seed=self.seed, sampler=sampler, image=image,
                    strength=self.strength, mask=mask, loras=self.loras, controlnets=controlnets,
                    clip_skip=self.clip_skip, eta=self.eta, guidance_rescale=self.guidance_rescale,
-                   prompt_syntax=self.prompt_syntax, emphasis=self.emphasis)
+                   prompt_syntax=self.prompt_syntax, emphasis=self.emphasis,
+                   hires=self.hires.hires() if self.hires else None)
         ]  # fmt: skip
 
     def fields(self) -> dict[str, str]:
@@ -130,8 +159,9 @@ class ImagesRequest(BaseModel):
 class Txt2ImgRequest(BaseModel):
     """``POST /sdapi/v1/txt2img``, the web-UI body. Prompts are read with the web UI's syntax (emphasis, BREAK,
     75-token chunks); ``eta`` and ``override_settings`` as the web UI reads them (`sdrt.serve.webui`). Fields that
-    would change the picture in a way sdrt cannot honour (``enable_hr``, ``restore_faces``, ``styles``, ...) are
-    refused; those that do not (``send_images``, ...) are ignored. Of ``alwayson_scripts``, the ControlNet
+    would change the picture in a way sdrt cannot honour (``restore_faces``, ``styles``, ...) are refused; those
+    that do not (``send_images``, ...) are ignored. ``enable_hr`` runs the hires fix with the ``hr_*`` fields and
+    ``denoising_strength`` (default 0.7, the web UI's) as the web UI reads them. Of ``alwayson_scripts``, the ControlNet
     extension's units are read (`sdrt.serve.control`); the other scripts are ignored."""
 
     model_config = ConfigDict(extra="allow")  # every field the client sent, to check it (`check_fields`)
@@ -148,6 +178,17 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     enable_hr: bool = False
+    denoising_strength: float | None = None
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # None: the web UI's default, "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = None
     eta: float | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     disable_extra_networks: bool = False
@@ -159,8 +200,6 @@ class Txt2ImgRequest(BaseModel):
 
     def _calls(self, max_pixels: int, model: str, images: list[Image.Image | None], strength: float | None = None,
                mask=None) -> list[Params]:  # fmt: skip
-        if self.enable_hr:
-            raise bad_request("enable_hr", "enable_hr (hires fix) is not supported; send enable_hr false")
         check_fields(self.model_dump())
         for name in ("batch_size", "n_iter"):
             if getattr(self, name) < 1:
@@ -180,9 +219,22 @@ class Txt2ImgRequest(BaseModel):
             Params(prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
                    height=sizes[i % len(images)][1], width=sizes[i % len(images)][0], n=1, seed=(seed + i) % 2**64,
                    sampler=sampler, image=images[i % len(images)], strength=strength, mask=mask,
-                   loras=loras or None, controlnets=controlnets, **options)
+                   loras=loras or None, controlnets=controlnets, hires=self._hires(), **options)
             for i in range(count)
         ]  # fmt: skip
+
+    def _hires(self) -> Hires | None:
+        if not self.enable_hr:
+            return None
+        scheduler = None if self.hr_scheduler in (None, "", "Use same scheduler", "Automatic") else self.hr_scheduler
+        sampler = self.hr_sampler_name if self.hr_sampler_name not in ("", "Use same sampler") else None
+        if scheduler and not sampler:
+            raise bad_request("hr_scheduler", "hr_scheduler needs hr_sampler_name: name the second pass's sampler")
+        return Hires(scale=self.hr_scale, width=self.hr_resize_x, height=self.hr_resize_y,
+                     upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps,
+                     strength=0.7 if self.denoising_strength is None else self.denoising_strength,
+                     sampler=sampler_name(sampler, scheduler, "hr_sampler_name") if sampler else None,
+                     prompt=self.hr_prompt, negative_prompt=self.hr_negative_prompt, guidance=self.hr_cfg)  # fmt: skip
 
     def fields(self) -> dict[str, str]:
         """`SdrtError.field` -> this body's field, the ControlNet units' fields at their place in ``args``."""

@@ -44,13 +44,14 @@ FIELDS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
     "s_min_uncond": (0, None), "refiner_checkpoint": (None, "", "None"), "script_name": (None, ""),
     "firstpass_image": (None, ""), "resize_mode": (0, None), "latent_mask": (None, ""),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "firstphase_width": (0, None),
+    "firstphase_height": (0, None), "hr_additional_modules": (None, [], ["Use same choices"]),
 }  # fmt: skip
-# body fields that do not change the picture (or only through a field refused when set: enable_hr's)
+# body fields that do not change the picture
 IGNORED_FIELDS = (
     "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
     "force_task_id", "infotext", "comments", "include_init_images", "subseed", "script_args", "refiner_switch_at",
-    "image_cfg_scale (instruct-pix2pix models only)",
-    "denoising_strength (txt2img: hires fix only)", "hr_* and firstphase_* (hires fix only)",
+    "image_cfg_scale (instruct-pix2pix models only)", "hr_* and denoising_strength of txt2img without enable_hr",
 )  # fmt: skip
 
 

@@ -194,10 +194,29 @@ def test_webuiapi_img2img_and_inpainting_batch(webui, pipe):
         assert np.array_equal(np.asarray(image), ref), i
 
 
+def test_webuiapi_hires_fix(webui, pipe):
+    """enable_hr with a latent upscaler, its own steps, strength and sampler: the pipeline's two-pass picture
+    (test_hires holds that against diffusers' pieces), and the web UI's hires entries in the parameters."""
+    from sdrt.runtime.params import Hires
+
+    r = webui.txt2img(prompt="a red fox", seed=21, cfg_scale=7.5, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                      hr_upscaler="Latent (nearest-exact)", hr_second_pass_steps=3, denoising_strength=0.6,
+                      hr_sampler_name="DPM++ 2M")  # fmt: skip
+    hires = Hires(scale=1.5, upscaler="Latent (nearest-exact)", steps=3, strength=0.6, sampler="dpmpp_2m")
+    ref = alone(pipe, request(21, prompt_syntax="webui", hires=hires))[0]
+    assert np.asarray(r.image).shape == (96, 96, 3) and np.array_equal(np.asarray(r.image), ref)
+    text = r.info["infotexts"][0]
+    assert "Size: 64x64" in text and "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 3, " \
+        "Hires upscaler: Latent (nearest-exact), Hires sampler: dpmpp_2m" in text  # fmt: skip
+
+
 def test_webuiapi_refusals_and_samplers(webui):
     with pytest.raises(RuntimeError) as err:  # what webuiapi raises for any status but 200: (status, body text)
-        webui.txt2img(prompt="a red fox", enable_hr=True, width=64, height=64)
-    assert err.value.args[0] == 400 and '"field":"enable_hr"' in err.value.args[1]
+        webui.txt2img(prompt="a red fox", enable_hr=True, hr_upscaler="R-ESRGAN 4x+", width=64, height=64)
+    assert err.value.args[0] == 400 and '"field":"hr_upscaler"' in err.value.args[1]
+    with pytest.raises(RuntimeError) as err:
+        webui.txt2img(prompt="a red fox", enable_hr=True, hr_scale=4, width=64, height=64)
+    assert err.value.args[0] == 400 and '"field":"hr_scale"' in err.value.args[1]
     with pytest.raises(RuntimeError) as err:
         webui.txt2img(prompt="a red fox", sampler_name="DPM adaptive", width=64, height=64)
     assert err.value.args[0] == 400 and '"field":"sampler_name"' in err.value.args[1]

@@ -128,3 +128,46 @@ def test_bad_hires_settings_are_one_line_naming_the_field(hires, extra, field, w
     with pytest.raises(SdrtError) as err:
         sd1(**dict(KW, **extra), hires=Hires(**hires))
     assert err.value.field == field and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_and_v1_images_give_the_pipelines_picture(sd1, exports, tmp_path):
+    """`sdrt generate --hires-*` and ``POST /v1/images`` with ``hires``: the Python call's picture, byte for byte,
+    two requests with equal hires settings joined in one server batch, and the PNG's hires parameters."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_server import LiveServer
+
+    from sdrt.runtime.cli import main
+
+    kw = dict(KW, num_inference_steps=4)
+    hires = Hires(scale=2, upscaler="Nearest", steps=3, strength=0.5, guidance=3.0)
+    want = {s: np.asarray(sd1(**dict(kw, seed=s), sampler="euler", hires=hires)[0]) for s in (5, 6)}
+    out = tmp_path / "hires.png"
+    rc = main(["generate", str(exports.get("sd1", "fp32")), kw["prompt"], "--negative-prompt", "blurry", "--steps",
+               "4", "--guidance", "6", "--height", "64", "--width", "96", "--seed", "5", "--sampler", "euler",
+               "--backend", "onnxruntime", "--device", "cpu", "--hires-scale", "2", "--hires-upscaler", "Nearest",
+               "--hires-steps", "3", "--hires-strength", "0.5", "--hires-guidance", "3", "--out", str(out),
+               "--quiet"])  # fmt: skip
+    assert rc == 0
+    with Image.open(out) as png:
+        assert np.array_equal(np.asarray(png), want[5])
+        text = png.text["parameters"]
+    assert "Size: 96x64" in text and "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 3, Hires upscaler: " \
+        "Nearest, Hires CFG Scale: 3" in text  # fmt: skip
+    server = LiveServer(sd1, window_ms=500.0)
+    try:
+        body = dict(prompt=kw["prompt"], negative_prompt="blurry", steps=4, guidance=6.0, height=64, width=96,
+                    sampler="euler", hires=dict(scale=2, upscaler="Nearest", steps=3, strength=0.5, guidance=3.0))
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda s: server.post("/v1/images", dict(body, seed=s)), (5, 6)))
+        for seed, r in zip((5, 6), answers, strict=True):
+            assert r.status_code == 200, r.text
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+            assert np.array_equal(got, want[seed]), seed
+        assert {a.json()["batch"]["requests"] for a in answers} == {2}  # one engine batch for both
+        r = server.post("/v1/images", dict(body, hires=dict(upscaler="ESRGAN_4x")))
+        assert r.status_code == 400 and r.json()["field"] == "hires.upscaler"
+    finally:
+        server.stop()

@@ -111,7 +111,8 @@ def alone(pipe: Pipeline, b: dict, image=None, mask=None) -> np.ndarray:
     return pipe.generate(req).numpy()
 
 
-OPTIONS = ("eta", "clip_skip", "webui_clip_skip", "prompt_syntax", "emphasis", "pad_chunks", "guidance_rescale")
+OPTIONS = ("eta", "clip_skip", "webui_clip_skip", "prompt_syntax", "emphasis", "pad_chunks", "guidance_rescale",
+           "hires")  # fmt: skip
 
 
 def png_b64(img: Image.Image) -> str:
