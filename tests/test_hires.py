@@ -158,8 +158,16 @@ def test_cli_and_v1_images_give_the_pipelines_picture(sd1, exports, tmp_path):
         "Nearest, Hires CFG Scale: 3" in text  # fmt: skip
     server = LiveServer(sd1, window_ms=500.0)
     try:
-        body = dict(prompt=kw["prompt"], negative_prompt="blurry", steps=4, guidance=6.0, height=64, width=96,
-                    sampler="euler", hires=dict(scale=2, upscaler="Nearest", steps=3, strength=0.5, guidance=3.0))
+        body = dict(
+            prompt=kw["prompt"],
+            negative_prompt="blurry",
+            steps=4,
+            guidance=6.0,
+            height=64,
+            width=96,
+            sampler="euler",
+            hires=dict(scale=2, upscaler="Nearest", steps=3, strength=0.5, guidance=3.0),
+        )
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda s: server.post("/v1/images", dict(body, seed=s)), (5, 6)))
         for seed, r in zip((5, 6), answers, strict=True):

@@ -84,7 +84,6 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
     check(ours, ref)
 
 
-
 def test_torch_programs_hires_fix(native96, folders):
     """The hires fix (a latent upscale between the passes) on the fp32 torch programs, against diffusers' pieces."""
     from test_hires import ours, reference
