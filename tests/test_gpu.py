@@ -79,6 +79,22 @@ def test_graph_replay_equals_step_by_step_for_web_ui_prompts_and_eta(engine, cas
     assert np.array_equal(a, a2) and psnr(a, b) >= 50.0
 
 
+@pytest.mark.parametrize("upscaler", ["Latent (bicubic antialiased)", "Lanczos"])
+def test_hires_fix_graph_replay_equals_step_by_step(engine, upscaler, record_property):
+    """The hires fix's two passes, each a captured graph (the second at 1.5x the size, from upscaled latents or
+    from the upscaled picture re-encoded), against the step-by-step path; a second call replays both graphs."""
+    from sdrt.runtime.params import Hires
+
+    kw = {**KW, "sampler": "dpmpp_2m", "height": 128, "width": 128, "num_images_per_prompt": 2,
+          "hires": Hires(scale=1.5, upscaler=upscaler, steps=6, strength=0.6, sampler="euler_a")}  # fmt: skip
+    graph = Pipeline.load(engine, backend="torch", device="cuda", cuda_graph=True)
+    steps = Pipeline.load(engine, backend="torch", device="cuda", cuda_graph=False)
+    a, a2, b = images(graph, **kw), images(graph, **kw), images(steps, **kw)
+    assert a.shape == (2, 192, 192, 3)
+    record_property("graph_vs_steps_psnr_db", psnr(a, b))
+    assert np.array_equal(a, a2) and psnr(a, b) >= 50.0
+
+
 def test_torch_backend_matches_diffusers_fp16_on_the_same_gpu(engine, folders, record_property):
     import diffusers
 
