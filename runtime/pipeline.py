@@ -90,6 +90,7 @@ class Pipeline:
         self._captured = CaptureCache()
         self._plans: dict[tuple, Plan] = {}
         self.adapters = Adapters(root, manifest)
+        self.refiner: Pipeline | None = None  # SDXL: a refiner directory that takes over the base's latents
 
     @classmethod
     def load(
@@ -100,10 +101,20 @@ class Pipeline:
         cuda_graph: bool = True,
         cpu_precision: str | None = None,
         cpu_int8: bool = False,
+        refiner: str | Path | None = None,
     ) -> Pipeline:
         """Open an engine directory; every file it will read is first checked against the manifest's SHA-256.
         ``cpu_precision``: OpenVINO's inference precision, "bf16" or "f32" (None: bf16 where the CPU has it);
-        ``cpu_int8``: OpenVINO runs the INT8 U-Net `sdrt quantize` made."""
+        ``cpu_int8``: OpenVINO runs the INT8 U-Net `sdrt quantize` made. ``refiner``: an SDXL refiner's engine
+        directory, loaded beside an SDXL base on the same backend, for requests with ``refiner_switch_at``."""
+        if refiner is not None:
+            pipe = cls.load(root, backend, device, cuda_graph, cpu_precision, cpu_int8)
+            try:
+                pipe.attach_refiner(cls.load(refiner, backend, device, cuda_graph, cpu_precision))
+            except BaseException:
+                pipe.close()
+                raise
+            return pipe
         root = Path(root)
         manifest = read_manifest(root)
         names = [n for g in manifest["graphs"].values() for n in g["files"]]
@@ -121,6 +132,27 @@ class Pipeline:
     def close(self) -> None:
         self._captured.clear()
         self.backend.close()
+        if self.refiner is not None:
+            self.refiner.close()
+
+    def attach_refiner(self, refiner: Pipeline) -> None:
+        """Hand requests with ``refiner_switch_at`` over to ``refiner`` (an SDXL refiner directory: one text
+        encoder, aesthetic-score time ids) on this SDXL base's latents; it is closed with this pipeline."""
+        why = None
+        if self.manifest["family"] != "sdxl" or self.aesthetics:
+            why = f"{self.root} is not an SDXL base model (a refiner takes over an SDXL base's latents)"
+        elif refiner.manifest["family"] != "sdxl":
+            why = f"{refiner.root} is a {refiner.manifest['family']} model, not an SDXL refiner"
+        elif not refiner.aesthetics:
+            why = (f"{refiner.root} has no aesthetic-score conditioning (requires_aesthetics_score): it is not an "
+                   "SDXL refiner")  # fmt: skip
+        elif (refiner.latent_channels, refiner.geometry.vae_scale_factor) != (
+            self.latent_channels, self.geometry.vae_scale_factor):  # fmt: skip
+            why = f"{refiner.root}'s latents differ from {self.root}'s (channels or VAE scale)"
+        if why:
+            refiner.close()
+            raise SdrtError(f"{why}; give an SDXL refiner export as the refiner", field="refiner")
+        self.refiner = refiner
 
     def __enter__(self) -> Pipeline:
         return self
@@ -158,6 +190,7 @@ class Pipeline:
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
         hires: Hires | None = None,
+        refiner_switch_at: float | None = None,
         progress: bool = False,
     ) -> list[Image.Image]:
         """txt2img; img2img with ``image`` (strength 0.8 unless given); inpainting with ``image`` and
@@ -171,13 +204,15 @@ class Pipeline:
         its ``emphasis`` mode. An SDXL refiner directory (img2img only) conditions on ``aesthetic_score`` and
         ``negative_aesthetic_score`` as diffusers' StableDiffusionXLImg2ImgPipeline does. ``hires``: the web UI's
         hires fix on a txt2img call (`Hires`: its upscaler, scale or size, second-pass steps, strength, sampler,
-        prompts and guidance); the images are the second pass's."""
+        prompts and guidance); the images are the second pass's. ``refiner_switch_at`` (with a refiner loaded):
+        the SDXL base runs that fraction of the schedule (diffusers' ``denoising_end``) and the refiner the rest on
+        its latents (``denoising_start``), as diffusers' documented base + refiner pair."""
         params = Params(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
             height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
             strength=strength, mask=mask_image, loras=loras, clip_skip=clip_skip, eta=eta,
             guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score, hires=hires,
+            negative_aesthetic_score=negative_aesthetic_score, hires=hires, refiner_switch_at=refiner_switch_at,
             emphasis=emphasis, controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
                                         control_guidance_start, control_guidance_end),
         )  # fmt: skip
@@ -246,7 +281,36 @@ class Pipeline:
                       float(strength), init, mask_img, loras, controls, self._clip_skip(p), texts,
                       eta, float(rescale), bool(self.guidance_embedding), self._aesthetic(p))  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength, req.eta)  # what the schedule cannot honour: ScheduleError
+        if p.refiner_switch_at is not None:
+            return self._handoff(p, req)
         return self._hires(p, req) if p.hires is not None else req
+
+    def _handoff(self, p: Params, first: Request) -> Request:
+        """SDXL base then refiner, as diffusers' documented pair: the base's plan cut at ``refiner_switch_at``
+        (``denoising_end``), the refiner's pass begun there (``denoising_start``) on the same latents, with the same
+        prompts, seed, sampler, steps and guidance, and the refiner's aesthetic scores."""
+        switch = p.refiner_switch_at
+        if self.refiner is None:
+            raise SdrtError("refiner_switch_at needs a refiner loaded beside the model: Pipeline.load(..., "
+                            "refiner=DIR) or sdrt serve DIR --refiner DIR", field="refiner_switch_at")  # fmt: skip
+        if not isinstance(switch, (int, float)) or isinstance(switch, bool) or not 0 < switch < 1:
+            raise SdrtError(f"refiner_switch_at must be a number in (0, 1), got {switch!r}", field="refiner_switch_at")
+        for name, given in (("image", first.image), ("hires", p.hires), ("controlnets", first.control)):
+            if given:
+                raise SdrtError(f"the refiner hand-off is a txt2img request; it does not take {name}",
+                                field=name)  # fmt: skip
+        try:
+            self.plan(first.sampler, first.steps, 1.0, first.eta, end=float(switch))
+            base = dataclasses.replace(first, end=float(switch))
+            placeholder = Image.new("RGB", (first.width, first.height))  # checked as img2img; it starts from latents
+            second = self.refiner.request(dataclasses.replace(p, image=placeholder, strength=None, loras=None,
+                                                              sampler=first.sampler, seed=first.seed,
+                                                              refiner_switch_at=None))  # fmt: skip
+            second = dataclasses.replace(second, image=None, strength=1.0, begin=float(switch))
+            self.refiner.plan(second.sampler, second.steps, 1.0, second.eta, begin=float(switch))
+        except ScheduleError as err:
+            raise SdrtError(str(err), field=err.field) from None
+        return dataclasses.replace(base, refine=second)
 
     def _hires(self, p: Params, first: Request) -> Request:
         """The web UI's hires fix on a checked txt2img request: its second pass, an img2img `Request` at the
@@ -347,6 +411,8 @@ class Pipeline:
         diffusers' defaults are accepted (a score it cannot read would change nothing)."""
         scores = {"aesthetic_score": p.aesthetic_score, "negative_aesthetic_score": p.negative_aesthetic_score}
         if not self.aesthetics:
+            if p.refiner_switch_at is not None and self.refiner is not None:
+                return None  # the scores are the refiner's
             for name, value in scores.items():
                 if value != Params.__dataclass_fields__[name].default:
                     raise SdrtError(f"{name} applies to SDXL refiner directories (requires_aesthetics_score); "
@@ -400,11 +466,12 @@ class Pipeline:
                             field="image" if image is None else "mask")  # fmt: skip
         return (open_image(image) if image is not None else None), (open_image(mask, "mask") if mask else None)
 
-    def plan(self, sampler: str, steps: int, strength: float, eta: float = 0.0) -> Plan:
-        """The host-side sampler plan, computed once per (sampler, steps, strength, eta)."""
-        key = (sampler, steps, strength, eta)
+    def plan(self, sampler: str, steps: int, strength: float, eta: float = 0.0, end: float | None = None,
+             begin: float | None = None) -> Plan:  # fmt: skip
+        """The host-side sampler plan, computed once per (sampler, steps, strength, eta, end, begin)."""
+        key = (sampler, steps, strength, eta, end, begin)
         if key not in self._plans:
-            self._plans[key] = make_plan(sampler, self.schedule, steps, strength, eta)
+            self._plans[key] = make_plan(sampler, self.schedule, steps, strength, eta, end, begin)
         return self._plans[key]
 
     def default_size(self) -> tuple[int, int]:
@@ -441,6 +508,8 @@ class Pipeline:
         layout = Layout.of(reqs)
         if layout.join_key.hires:
             return self._two_passes(reqs, progress)
+        if layout.join_key.refine:
+            return self._handed_over(reqs, progress)
         if layout.images > self.shapes["max_images"]:
             raise SdrtError(
                 f"{layout.images} images in one batch; this engine takes at most {self.shapes['max_images']}",
@@ -449,7 +518,7 @@ class Pipeline:
         key = layout.join_key
         with self.lock:
             t0 = time.perf_counter()
-            plan = self.plan(key.sampler, key.steps, key.strength, key.eta)
+            plan = self.plan(key.sampler, key.steps, key.strength, key.eta, key.end, key.begin)
             self.adapters.apply(self.backend, key.loras)  # W0 + the request's adapters, from the base every time
             latent = (self.latent_channels, self.geometry.vae_scale_factor)
             host = host_inputs(reqs, plan, latent, self._encodes_init(key), self.zero_negatives,
@@ -482,6 +551,15 @@ class Pipeline:
             two = self.generate_batch(seconds, progress)
         return Batch(two.pixels, {**one.timings_ms, **{f"hires_{k}": v for k, v in two.timings_ms.items()}})
 
+    def _handed_over(self, reqs: list[Request], progress: bool) -> Batch:
+        """SDXL base then refiner: the base's passes as one batch ending in latents at the switch, then the
+        refiner's passes on them as one batch of the refiner's engines. Timings: the refiner's under ``refiner_``."""
+        with self.lock, self.refiner.lock:
+            one = self.generate_batch([dataclasses.replace(r, refine=None, to_latents=True) for r in reqs], progress)
+            seconds = [dataclasses.replace(r.refine, latents=z) for r, z in zip(reqs, one.pixels, strict=True)]
+            two = self.refiner.generate_batch(seconds, progress)
+        return Batch(two.pixels, {**one.timings_ms, **{f"refiner_{k}": v for k, v in two.timings_ms.items()}})
+
     def _encodes_init(self, key) -> bool:
         """Whether the init image is VAE-encoded: img2img (from an image, not from latents); inpainting at
         strength < 1 or with a 4-channel U-Net."""
@@ -505,7 +583,10 @@ class Pipeline:
                 z = self._encode(buf["image"], buf.get("posterior_noise")).index_select(0, buf["image_rows"])
             elif key.latents:  # the hires fix's second pass: the upscaled latents, as diffusers takes latents
                 z = buf["init_latents"]
-            x = start_latents(plan, buf["noise0"], z if key.image and (not key.mask or key.strength < 1) else None)
+            if key.begin is not None:  # a refiner's pass: the base's latents as they are, in sigma space
+                x = z * plan.in_scale
+            else:
+                x = start_latents(plan, buf["noise0"], z if key.image and (not key.mask or key.strength < 1) else None)
             if key.mask:
                 mask = buf["mask"].index_select(0, buf["image_rows"])  # [B, 1, h, w], 1 = repaint
                 if self.unet_channels == self.latent_channels:  # a regular U-Net: blend the kept region back

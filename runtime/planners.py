@@ -37,16 +37,60 @@ class Plan:
     corrections: tuple[int, ...] = ()  # UniPC: the corrector's order before each step (0: none)
     coef: dict[str, torch.Tensor] = field(default_factory=dict)  # sampler-specific per-step scalars, [n_calls] each
     brownian: Brownian | None = None  # DPM++ SDE: the noise draws are a Brownian tree's increments
+    in_scale: float = 1.0  # a hand-off's start (denoising_start): x = diffusers' latents * in_scale
 
     def to(self, device: torch.device | str) -> Plan:
         move = {k: getattr(self, k).to(device) for k in ("timesteps", "sigmas", "c_in")}
         return dataclasses.replace(self, **move, coef={k: v.to(device) for k, v in self.coef.items()})
 
 
-def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0, eta: float = 0.0) -> Plan:
+# where diffusers' latents are the sigma-space state itself (the Euler family); the others keep alpha space
+SIGMA_SPACE = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras")
+# the samplers whose schedule a hand-off may cut (one U-Net call a step; LCM's steps end in its boundary condition)
+HANDOFF = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "deis",
+           "unipc")  # fmt: skip
+
+
+def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0, eta: float = 0.0,
+              end: float | None = None, begin: float | None = None) -> Plan:  # fmt: skip
     """The host-side plan for `steps` steps (img2img: `strength` < 1, as StableDiffusionImg2ImgPipeline cuts it);
     ``eta``: DDIM's (diffusers' ``eta``: 0 is deterministic DDIM, 1 the DDPM variance); other samplers ignore it, as
-    diffusers' pipelines do."""
+    diffusers' pipelines do. ``end``: diffusers' ``denoising_end``, the plan stops where a refiner takes over and
+    hands its latents over as diffusers' scheduler holds them; ``begin``: ``denoising_start``, the refiner's plan,
+    from those latents (no noise added, as SDXL's img2img pipeline takes them)."""
+    if end is None and begin is None:
+        return _make_plan(sampler, schedule, steps, strength, eta)
+    if sampler not in HANDOFF:
+        raise ScheduleError(f"sampler {sampler!r} cannot hand over to a refiner here (two U-Net calls a step, or "
+                            f"LCM's boundary steps); use one of: {', '.join(HANDOFF)}", field="sampler")  # fmt: skip
+    full = _make_plan(sampler, schedule, steps, 1.0, eta)
+    train = len(schedule.alphas_cumprod)  # num_train_timesteps
+    cutoff = int(round(train - (begin if end is None else end) * train))
+    if end is not None:  # SDXL's pipeline: the calls at timesteps >= the cutoff
+        k = int((full.timesteps >= cutoff).sum())
+        if not 0 < k < len(full.timesteps):
+            raise ScheduleError(
+                f"the refiner switch at {end:g} of {steps} steps leaves no step to the "
+                f"{'refiner' if k else 'base'}; move it or use more steps",
+                field="refiner_switch_at",
+            )
+        out = 1.0 if sampler in SIGMA_SPACE else 1 / math.sqrt(float(full.sigmas[k]) ** 2 + 1)
+        cut = dict(timesteps=full.timesteps[:k], sigmas=full.sigmas[: k + 1], c_in=full.c_in[:k], out_scale=out,
+                   coef={n: v[:k] for n, v in full.coef.items()}, orders=full.orders[:k],
+                   corrections=full.corrections[:k], noise_draws=min(full.noise_draws, k))  # fmt: skip
+        return dataclasses.replace(full, **cut)
+    # SDXL's img2img pipeline with denoising_start: the calls at timesteps < the cutoff, the scheduler begun there
+    n = int((full.timesteps < cutoff).sum())
+    if n < 1:
+        raise ScheduleError(f"the refiner switch at {begin:g} of {steps} steps leaves the refiner no step; move it "
+                            "or use more steps", field="refiner_switch_at")  # fmt: skip
+    plan = _make_plan(sampler, schedule, steps, 1.0, eta, start=steps - n)
+    scale = 1.0 if sampler in SIGMA_SPACE else math.sqrt(float(plan.sigmas[0]) ** 2 + 1)
+    return dataclasses.replace(plan, in_scale=scale)
+
+
+def _make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float, eta: float,
+               start: int | None = None) -> Plan:  # fmt: skip
     if sampler not in _PLANNERS:
         raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(_PLANNERS)}", field="sampler")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -64,7 +108,8 @@ def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float
             f"{1 / steps:.3g} or use more steps",
             field="strength",
         )
-    start = steps - init_timestep  # diffusers' t_start * scheduler.order; every scheduler mirrored has order 1
+    if start is None:  # diffusers' t_start * scheduler.order; every scheduler mirrored has order 1
+        start = steps - init_timestep
     if sampler in ("ddim", "lcm") and float(schedule.alphas_cumprod[-1]) == 0 and schedule.prediction_type == "epsilon":
         raise ScheduleError(f"sampler {sampler!r} on a zero-terminal-SNR schedule with an epsilon-predicting model: x0 "
                             "is undefined at the last timestep (diffusers divides by 0 there); use euler or dpmpp_2m, "

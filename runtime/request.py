@@ -45,6 +45,9 @@ class JoinKey(NamedTuple):
     latents: bool = False  # img2img from given latents (the hires fix's second pass after a latent upscale)
     to_latents: bool = False  # the batch ends with the latents, not the VAE's picture (the hires fix's first pass)
     hires: tuple = ()  # the hires fix: its upscaler and the second pass's join key
+    end: float | None = None  # diffusers' denoising_end: the plan stops where the refiner takes over
+    begin: float | None = None  # denoising_start: a refiner's pass, from the base's latents as they are
+    refine: tuple = ()  # the refiner's pass's join key
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class Request:
     latents: torch.Tensor | None = field(default=None, compare=False)  # img2img from latents [batch, C, h, w]
     images: tuple[Image.Image, ...] = field(default=(), compare=False)  # img2img: an init image per image row
     to_latents: bool = False  # end with the latents [batch, C, h, w] (float32), not the picture
+    end: float | None = None  # SDXL base: the fraction of the schedule it runs (diffusers' denoising_end)
+    begin: float | None = None  # SDXL refiner: where it takes over (denoising_start), from `latents`
+    refine: Request | None = None  # the refiner's pass of this request (another engine directory's)
 
     @property
     def batch(self) -> int:
@@ -111,7 +117,8 @@ class Request:
                        self.image is not None or self.latents is not None, self.mask is not None, self.loras,
                        tuple(c.name for c in self.control), chunks if self.cfg else (chunks[0], 0),
                        self.clip_skip, self.eta, self.cfg and self.guidance_rescale > 0, self.latents is not None,
-                       self.to_latents, hires)  # fmt: skip
+                       self.to_latents, hires, self.end, self.begin,
+                       self.refine.join_key if self.refine else ())  # fmt: skip
 
     @property
     def init_images(self) -> tuple[Image.Image, ...]:
@@ -218,7 +225,8 @@ def host_inputs(
         shape = (r.batch, latent_channels, h, w)
         if encodes_init and posterior:  # one draw over the request's init images, as diffusers' latent_dist.sample
             draws["posterior_noise"].append(torch.randn((len(r.init_images), *shape[1:]), generator=gen))
-        draws["noise0"].append(torch.randn(shape, generator=gen))
+        # a refiner's pass takes the base's latents as they are: diffusers draws no initial noise there
+        draws["noise0"].append(torch.randn(shape, generator=gen) if r.begin is None else torch.zeros(shape))
         if r.mask is not None and posterior:  # drawn even for a 4-channel U-Net, unused: later draws depend on it
             draws["masked_noise"].append(torch.randn((1, *shape[1:]), generator=gen))
         draws["noise"].append(step_noise(plan, shape, gen, r.seed))  # randn, or DPM++ SDE's Brownian tree

@@ -152,12 +152,22 @@ def _refiner():
     )  # fmt: skip
 
 
-def test_an_sdxl_refiner_folder_is_img2img_with_its_aesthetic_score(tmp_path, capfd):
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory) -> tuple:
+    """(the refiner's diffusers folder, its fp32 engine directory), exported once for this module's tests."""
+    root = tmp_path_factory.mktemp("refiner")
+    folder, out = root / "refiner", root / "refiner-fp32"
+    _refiner().save_pretrained(folder)
+    assert main(["export", str(folder), str(out), "--precision", "fp32", *SIZES]) == 0
+    return folder, out
+
+
+def test_an_sdxl_refiner_folder_is_img2img_with_its_aesthetic_score(refiner):
     """The refiner exports (one text encoder, 5 time ids); img2img equals diffusers' StableDiffusionXLImg2ImgPipeline
     on the folder at the default aesthetic scores and at others; txt2img is refused in one line naming the image."""
     from PIL import Image
 
-    folder, out, _ = _export(_refiner(), tmp_path, "refiner", capfd)
+    folder, out = refiner
     rng = np.random.default_rng(2)
     image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     kw = dict(KW, image=image, strength=0.5, num_inference_steps=6, guidance_scale=6.0)
@@ -174,6 +184,69 @@ def test_an_sdxl_refiner_folder_is_img2img_with_its_aesthetic_score(tmp_path, ca
     ref = diffusers_images(folder, "euler", pipeline=refiner, **kw, **scores)
     print(f"refiner, aesthetic 8 / 1: {check(ours_scored, ref):.1f} dB")
     assert not np.array_equal(ours, ours_scored)  # the scores reach the U-Net
+
+
+def handoff_reference(base, refiner, sampler: str, switch: float, n: int = 1, **kw) -> np.ndarray:
+    """diffusers' documented base + refiner pair: the base with ``denoising_end`` and ``output_type="latent"``,
+    the refiner (StableDiffusionXLImg2ImgPipeline) with ``denoising_start`` on those latents, each with a
+    generator seeded afresh with the request's seed and the scheduler `sampler` agrees with."""
+    import diffusers
+    from test_pipeline import SCHEDULERS
+
+    cls, extra = SCHEDULERS[sampler]
+    seed, steps = kw.pop("seed"), kw.pop("num_inference_steps")
+    pipes = []
+    for name, folder in (("StableDiffusionXLPipeline", base), ("StableDiffusionXLImg2ImgPipeline", refiner)):
+        pipe = getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
+        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        pipes.append(pipe)
+    prompts = dict(prompt=[kw.pop("prompt")] * n, negative_prompt=[kw.pop("negative_prompt")] * n)
+    latents = pipes[0](**prompts, **kw, num_inference_steps=steps, denoising_end=switch, output_type="latent",
+                       generator=torch.Generator("cpu").manual_seed(seed)).images  # fmt: skip
+    scores = {k: kw[k] for k in ("aesthetic_score", "negative_aesthetic_score", "guidance_scale") if k in kw}
+    out = pipes[1](**prompts, **scores, image=latents, num_inference_steps=steps, denoising_start=switch,
+                   generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images  # fmt: skip
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "sampler,switch,n", [("euler", 0.8, 1), ("euler_a", 0.7, 2), ("dpmpp_2m_karras", 0.75, 1), ("ddim", 0.6, 1)]
+)
+def test_base_to_refiner_handoff_matches_diffusers_pair(sampler, switch, n, refiner, exports, folders):
+    """SDXL base for the first ``refiner_switch_at`` of the schedule, the refiner for the rest on the same latents,
+    against diffusers' denoising_end / denoising_start pair: Euler (sigma-space latents), Euler a and DDIM (noise
+    drawn in both passes), DPM++ 2M Karras (alpha-space latents, a multistep history the refiner restarts)."""
+    kw = dict(KW, num_inference_steps=10, guidance_scale=6.0, height=64, width=96, aesthetic_score=7.0)
+    with Pipeline.load(exports.get("sdxl", "fp32"), backend="onnxruntime", device="cpu", refiner=refiner[1]) as sdrt:
+        ours = sdrt_images(sdrt, sampler=sampler, refiner_switch_at=switch, num_images_per_prompt=n, **kw)
+        base_only = sdrt_images(sdrt, sampler=sampler, num_images_per_prompt=n,
+                                **{k: v for k, v in kw.items() if k != "aesthetic_score"})  # fmt: skip
+    ref = handoff_reference(folders["sdxl"], refiner[0], sampler, switch, n=n, **kw)
+    print(f"base -> refiner, {sampler} at {switch}: {check(ours, ref):.1f} dB")
+    assert not np.array_equal(ours, base_only)  # the refiner's pass changed the picture
+
+
+def test_bad_handoffs_are_one_line_naming_the_field(refiner, exports, folders):
+    from PIL import Image
+
+    base_dir = exports.get("sdxl", "fp32")
+    with Pipeline.load(base_dir, backend="onnxruntime", device="cpu") as alone:
+        with pytest.raises(SdrtError, match="needs a refiner loaded") as err:
+            alone(**KW, refiner_switch_at=0.8)
+        assert err.value.field == "refiner_switch_at"
+    with pytest.raises(SdrtError, match="not an SDXL refiner|no aesthetic-score") as err:
+        Pipeline.load(base_dir, backend="onnxruntime", device="cpu", refiner=base_dir)
+    assert err.value.field == "refiner"
+    with Pipeline.load(base_dir, backend="onnxruntime", device="cpu", refiner=refiner[1]) as sdrt:
+        cases = [(dict(refiner_switch_at=1.0), "refiner_switch_at", "(0, 1)"),
+                 (dict(refiner_switch_at=0.01), "refiner_switch_at", "no step"),
+                 (dict(refiner_switch_at=0.8, sampler="heun"), "sampler", "cannot hand over"),
+                 (dict(refiner_switch_at=0.8, image=Image.new("RGB", (64, 64))), "image", "txt2img")]  # fmt: skip
+        for extra, field, words in cases:
+            with pytest.raises(SdrtError) as err:
+                sdrt(**dict(KW, **extra))
+            assert err.value.field == field and words in str(err.value) and "\n" not in str(err.value), extra
 
 
 def test_aesthetic_scores_are_refused_where_the_unet_has_none(exports):
