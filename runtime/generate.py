@@ -11,11 +11,11 @@ from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from sdrt.runtime.prompts import EMPHASIS
 
 
-def png_parameters(req, model: str, index: int, precision: str | None = None) -> str:
+def png_parameters(req, model: str, index: int, precision: str | None = None, refiner: str | None = None) -> str:
     """The `parameters` text chunk in the format image tools already read (prompt, negative, key: value list); LoRA
     adapters as the web UI writes them, `<lora:NAME:SCALE>` tags at the end of the prompt; ControlNets as its
     ControlNet extension does. ``precision``: a backend's inference precision where it is not the graphs' own
-    (OpenVINO's bf16 or f32 on the CPU), which changes the picture."""
+    (OpenVINO's bf16 or f32 on the CPU), which changes the picture. ``refiner``: the refiner's model name."""
     fields = [
         f"Steps: {req.steps}", f"Sampler: {req.sampler}", f"CFG scale: {req.guidance:g}", f"Seed: {req.seed}",
         f"Size: {req.width}x{req.height}", f"Model: {model}",
@@ -24,6 +24,8 @@ def png_parameters(req, model: str, index: int, precision: str | None = None) ->
         fields.append(f"Denoising strength: {req.strength:g}")
     if req.hires is not None:
         fields += hires_fields(req)
+    if req.refine is not None:  # as the web UI writes its refiner
+        fields += [f"Refiner: {refiner}", f"Refiner switch at: {req.end:g}"]
     if req.clip_skip[0]:  # the web UI counts the last layer as 1
         fields.append(f"Clip skip: {req.clip_skip[0] + 1}")
     if req.eta:
@@ -132,12 +134,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         clip_skip=args.clip_skip, eta=args.eta, guidance_rescale=args.guidance_rescale,
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, hires=_hires(args),
+        refiner_switch_at=args.refiner_switch_at,
         controlnets=controlnet_args(args.controlnet, args.control_image, _each(args.control_scale, 1.0),
                                     _each(args.control_start, 0.0), _each(args.control_end, 1.0)),
     )  # fmt: skip
     t0 = time.perf_counter()
     with Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph,
-                       cpu_precision=args.cpu_precision, cpu_int8=args.cpu_int8) as pipe:  # fmt: skip
+                       cpu_precision=args.cpu_precision, cpu_int8=args.cpu_int8,
+                       refiner=args.refiner) as pipe:  # fmt: skip
         load_ms = (time.perf_counter() - t0) * 1e3
         req = pipe.request(params)
         t1 = time.perf_counter()
@@ -145,7 +149,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         total_ms = (time.perf_counter() - t1) * 1e3
         for i, path in enumerate(_out_paths(args.out, req.seed, req.batch)):
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", png_parameters(req, pipe.model_name, i, pipe.backend.inference_precision))
+            refiner = pipe.refiner.model_name if pipe.refiner else None
+            info.add_text("parameters", png_parameters(req, pipe.model_name, i, pipe.backend.inference_precision,
+                                                       refiner))  # fmt: skip
             Image.fromarray(pixels[i].numpy()).save(path, pnginfo=info)
             print(path)
         if args.verbose:
@@ -246,6 +252,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--hires-prompt", metavar="TEXT", help="second-pass prompt (default: PROMPT)")
     h.add_argument("--hires-negative-prompt", metavar="TEXT", help="second-pass negative (default: the first's)")
     h.add_argument("--hires-guidance", type=float, metavar="X", help="second-pass guidance (default: --guidance)")
+    g.add_argument("--refiner", metavar="DIR", help="SDXL: a refiner's engine directory that takes over the base's "
+                   "latents at --refiner-switch-at")  # fmt: skip
+    g.add_argument("--refiner-switch-at", type=float, metavar="X",
+                   help="with --refiner: the fraction of the schedule the base runs, in (0, 1) (diffusers' "
+                   "denoising_end; the refiner runs the rest)")  # fmt: skip
     g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch"),
                    default="auto", help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as "
                    "built), else torch programs where exported; on the CPU OpenVINO where installed; else ONNX "

@@ -83,3 +83,4 @@ class Params:
     pad_chunks: bool = False  # with "webui": pad the shorter of prompt and negative with empty chunks (pad_cond_uncond)
     hires: Hires | None = None  # txt2img: the web UI's hires fix, a second img2img pass at a larger size
     refiner_switch_at: float | None = None  # SDXL: the base runs to here (diffusers' denoising_end), the refiner on
+    refiner: str | None = None  # with refiner_switch_at: the refiner asked for by name (None: the one loaded)

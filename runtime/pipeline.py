@@ -293,6 +293,10 @@ class Pipeline:
         if self.refiner is None:
             raise SdrtError("refiner_switch_at needs a refiner loaded beside the model: Pipeline.load(..., "
                             "refiner=DIR) or sdrt serve DIR --refiner DIR", field="refiner_switch_at")  # fmt: skip
+        names = (self.refiner.model_name, self.refiner.root.name)
+        if p.refiner is not None and p.refiner not in names:
+            raise SdrtError(f"refiner {p.refiner!r} is not the one loaded beside this model ({names[0]})",
+                            field="refiner")  # fmt: skip
         if not isinstance(switch, (int, float)) or isinstance(switch, bool) or not 0 < switch < 1:
             raise SdrtError(f"refiner_switch_at must be a number in (0, 1), got {switch!r}", field="refiner_switch_at")
         for name, given in (("image", first.image), ("hires", p.hires), ("controlnets", first.control)):
@@ -305,7 +309,7 @@ class Pipeline:
             placeholder = Image.new("RGB", (first.width, first.height))  # checked as img2img; it starts from latents
             second = self.refiner.request(dataclasses.replace(p, image=placeholder, strength=None, loras=None,
                                                               sampler=first.sampler, seed=first.seed,
-                                                              refiner_switch_at=None))  # fmt: skip
+                                                              refiner_switch_at=None, refiner=None))  # fmt: skip
             second = dataclasses.replace(second, image=None, strength=1.0, begin=float(switch))
             self.refiner.plan(second.sampler, second.steps, 1.0, second.eta, begin=float(switch))
         except ScheduleError as err:

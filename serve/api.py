@@ -66,7 +66,8 @@ KARRAS = {"dpmpp_sde": "dpmpp_sde_karras", "dpmpp_2m": "dpmpp_2m_karras", "dpmpp
 # tags in its prompt; a ControlNet's own fields (controlnets.K.name, ...) are added per request (`control`)
 V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
                                      "sampler", "image", "strength", "mask", "loras", "controlnets", "clip_skip",
-                                     "eta", "guidance_rescale", "prompt_syntax", "emphasis", "hires")}  # fmt: skip
+                                     "eta", "guidance_rescale", "prompt_syntax", "emphasis", "hires", "refiner",
+                                     "refiner_switch_at")}  # fmt: skip
 V1_FIELDS.update({f"hires.{name}": f"hires.{name}" for name in Hires.__dataclass_fields__})
 SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
                 "image": "init_images", "strength": "denoising_strength", "loras": "prompt",
@@ -76,7 +77,7 @@ SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sample
                 "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
                 "hires.strength": "denoising_strength", "hires.sampler": "hr_sampler_name",
                 "hires.prompt": "hr_prompt", "hires.negative_prompt": "hr_negative_prompt",
-                "hires.guidance": "hr_cfg"}  # fmt: skip
+                "hires.guidance": "hr_cfg", "refiner": "refiner_checkpoint"}  # fmt: skip
 
 # the web UI's extra-network tags, <KIND:ARG:ARG...> (its modules/extra_networks.py, re_extra_net); its Lora
 # extension answers to "lora" and to the alias "lyco"
@@ -135,6 +136,8 @@ class ImagesRequest(BaseModel):
     emphasis: str = Field("original", description="with webui: original, no_norm, ignore or none")
     hires: HiresSpec | None = Field(None, description="txt2img: the web UI's hires fix, a second pass at a larger "
                                     "size")  # fmt: skip
+    refiner_switch_at: float | None = Field(None, description="SDXL with `sdrt serve --refiner`: the fraction of "
+                                            "the schedule the base runs (diffusers' denoising_end)")  # fmt: skip
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
     def calls(self, max_pixels: int, model: str = "") -> list[Params]:
@@ -148,7 +151,7 @@ class ImagesRequest(BaseModel):
                    strength=self.strength, mask=mask, loras=self.loras, controlnets=controlnets,
                    clip_skip=self.clip_skip, eta=self.eta, guidance_rescale=self.guidance_rescale,
                    prompt_syntax=self.prompt_syntax, emphasis=self.emphasis,
-                   hires=self.hires.hires() if self.hires else None)
+                   hires=self.hires.hires() if self.hires else None, refiner_switch_at=self.refiner_switch_at)
         ]  # fmt: skip
 
     def fields(self) -> dict[str, str]:
@@ -189,6 +192,8 @@ class Txt2ImgRequest(BaseModel):
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     hr_cfg: float | None = None
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
     eta: float | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     disable_extra_networks: bool = False
@@ -219,9 +224,18 @@ class Txt2ImgRequest(BaseModel):
             Params(prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
                    height=sizes[i % len(images)][1], width=sizes[i % len(images)][0], n=1, seed=(seed + i) % 2**64,
                    sampler=sampler, image=images[i % len(images)], strength=strength, mask=mask,
-                   loras=loras or None, controlnets=controlnets, hires=self._hires(), **options)
+                   loras=loras or None, controlnets=controlnets, hires=self._hires(), **self._refiner(), **options)
             for i in range(count)
         ]  # fmt: skip
+
+    def _refiner(self) -> dict[str, Any]:
+        """The web UI's refiner fields: ``refiner_checkpoint`` names the refiner served beside the model
+        (`sdrt serve --refiner`), ``refiner_switch_at`` where it takes over (diffusers' denoising_end)."""
+        if self.refiner_checkpoint in (None, "", "None", "none"):
+            return {}
+        if self.refiner_switch_at is None:
+            raise bad_request("refiner_switch_at", "refiner_checkpoint needs refiner_switch_at, in (0, 1)")
+        return {"refiner": self.refiner_checkpoint.rsplit(" [", 1)[0], "refiner_switch_at": self.refiner_switch_at}
 
     def _hires(self) -> Hires | None:
         if not self.enable_hr:

@@ -342,7 +342,8 @@ def main(args) -> int:
         raise SdrtError(f"--timeout-s must be > 0, got {args.timeout_s}")
     limits = limits_of(args)
     pipe = Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph,
-                         cpu_precision=args.cpu_precision, cpu_int8=args.cpu_int8)  # fmt: skip
+                         cpu_precision=args.cpu_precision, cpu_int8=args.cpu_int8,
+                         refiner=args.refiner)  # fmt: skip
     metrics = Metrics()
     metrics.watch_gpu()
     engine = LocalEngine(pipe, options_of(args), metrics)

@@ -61,6 +61,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    default="auto", help="as `sdrt generate --backend`")  # fmt: skip
     s.add_argument("--cpu-precision", choices=("bf16", "f32"), help="as `sdrt generate --cpu-precision`")
     s.add_argument("--cpu-int8", action="store_true", help="as `sdrt generate --cpu-int8`")
+    s.add_argument("--refiner", metavar="DIR", help="an SDXL refiner's engine directory, loaded beside an SDXL base: "
+                   "requests with refiner_switch_at hand over to it")  # fmt: skip
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where available")
     s.add_argument("--no-cuda-graph", action="store_true", help="run step by step instead of captured graphs")
     r = s.add_argument_group("Ray Serve (--ray)")

@@ -133,7 +133,8 @@ class LocalEngine:
         for req, out in zip(reqs, outputs, strict=True):
             t = time.perf_counter()
             precision = self.pipe.backend.inference_precision
-            texts.append([png_parameters(req, self.model, i, precision) for i in range(req.batch)])
+            refiner = self.pipe.refiner.model_name if self.pipe.refiner else None
+            texts.append([png_parameters(req, self.model, i, precision, refiner) for i in range(req.batch)])
             pngs.append([encode_png(px.numpy(), text) for px, text in zip(out.pixels, texts[-1], strict=True)])
             timings.append({**out.timings_ms, "encode_ms": (time.perf_counter() - t) * 1e3})
         params = [echo_v1(r, self.model) for r in reqs]

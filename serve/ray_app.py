@@ -155,6 +155,7 @@ class ServeArgs(BaseModel):
     backend: str = "auto"
     cpu_precision: str | None = None
     cpu_int8: bool = False
+    refiner: str | None = None
     device: str | None = None
     cuda_graph: bool = True
     max_batch: int | None = None
@@ -176,7 +177,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     `ServeArgs`; a bad value is a validation error naming the field)."""
     args = ServeArgs.model_validate(args)
     load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph,
-            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8}  # fmt: skip
+            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8, "refiner": args.refiner}  # fmt: skip
     return build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
                      args.replica_cpus, args.retries, limits_of(args))  # fmt: skip
 
@@ -226,7 +227,7 @@ def main(args) -> int:
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
     load = {"backend": args.backend, "device": args.device, "cuda_graph": not args.no_cuda_graph,
-            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8}  # fmt: skip
+            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8, "refiner": args.refiner}  # fmt: skip
     app = build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
                     args.replica_cpus, limits=limits)  # fmt: skip
     serve.run(app, name="sdrt", route_prefix="/")

@@ -42,7 +42,7 @@ FIELDS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
     "styles": ([], None), "subseed_strength": (0, None), "seed_resize_from_h": (-1, 0, None),
     "seed_resize_from_w": (-1, 0, None), "restore_faces": (False, None), "tiling": (False, None),
     "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
-    "s_min_uncond": (0, None), "refiner_checkpoint": (None, "", "None"), "script_name": (None, ""),
+    "s_min_uncond": (0, None), "script_name": (None, ""),
     "firstpass_image": (None, ""), "resize_mode": (0, None), "latent_mask": (None, ""),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "firstphase_width": (0, None),
     "firstphase_height": (0, None), "hr_additional_modules": (None, [], ["Use same choices"]),
@@ -50,7 +50,8 @@ FIELDS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
 # body fields that do not change the picture
 IGNORED_FIELDS = (
     "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
-    "force_task_id", "infotext", "comments", "include_init_images", "subseed", "script_args", "refiner_switch_at",
+    "force_task_id", "infotext", "comments", "include_init_images", "subseed", "script_args",
+    "refiner_switch_at without refiner_checkpoint",
     "image_cfg_scale (instruct-pix2pix models only)", "hr_* and denoising_strength of txt2img without enable_hr",
 )  # fmt: skip
 

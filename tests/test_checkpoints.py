@@ -227,6 +227,49 @@ def test_base_to_refiner_handoff_matches_diffusers_pair(sampler, switch, n, refi
     assert not np.array_equal(ours, base_only)  # the refiner's pass changed the picture
 
 
+def test_handoff_from_the_cli_and_the_server(refiner, exports, tmp_path):
+    """`sdrt generate --refiner DIR --refiner-switch-at X`, ``/v1/images`` with ``refiner_switch_at`` and the web
+    UI's ``refiner_checkpoint`` / ``refiner_switch_at`` on ``/sdapi/v1/txt2img``: the Python call's picture, byte
+    for byte, and the PNG's refiner entries."""
+    import base64
+    import io
+
+    from PIL import Image
+    from test_server import LiveServer
+
+    base_dir = exports.get("sdxl", "fp32")
+    kw = dict(KW, num_inference_steps=6, guidance_scale=6.0, seed=4)
+    with Pipeline.load(base_dir, backend="onnxruntime", device="cpu", refiner=refiner[1]) as pipe:
+        want = sdrt_images(pipe, sampler="euler", refiner_switch_at=0.7, **kw)[0]
+        webui = sdrt_images(pipe, sampler="euler", refiner_switch_at=0.7, prompt_syntax="webui", **kw)[0]
+        name = pipe.refiner.model_name
+        out = tmp_path / "handoff.png"
+        rc = main(["generate", str(base_dir), kw["prompt"], "--negative-prompt", "blurry", "--steps", "6",
+                   "--guidance", "6", "--height", "64", "--width", "64", "--seed", "4", "--sampler", "euler",
+                   "--backend", "onnxruntime", "--device", "cpu", "--refiner", str(refiner[1]),
+                   "--refiner-switch-at", "0.7", "--out", str(out), "--quiet"])  # fmt: skip
+        assert rc == 0
+        with Image.open(out) as png:
+            assert np.array_equal(np.asarray(png), want)
+            assert f"Refiner: {name}, Refiner switch at: 0.7" in png.text["parameters"]
+        server = LiveServer(pipe)
+        try:
+            body = dict(prompt=kw["prompt"], negative_prompt="blurry", steps=6, height=64, width=64, seed=4)
+            r = server.post("/v1/images", dict(body, guidance=6.0, sampler="euler", refiner_switch_at=0.7))
+            assert r.status_code == 200, r.text
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+            assert np.array_equal(got, want)
+            sdapi = dict(body, cfg_scale=6.0, sampler_name="Euler", refiner_checkpoint=name, refiner_switch_at=0.7)
+            r = server.post("/sdapi/v1/txt2img", sdapi)
+            assert r.status_code == 200, r.text
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+            assert np.array_equal(got, webui)
+            r = server.post("/sdapi/v1/txt2img", dict(sdapi, refiner_checkpoint="sd_xl_refiner_1.0"))
+            assert r.status_code == 400 and r.json()["field"] == "refiner_checkpoint", r.text
+        finally:
+            server.stop()
+
+
 def test_bad_handoffs_are_one_line_naming_the_field(refiner, exports, folders):
     from PIL import Image
 
