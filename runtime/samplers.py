@@ -20,15 +20,12 @@ from collections.abc import Callable
 
 import torch
 
+from sdrt.runtime.params import ANCESTRAL, SAMPLERS  # noqa: F401 (re-exported: the names, light to import)
 from sdrt.runtime.planners import Plan, make_plan  # noqa: F401 (make_plan: re-exported)
 from sdrt.runtime.schedule import ScheduleError
 
 Denoise = Callable[[torch.Tensor, int], torch.Tensor]  # denoise(x, i) -> x0 estimate for sigma-space x at call i
 StepHook = Callable[[torch.Tensor, int], torch.Tensor]  # after(x, i) -> x: the state after step i, changed or not
-SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m",
-            "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "deis", "lcm", "pndm", "unipc")  # fmt: skip
-# fresh noise every step at eta 1 (diffusers')
-ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")
 
 
 def to_x0(x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -30,8 +30,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Hires, Params
-from sdrt.runtime.samplers import SAMPLERS
+from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS, Hires, Params
 from sdrt.serve.control import (
     ControlNetSpec,
     Unit,

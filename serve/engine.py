@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.generate import png_parameters
+from sdrt.runtime.infotext import png_parameters
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.serve.api import echo_v1, encode_png

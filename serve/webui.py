@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from sdrt.runtime import prompts
-from sdrt.runtime.samplers import ANCESTRAL
+from sdrt.runtime.params import ANCESTRAL
 from sdrt.serve.inputs import bad_request
 
 # settings that change the picture, at the values where they do not (the web UI's defaults)
