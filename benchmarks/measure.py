@@ -39,7 +39,7 @@ class Clock:
 
 
 class Spans:
-    """Begin/end marks per stage during one run; ``totals()`` after the run: ms per stage and per call."""
+    """Begin/end marks per stage during one run; ``calls()`` after the run: ms of each call per stage."""
 
     def __init__(self, clock: Clock):
         self.clock = clock

@@ -8,7 +8,7 @@ data (`Family`), never an `if` chain in the export code.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sdrt.runtime.errors import SdrtError
@@ -112,7 +112,6 @@ class Preset:
     scheduler: tuple[str, dict[str, Any]]
     size_range: tuple[int, int] | None = None  # overrides the model's default range (small presets)
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def geometry(self) -> Geometry:

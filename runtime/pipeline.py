@@ -1,6 +1,6 @@
 """Engine directory -> images: a batch of requests as one function of device tensors, replayable as a CUDA graph.
 
-`Pipeline._body` is the whole batch: text encoding, start latents (img2img / inpainting: VAE encoder and noise),
+`Pipeline.body` is the whole batch: text encoding, start latents (img2img / inpainting: VAE encoder and noise),
 every sampler step with the U-Net and classifier-free guidance, VAE decode, conversion to uint8. It reads only
 device buffers filled before it runs, so on a GPU it is captured once per `Layout.key` and replayed (runtime/
 capture.py); elsewhere (or with ``cuda_graph=False``) the same function runs step by step. Model families differ

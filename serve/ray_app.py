@@ -73,7 +73,8 @@ class EngineReplica:
 
 
 class RayEngine:
-    """The `server.Engine` shape over a handle to `EngineReplica`s: retries on another replica when one dies."""
+    """The engine shape of `sdrt.serve.engine` (`LocalEngine`'s) over a handle to `EngineReplica`s: retries on
+    another replica when one dies."""
 
     def __init__(self, handle: DeploymentHandle, model: str, max_px: int, metrics: Metrics, retries: int = 3):
         self.handle, self.model, self.max_px, self.metrics, self.retries = handle, model, max_px, metrics, retries
