@@ -16,8 +16,8 @@ import torch
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import concrete_shape
+from sdrt.runtime.params import BACKENDS
 
-BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
 

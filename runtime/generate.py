@@ -8,7 +8,7 @@ import sys
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.hires import UPSCALERS
 from sdrt.runtime.infotext import png_parameters
-from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from sdrt.runtime.params import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from sdrt.runtime.prompts import EMPHASIS
 
 
@@ -191,7 +191,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--refiner-switch-at", type=float, metavar="X",
                    help="with --refiner: the fraction of the schedule the base runs, in (0, 1) (diffusers' "
                    "denoising_end; the refiner runs the rest)")  # fmt: skip
-    g.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch"),
+    g.add_argument("--backend", choices=BACKENDS,
                    default="auto", help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as "
                    "built), else torch programs where exported; on the CPU OpenVINO where installed; else ONNX "
                    "Runtime")  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sdrt.runtime.errors import needs_extra
+from sdrt.runtime.params import BACKENDS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="steps of the warm-up request at the default size, run before /readyz says ready (default 20)",
     )
-    s.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch"),
+    s.add_argument("--backend", choices=BACKENDS,
                    default="auto", help="as `sdrt generate --backend`")  # fmt: skip
     s.add_argument("--cpu-precision", choices=("bf16", "f32"), help="as `sdrt generate --cpu-precision`")
     s.add_argument("--cpu-int8", action="store_true", help="as `sdrt generate --cpu-int8`")
