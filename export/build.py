@@ -23,7 +23,7 @@ from typing import Any
 import onnx
 
 from sdrt.export.progress import Progress
-from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx, write_atomic
+from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx
 from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
 from sdrt.runtime import trt_family
 from sdrt.runtime.errors import SdrtError
@@ -33,6 +33,7 @@ from sdrt.runtime.manifest import (
     default_size,
     read_manifest,
     sha256_file,
+    write_atomic,
     write_manifest,
 )
 from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily

@@ -24,7 +24,7 @@ import torch
 from sdrt.runtime.embeddings import is_embedding
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.lora import BASE_FILE, LORA_DIR, NAME_RE, graph_weights
-from sdrt.runtime.manifest import read_manifest, sha256_file, write_manifest
+from sdrt.runtime.manifest import read_manifest, replaced_atomically, sha256_file, write_manifest
 
 _PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -189,8 +189,8 @@ def add_lora(root: str | os.PathLike, file: str | os.PathLike, name: str | None 
     wanted = {k.rsplit(".", 1)[0] for k in factors} - set(base)
     if wanted:
         base.update(_base_values(root, manifest, wanted))
-        save_np(base, str(base_path.with_suffix(".tmp")))
-        os.replace(base_path.with_suffix(".tmp"), base_path)
+        with replaced_atomically(base_path) as tmp:
+            save_np(base, str(tmp))
     rel = f"{LORA_DIR}/{name}.safetensors"
     save_file(factors, str(root / rel), metadata={"format": "sdrt-lora-1", "source": file.name})
     graphs: dict[str, int] = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import write_atomic
 
 Profiles = list[dict[str, dict[str, list[int]]]]  # [{input: {"min"/"opt"/"max": shape}}]
 
@@ -126,15 +127,3 @@ class PlanFromOnnx:
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             raise SdrtError(f"TensorRT refused the timing cache {self.timing_cache}; delete it to start a new one")
         return cache
-
-
-def write_atomic(path: Path, data) -> None:
-    """Never a half-written engine or cache: write beside it under a temporary name, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

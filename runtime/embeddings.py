@@ -26,7 +26,7 @@ import numpy as np
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.lora import NAME_RE
-from sdrt.runtime.manifest import check_files, read_manifest, sha256_file, write_manifest
+from sdrt.runtime.manifest import check_files, read_manifest, replaced_atomically, sha256_file, write_manifest
 
 EMBEDDING_DIR = "embeddings"
 MAX_VECTORS = 75  # one prompt chunk: the web UI moves an embedding that does not fit to the next chunk
@@ -137,9 +137,8 @@ def add_embedding(root: str | os.PathLike, file: str | os.PathLike, name: str | 
                         "another --name, or remove that one", field="name")  # fmt: skip
     (root / EMBEDDING_DIR).mkdir(exist_ok=True)
     rel = f"{EMBEDDING_DIR}/{name}.safetensors"
-    tmp = root / f"{rel}.tmp"
-    save_file(vectors, str(tmp), metadata={"format": "sdrt-embedding-1", "source": file.name})
-    os.replace(tmp, root / rel)
+    with replaced_atomically(root / rel) as tmp:
+        save_file(vectors, str(tmp), metadata={"format": "sdrt-embedding-1", "source": file.name})
     manifest.setdefault("embeddings", {})[name] = {
         "file": rel,
         "source": file.name,

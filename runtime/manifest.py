@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,28 @@ def hash_files(root: Path, names: list[str]) -> dict[str, str]:
     return {name: sha256_file(root / name) for name in sorted(names)}
 
 
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to, renamed onto ``path`` when the block ends without an error
+    and removed otherwise: a reader never sees half a file, and a failure leaves nothing half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes | bytearray | memoryview | str) -> None:
+    """``data`` (bytes, or text as UTF-8) into ``path`` through `replaced_atomically`."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else memoryview(data))
+
+
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (a reader never sees half a manifest)."""
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import sha256_file
+from sdrt.runtime.manifest import sha256_file, write_atomic
 from sdrt.runtime.trt_family import ENV_FIELDS, FAMILIES, TrtEnvironment, current_gpu, import_family
 
 
@@ -255,11 +255,7 @@ class KernelCache:
     def save(self) -> None:
         if self.cache is None:
             return
-        data = self.cache.serialize()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_bytes(memoryview(data))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, self.cache.serialize())
 
 
 def kernel_cache_path(version: str, gpu: str) -> Path:

@@ -28,13 +28,12 @@ from sdrt.export.build import (
     record_plan,
     stale_reasons,
     target_shape,
-    write_atomic,
 )
 from sdrt.export.directory import Progress
 from sdrt.export.trt_ops import check_model
 from sdrt.runtime.cli import main
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import check_files, read_manifest, sha256_file
+from sdrt.runtime.manifest import check_files, read_manifest, sha256_file, write_atomic
 from sdrt.runtime.plans import check_plan
 from sdrt.runtime.trt_family import TrtEnvironment
 
