@@ -49,6 +49,7 @@ class BuildOptions:
     width: int | None = None
     batch: int = 1  # images per prompt; the U-Net and text encoders see 2x as many rows (classifier-free guidance)
     dynamic: bool = False  # one profile over the exported ranges instead of one static shape
+    hires: float | None = None  # one profile from the static shape to the hires fix's second pass at this scale
     workspace_gib: float | None = None  # builder workspace limit; None: TensorRT's default (the GPU's memory)
     timing_cache: Path | None = None  # TensorRT only; None: `default_timing_cache(env)`
     backend: str = "auto"  # "auto": the family that suits this machine, or leave DIR for ONNX Runtime
@@ -86,6 +87,20 @@ def target_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int
     return opts.batch, h, w
 
 
+def hires_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int, int]:
+    """(images, height px, width px) of the hires fix's second pass on the static shape, as the web UI sizes it
+    (int(px x scale)), checked against the export."""
+    images, h, w = target_shape(manifest, opts)
+    if opts.dynamic:
+        raise SdrtError("--hires spans the static shape and its second pass; --dynamic spans every size: give one")
+    if not 1 < opts.hires <= 8:
+        raise SdrtError(f"--hires {opts.hires:g} must be a scale in (1, 8], as the web UI's hr_scale")
+    big_h, big_w = int(h * opts.hires), int(w * opts.hires)
+    _check_px(f"--hires {opts.hires:g}: the second pass's height", big_h, manifest["shapes"])
+    _check_px(f"--hires {opts.hires:g}: the second pass's width", big_w, manifest["shapes"])
+    return images, big_h, big_w
+
+
 def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> dict[str, dict[str, list[int]]]:
     """{input: {"min", "opt", "max": shape}} for graph ``name``: one static shape, or the export's ranges."""
     graph, s = manifest["graphs"][name], manifest["shapes"]
@@ -95,6 +110,9 @@ def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> d
     opt = (per_image * images, h_px // factor, w_px // factor)
     lo = (graph["rows"][0], s["min_px"] // factor, s["min_px"] // factor) if opts.dynamic else opt
     hi = (graph["rows"][1], s["max_px"] // factor, s["max_px"] // factor) if opts.dynamic else opt
+    if opts.hires:  # both passes of the hires fix; the plan is tuned for the second, which costs the most
+        _, big_h, big_w = hires_shape(manifest, opts)
+        opt = hi = (per_image * images, big_h // factor, big_w // factor)
     # the text axis (T: 77 tokens a prompt chunk) spans every chunk count in both kinds of profile: a longer prompt
     # is a longer attention context, not a new engine
     tokens = {"min": 77, "opt": 77, "max": 77 * int(s.get("max_prompt_chunks", 1))}
@@ -107,6 +125,9 @@ def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> d
 
 def describe_profile(manifest: dict[str, Any], opts: BuildOptions) -> str:
     images, h, w = target_shape(manifest, opts)
+    if opts.hires:
+        _, big_h, big_w = hires_shape(manifest, opts)
+        return f"hires {images} image(s) {h}x{w} to {big_h}x{big_w}"
     if not opts.dynamic:
         return f"static {images} image(s) {h}x{w}"
     s = manifest["shapes"]

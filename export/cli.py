@@ -81,6 +81,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         width=args.width,
         batch=args.batch,
         dynamic=args.dynamic,
+        hires=args.hires,
         workspace_gib=args.workspace,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
         backend=args.backend,
@@ -294,6 +295,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one profile over the exported size and batch ranges instead of one static shape (slower plans)",
     )
+    b.add_argument("--hires", type=float, metavar="SCALE",
+                   help="one profile from the static shape to the hires fix's second pass at SCALE (the web UI's "
+                   "hr_scale), tuned for the second pass: both passes run on the same plans")  # fmt: skip
     b.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit (default: TensorRT's)")
     b.add_argument(
         "--timing-cache",

@@ -90,6 +90,22 @@ def test_dynamic_profile_spans_the_exported_ranges(tiny):
     assert dec == {"min": [1, 4, 8, 8], "opt": [2, 4, 16, 8], "max": [2, 4, 24, 24]}
 
 
+def test_hires_profile_spans_both_passes(tiny):
+    """--hires 1.5 on the static 64x128: one profile from the first pass to the second's 96x192 (int(px x scale),
+    as the web UI sizes it), tuned for the second; a second pass outside the export, or with --dynamic, refused."""
+    m = read_manifest(tiny)
+    opts = BuildOptions(height=64, width=128, hires=1.5)
+    assert profile_shapes(m, "unet", opts)["sample"] == {"min": [2, 4, 8, 16], "opt": [2, 4, 12, 24],
+                                                         "max": [2, 4, 12, 24]}  # fmt: skip
+    assert profile_shapes(m, "vae_encoder", opts)["images"] == {"min": [1, 3, 64, 128], "opt": [1, 3, 96, 192],
+                                                                "max": [1, 3, 96, 192]}  # fmt: skip
+    assert describe_profile(m, opts) == "hires 1 image(s) 64x128 to 96x192"
+    with pytest.raises(SdrtError, match="second pass's width 256 is outside the 64-192 px"):
+        profile_shapes(m, "unet", BuildOptions(height=64, width=128, hires=2))
+    with pytest.raises(SdrtError, match="give one"):
+        profile_shapes(m, "unet", BuildOptions(hires=2, dynamic=True))
+
+
 def test_default_static_size_is_the_native_size_within_the_exported_range(tiny):
     m = read_manifest(tiny)
     assert target_shape(m, BuildOptions()) == (1, 64, 64)  # the U-Net's sample_size 8 x the VAE's factor 8
