@@ -10,6 +10,7 @@ branches inside the loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,7 +33,7 @@ from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
 from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, Hires, ImageArg, Params
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
-from sdrt.runtime.request import HiresPass, Layout, Request, Texts, host_inputs, open_image
+from sdrt.runtime.request import HiresPass, JoinKey, Layout, Request, Texts, host_inputs, open_image
 from sdrt.runtime.samplers import ANCESTRAL, SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, ScheduleError, default_sampler
 from sdrt.runtime.stages import Batch, Progress, Stages, no_stage
@@ -510,59 +511,61 @@ class Pipeline:
         what the request gives alone (its own seed's draws, its own prompts, guidance and init image), with the
         batch's stage timings."""
         layout = Layout.of(reqs)
-        if layout.join_key.hires:
-            return self._two_passes(reqs, progress)
-        if layout.join_key.refine:
-            return self._handed_over(reqs, progress)
+        if layout.join_key.hires and layout.join_key.hires[0] not in LATENT_UPSCALERS:
+            return self._two_passes(reqs, progress)  # an image upscaler: PIL between the passes, on the host
         if layout.images > self.shapes["max_images"]:
             raise SdrtError(
                 f"{layout.images} images in one batch; this engine takes at most {self.shapes['max_images']}",
                 field="n",
             )
         key = layout.join_key
-        with self.lock:
+        with self.lock, self.refiner.lock if key.refine else contextlib.nullcontext():
             t0 = time.perf_counter()
-            plan = self.plan(key.sampler, key.steps, key.strength, key.eta, key.end, key.begin)
             self.adapters.apply(self.backend, key.loras)  # W0 + the request's adapters, from the base every time
-            latent = (self.latent_channels, self.geometry.vae_scale_factor)
-            host = host_inputs(reqs, plan, latent, self._encodes_init(key), self.zero_negatives,
-                               self.guidance_embedding, self.posterior)  # fmt: skip
+            passes = [(self, reqs, key)]  # a second pass (hires fix, refiner) runs in the same body
+            if key.hires:
+                passes.append((self, [r.hires.second for r in reqs], self._second_key(key)))
+            elif key.refine:
+                passes.append((self.refiner, [r.refine for r in reqs], self._second_key(key)))
+            plans, host = [], {}
+            for k, (pipe, rs, pass_key) in enumerate(passes):
+                plans.append(pipe.plan(pass_key.sampler, pass_key.steps, pass_key.strength, pass_key.eta,
+                                       pass_key.end, pass_key.begin))  # fmt: skip
+                latent = (pipe.latent_channels, pipe.geometry.vae_scale_factor)
+                drawn = host_inputs(rs, plans[-1], latent, pipe._encodes_init(pass_key), pipe.zero_negatives,
+                                    pipe.guidance_embedding, pipe.posterior)  # fmt: skip
+                host.update({f"{'second.' * k}{name}": v for name, v in drawn.items()})
+            plan = tuple(p.to(self.device) for p in plans) if len(plans) > 1 else plans[0].to(self.device)
             timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
-            if self.cuda_graph:
-                pixels = self._captured.replay(self, layout, plan.to(self.device), host, timings)
+            if self.cuda_graph and (not key.refine or self.refiner.cuda_graph):
+                pixels = self._captured.replay(self, layout, plan, host, timings)
             else:
                 buf = {k: v.to(self.device) for k, v in host.items()}
-                work = Progress(len(plan.timesteps), progress)
-                pixels = self.body(layout, plan.to(self.device), buf, Stages(timings, self.device), work).cpu()
+                work = Progress(sum(len(p.timesteps) for p in plans), progress)
+                pixels = self.body(layout, plan, buf, Stages(timings, self.device), work).cpu()
         return Batch(list(pixels.split([r.batch for r in reqs])), timings)
 
+    @staticmethod
+    def _second_key(key) -> JoinKey:
+        """The join key a second pass runs under, from the first pass's latents: the hires fix's img2img from the
+        upscaled latents, or the refiner's pass from the base's."""
+        second = key.hires[1] if key.hires else key.refine
+        return second._replace(image=True, latents=True)
+
     def _two_passes(self, reqs: list[Request], progress: bool) -> Batch:
-        """The hires fix: the first passes as one batch, each request's latents or pictures upscaled, then the
-        second passes (img2img at the larger size) as one batch. Timings: the second pass's under ``hires_``."""
+        """The hires fix with an image upscaler: the first passes as one batch, each picture upscaled with PIL on
+        the host, then the second passes (img2img at the larger size) as one batch. (With a latent upscaler both
+        passes are one body: `body`.) Timings: the second pass's under ``hires_``."""
         upscaler = reqs[0].hires.upscaler
-        latent = upscaler in LATENT_UPSCALERS
         with self.lock:
-            one = self.generate_batch([dataclasses.replace(r, hires=None, to_latents=latent) for r in reqs], progress)
+            one = self.generate_batch([dataclasses.replace(r, hires=None) for r in reqs], progress)
             seconds = []
             for r, out in zip(reqs, one.pixels, strict=True):
                 s = r.hires.second
-                if latent:
-                    size = (s.height // self.geometry.vae_scale_factor, s.width // self.geometry.vae_scale_factor)
-                    seconds.append(dataclasses.replace(s, latents=upscale_latents(out, upscaler, size)))
-                else:
-                    images = tuple(upscale_image(Image.fromarray(a), upscaler, s.width, s.height) for a in out.numpy())
-                    seconds.append(dataclasses.replace(s, image=images[0], images=images))
+                images = tuple(upscale_image(Image.fromarray(a), upscaler, s.width, s.height) for a in out.numpy())
+                seconds.append(dataclasses.replace(s, image=images[0], images=images))
             two = self.generate_batch(seconds, progress)
         return Batch(two.pixels, {**one.timings_ms, **{f"hires_{k}": v for k, v in two.timings_ms.items()}})
-
-    def _handed_over(self, reqs: list[Request], progress: bool) -> Batch:
-        """SDXL base then refiner: the base's passes as one batch ending in latents at the switch, then the
-        refiner's passes on them as one batch of the refiner's engines. Timings: the refiner's under ``refiner_``."""
-        with self.lock, self.refiner.lock:
-            one = self.generate_batch([dataclasses.replace(r, refine=None, to_latents=True) for r in reqs], progress)
-            seconds = [dataclasses.replace(r.refine, latents=z) for r, z in zip(reqs, one.pixels, strict=True)]
-            two = self.refiner.generate_batch(seconds, progress)
-        return Batch(two.pixels, {**one.timings_ms, **{f"refiner_{k}": v for k, v in two.timings_ms.items()}})
 
     def _encodes_init(self, key) -> bool:
         """Whether the init image is VAE-encoded: img2img (from an image, not from latents); inpainting at
@@ -573,19 +576,40 @@ class Pipeline:
             and (not key.mask or key.strength < 1 or self.unet_channels == self.latent_channels)
         )
 
-    def body(self, layout: Layout, plan: Plan, buf: dict[str, torch.Tensor], stage=None, progress=None):
+    def body(self, layout: Layout, plan: Plan | tuple[Plan, Plan], buf: dict[str, torch.Tensor], stage=None,
+             progress=None):  # fmt: skip
         """The batch, from device buffers to uint8 pixels; no host synchronisation anywhere inside, so that it can
         be captured as one CUDA graph (runtime/capture.py). Structure comes from the layout's join key and the
         engine, never from buffer values. ``stage(name)``: a context around each stage (timing); ``progress``: its
-        ``step()`` called per U-Net call."""
+        ``step()`` called per U-Net call. Two-pass requests are two passes here (``plan``: one per pass; the second
+        pass's buffers are named ``second.*``), the first ending in latents and the second starting from them on
+        the device, so one captured graph holds the whole request: the hires fix with a latent upscaler (the
+        latents upscaled between), and the SDXL base then its refiner (the refiner's engines run the second)."""
         stage, key = stage or no_stage, layout.join_key
+        if not (key.hires or key.refine):
+            return self._pass(key, plan, buf, stage, progress)
+        latents = self._pass(key._replace(hires=(), refine=(), to_latents=True), plan[0], buf, stage, progress)
+        second, pipe, name = self._second_key(key), self, "hires"
+        if key.hires:
+            factor = self.geometry.vae_scale_factor
+            with stage("hires_upscale_ms"):
+                latents = upscale_latents(latents, key.hires[0], (second.height // factor, second.width // factor))
+        else:
+            pipe, name = self.refiner, "refiner"
+        feeds = {k.removeprefix("second."): v for k, v in buf.items() if k.startswith("second.")}
+        named = stage if stage is no_stage else (lambda s: stage(f"{name}_{s}"))
+        return pipe._pass(second, plan[1], {**feeds, "init_latents": latents}, named, progress)
+
+    def _pass(self, key: JoinKey, plan: Plan, buf: dict[str, torch.Tensor], stage, progress) -> torch.Tensor:
+        """One pass of `body`: text encoders, start latents, the sampler's loop, then the VAE's pixels (or, with
+        ``key.to_latents``, the latents)."""
         with stage("text_encoder_ms"):
             cond = self._conditioning(key.cfg, buf)  # U-Net feeds, [2B or B, ...], uncond rows first
         with stage("start_ms"):
             z = extra = after = None
             if self._encodes_init(key):
                 z = self._encode(buf["image"], buf.get("posterior_noise")).index_select(0, buf["image_rows"])
-            elif key.latents:  # the hires fix's second pass: the upscaled latents, as diffusers takes latents
+            elif key.latents:  # a second pass: the first pass's latents (upscaled, for the hires fix)
                 z = buf["init_latents"]
             if key.begin is not None:  # a refiner's pass: the base's latents as they are, in sigma space
                 x = z * plan.in_scale

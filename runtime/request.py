@@ -42,8 +42,8 @@ class JoinKey(NamedTuple):
     clip_skip: tuple[int, int] = (0, 0)  # of the prompts and of the negatives
     eta: float = 0.0  # DDIM's eta (the plan's coefficients and noise draws)
     rescale: bool = False  # guidance_rescale > 0 somewhere in the batch (its value per request is data)
-    latents: bool = False  # img2img from given latents (the hires fix's second pass after a latent upscale)
-    to_latents: bool = False  # the batch ends with the latents, not the VAE's picture (the hires fix's first pass)
+    latents: bool = False  # a second pass: from the first pass's latents (upscaled: hires fix; as they are: refiner)
+    to_latents: bool = False  # a first pass: it ends with the latents, not the VAE's picture
     hires: tuple = ()  # the hires fix: its upscaler and the second pass's join key
     end: float | None = None  # diffusers' denoising_end: the plan stops where the refiner takes over
     begin: float | None = None  # denoising_start: a refiner's pass, from the base's latents as they are
@@ -93,9 +93,7 @@ class Request:
     distilled: bool = False  # the U-Net takes the guidance scale as an embedding (LCM): no classifier-free guidance
     aesthetic: tuple[float, float] | None = None  # SDXL refiner: aesthetic scores of the prompt and the negative
     hires: HiresPass | None = None  # the web UI's hires fix: this request is its first pass
-    latents: torch.Tensor | None = field(default=None, compare=False)  # img2img from latents [batch, C, h, w]
     images: tuple[Image.Image, ...] = field(default=(), compare=False)  # img2img: an init image per image row
-    to_latents: bool = False  # end with the latents [batch, C, h, w] (float32), not the picture
     end: float | None = None  # SDXL base: the fraction of the schedule it runs (diffusers' denoising_end)
     begin: float | None = None  # SDXL refiner: where it takes over (denoising_start), from `latents`
     refine: Request | None = None  # the refiner's pass of this request (another engine directory's)
@@ -114,11 +112,10 @@ class Request:
         chunks = self.texts.chunks if self.texts is not None else (1, 1)
         hires = (self.hires.upscaler, self.hires.second.join_key) if self.hires else ()
         return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
-                       self.image is not None or self.latents is not None, self.mask is not None, self.loras,
+                       self.image is not None, self.mask is not None, self.loras,
                        tuple(c.name for c in self.control), chunks if self.cfg else (chunks[0], 0),
-                       self.clip_skip, self.eta, self.cfg and self.guidance_rescale > 0, self.latents is not None,
-                       self.to_latents, hires, self.end, self.begin,
-                       self.refine.join_key if self.refine else ())  # fmt: skip
+                       self.clip_skip, self.eta, self.cfg and self.guidance_rescale > 0, hires=hires, end=self.end,
+                       begin=self.begin, refine=self.refine.join_key if self.refine else ())  # fmt: skip
 
     @property
     def init_images(self) -> tuple[Image.Image, ...]:
@@ -128,7 +125,7 @@ class Request:
 
 class HiresPass(NamedTuple):
     """The hires fix of a request: the web UI's upscaler name, the second pass (an img2img `Request` at the larger
-    size, its init latents or images filled in when the first pass has run) and the hires settings as asked."""
+    size, from the first pass's latents, or its images when an image upscaler has run) and the settings asked."""
 
     upscaler: str
     second: Request
@@ -242,8 +239,6 @@ def host_inputs(
             rows.append(torch.arange(start, start + count) if count > 1 else torch.full((r.batch,), start))
             start += count
         host["image_rows"] = torch.cat(rows)
-    if first.latents is not None:
-        host["init_latents"] = torch.cat([r.latents.float() for r in reqs])  # [B, C, h, w]
     if first.control:
         host.update(control_host(reqs, len(plan.timesteps)))
     if first.mask is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_hires import SOME
 
 from sdrt.runtime.pipeline import Pipeline
 
@@ -84,11 +85,13 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
     check(ours, ref)
 
 
-def test_torch_programs_hires_fix(native96, folders):
-    """The hires fix (a latent upscale between the passes) on the fp32 torch programs, against diffusers' pieces."""
+@pytest.mark.parametrize("upscaler", SOME)
+def test_torch_programs_hires_fix(upscaler, native96, folders):
+    """The hires fix (both passes in one body with a latent upscaler; PIL between them with an image one) on the
+    fp32 torch programs, against diffusers' pieces."""
     from test_hires import ours, reference
     from test_pipeline import check
 
     with Pipeline.load(native96, backend="torch", device="cpu") as pipe:
-        mine = ours(pipe, upscaler="Latent (bicubic)", scale=1.5, steps=4, strength=0.6)
-    check(mine, reference(folders["sd1-native96"], False, "Latent (bicubic)", (144, 96), steps=4, strength=0.6))
+        mine = ours(pipe, upscaler=upscaler, scale=1.5, steps=4, strength=0.6)
+    check(mine, reference(folders["sd1-native96"], False, upscaler, (144, 96), steps=4, strength=0.6))
