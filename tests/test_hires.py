@@ -84,16 +84,18 @@ def sd1(exports):
 
 
 @pytest.mark.parametrize("upscaler", [*LATENT, *IMAGE])
-def test_each_upscaler_matches_diffusers_pieces(upscaler, sd1, folders):
+def test_each_upscaler_matches_diffusers_pieces(upscaler, sd1, folders, record_property):
     """96x64 -> x1.5 (144x96), 6 then 4 second-pass steps at strength 0.6, Euler."""
     from test_pipeline import check
 
     mine = ours(sd1, upscaler=upscaler, scale=1.5, steps=4, strength=0.6)
     assert mine.shape == (1, 96, 144, 3)
-    check(mine, reference(folders["sd1"], False, upscaler, (144, 96), steps=4, strength=0.6))
+    record_property(
+        "psnr_db", check(mine, reference(folders["sd1"], False, upscaler, (144, 96), steps=4, strength=0.6))
+    )
 
 
-def test_second_pass_settings_and_batches_match(sd1, folders):
+def test_second_pass_settings_and_batches_match(sd1, folders, record_property):
     """Two images per prompt through the image upscaler (an init image per row, one posterior draw over them), the
     hires prompt, guidance and another sampler, the size from hr_resize_x alone."""
     from test_pipeline import check
@@ -104,16 +106,18 @@ def test_second_pass_settings_and_batches_match(sd1, folders):
     assert mine.shape == (2, 128, 192, 3)
     ref = reference(folders["sd1"], False, "Lanczos", (192, 128), hr_sampler="dpmpp_2m", strength=0.75, n=2,
                     hr_prompt="a red fox, oil painting", hr_cfg=4.0)  # fmt: skip
-    check(mine, ref)
+    record_property("psnr_db", check(mine, ref))
 
 
 @pytest.mark.parametrize("upscaler", SOME)
-def test_sdxl_matches_diffusers_pieces(upscaler, exports, folders):
+def test_sdxl_matches_diffusers_pieces(upscaler, exports, folders, record_property):
     from test_pipeline import check
 
     with Pipeline.load(exports.get("sdxl", "fp32"), backend="onnxruntime", device="cpu") as pipe:
         mine = ours(pipe, upscaler=upscaler, scale=2, steps=3, strength=0.5)
-    check(mine, reference(folders["sdxl"], True, upscaler, (192, 128), steps=3, strength=0.5))
+    record_property(
+        "psnr_db", check(mine, reference(folders["sdxl"], True, upscaler, (192, 128), steps=3, strength=0.5))
+    )
 
 
 @pytest.mark.parametrize(

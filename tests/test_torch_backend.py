@@ -86,7 +86,7 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
 
 
 @pytest.mark.parametrize("upscaler", SOME)
-def test_torch_programs_hires_fix(upscaler, native96, folders):
+def test_torch_programs_hires_fix(upscaler, native96, folders, record_property):
     """The hires fix (both passes in one body with a latent upscaler; PIL between them with an image one) on the
     fp32 torch programs, against diffusers' pieces."""
     from test_hires import ours, reference
@@ -94,4 +94,5 @@ def test_torch_programs_hires_fix(upscaler, native96, folders):
 
     with Pipeline.load(native96, backend="torch", device="cpu") as pipe:
         mine = ours(pipe, upscaler=upscaler, scale=1.5, steps=4, strength=0.6)
-    check(mine, reference(folders["sd1-native96"], False, upscaler, (144, 96), steps=4, strength=0.6))
+    ref = reference(folders["sd1-native96"], False, upscaler, (144, 96), steps=4, strength=0.6)
+    record_property("psnr_db", check(mine, ref))
