@@ -71,10 +71,12 @@ grant() {
 }
 
 # run_stage NAME RESULT_FN CMD...: CMD under `timeout`, its output in $OUT/NAME.log, its row in the summary.
+# After a failed install every later stage is skipped: without the packages each would only fail to import.
 run_stage() {
   local name=$1 result_fn=$2 budget t0 rc
   shift 2
   wanted "$name" || return 0
+  if install_failed; then record "$name" "skipped (install failed)" 0 0 ""; return 0; fi
   budget=$(grant "$name")
   if [ "$budget" -eq 0 ]; then record "$name" "skipped (total budget spent)" 0 0 ""; return 0; fi
   echo "== $name (budget ${budget}s, $(left)s of the total left)"
@@ -87,13 +89,35 @@ run_stage() {
 
 none() { :; }
 
+install_failed() { grep -q $'^install\t\(failed\|timeout\)' "$SUMMARY"; }
+
+# What the machine's own Python must bring (the carried wheels bring sdrt, diffusers and the rest of .whl): every
+# missing one is named in one line, before anything is installed.
+missing_prereqs() {
+  "$PY" - <<'EOF'
+import importlib.util
+need = ["torch", "numpy", "onnx", "onnxscript", "onnxruntime", "transformers", "tokenizers", "safetensors",
+        "huggingface_hub", "PIL", "filelock", "pytest"]
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+EOF
+}
+
 install_wheels() {
+  local missing
+  missing=$(missing_prereqs) || { echo "$PY does not run: set PYTHON to the machine's Python 3.12"; return 4; }
+  if [ -n "$missing" ]; then
+    echo "$PY lacks ${missing// /, }: run with a Python that has benchmarks/gpu_image.txt's packages (set PYTHON," \
+      "or pip install -r benchmarks/gpu_image.txt)"
+    return 4
+  fi
   ls "$WHEELS"/*.whl || { echo "no wheels in $WHEELS: run make gpu-wheels here, carry .whl"; return 2; }
   rm -rf "$SITE" && mkdir -p "$SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
   "$PY" -c 'import sdrt.runtime, sdrt.export, diffusers; print("sdrt and diffusers", diffusers.__version__, "import")'
 }
-install_result() { ls "$WHEELS" | tr '\n' ' '; }
+install_result() {  # the failure's one line, or the wheels installed
+  if [ "$1" != 0 ]; then tail -n 1 "$OUT/install.log"; else ls "$WHEELS" | tr '\n' ' '; fi
+}
 
 probe() {
   command -v nvidia-smi && nvidia-smi
@@ -153,6 +177,7 @@ sys.exit(rc)
 EXPORT_PID=
 start_export() {
   wanted export || return 0
+  install_failed && return 0  # `wait_export` records it as skipped
   rm -rf "$ENGINE" && mkdir -p "$ENGINES"
   echo "== export (background, budget ${STAGE_BUDGET[export]}s): $MODEL -> $ENGINE"
   EXPORT_T0=$(now)
@@ -162,6 +187,7 @@ start_export() {
 }
 wait_export() {
   wanted export || return 0
+  if install_failed; then record export "skipped (install failed)" 0 0 ""; return 0; fi
   local rc
   wait "$EXPORT_PID"
   rc=$?
@@ -202,7 +228,7 @@ bench1_result() { bench_result "$OUT/results"; }
 bench4_result() { bench_result "$OUT/results-b4"; }
 
 export PY OUT SITE WHEELS ENGINE SDRT_MAIN
-export -f install_wheels probe gpu_tests bench sdrt
+export -f install_wheels missing_prereqs probe gpu_tests bench sdrt
 
 echo "gpu_check: $( [ "$DRY" = 1 ] && echo "DRY RUN on the CPU" || echo device ), $MODEL, budget ${BUDGET}s, out $OUT"
 run_stage install install_result install_wheels
@@ -219,9 +245,11 @@ rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 lines = [f"# gpu_check summary ({sys.argv[3]} s of a {sys.argv[4]} s budget)", "",
          "| stage | status | s | budget s | result |", "| --- | --- | ---: | ---: | --- |"]
 lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['budget_s']} | {r['result']} |" for r in rows]
+first = next((r for r in rows if r["status"] != "ok"), None)  # what went wrong first is what to fix first
+lines += ["", f"first failure: {first['stage']} {first['status']}: {first['result']}" if first else "every stage ok"]
 open(sys.argv[2] + "/summary.md", "w").write("\n".join(lines) + "\n")
-json.dump({"seconds": int(sys.argv[3]), "budget_s": int(sys.argv[4]), "stages": rows},
-          open(sys.argv[2] + "/summary.json", "w"), indent=2)
+json.dump({"seconds": int(sys.argv[3]), "budget_s": int(sys.argv[4]), "stages": rows,
+           "first_failure": first}, open(sys.argv[2] + "/summary.json", "w"), indent=2)
 print("\n".join(lines))
 EOF
 grep -qv -e '^stage' -e $'\tok\t' "$SUMMARY" && exit 1

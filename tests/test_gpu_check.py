@@ -69,3 +69,22 @@ def test_a_stage_past_its_budget_is_killed_and_a_spent_total_skips_the_rest(tmp_
 
     proc, rows = check(tmp_path, wheels, GPU_CHECK_STAGES="install,probe", GPU_CHECK_BUDGET_S="5")
     assert [r["status"] for r in rows] == ["skipped (total budget spent)"] * 2, proc.stdout
+
+
+def test_a_python_without_the_prerequisites_fails_install_in_one_line_and_skips_the_rest(tmp_path, wheels):
+    """A GPU machine whose Python is not the recorded image's (here a bare venv: no torch, no huggingface_hub):
+    install fails naming every missing package in one line, no stage after it runs (each would only fail to
+    import), and the summary's last line is that first failure."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    proc, rows = check(tmp_path, wheels, PYTHON=str(bare / "bin" / "python"))
+    status = {r["stage"]: r["status"] for r in rows}
+    assert status == {"install": "failed rc=4", "probe": "skipped (install failed)", "tests": "skipped (install "
+                      "failed)", "export": "skipped (install failed)", "bench": "skipped (install failed)",
+                      "bench_b4": "skipped (install failed)"}, proc.stdout  # fmt: skip
+    line = (tmp_path / "out" / "install.log").read_text().strip()
+    assert "\n" not in line and "lacks torch, numpy" in line and "huggingface_hub" in line and "PYTHON" in line
+    last = proc.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("first failure: install failed rc=4: ") and "lacks torch" in last
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["first_failure"]["stage"] == "install"
+    assert proc.returncode == 1 and not (tmp_path / "site").exists()
