@@ -29,6 +29,7 @@ from sdrt.runtime import trt_family
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import (
     check_files,
+    check_size,
     concrete_shape,
     default_size,
     read_manifest,
@@ -57,28 +58,14 @@ class BuildOptions:
     compute_capabilities: str | None = None  # TensorRT for RTX's targets, "8.6,8.9"; None: its defaults
 
 
-def _check_px(flag: str, px: int, shapes: dict[str, int]) -> None:
-    lo, hi, m = shapes["min_px"], shapes["max_px"], shapes["px_multiple"]
-    if px % m:
-        near = [v for v in (px // m * m, px // m * m + m) if lo <= v <= hi]
-        raise SdrtError(
-            f"{flag} {px} is not a multiple of {m}" + (f"; use {' or '.join(map(str, near))}" if near else "")
-        )
-    if not lo <= px <= hi:
-        raise SdrtError(
-            f"{flag} {px} is outside the {lo}-{hi} px the graphs were exported for; pick a size in range "
-            f"or re-export with --min-size/--max-size"
-        )
-
-
 def target_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int, int]:
     """(images, height px, width px) of the static profile (or the dynamic one's opt), checked against the export."""
     s = manifest["shapes"]
     native = default_size(manifest)  # what `sdrt generate` asks for without --height/--width
     h = native if opts.height is None else opts.height
     w = native if opts.width is None else opts.width
-    _check_px("--height", h, s)
-    _check_px("--width", w, s)
+    check_size(s, "--height", h)
+    check_size(s, "--width", w)
     if not 1 <= opts.batch <= s["max_images"]:
         raise SdrtError(
             f"--batch {opts.batch} is outside the 1-{s['max_images']} images the graphs were exported for; "
@@ -96,8 +83,8 @@ def hires_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int,
     if not 1 < opts.hires <= 8:
         raise SdrtError(f"--hires {opts.hires:g} must be a scale in (1, 8], as the web UI's hr_scale")
     big_h, big_w = int(h * opts.hires), int(w * opts.hires)
-    _check_px(f"--hires {opts.hires:g}: the second pass's height", big_h, manifest["shapes"])
-    _check_px(f"--hires {opts.hires:g}: the second pass's width", big_w, manifest["shapes"])
+    check_size(manifest["shapes"], f"--hires {opts.hires:g}: the second pass's height", big_h)
+    check_size(manifest["shapes"], f"--hires {opts.hires:g}: the second pass's width", big_w)
     return images, big_h, big_w
 
 

@@ -148,6 +148,21 @@ def default_size(manifest: dict[str, Any]) -> int:
     return min(max(native, shapes["min_px"]), shapes["max_px"]) // shapes["px_multiple"] * shapes["px_multiple"]
 
 
+def check_size(shapes: dict[str, int], what: str, px: object, field: str | None = None) -> int:
+    """``px`` as an image side this export takes (a multiple of its size step within its range), else a one-line
+    error that names ``what`` and the sizes to use instead; ``field``: the argument at fault (`SdrtError.field`)."""
+    lo, hi, m = shapes["min_px"], shapes["max_px"], shapes["px_multiple"]
+    if not isinstance(px, int) or isinstance(px, bool) or px % m:
+        near = [v for v in (px // m * m, px // m * m + m) if lo <= v <= hi] if isinstance(px, int) else []
+        use = f"; use {' or '.join(map(str, near))}" if near else ""
+        raise SdrtError(f"{what} {px!r} is not a multiple of {m}{use} (this model's size step)", field=field)
+    if not lo <= px <= hi:
+        near = min(max(round(px / m) * m, lo), hi)
+        raise SdrtError(f"{what} {px} is outside the {lo}-{hi} px this engine was exported for (in steps of {m}); use "
+                        f"{near}, or re-export with --min-size/--max-size", field=field)  # fmt: skip
+    return px
+
+
 def concrete_shape(shape: list | tuple, rows: int, h: int, w: int, factor: int, tokens: int = 77) -> tuple[int, ...]:
     """A graph's symbolic shape (the manifest's, or export/graphs.py's) at ``rows`` (``B``) and latent size ``h`` x
     ``w``; ``H`` / ``W`` are pixels, ``factor`` x latent (the manifest's VAE scale factor); ``h/N`` is ceil(h / N),

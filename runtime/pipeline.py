@@ -30,7 +30,7 @@ from sdrt.runtime.embeddings import Embeddings
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.hires import LATENT_UPSCALERS, check_upscaler, target_size, upscale_image, upscale_latents
 from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
-from sdrt.runtime.manifest import Geometry, check_files, default_size, model_name, read_manifest
+from sdrt.runtime.manifest import Geometry, check_files, check_size, default_size, model_name, read_manifest
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, Hires, ImageArg, Params
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
 from sdrt.runtime.request import HiresPass, JoinKey, Layout, Request, Texts, host_inputs, open_image
@@ -485,20 +485,7 @@ class Pipeline:
         return self._size("height", None), self._size("width", None)
 
     def _size(self, what: str, px: int | None) -> int:
-        lo, hi, m = self.shapes["min_px"], self.shapes["max_px"], self.shapes["px_multiple"]
-        if px is None:
-            px = default_size(self.manifest)
-        if not isinstance(px, int) or isinstance(px, bool) or px % m:
-            near = f"; use {px // m * m} or {px // m * m + m}" if isinstance(px, int) else ""
-            raise SdrtError(f"{what} {px!r} is not a multiple of {m} (this model's size step){near}", field=what)
-        if not lo <= px <= hi:
-            near = sorted({min(max(round(px / m) * m, lo), hi)})
-            raise SdrtError(
-                f"{what} {px} is outside this engine's sizes ({lo}-{hi} px in steps of {m}); use {near[0]}, "
-                "or re-export with --min-size/--max-size",
-                field=what,
-            )
-        return px
+        return check_size(self.shapes, what, default_size(self.manifest) if px is None else px, field=what)
 
     # -- running requests ----------------------------------------------------------------------------------------
 

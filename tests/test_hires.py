@@ -123,7 +123,7 @@ def test_sdxl_matches_diffusers_pieces(upscaler, exports, folders, record_proper
 @pytest.mark.parametrize(
     "hires,extra,field,words",
     [
-        (dict(scale=4), {}, "hires.scale", "outside this engine's sizes"),
+        (dict(scale=4), {}, "hires.scale", "is outside the 64-192 px"),
         (dict(scale=0.5), {}, "hires.scale", "[1, 8]"),
         (dict(upscaler="R-ESRGAN 4x+"), {}, "hires.upscaler", "Latent (bicubic)"),
         (dict(width=128, height=160), {}, "hires.width", "in proportion"),

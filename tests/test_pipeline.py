@@ -210,8 +210,8 @@ def test_threads_share_one_pipeline(pipes):
     "kw,msg",
     [
         (dict(height=100), "not a multiple of 8"),
-        (dict(height=56), "outside this engine's sizes"),
-        (dict(width=512), "outside this engine's sizes"),
+        (dict(height=56), "is outside the 64-192 px"),
+        (dict(width=512), "is outside the 64-192 px"),
         (dict(num_inference_steps=0), "steps must be"),
         (dict(guidance_scale=float("nan")), "guidance must be a finite number"),
         (dict(sampler="dpm_fast"), "unknown sampler"),
