@@ -31,7 +31,8 @@ def wheels(tmp_path_factory) -> Path:
 def check(tmp_path: Path, wheels: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[dict[str, str]]]:
     run_env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable,
                    GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_SITE=str(tmp_path / "site"),
-                   GPU_CHECK_ENGINES=str(tmp_path / "engines"), **env)  # fmt: skip
+                   GPU_CHECK_ENGINES=str(tmp_path / "engines"))  # fmt: skip
+    run_env.update(env)
     proc = subprocess.run(["bash", str(SCRIPT)], env=run_env, capture_output=True, text=True, timeout=300)
     summary = tmp_path / "out" / "summary.tsv"
     rows = list(csv.DictReader(summary.open(), delimiter="\t")) if summary.exists() else []
