@@ -27,6 +27,7 @@ from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx
 from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
 from sdrt.runtime import trt_family
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.hires import target_size
 from sdrt.runtime.manifest import (
     check_files,
     check_size,
@@ -37,6 +38,7 @@ from sdrt.runtime.manifest import (
     write_atomic,
     write_manifest,
 )
+from sdrt.runtime.params import Hires
 from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -80,9 +82,10 @@ def hires_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int,
     images, h, w = target_shape(manifest, opts)
     if opts.dynamic:
         raise SdrtError("--hires spans the static shape and its second pass; --dynamic spans every size: give one")
-    if not 1 < opts.hires <= 8:
-        raise SdrtError(f"--hires {opts.hires:g} must be a scale in (1, 8], as the web UI's hr_scale")
-    big_h, big_w = int(h * opts.hires), int(w * opts.hires)
+    try:  # the runtime's own sizing of the second pass
+        big_w, big_h = target_size(w, h, Hires(scale=opts.hires))
+    except SdrtError as err:
+        raise SdrtError(f"--hires {opts.hires:g}: {err}") from None
     check_size(manifest["shapes"], f"--hires {opts.hires:g}: the second pass's height", big_h)
     check_size(manifest["shapes"], f"--hires {opts.hires:g}: the second pass's width", big_w)
     return images, big_h, big_w
