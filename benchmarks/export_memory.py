@@ -63,7 +63,7 @@ def measure(model: str, precision: str, work: Path, keep: Path | None = None) ->
     """One export in its own process under /usr/bin/time -v: wall, peak RSS, and the export's stage lines, each
     with the stage's own peak (the process's resident size sampled every 50 ms from here while the stage ran)."""
     dest = (keep or work) / f"engine-{Path(model).name}-{precision}"
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "sdrt.runtime.cli", "export", model, str(dest),
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "sdrt.cli", "export", model, str(dest),
            "--precision", precision, "--force"]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: list[str] = []

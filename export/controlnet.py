@@ -20,9 +20,9 @@ import torch
 
 from sdrt.export import graphs as G
 from sdrt.export.load import Components, SourceMissing
-from sdrt.export.progress import Progress
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import sha256_file
+from sdrt.runtime.progress import Progress
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

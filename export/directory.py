@@ -32,7 +32,6 @@ from sdrt.export.onnx_io import (
     trim_heap,
 )
 from sdrt.export.presets import get_preset
-from sdrt.export.progress import Progress
 from sdrt.export.verify import check_graph_file, compare, reference_cases
 from sdrt.export.weights import (
     add_dtypes,
@@ -50,6 +49,7 @@ from sdrt.runtime.manifest import (
     read_manifest,
     write_manifest,
 )
+from sdrt.runtime.progress import Progress
 
 
 def _tool_versions() -> dict[str, str]:

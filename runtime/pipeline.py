@@ -32,11 +32,12 @@ from sdrt.runtime.hires import LATENT_UPSCALERS, check_upscaler, target_size, up
 from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
 from sdrt.runtime.manifest import Geometry, check_files, check_size, default_size, model_name, read_manifest
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, Hires, ImageArg, Params
+from sdrt.runtime.progress import SamplingBar
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
 from sdrt.runtime.request import HiresPass, JoinKey, Layout, Request, Texts, host_inputs, open_image
 from sdrt.runtime.samplers import ANCESTRAL, SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, ScheduleError, default_sampler
-from sdrt.runtime.stages import Batch, Progress, Stages, no_stage
+from sdrt.runtime.stages import Batch, Stages, no_stage
 from sdrt.runtime.tokenizer import PromptTokenizer
 
 log = logging.getLogger("sdrt")
@@ -528,7 +529,7 @@ class Pipeline:
                 pixels = self._captured.replay(self, layout, plan, host, timings)
             else:
                 buf = {k: v.to(self.device) for k, v in host.items()}
-                work = Progress(sum(len(p.timesteps) for p in plans), progress)
+                work = SamplingBar(sum(len(p.timesteps) for p in plans), progress)
                 pixels = self.body(layout, plan, buf, Stages(timings, self.device), work).cpu()
         return Batch(list(pixels.split([r.batch for r in reqs])), timings)
 

@@ -1,10 +1,9 @@
-"""What a batch reports while it runs on the step-by-step path: each stage's wall time and the sampling progress;
-and `Batch`, what `Pipeline.generate_batch` returns."""
+"""What a batch reports while it runs on the step-by-step path: each stage's wall time; and `Batch`, what
+`Pipeline.generate_batch` returns. The sampling progress line is `sdrt.runtime.progress.SamplingBar`."""
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from typing import NamedTuple
 
@@ -37,17 +36,3 @@ class Stages:
         yield
         self.sync()
         self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - t) * 1e3
-
-
-class Progress:
-    """One stderr line per request, updated per step (step-by-step path only; a graph replay has no steps)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled, self.stream, self.t0 = total, 0, enabled, sys.stderr, time.perf_counter()
-
-    def step(self) -> None:
-        self.done += 1
-        if self.enabled:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            end = "\n" if self.done == self.total else ""
-            print(f"\rsampling {self.done}/{self.total} ({rate:.2f} steps/s)", end=end, file=self.stream, flush=True)

@@ -244,7 +244,7 @@ class Exports:
         self.root, self.folders, self._fixture = root, folders, fixture
 
     def get(self, kind: str, precision: str, single_file: bool = False) -> Path:
-        from sdrt.runtime.cli import main
+        from sdrt.cli import main
 
         name = kind + ("-single" if single_file else "")
         dest = self.root / f"{name}-{precision}"
@@ -270,7 +270,7 @@ def native96(folders, tmp_path_factory) -> Path:
     """sd1-native96 (the sd1 model trained at 12 latents) exported fp32 with every default (range 48-192 px,
     4 images) and torch programs, under umask 022: test_sizes' defaults and file modes, and the torch backend's
     fp32 programs, read this one export."""
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     dest = shared_root(tmp_path_factory) / "exports" / "sd1-native96-defaults-fp32"
     dest.parent.mkdir(exist_ok=True)

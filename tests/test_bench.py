@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 
 pytestmark = pytest.mark.xdist_group("bench")  # its fixtures are made once per process: keep it in one
 

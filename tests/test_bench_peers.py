@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sdrt.benchmarks.peers import PeerPlan, peers_python, select_peers
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 from sdrt.runtime.manifest import read_manifest
 
 pytestmark = pytest.mark.xdist_group("bench")  # the engine and the IR are made once per process: keep it in one

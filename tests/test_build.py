@@ -17,7 +17,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from sdrt.export.build import (
+from sdrt.cli import main
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.manifest import check_files, read_manifest, sha256_file, write_atomic
+from sdrt.runtime.plans import check_plan
+from sdrt.runtime.progress import Progress
+from sdrt.runtime.trt_family import TrtEnvironment
+from sdrt.trt.build import (
     BuildOptions,
     build_directory,
     build_key,
@@ -29,13 +35,7 @@ from sdrt.export.build import (
     stale_reasons,
     target_shape,
 )
-from sdrt.export.directory import Progress
-from sdrt.export.trt_ops import check_model
-from sdrt.runtime.cli import main
-from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import check_files, read_manifest, sha256_file, write_atomic
-from sdrt.runtime.plans import check_plan
-from sdrt.runtime.trt_family import TrtEnvironment
+from sdrt.trt.ops import check_model
 
 pytestmark = pytest.mark.xdist_group("build")  # its fixtures are made once per process: keep it in one
 

@@ -14,13 +14,13 @@ import onnx
 import pytest
 from onnx import helper
 
-from sdrt.export.build import BuildOptions, build_directory
-from sdrt.export.directory import Progress
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import read_manifest, sha256_file, write_manifest
 from sdrt.runtime.plans import check_plan
+from sdrt.runtime.progress import Progress
 from sdrt.runtime.trt_family import RTX_DEFAULT_TARGETS, TrtEnvironment
+from sdrt.trt.build import BuildOptions, build_directory
 
 trt = pytest.importorskip("tensorrt_rtx")
 pytestmark = pytest.mark.xdist_group("build-rtx")  # module-scoped exports: keep them in one worker
@@ -100,7 +100,7 @@ def test_adapters_make_plans_refittable_only_where_the_builder_can(exported, fol
     from safetensors import safe_open
     from test_lora import peft_lora
 
-    from sdrt.export.build import build_key, refittable_weights, stale_reasons
+    from sdrt.trt.build import build_key, refittable_weights, stale_reasons
 
     root = copy_of(exported["sd1"], tmp_path)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SIZES, build_pipeline
 
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
 from tests.test_pipeline import check, diffusers_images, sdrt_images

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -121,7 +121,7 @@ def test_failed_verification_leaves_nothing(capsys, tmp_path, monkeypatch):
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "sdrt.runtime.cli", "export", "nope", str(tmp_path / "o")],
+        [sys.executable, "-m", "sdrt.cli", "export", "nope", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -158,7 +158,7 @@ def test_verify_on_a_folder_that_is_not_an_engine_directory(capsys, tmp_path):
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_every_backend_is_offered_by_each_command(command):
     """`sdrt generate` and `sdrt serve` offer every backend the runtime loads (serve lacked tensorrt-rtx)."""
-    from sdrt.runtime.cli import build_parser
+    from sdrt.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]

@@ -156,7 +156,7 @@ def test_a_wrong_method_or_path_answers_in_the_endpoints_error_shape(server):
 
 
 def test_serve_help_names_the_openai_endpoint():
-    r = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "serve", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", "--help"], capture_output=True, text=True,
                        timeout=60)  # fmt: skip
     assert r.returncode == 0 and "/v1/images/generations" in r.stdout, r.stdout
 

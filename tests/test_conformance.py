@@ -300,8 +300,9 @@ def compare(pipe: Pipeline, d: Draw, folder: Path, case: Case) -> tuple[float, s
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_drawn_configuration_matches_diffusers(seed, tmp_path, record_property):
-    from sdrt.export.directory import Progress, export_model
+    from sdrt.export.directory import export_model
     from sdrt.export.graphs import Dims
+    from sdrt.runtime.progress import Progress
 
     d = draw(seed)
     record_property("draw", repr(d))

@@ -45,7 +45,7 @@ def make_controlnet(unet_folder, dest, seed: int = 3):
 
 @pytest.fixture(scope="module")
 def cn_export(folders, tmp_path_factory):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = tmp_path_factory.mktemp("controlnet")
     cn = make_controlnet(folders["sd1"] / "unet", root / "canny")
@@ -179,7 +179,7 @@ def test_img2img_and_inpainting_match_diffusers(pipe, cn_export, folders, mode):
 @pytest.fixture(scope="module")
 def other_exports(folders, tmp_path_factory):
     """An inpainting (9-channel) SD U-Net and an SDXL folder, each exported with one ControlNet."""
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root, out = tmp_path_factory.mktemp("controlnet-other"), {}
     for kind in ("sd1-inpaint", "sdxl"):
@@ -279,7 +279,7 @@ def test_bad_control_requests_are_one_line(pipe, kw, msg, field):
 
 
 def test_cli_generate_with_controlnet(cn_export, tmp_path):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     control_image().save(tmp_path / "edges.png")
     out = tmp_path / "o.png"
@@ -293,7 +293,7 @@ def test_export_refusals_are_one_line(folders, tmp_path, capsys):
     """Nothing is written: not a ControlNet folder, pickle-only weights, a ControlNet of another U-Net."""
     import diffusers
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     pickle = tmp_path / "pickled"
     diffusers.ControlNetModel.from_pretrained(make_controlnet(folders["sd1"] / "unet", tmp_path / "c")).save_pretrained(
@@ -320,10 +320,10 @@ def test_fp16_export_and_tensorrt_rtx_build(cn_export, folders, tmp_path):
     import io
 
     pytest.importorskip("tensorrt_rtx")
-    from sdrt.export.build import BuildOptions, build_directory
-    from sdrt.export.directory import Progress
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
     from sdrt.runtime.manifest import read_manifest
+    from sdrt.runtime.progress import Progress
+    from sdrt.trt.build import BuildOptions, build_directory
 
     root = tmp_path / "e"
     assert main(["export", str(folders["sd1"]), str(root), "--precision", "fp16", *SIZES, "--controlnet",
@@ -351,7 +351,7 @@ def test_lora_with_controlnet_matches_diffusers(cn_export, folders, lora_file, t
     match diffusers' ControlNet pipeline with the LoRA fused at the same scale."""
     import shutil
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = Path(shutil.copytree(cn_export[0], tmp_path / "e"))
     assert main(["lora", "add", str(root), str(lora_file)]) == 0
@@ -374,8 +374,8 @@ def test_controlnet_add_then_verify(exports, cn_export, pipe, lora_file, tmp_pat
     import json
     import shutil
 
+    from sdrt.cli import main
     from sdrt.export.directory import verify_directory
-    from sdrt.runtime.cli import main
 
     root = Path(shutil.copytree(exports.get("sd1", "fp32"), tmp_path / "e"))
     assert main(["lora", "add", str(root), str(lora_file)]) == 0

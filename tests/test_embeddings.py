@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline

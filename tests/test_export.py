@@ -292,7 +292,7 @@ def test_fp16_conversion_streams_the_weights_as_orts_converter_converts_them(tmp
 def test_fp16_safe_vae_replaces_sdxl_vae_in_fp16(folders, tmp_path):
     """--vae: SDXL with a VAE folder the user vouches for exports that VAE in fp16 (SDXL's own stays float32),
     and records its hashes so that `sdrt verify` can rebuild it."""
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     out_dir = tmp_path / "sdxl-vae16"
     vae = folders["sdxl"] / "vae"

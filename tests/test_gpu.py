@@ -168,7 +168,7 @@ def lora_engine(engine, folders, tmp_path_factory):
     import diffusers
     from test_lora import kohya_lora, peft_lora
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = tmp_path_factory.mktemp("gpu-lora") / "sd1-fp16"
     shutil.copytree(engine, root)
@@ -203,7 +203,7 @@ def test_lora_switching_in_a_captured_graph_tensorrt(lora_engine, tmp_path):
     pytest.importorskip("tensorrt")
     import shutil
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = Path(shutil.copytree(lora_engine, tmp_path / "e"))
     assert main(["build", str(root), "--backend", "tensorrt", "--height", "128", "--width", "192"]) == 0
@@ -215,7 +215,7 @@ def controlnet_engine(folders, tmp_path_factory):
     """The SD1-like folder exported fp16 with two ControlNets (test_controlnet's) and torch programs."""
     from test_controlnet import make_controlnet
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = tmp_path_factory.mktemp("gpu-controlnet")
     cns = [make_controlnet(folders["sd1"] / "unet", root / name, seed=s) for name, s in (("canny", 3), ("depth", 4))]
@@ -255,7 +255,7 @@ def test_controlnet_in_a_captured_graph_tensorrt(controlnet_engine, tmp_path, re
     pytest.importorskip("tensorrt")
     import shutil
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = Path(shutil.copytree(controlnet_engine, tmp_path / "e"))
     assert main(["build", str(root), "--backend", "tensorrt", "--height", "128", "--width", "192"]) == 0

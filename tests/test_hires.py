@@ -148,7 +148,7 @@ def test_cli_and_v1_images_give_the_pipelines_picture(sd1, exports, tmp_path):
 
     from test_server import LiveServer
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     kw = dict(KW, num_inference_steps=4)
     hires = Hires(scale=2, upscaler="Nearest", steps=3, strength=0.5, guidance=3.0)

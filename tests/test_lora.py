@@ -120,7 +120,7 @@ def files(folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(exports, files, tmp_path_factory):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = tmp_path_factory.mktemp("lora-engine") / "sd1"
     shutil.copytree(exports.get("sd1", "fp32"), root)
@@ -170,7 +170,7 @@ def test_switching_adapters_is_exact(engine, pipe):
 def test_cli_generate_with_lora(engine, pipe, tmp_path):
     from PIL import Image
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     out = tmp_path / "fox.png"
     args = ["generate", str(engine), KW["prompt"], "--negative-prompt", KW["negative_prompt"], "--steps", "4",
@@ -228,7 +228,7 @@ def _bad_file(tmp_path, kind: str):
     ],
 )
 def test_lora_add_refuses_in_one_line_and_writes_nothing(engine, tmp_path, capsys, kind, msg):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = tmp_path / "e"
     shutil.copytree(engine, root)
@@ -259,7 +259,7 @@ def test_export_fuses_loras_as_diffusers_weighs_them(folders, files, tmp_path):
     the same two files as weighted (unfused) adapters; `sdrt verify` fuses the same files again and agrees."""
     import json
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = tmp_path / "fused"
     loras = ["--lora", f"{files['kohya']}:0.7", "--lora", f"{files['peft']}:0.5"]
@@ -289,7 +289,7 @@ def test_export_fuses_loras_as_diffusers_weighs_them(folders, files, tmp_path):
     ],
 )
 def test_export_lora_refuses_in_one_line_and_writes_nothing(folders, tmp_path, capsys, kind, msg):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     file = tmp_path / "none.safetensors" if kind == "missing" else _bad_file(tmp_path, "shape")
     if kind not in ("missing", "scale"):
@@ -305,7 +305,7 @@ def test_export_lora_refuses_in_one_line_and_writes_nothing(folders, tmp_path, c
 def test_lora_remove(engine, tmp_path, capsys):
     """`sdrt lora remove`: the adapter's file and entry go, the other adapter gives the same pixels as before; with
     the last one the base values go too; an adapter the directory lacks is refused in one line."""
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
     from sdrt.runtime.lora import BASE_FILE
     from sdrt.runtime.manifest import read_manifest
 

@@ -85,7 +85,7 @@ def family(request, folders, exports, tmp_path_factory):
     """One engine per kind (the session's fp32 export, copied) with the four adapters added under their names."""
     import diffusers
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     kind = request.param
     tmp = tmp_path_factory.mktemp(f"lora-{kind}")
@@ -130,7 +130,7 @@ def test_export_fuses_sdxl_loras_as_diffusers_weighs_them(folders, tmp_path, rec
 
     import diffusers
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     folder, xl = folders["sdxl"], PIPELINES["sdxl"]
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
@@ -165,8 +165,8 @@ def torch_engine(folders, exports, tmp_path_factory):
     PEFT adapter; the files, the loaded pipeline and its first picture, drawn before any adapter was applied."""
     import diffusers
 
+    from sdrt.cli import main
     from sdrt.runtime.backends import has_torch_programs
-    from sdrt.runtime.cli import main
 
     tmp = tmp_path_factory.mktemp("lora-torch")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)

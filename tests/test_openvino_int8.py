@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.int8 import BIN, XML
 from sdrt.runtime.manifest import read_manifest, sha256_file

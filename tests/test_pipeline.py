@@ -241,7 +241,7 @@ def test_pndm_on_a_config_without_skip_prk_steps_is_refused(pipes):
 
 
 def test_cli_generate_writes_pngs_with_parameters(exports, tmp_path, capsys):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     out = tmp_path / "fox.png"
     args = ["generate", str(exports.get("sd1", "fp32")), "a fox", "--steps", "2", "--seed", "3", "--batch", "2"]
@@ -265,7 +265,7 @@ def test_cli_generate_writes_pngs_with_parameters(exports, tmp_path, capsys):
     ],
 )
 def test_cli_generate_bad_input_is_one_line(exports, tmp_path, capsys, extra, msg):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     rc = main(
         ["generate", str(exports.get("sd1", "fp32")), "x", "--steps", "1", "--out", str(tmp_path / "o.png"), *extra]

@@ -149,7 +149,7 @@ def test_sdxl_honours_force_zeros_false(pipes, exports, folders, tmp_path):
 
 
 def test_cli_inpainting_writes_pngs(exports, tmp_path, capsys):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     image, mask = init_and_mask()
     image.save(tmp_path / "init.png")

@@ -36,7 +36,7 @@ INIT = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dt
 
 @pytest.fixture(scope="module")
 def pipe(folders, tmp_path_factory):
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
 
     root = tmp_path_factory.mktemp("serve-controlnet")
     canny = make_controlnet(folders["sd1"] / "unet", root / "canny")

@@ -2,7 +2,7 @@
 a decompression-bomb image and a megabyte prompt each get their 4xx within 2 s, the server's memory barely
 moves, and the next normal request gets the same image as before.
 
-The server is the real command (`sdrt serve`, through `sdrt.runtime.cli.main`) in a subprocess, so that its
+The server is the real command (`sdrt serve`, through `sdrt.cli.main`) in a subprocess, so that its
 resident memory (/proc/<pid>/status VmRSS) is its own; PIL's DecompressionBombWarning is an error in it, so a
 bomb that reached ``Image.open`` would answer 500, not 400.
 """
@@ -38,7 +38,7 @@ PROMPT = "a red fox"
 SERVE = """import sys, warnings
 from PIL import Image
 warnings.simplefilter("error", Image.DecompressionBombWarning)
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 sys.exit(main(sys.argv[1:]))"""
 
 
@@ -191,7 +191,7 @@ def test_an_image_is_sized_from_its_header_and_never_reaches_the_bomb_check():
 def test_bad_limit_flags_fail_before_loading(exports):
     root = exports.get("sd1", "fp32")
     for flag, value in (("--max-body-mb", "0"), ("--max-prompt-chars", "0"), ("--max-json-values", "1")):
-        r = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "serve", str(root), flag, value],
+        r = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", str(root), flag, value],
                            capture_output=True, text=True, timeout=60, env={**os.environ})  # fmt: skip
         assert r.returncode == 2 and flag in r.stderr, r.stderr
 
@@ -208,7 +208,7 @@ def test_a_deadline_that_passes_while_preparing_drops_the_request_there(served):
 
 
 def test_help_names_the_limit_flags():
-    r = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "serve", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", "--help"], capture_output=True, text=True,
                        timeout=60)  # fmt: skip
     for flag in ("--max-body-mb", "--max-prompt-chars", "--max-json-values"):
         assert r.returncode == 0 and flag in r.stdout, r.stdout

@@ -95,8 +95,8 @@ def test_default_range_holds_the_native_size(native96):
 def test_build_profile_generate_and_diffusers_agree_on_the_default_size(native96, folders):
     """`sdrt build`'s static profile is the size `sdrt generate` asks for without one, which is diffusers'
     default (sample_size x vae_scale_factor), and the picture is diffusers'."""
-    from sdrt.export.build import BuildOptions, target_shape
     from sdrt.runtime.manifest import read_manifest
+    from sdrt.trt.build import BuildOptions, target_shape
 
     pipe = Pipeline.load(native96, backend="onnxruntime", device="cpu")
     assert target_shape(read_manifest(native96), BuildOptions())[1:] == pipe.default_size() == (96, 96)
@@ -165,7 +165,7 @@ def test_wide_range_export_costs_what_the_model_costs(folders, tmp_path):
     stays small in memory; the graphs still give diffusers' picture at a size the U-Net does not divide."""
     dest = tmp_path / "wide"
     args = ["export", str(folders["sdxl"]), str(dest), "--precision", "fp32", "--min-size", "64", "--max-size", "2048"]
-    code = "import sys; from sdrt.runtime.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from sdrt.cli import main; sys.exit(main(sys.argv[1:]))"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True)
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # kB -> GiB (Linux)

@@ -1,5 +1,6 @@
 """The stages' boundaries: a runtime-only install (no extras) runs `sdrt --help`, `presets` and `generate`, and every
-other command names the extra it needs in one line; the runtime never imports the export or serving stage.
+other command names the extra it needs in one line; the stages import one another only downstream (the runtime
+imports no other stage; `sdrt build` imports nothing of the export stage), read off the source.
 
 The install without extras is reproduced in a subprocess whose imports of the extras' packages fail as they do
 where those packages are absent (a real `pip install -e .` in a fresh environment was checked the same way by hand).
@@ -7,9 +8,11 @@ where those packages are absent (a real `pip install -e .` in a fresh environmen
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -28,9 +31,10 @@ RUNNER = textwrap.dedent(
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
     sys.meta_path.insert(0, NotInstalled())
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
     rc = main(sys.argv[2:])
-    loaded = sorted(m for m in sys.modules if m.startswith(("sdrt.export.", "sdrt.serve.")) and not m.endswith(".cli"))
+    other = ("sdrt.export.", "sdrt.trt.", "sdrt.serve.")
+    loaded = sorted(m for m in sys.modules if m.startswith(other) and not m.endswith(".cli"))
     print("LOADED " + json.dumps(loaded))
     sys.exit(rc)
     """
@@ -69,7 +73,7 @@ def test_generate_needs_no_extra_and_no_other_stage(engine, tmp_path):
                      "--seed", "1", "--out", str(out), "--quiet")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert out.is_file()
-    assert loaded(r) == []  # neither sdrt.export.* nor sdrt.serve.* beyond the commands' parsers
+    assert loaded(r) == []  # no sdrt.export.*, sdrt.trt.* nor sdrt.serve.* beyond the commands' parsers
 
 
 @pytest.mark.parametrize(
@@ -98,3 +102,50 @@ def test_build_needs_neither_diffusers_nor_transformers(engine, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in copy.glob("*.plan")) == ["text_encoder.plan", "unet.plan", "vae_decoder.plan",
                                                             "vae_encoder.plan"]  # fmt: skip
+
+
+# Which stages each stage may import (folder -> folders), in the order of the flow; `cli` is the dispatcher.
+ALLOWED = {"runtime": set(), "export": {"runtime"}, "trt": {"runtime"}, "serve": {"runtime"},
+           "benchmarks": {"runtime", "export"}, "cli": {"runtime"}}  # fmt: skip
+# (the dispatcher reaches each stage's command module by the names in sdrt.cli.STAGE_COMMANDS)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_imports(folder: str) -> dict[str, list[str]]:
+    """{other stage: ["file.py:line", ...]} for every import of another stage in ``folder`` (module level, inside
+    functions, and `import_module("sdrt....")` with a literal name)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", getattr(node.func, "attr", "")) in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                names = [str(node.args[0].value)]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "sdrt" and len(parts) > 1 and parts[1] != folder:
+                    found.setdefault(parts[1], []).append(f"{path.name}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_stages_import_only_downstream(folder):
+    found = stage_imports(folder)
+    assert set(found) <= set(ALLOWED) | {"cli"}, found  # every import names a stage that exists
+    extra = {stage: where for stage, where in found.items() if stage not in ALLOWED[folder]}
+    assert not extra, f"{folder}/ imports {extra}"
+
+
+def test_dispatcher_offers_every_stage_command():
+    from sdrt.cli import STAGE_COMMANDS
+
+    stages = {folder for folder in ALLOWED if (ROOT / folder / "cli.py").is_file()}
+    assert {name.split(".")[1] for name in STAGE_COMMANDS} >= stages - {"runtime"}

@@ -58,7 +58,7 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
     from test_pipeline import check, diffusers_images
     from test_prompts import CHUNKED, CHUNKED_PARSED, _sdrt_states, reference_states
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli import main
     from sdrt.runtime.params import Params
 
     root = tmp_path / "native96"

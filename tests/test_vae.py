@@ -13,7 +13,7 @@ from conftest import SIZES, build_pipeline
 from PIL import Image
 from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 from sdrt.runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.xdist_group("vae")

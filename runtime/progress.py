@@ -1,5 +1,6 @@
-"""Progress of long build-time work: each step printed as it starts and ends, with its elapsed time and the
-process's peak resident memory so far (an export of a large model is bounded by memory as much as by time)."""
+"""Progress of long work. `Progress`: build-time steps (export, build, quantize) printed as they start and end, with
+their elapsed time and the process's peak resident memory so far (an export of a large model is bounded by memory as
+much as by time). `SamplingBar`: one stderr line per request, updated per sampler step."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ class Progress:
 def peak_rss_gb() -> float:
     """This process's peak resident memory so far, GB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class SamplingBar:
+    """One stderr line per request, updated per step (step-by-step path only; a graph replay has no steps)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.stream, self.t0 = total, 0, enabled, sys.stderr, time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.enabled:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            end = "\n" if self.done == self.total else ""
+            print(f"\rsampling {self.done}/{self.total} ({rate:.2f} steps/s)", end=end, file=self.stream, flush=True)

@@ -1,6 +1,6 @@
 """`sdrt build DIR`: each ONNX graph of an engine directory -> a TensorRT plan beside it (unet.onnx -> unet.plan),
 built by TensorRT (on the GPU that will run it) or TensorRT for RTX (ahead of time, with or without a GPU, for
-the RTX compute capabilities it targets); `sdrt.runtime.trt_family` chooses.
+the RTX compute capabilities it targets); `sdrt.trt.targets` chooses.
 
 A plan is rebuilt only when its build key changes: the ONNX files' SHA-256, the graph's precision, the shape
 profile, the builder options, the TensorRT family and version, and the GPU (TensorRT: name and compute
@@ -22,10 +22,6 @@ from typing import Any
 
 import onnx
 
-from sdrt.export.progress import Progress
-from sdrt.export.trt_engine import PlanFromOnnx, parse_onnx
-from sdrt.export.trt_ops import LIST_VERSION, OpProblem, check_model
-from sdrt.runtime import trt_family
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.hires import target_size
 from sdrt.runtime.manifest import (
@@ -39,7 +35,11 @@ from sdrt.runtime.manifest import (
     write_manifest,
 )
 from sdrt.runtime.params import Hires
-from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily
+from sdrt.runtime.progress import Progress
+from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily, import_family
+from sdrt.trt.engine import PlanFromOnnx, parse_onnx
+from sdrt.trt.ops import LIST_VERSION, OpProblem, check_model
+from sdrt.trt.targets import choose, environment, parse_targets
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 INSTALL_HINT = ("pip install tensorrt on a machine with an NVIDIA GPU and driver, or pip install 'sdrt[rtx]' "
@@ -213,18 +213,18 @@ def check_operators(root: Path, manifest: dict[str, Any]) -> tuple[list[OpProble
 def _family(opts: BuildOptions) -> tuple[TrtFamily | None, Any, TrtEnvironment | None, str]:
     """(family, its module, this machine's build environment) for ``opts.backend``; Nones and why not where
     `auto` finds nothing usable (an error where a family was asked for)."""
-    family = trt_family.choose(opts.backend)
+    family = choose(opts.backend)
     if family is None:
         return None, None, None, "neither TensorRT nor TensorRT for RTX is installed"
     if not family.portable and opts.compute_capabilities is not None:
         raise SdrtError("--compute-capability is for TensorRT for RTX (--backend tensorrt-rtx); TensorRT builds for "
                         "the GPU it runs on")  # fmt: skip
-    targets = trt_family.parse_targets(opts.compute_capabilities) if family.portable else ()  # always checked
-    module, why = trt_family.import_family(family)
+    targets = parse_targets(opts.compute_capabilities) if family.portable else ()  # always checked
+    module, why = import_family(family)
     try:
         if module is None:
             raise SdrtError(f"{why}; {family.install}")
-        return family, module, trt_family.environment(family, targets), ""
+        return family, module, environment(family, targets), ""
     except SdrtError as err:
         if opts.backend != "auto":
             raise SdrtError(f"--backend {opts.backend}: {err}") from None

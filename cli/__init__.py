@@ -1,6 +1,7 @@
-"""The `sdrt` command: a thin dispatcher. Each stage owns its subcommands in its own `cli` module, which imports
-only argparse; the stage itself (and its extra dependencies) is imported when one of its commands runs, so
-`sdrt --help` is instant and a runtime-only install names the missing extra in one line."""
+"""The `sdrt` command (`python -m sdrt.cli`): a thin dispatcher over the stages. Each stage owns its subcommands
+in its own `cli` module, which imports only argparse; the stage itself (and its extra dependencies) is imported
+when one of its commands runs, so `sdrt --help` is instant and a runtime-only install names the missing extra in
+one line."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from importlib import import_module
 from sdrt.runtime.errors import SdrtError
 
 # in the order of the flow: checkpoint -> ONNX -> engines -> image -> benchmark -> served image
-STAGE_COMMANDS = ("sdrt.export.cli", "sdrt.runtime.generate", "sdrt.benchmarks.cli", "sdrt.serve.cli")
+STAGE_COMMANDS = ("sdrt.export.cli", "sdrt.trt.cli", "sdrt.runtime.generate", "sdrt.benchmarks.cli", "sdrt.serve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

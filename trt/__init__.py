@@ -1,0 +1,1 @@
+"""The TensorRT stage: an engine directory's ONNX graphs -> TensorRT plans (`sdrt build`)."""
