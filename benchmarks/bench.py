@@ -35,7 +35,8 @@ from sdrt.benchmarks.peers import PeerContender, PeerPlan, export_ir, peers_pyth
 from sdrt.benchmarks.report import STAGES, device_name, device_slug, finite, software, write_all
 from sdrt.runtime.backends import available_backends
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.samplers import make_plan
@@ -168,7 +169,7 @@ def load_or_fail(name: str, make: Callable[[], Any], device: torch.device, clock
 def make_request(pipe: Pipeline, opts: Options, device: torch.device) -> Request:
     """The one request every contender runs, validated by sdrt (defaults as documented in `Options`)."""
     cuda = device.type == "cuda"
-    size = None if cuda else pipe.shapes["min_px"]
+    size = None if cuda else pipe.model.min_px
     steps = opts.steps if opts.steps is not None else (GPU_STEPS if cuda else CPU_STEPS)
     params = Params(prompt=opts.prompt, steps=steps, guidance=opts.guidance, height=opts.height or size,
                     width=opts.width or size, n=opts.batch, seed=opts.seed, sampler=opts.sampler)  # fmt: skip
@@ -307,7 +308,7 @@ def summarise(entry: Entry, reference: np.ndarray | None, bounds: dict[str, floa
 
 
 def assemble(opts, manifest, device, req, unet_calls, entries, order, flops, flops_note, matmul) -> dict[str, Any]:
-    model = model_name(manifest)
+    model = Model.from_manifest(manifest).name
     baseline = next((e for e in entries if e.contender.name == "diffusers-eager"), None)
     reference = baseline.images[0] if baseline else None
     bounds = lower_bounds(flops, flops["unet_calls"], matmul["tflops"]) if flops else None

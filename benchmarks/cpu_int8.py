@@ -36,7 +36,8 @@ import torch
 
 from sdrt.export.quantize import QuantizeOptions, quantize_directory
 from sdrt.runtime.int8 import ENTRY, MODES
-from sdrt.runtime.manifest import default_size, model_name, read_manifest
+from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
 
@@ -225,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = args.dir
     manifest = read_manifest(root)
-    args.size = args.size or default_size(manifest)
+    args.size = args.size or Model.from_manifest(manifest).default_px
     started = {"machine": machine(), "versions": versions()}
     work = args.work or Path(tempfile.mkdtemp(prefix=f".{root.name}-int8-", dir=root.parent))
     command = shlex.join(["python", "-m", "sdrt.benchmarks.cpu_int8", *(sys.argv[1:] if argv is None else argv)])
     try:
         made = int8_dirs(root, args, work)
-        result = {"model": model_name(manifest), "command": command, **started, **measure(root, args, made),
+        name = Model.from_manifest(manifest).name
+        result = {"model": name, "command": command, **started, **measure(root, args, made),
                   "runs": args.runs, "warmup": args.warmup, "load_average_end": os.getloadavg()[0],
                   "int8": {mode: {**m, "dir": str(m["dir"])} for mode, m in made.items()}}  # fmt: skip
     finally:

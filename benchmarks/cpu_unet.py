@@ -27,7 +27,8 @@ import torch
 
 from sdrt.benchmarks.report import software
 from sdrt.runtime.backends import OnnxRuntimeBackend
-from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.openvino import OpenVinoBackend, cpu_precisions, import_openvino
 
 
@@ -49,7 +50,7 @@ def cpu_model() -> dict[str, Any]:
 def unet_feeds(manifest: dict[str, Any], px: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs of one guided call at px x px: every input the U-Net graph declares, rows = 2."""
     gen = torch.Generator().manual_seed(seed)
-    latent = px // int(manifest["latent"]["vae_scale_factor"])
+    latent = px // Model.from_manifest(manifest).geometry.vae_scale_factor
     sizes = {"B": 2, "h": latent, "w": latent, "T": 77}
     feeds = {}
     for name, spec in manifest["graphs"]["unet"]["inputs"].items():
@@ -93,7 +94,7 @@ def measure(root: Path, sizes: list[int], runs: int) -> dict[str, Any]:
             entry["median_ms"] = statistics.median(entry["ms"])
         results.append(row)
         print(markdown_rows(row), file=sys.stderr)
-    return {"model": model_name(manifest), "precision": manifest["precision"], "sizes": results}
+    return {"model": Model.from_manifest(manifest).name, "precision": manifest["precision"], "sizes": results}
 
 
 def markdown_rows(row: dict[str, Any]) -> str:

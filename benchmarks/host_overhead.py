@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from sdrt.runtime.backends import Backend, resolve_shape
-from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
 
@@ -32,7 +33,7 @@ class NullBackend(Backend):
 
     def __init__(self, root: Path, manifest: dict, device: torch.device):
         super().__init__(root, manifest, device)
-        self.factor = int(manifest["latent"]["vae_scale_factor"])  # pixels per latent
+        self.factor = Model.from_manifest(manifest).geometry.vae_scale_factor  # pixels per latent
         self.cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -62,7 +63,7 @@ def measure(root: Path, steps: int, runs: int, sampler: str, px: int | None) -> 
     return {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "engine": str(root),
-        "model": model_name(manifest),
+        "model": Model.from_manifest(manifest).name,
         "height": req.height,
         "steps": steps,
         "sampler": sampler,

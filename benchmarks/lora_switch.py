@@ -27,7 +27,8 @@ import torch
 
 from sdrt.runtime.backends import Backend
 from sdrt.runtime.lora import check_loras
-from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.manifest import read_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.pipeline import Pipeline
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     device = args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()})"
     result = {
         "engine": str(args.dir),
-        "model": model_name(manifest),
+        "model": Model.from_manifest(manifest).name,
         "precision": manifest["precision"],
         "device": f"{device}, {torch.get_num_threads()} threads",
         "adapters": {n: manifest["loras"][n]["weights"] for n in names},  # graph -> weights the adapter changes

@@ -26,7 +26,7 @@ from sdrt.benchmarks.contenders import source_pipeline
 from sdrt.benchmarks.measure import Spans
 from sdrt.benchmarks.peer_worker import KINDS, genai_refusal
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import model_name
+from sdrt.runtime.model import Model
 from sdrt.runtime.pipeline import Request
 from sdrt.runtime.schedule import SCHEDULERS, NoiseSchedule, ScheduleError, default_sampler, resolve
 
@@ -124,7 +124,7 @@ def ir_folder(engine_dir: Path, manifest: dict[str, Any], versions: dict[str, st
     hashing the source (preset and seed, or file hashes), the weight format and the exporting tools' versions."""
     key = json.dumps({"source": manifest["source"], "weight_format": WEIGHT_FORMAT, "tools": versions}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return engine_dir.resolve().parent / ".bench-peers" / f"{model_name(manifest)}-{digest}"
+    return engine_dir.resolve().parent / ".bench-peers" / f"{Model.from_manifest(manifest).name}-{digest}"
 
 
 def export_ir(engine_dir: Path, manifest: dict[str, Any], plan: PeerPlan) -> Path:

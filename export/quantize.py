@@ -27,7 +27,8 @@ from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.int8 import BIN, ENTRY, MODES, XML, unet_hashes
-from sdrt.runtime.manifest import check_files, default_size, hash_files, read_manifest, write_manifest
+from sdrt.runtime.manifest import check_files, hash_files, read_manifest, write_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.params import Params
 
 log = logging.getLogger("sdrt")
@@ -108,20 +109,18 @@ def check_request(root: Path, manifest: dict[str, Any], opts: QuantizeOptions) -
     problems = check_files(root, manifest, manifest["graphs"]["unet"]["files"])
     if problems:
         raise SdrtError(f"{root}: {'; '.join(problems)}; re-export it with `sdrt export ... {root} --force`")
-    shapes = manifest["shapes"]
-    lo, hi, m = shapes["min_px"], shapes["max_px"], shapes["px_multiple"]
-    px = opts.size or max(min(default_size(manifest), 512 // m * m), lo)
-    if px % m or not lo <= px <= hi:
-        raise SdrtError(f"--size {px}: this engine takes {lo}-{hi} px in steps of {m}")
-    return px
+    model = Model.from_manifest(manifest, root)
+    m = model.px_multiple
+    return model.check_size("--size", opts.size or max(min(model.default_px, 512 // m * m), model.min_px))
 
 
 def calibration_params(manifest: dict[str, Any], i: int, opts: QuantizeOptions, px: int) -> Params:
     """Calibration request ``i``: a prompt of the list, its own seed; an inpainting U-Net or an SDXL refiner (which
     take images) starts from a seeded smooth picture, the inpainting one with its centre masked."""
     extra: dict[str, Any] = {}
-    inpainting = int(manifest["unet"]["in_channels"]) != int(manifest["latent"]["channels"])
-    if inpainting or manifest.get("pipeline", {}).get("requires_aesthetics_score"):
+    model = Model.from_manifest(manifest)
+    inpainting = model.inpainting
+    if inpainting or model.aesthetics:
         colours = np.random.default_rng(opts.seed + i).integers(0, 256, (4, 4, 3), dtype=np.uint8)
         extra["image"] = Image.fromarray(colours).resize((px, px), Image.BICUBIC)
     if inpainting:

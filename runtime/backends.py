@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.manifest import concrete_shape
+from sdrt.runtime.manifest import Geometry, concrete_shape
 from sdrt.runtime.params import BACKENDS
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
@@ -133,7 +133,7 @@ class OnnxRuntimeBackend(Backend):
             outs = session.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})
             return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
         entry = self.manifest["graphs"][graph]
-        factor = int(self.manifest["latent"]["vae_scale_factor"])
+        factor = Geometry.from_manifest(self.manifest).vae_scale_factor
         binding = session.io_binding()
         for name, x in feeds.items():
             x = x.contiguous()

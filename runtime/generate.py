@@ -83,8 +83,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         total_ms = (time.perf_counter() - t1) * 1e3
         for i, path in enumerate(_out_paths(args.out, req.seed, req.batch)):
             info = PngImagePlugin.PngInfo()
-            refiner = pipe.refiner.model_name if pipe.refiner else None
-            info.add_text("parameters", png_parameters(req, pipe.model_name, i, pipe.backend.inference_precision,
+            refiner = pipe.refiner.model.name if pipe.refiner else None
+            info.add_text("parameters", png_parameters(req, pipe.model.name, i, pipe.backend.inference_precision,
                                                        refiner))  # fmt: skip
             Image.fromarray(pixels[i].numpy()).save(path, pnginfo=info)
             print(path)

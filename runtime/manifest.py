@@ -106,9 +106,9 @@ class Geometry:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> Geometry:
+        """The numbers the export recorded (a KeyError where a manifest lacks one: `Model` names the fix)."""
         unet, latent = manifest["unet"], manifest["latent"]
-        factor = int(latent.get("vae_scale_factor", 8))
-        return cls(factor, int(unet.get("downsampling", 8)), int(unet.get("sample_size") or 64))
+        return cls(int(latent["vae_scale_factor"]), int(unet["downsampling"]), int(unet["sample_size"]))
 
     @property
     def px_multiple(self) -> int:
@@ -140,29 +140,6 @@ class Geometry:
         return lo, max(lo, -(-2 * self.native_px // m) * m)
 
 
-def default_size(manifest: dict[str, Any]) -> int:
-    """The image side a request without a size gets, and `sdrt build`'s static profile: the native size, within the
-    exported range."""
-    shapes = manifest["shapes"]
-    native = Geometry.from_manifest(manifest).native_px
-    return min(max(native, shapes["min_px"]), shapes["max_px"]) // shapes["px_multiple"] * shapes["px_multiple"]
-
-
-def check_size(shapes: dict[str, int], what: str, px: object, field: str | None = None) -> int:
-    """``px`` as an image side this export takes (a multiple of its size step within its range), else a one-line
-    error that names ``what`` and the sizes to use instead; ``field``: the argument at fault (`SdrtError.field`)."""
-    lo, hi, m = shapes["min_px"], shapes["max_px"], shapes["px_multiple"]
-    if not isinstance(px, int) or isinstance(px, bool) or px % m:
-        near = [v for v in (px // m * m, px // m * m + m) if lo <= v <= hi] if isinstance(px, int) else []
-        use = f"; use {' or '.join(map(str, near))}" if near else ""
-        raise SdrtError(f"{what} {px!r} is not a multiple of {m}{use} (this model's size step)", field=field)
-    if not lo <= px <= hi:
-        near = min(max(round(px / m) * m, lo), hi)
-        raise SdrtError(f"{what} {px} is outside the {lo}-{hi} px this engine was exported for (in steps of {m}); use "
-                        f"{near}, or re-export with --min-size/--max-size", field=field)  # fmt: skip
-    return px
-
-
 def concrete_shape(shape: list | tuple, rows: int, h: int, w: int, factor: int, tokens: int = 77) -> tuple[int, ...]:
     """A graph's symbolic shape (the manifest's, or export/graphs.py's) at ``rows`` (``B``) and latent size ``h`` x
     ``w``; ``H`` / ``W`` are pixels, ``factor`` x latent (the manifest's VAE scale factor); ``h/N`` is ceil(h / N),
@@ -175,10 +152,3 @@ def concrete_shape(shape: list | tuple, rows: int, h: int, w: int, factor: int, 
         return -(-values[base] // int(n)) if n else values[d]
 
     return tuple(size(d) if isinstance(d, str) else int(d) for d in shape)
-
-
-def model_name(manifest: dict[str, Any]) -> str:
-    """The model's display name (PNG parameters, the server's answers, benchmark files): the preset's name, else
-    the name of the folder or file it was exported from."""
-    source = manifest["source"]
-    return str(source.get("name") or Path(source.get("path", "model")).stem)

@@ -30,18 +30,19 @@ from sdrt.runtime.embeddings import Embeddings
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.hires import LATENT_UPSCALERS, check_upscaler, target_size, upscale_image, upscale_latents
 from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
-from sdrt.runtime.manifest import Geometry, check_files, check_size, default_size, model_name, read_manifest
+from sdrt.runtime.manifest import check_files, read_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, Hires, ImageArg, Params
+from sdrt.runtime.planners import check_plan_args
 from sdrt.runtime.progress import SamplingBar
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
 from sdrt.runtime.request import HiresPass, JoinKey, Layout, Request, Texts, host_inputs, open_image
-from sdrt.runtime.samplers import ANCESTRAL, SAMPLERS, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
+from sdrt.runtime.samplers import ANCESTRAL, Plan, inpaint_blend, make_plan, sample, start_latents, to_x0
 from sdrt.runtime.schedule import NoiseSchedule, ScheduleError, default_sampler
 from sdrt.runtime.stages import Batch, Stages, no_stage
 from sdrt.runtime.tokenizer import PromptTokenizer
 
 log = logging.getLogger("sdrt")
-FAMILIES = ("sd", "sdxl")
 
 
 class Pipeline:
@@ -53,36 +54,21 @@ class Pipeline:
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], backend: Backend, cuda_graph: bool = True):
-        if manifest["family"] not in FAMILIES:
-            raise SdrtError(f"{root}: {manifest['family']} engine directories are not supported by this runtime")
+        self.model = model = Model.from_manifest(manifest, root)
         self.root, self.manifest, self.backend, self.device = root, manifest, backend, backend.device
-        self.model_name = model_name(manifest)
-        self.text_encoders = [g for g in ("text_encoder", "text_encoder_2") if g in manifest["graphs"]]
         self.tokenizers = [PromptTokenizer(root, t) for t in manifest["tokenizers"].values()]
         self.embeddings = Embeddings(root, manifest)  # textual inversion: names in prompts, vectors on the device
         for j, tok in enumerate(self.tokenizers):
             tok.use(self.embeddings, j)
         self._vectors = [torch.from_numpy(t).to(self.device, backend.dtype(g, "embeddings"))
-                         for t, g in zip(self.embeddings.tables, self.text_encoders, strict=True)
+                         for t, g in zip(self.embeddings.tables, model.text_encoders, strict=True)
                          if self.embeddings.enabled]  # fmt: skip
-        self.pooled = "pooled_embeddings" in manifest["graphs"][self.text_encoders[-1]]["outputs"]  # SDXL
-        self.zero_negatives = bool(manifest.get("pipeline", {}).get("force_zeros_for_empty_prompt", self.pooled))
-        self.aesthetics = bool(manifest.get("pipeline", {}).get("requires_aesthetics_score", False))  # the refiner
-        self.unet_channels = int(manifest["unet"]["in_channels"])  # 9: an inpainting U-Net
-        cond = manifest["graphs"]["unet"]["inputs"].get("timestep_cond")  # a distilled (LCM) U-Net's guidance input
-        self.guidance_embedding = int(cond["shape"][-1]) if cond else 0
         self.schedule = NoiseSchedule.from_manifest(manifest["scheduler"])
         try:  # a checkpoint scheduler without a sampler of its own still runs with an explicit one
             self.default_sampler: str | None = default_sampler(self.schedule)
             self._no_default: ScheduleError | None = None
         except ScheduleError as err:
             self.default_sampler, self._no_default = None, err
-        self.shapes = manifest["shapes"]
-        self.scaling_factor = float(manifest["latent"]["scaling_factor"])
-        self.latent_channels = int(manifest["latent"]["channels"])
-        # AutoencoderKL's encoder gives a distribution sampled with the seed's noise; TAESD's gives latents
-        self.posterior = "latent_logvar" in manifest["graphs"]["vae_encoder"]["outputs"]
-        self.geometry = Geometry.from_manifest(manifest)
         self.cuda_graph = cuda_graph and self.device.type == "cuda" and backend.capturable
         probe = getattr(backend, "capturable_on", None)  # TensorRT asks its engines (TensorRT for RTX may refuse)
         if self.cuda_graph and probe is not None and not probe(torch.cuda.Stream(self.device)):
@@ -141,15 +127,15 @@ class Pipeline:
         """Hand requests with ``refiner_switch_at`` over to ``refiner`` (an SDXL refiner directory: one text
         encoder, aesthetic-score time ids) on this SDXL base's latents; it is closed with this pipeline."""
         why = None
-        if self.manifest["family"] != "sdxl" or self.aesthetics:
+        if self.model.family != "sdxl" or self.model.aesthetics:
             why = f"{self.root} is not an SDXL base model (a refiner takes over an SDXL base's latents)"
-        elif refiner.manifest["family"] != "sdxl":
-            why = f"{refiner.root} is a {refiner.manifest['family']} model, not an SDXL refiner"
-        elif not refiner.aesthetics:
+        elif refiner.model.family != "sdxl":
+            why = f"{refiner.root} is a {refiner.model.family} model, not an SDXL refiner"
+        elif not refiner.model.aesthetics:
             why = (f"{refiner.root} has no aesthetic-score conditioning (requires_aesthetics_score): it is not an "
                    "SDXL refiner")  # fmt: skip
-        elif (refiner.latent_channels, refiner.geometry.vae_scale_factor) != (
-            self.latent_channels, self.geometry.vae_scale_factor):  # fmt: skip
+        elif (refiner.model.latent_channels, refiner.model.geometry.vae_scale_factor) != (
+            self.model.latent_channels, self.model.geometry.vae_scale_factor):  # fmt: skip
             why = f"{refiner.root}'s latents differ from {self.root}'s (channels or VAE scale)"
         if why:
             refiner.close()
@@ -233,11 +219,9 @@ class Pipeline:
         if len(negatives) != len(prompts) or not all(isinstance(x, str) for x in negatives if x is not None):
             raise SdrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per "
                             "prompt", field="negative_prompt")  # fmt: skip
-        if not isinstance(p.steps, int) or isinstance(p.steps, bool) or p.steps < 1:
-            raise SdrtError(f"steps must be a whole number >= 1, got {p.steps!r}", field="steps")
         if not isinstance(p.guidance, (int, float)) or not math.isfinite(p.guidance):
             raise SdrtError(f"guidance must be a finite number, got {p.guidance!r}", field="guidance")
-        n, most = p.n, self.shapes["max_images"]
+        n, most = p.n, self.model.max_images
         if not isinstance(n, int) or isinstance(n, bool) or n < 1 or len(prompts) * n > most:
             raise SdrtError(f"{len(prompts)} prompt(s) x {n!r} image(s) is outside the engine's 1-{most} images per "
                             "call; lower the batch or re-export with a larger --max-batch", field="n")  # fmt: skip
@@ -247,18 +231,16 @@ class Pipeline:
         sampler = p.sampler or self.default_sampler
         if sampler is None:
             raise self._no_default
-        if sampler not in SAMPLERS:
-            raise SdrtError(f"unknown sampler {sampler!r}; samplers are: {', '.join(SAMPLERS)}", field="sampler")
+        check_plan_args(sampler, p.steps)
         init, mask_img = self._images(p.image, p.mask)
         controls = check_controls(self.manifest, self.backend, p.controlnets)
         height, width, strength = p.height, p.width, 1.0
         if init is not None:
             strength = (1.0 if mask_img is not None else IMG2IMG_STRENGTH) if p.strength is None else p.strength
-            if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
-                raise SdrtError(f"strength must be in (0, 1], got {strength!r}", field="strength")
+            check_plan_args(sampler, p.steps, strength)
             height, width = height or init.height, width or init.width
         if controls:  # diffusers' default size without an init image: the control image's, down to the size step
-            m, first = self.shapes["px_multiple"], controls[0].image
+            m, first = self.model.px_multiple, controls[0].image
             height, width = height or first.height // m * m, width or first.width // m * m
         height, width = self._size("height", height), self._size("width", width)
         init = init and init.convert("RGB").resize((width, height), Image.LANCZOS)
@@ -269,7 +251,7 @@ class Pipeline:
         if controls:
             check_loras_with_controlnet(self.manifest, loras)
         controls = tuple(resized(c, width, height) for c in controls)
-        cfg = p.guidance > 1.0 and not self.guidance_embedding  # as Request.cfg
+        cfg = p.guidance > 1.0 and not self.model.guidance_embedding  # as Request.cfg
         texts = self._texts(p, prompts, negatives, cfg)
         if controls and texts.chunks[0] != texts.chunks[1] and cfg:
             raise SdrtError(f"the prompt has {texts.chunks[0]} chunks of 75 tokens and the negative prompt "
@@ -281,7 +263,7 @@ class Pipeline:
         eta = self._eta(p.eta, sampler)
         req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
                       float(strength), init, mask_img, loras, controls, self._clip_skip(p), texts,
-                      eta, float(rescale), bool(self.guidance_embedding), self._aesthetic(p))  # fmt: skip
+                      eta, float(rescale), bool(self.model.guidance_embedding), self._aesthetic(p))  # fmt: skip
         self.plan(req.sampler, req.steps, req.strength, req.eta)  # what the schedule cannot honour: ScheduleError
         if p.refiner_switch_at is not None:
             return self._handoff(p, req)
@@ -295,7 +277,7 @@ class Pipeline:
         if self.refiner is None:
             raise SdrtError("refiner_switch_at needs a refiner loaded beside the model: Pipeline.load(..., "
                             "refiner=DIR) or sdrt serve DIR --refiner DIR", field="refiner_switch_at")  # fmt: skip
-        names = (self.refiner.model_name, self.refiner.root.name)
+        names = (self.refiner.model.name, self.refiner.root.name)
         if p.refiner is not None and p.refiner not in names:
             raise SdrtError(f"refiner {p.refiner!r} is not the one loaded beside this model ({names[0]})",
                             field="refiner")  # fmt: skip
@@ -386,7 +368,7 @@ class Pipeline:
             empty = encode("", "prompt")
             sides = [tuple(tuple(c.padded(e, most) for c, e in zip(t, empty, strict=True)) for t in texts)
                      for texts in sides]  # fmt: skip
-        most = int(self.shapes.get("max_prompt_chunks", 1))
+        most = self.model.max_prompt_chunks
         for texts, field in zip(sides, ("prompt", "negative_prompt"), strict=True):
             counts = {c.count for t in texts for c in t}
             if len(counts) > 1:
@@ -416,7 +398,7 @@ class Pipeline:
         """The refiner's (aesthetic_score, negative_aesthetic_score); None for a U-Net without them, where only
         diffusers' defaults are accepted (a score it cannot read would change nothing)."""
         scores = {"aesthetic_score": p.aesthetic_score, "negative_aesthetic_score": p.negative_aesthetic_score}
-        if not self.aesthetics:
+        if not self.model.aesthetics:
             if p.refiner_switch_at is not None and self.refiner is not None:
                 return None  # the scores are the refiner's
             for name, value in scores.items():
@@ -446,12 +428,12 @@ class Pipeline:
                 raise SdrtError(f"CLIP_stop_at_last_layers must be a whole number >= 1, got {n!r}",
                                 field="webui_clip_skip")  # fmt: skip
             _, eos, pad = self.tokenizers[0].special
-            if self.manifest["family"] != "sd" or pad != eos:
+            if self.model.family != "sd" or pad != eos:
                 n = 1  # the web UI ignores it for this text encoder
             if skip and n > 1:
                 raise SdrtError("give clip_skip or the web UI's clip skip setting, not both", field="clip_skip")
             skip = max(skip, n - 1)
-        graphs = [self.manifest["graphs"][g] for g in self.text_encoders]
+        graphs = [self.model.graphs[g] for g in self.model.text_encoders]
         if skip and not all("clip_skip" in g["inputs"] for g in graphs):
             raise SdrtError(f"{self.root} was exported before clip skip existed; re-export it to use clip_skip",
                             field="clip_skip")  # fmt: skip
@@ -467,7 +449,7 @@ class Pipeline:
     def _images(self, image, mask) -> tuple[Image.Image | None, Image.Image | None]:
         if mask is not None and image is None:
             raise SdrtError("a mask needs the image it masks: give --init-image with --mask", field="mask")
-        if self.unet_channels != self.latent_channels and mask is None:
+        if self.model.inpainting and mask is None:
             raise SdrtError("this is an inpainting model: give --init-image and --mask (white is repainted)",
                             field="image" if image is None else "mask")  # fmt: skip
         return (open_image(image) if image is not None else None), (open_image(mask, "mask") if mask else None)
@@ -481,12 +463,12 @@ class Pipeline:
         return self._plans[key]
 
     def default_size(self) -> tuple[int, int]:
-        """(height, width) a request without a size gets: the U-Net's native size within the engine's range (the
-        manifest's `default_size`, which `sdrt build` also uses)."""
-        return self._size("height", None), self._size("width", None)
+        """(height, width) a request without a size gets: the U-Net's native size within the engine's range
+        (`Model.default_px`, which `sdrt build` also uses)."""
+        return self.model.default_px, self.model.default_px
 
     def _size(self, what: str, px: int | None) -> int:
-        return check_size(self.shapes, what, default_size(self.manifest) if px is None else px, field=what)
+        return self.model.check_size(what, self.model.default_px if px is None else px, field=what)
 
     # -- running requests ----------------------------------------------------------------------------------------
 
@@ -501,9 +483,9 @@ class Pipeline:
         layout = Layout.of(reqs)
         if layout.join_key.hires and layout.join_key.hires[0] not in LATENT_UPSCALERS:
             return self._two_passes(reqs, progress)  # an image upscaler: PIL between the passes, on the host
-        if layout.images > self.shapes["max_images"]:
+        if layout.images > self.model.max_images:
             raise SdrtError(
-                f"{layout.images} images in one batch; this engine takes at most {self.shapes['max_images']}",
+                f"{layout.images} images in one batch; this engine takes at most {self.model.max_images}",
                 field="n",
             )
         key = layout.join_key
@@ -519,9 +501,9 @@ class Pipeline:
             for k, (pipe, rs, pass_key) in enumerate(passes):
                 plans.append(pipe.plan(pass_key.sampler, pass_key.steps, pass_key.strength, pass_key.eta,
                                        pass_key.end, pass_key.begin))  # fmt: skip
-                latent = (pipe.latent_channels, pipe.geometry.vae_scale_factor)
-                drawn = host_inputs(rs, plans[-1], latent, pipe._encodes_init(pass_key), pipe.zero_negatives,
-                                    pipe.guidance_embedding, pipe.posterior)  # fmt: skip
+                latent = (pipe.model.latent_channels, pipe.model.geometry.vae_scale_factor)
+                drawn = host_inputs(rs, plans[-1], latent, pipe._encodes_init(pass_key), pipe.model.zero_negatives,
+                                    pipe.model.guidance_embedding, pipe.model.posterior)  # fmt: skip
                 host.update({f"{'second.' * k}{name}": v for name, v in drawn.items()})
             plan = tuple(p.to(self.device) for p in plans) if len(plans) > 1 else plans[0].to(self.device)
             timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
@@ -558,11 +540,7 @@ class Pipeline:
     def _encodes_init(self, key) -> bool:
         """Whether the init image is VAE-encoded: img2img (from an image, not from latents); inpainting at
         strength < 1 or with a 4-channel U-Net."""
-        return (
-            key.image
-            and not key.latents
-            and (not key.mask or key.strength < 1 or self.unet_channels == self.latent_channels)
-        )
+        return key.image and not key.latents and (not key.mask or key.strength < 1 or not self.model.inpainting)
 
     def body(self, layout: Layout, plan: Plan | tuple[Plan, Plan], buf: dict[str, torch.Tensor], stage=None,
              progress=None):  # fmt: skip
@@ -579,7 +557,7 @@ class Pipeline:
         latents = self._pass(key._replace(hires=(), refine=(), to_latents=True), plan[0], buf, stage, progress)
         second, pipe, name = self._second_key(key), self, "hires"
         if key.hires:
-            factor = self.geometry.vae_scale_factor
+            factor = self.model.geometry.vae_scale_factor
             with stage("hires_upscale_ms"):
                 latents = upscale_latents(latents, key.hires[0], (second.height // factor, second.width // factor))
         else:
@@ -605,7 +583,7 @@ class Pipeline:
                 x = start_latents(plan, buf["noise0"], z if key.image and (not key.mask or key.strength < 1) else None)
             if key.mask:
                 mask = buf["mask"].index_select(0, buf["image_rows"])  # [B, 1, h, w], 1 = repaint
-                if self.unet_channels == self.latent_channels:  # a regular U-Net: blend the kept region back
+                if not self.model.inpainting:  # a regular U-Net: blend the kept region back
                     after = inpaint_blend(plan, z, buf["noise0"], mask)
                 else:  # an inpainting U-Net reads the mask and the masked image's latents as extra channels
                     masked = self._encode(buf["masked_image"], buf.get("masked_noise"))
@@ -615,7 +593,7 @@ class Pipeline:
         with stage("denoise_ms"):
             residuals = key.controlnets and Residuals(self.backend, key.controlnets, key.cfg, buf)
             rescale = buf["guidance_rescale"] if key.rescale else None
-            if self.guidance_embedding:  # a distilled U-Net reads the guidance scale, unguided
+            if self.model.guidance_embedding:  # a distilled U-Net reads the guidance scale, unguided
                 cond = [{**f, "timestep_cond": buf["timestep_cond"].to(self.backend.dtype("unet", "timestep_cond"))}
                         for f in cond]  # fmt: skip
             denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals, rescale)
@@ -635,10 +613,10 @@ class Pipeline:
         """VAE posterior sample, scaled: (mean + std * noise) * scaling_factor, as diffusers' retrieve_latents;
         without a posterior (TAESD: no noise drawn), the encoder's latents * scaling_factor."""
         out = self.backend.run("vae_encoder", {"images": images.to(self.backend.dtype("vae_encoder", "images"))})
-        if not self.posterior:
-            return out[0].float() * self.scaling_factor
+        if not self.model.posterior:
+            return out[0].float() * self.model.scaling_factor
         mean, logvar = out
-        return (mean.float() + torch.exp(0.5 * logvar.float()) * noise) * self.scaling_factor
+        return (mean.float() + torch.exp(0.5 * logvar.float()) * noise) * self.model.scaling_factor
 
     def _conditioning(self, cfg: bool, buf: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Text encoders -> the U-Net's conditioning feeds per image row: one feed dict (uncond rows first) when
@@ -648,7 +626,7 @@ class Pipeline:
         negative not given is zeros there."""
         dtype, rows = self.backend.dtype, buf["rows"]
         sides = {side: self._encode_text(side, buf) for side in (("negative", "prompt") if cfg else ("prompt",))}
-        if cfg and self.zero_negatives:  # [P] -> broadcast over each tensor's other axes
+        if cfg and self.model.zero_negatives:  # [P] -> broadcast over each tensor's other axes
             keep = buf["keep_negative"]
             sides["negative"] = [t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype) for t in sides["negative"]]
         per_image = {k: [t.index_select(0, rows) for t in v] for k, v in sides.items()}  # [P, ...] -> [B, ...]
@@ -659,7 +637,7 @@ class Pipeline:
         for group in groups:
             part = [torch.cat(ts) for ts in zip(*(per_image[side] for side in group), strict=True)]
             f = {"encoder_hidden_states": part[0].to(dtype("unet", "encoder_hidden_states"))}
-            if self.pooled:
+            if self.model.pooled:
                 f["text_embeds"] = part[1].to(dtype("unet", "text_embeds"))
                 f["time_ids"] = torch.cat([ids[side] for side in group])
             feeds.append(f)
@@ -669,11 +647,11 @@ class Pipeline:
         """[states [P, 77 k, D], (pooled [P, P'])] of one side: each 77-token chunk through each text encoder,
         weighted per token (`emphasised`), joined along the token axis."""
         run, states, pooled = self.backend.run, [], None
-        for j, graph in enumerate(self.text_encoders):
+        for j, graph in enumerate(self.model.text_encoders):
             suffix = "_2" if j else ""
             ids, weights = buf[f"{side}_ids{suffix}"], buf[f"{side}_weights{suffix}"]  # [k, P, 77], [P, k, 77]
             skip = {"clip_skip": buf[f"{side}_clip_skip"]}
-            feeds = skip if "clip_skip" in self.manifest["graphs"][graph]["inputs"] else {}
+            feeds = skip if graph in self.model.clip_skip else {}
             zs = []
             for c in range(ids.shape[0]):  # the chunk count is part of the join key: fixed for a capture
                 if self._vectors:  # where an id is vocab + r, the graph reads row r of the embeddings' table
@@ -685,7 +663,7 @@ class Pipeline:
                     pooled = out[1]
             states.append(torch.cat(zs, dim=1))
         states = torch.cat(states, dim=-1)  # [P, 77 k, D1 + D2]
-        return [states, pooled] if self.pooled else [states]
+        return [states, pooled] if self.model.pooled else [states]
 
     def _denoiser(self, cfg: bool, plan: Plan, cond: list[dict[str, torch.Tensor]], guidance: torch.Tensor, extra,
                   progress, residuals=None, rescale: torch.Tensor | None = None):  # fmt: skip

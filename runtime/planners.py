@@ -89,14 +89,20 @@ def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float
     return dataclasses.replace(plan, in_scale=scale)
 
 
-def _make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float, eta: float,
-               start: int | None = None) -> Plan:  # fmt: skip
+def check_plan_args(sampler: str, steps: object, strength: object = 1.0) -> None:
+    """The sampler's name, the steps and the strength of a request, checked where the request is made and where its
+    plan is: one line naming the field."""
     if sampler not in _PLANNERS:
         raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(_PLANNERS)}", field="sampler")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ScheduleError(f"steps must be a whole number >= 1, got {steps!r}", field="steps")
-    if not 0.0 < strength <= 1.0:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise ScheduleError(f"strength must be in (0, 1], got {strength!r}", field="strength")
+
+
+def _make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float, eta: float,
+               start: int | None = None) -> Plan:  # fmt: skip
+    check_plan_args(sampler, steps, strength)
     _, cfg = sch.resolve(schedule, sampler)
     if steps > cfg["num_train_timesteps"]:
         raise ScheduleError(f"steps ({steps}) cannot exceed the {cfg['num_train_timesteps']} training timesteps",

@@ -52,15 +52,15 @@ class LocalEngine:
     """One Pipeline behind a `Batcher`; encodes PNGs off the worker thread."""
 
     def __init__(self, pipe: Pipeline, options: EngineOptions, metrics: Metrics, name: str = ""):
-        most = int(pipe.shapes["max_images"])
+        most = pipe.model.max_images
         if options.max_batch is not None and options.max_batch < 1:
             raise SdrtError(f"--max-batch must be >= 1, got {options.max_batch}")
         self.pipe, self.options, self.metrics = pipe, options, metrics
-        self.max_px = int(pipe.shapes["max_px"])
+        self.max_px = pipe.model.max_px
         self.max_images = min(options.max_batch or most, most)  # the engine's graphs take no more
         if options.max_queue < self.max_images:
             raise SdrtError(f"--max-queue {options.max_queue} is below one batch ({self.max_images} images); raise it")
-        self.model = pipe.model_name
+        self.model = pipe.model.name
         self.batcher = Batcher(pipe, self.max_images, options.window_ms / 1e3, options.max_queue, metrics, name)
         metrics.watch_queue(self.batcher.depth, self.batcher.running)
         self._ready = threading.Event()
@@ -71,7 +71,7 @@ class LocalEngine:
         capturing their graphs."""
         t = time.perf_counter()
         image = mask = None
-        if self.pipe.unet_channels != self.pipe.latent_channels:  # an inpainting U-Net takes only image + mask
+        if self.pipe.model.inpainting:  # an inpainting U-Net takes only image + mask
             size = self.pipe.default_size()[::-1]  # PIL: (width, height)
             image, mask = Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255)
         req = self.pipe.request(Params(prompt="", steps=self.options.warmup_steps, seed=0, image=image, mask=mask))
@@ -133,7 +133,7 @@ class LocalEngine:
         for req, out in zip(reqs, outputs, strict=True):
             t = time.perf_counter()
             precision = self.pipe.backend.inference_precision
-            refiner = self.pipe.refiner.model_name if self.pipe.refiner else None
+            refiner = self.pipe.refiner.model.name if self.pipe.refiner else None
             texts.append([png_parameters(req, self.model, i, precision, refiner) for i in range(req.batch)])
             pngs.append([encode_png(px.numpy(), text) for px, text in zip(out.pixels, texts[-1], strict=True)])
             timings.append({**out.timings_ms, "encode_ms": (time.perf_counter() - t) * 1e3})

@@ -32,7 +32,7 @@ from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from sdrt.runtime.manifest import model_name, read_manifest
+from sdrt.runtime.model import Model
 from sdrt.runtime.params import Params
 from sdrt.serve.app import create_app, limits_of, options_of
 from sdrt.serve.batch import Closed, Expired, QueueFull
@@ -195,8 +195,8 @@ def build_app(
     limits: Limits | None = None,
 ) -> serve.Application:
     """Ingress -> engine replicas for engine directory ``root`` (a path every Ray node can read)."""
-    manifest = read_manifest(Path(root))  # the model's name and batch limit, without loading any engine
-    most = int(manifest["shapes"]["max_images"])
+    model = Model.read(root)  # the model's name and limits, without loading any engine
+    most = model.max_images
     per_replica = min(options.max_batch or most, most)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
     max_replicas = max_replicas or max(gpus, min_replicas, 1)
@@ -216,9 +216,8 @@ def build_app(
         **scaling,
     )
     ingress = serve.deployment(Ingress).options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
-    model = model_name(manifest)
     replicas = engine.bind(str(Path(root).resolve()), load, options)
-    return ingress.bind(replicas, model, int(manifest["shapes"]["max_px"]), timeout_s, retries, limits or Limits())
+    return ingress.bind(replicas, model.name, model.max_px, timeout_s, retries, limits or Limits())
 
 
 def main(args) -> int:

@@ -173,7 +173,7 @@ def test_an_sdxl_refiner_folder_is_img2img_with_its_aesthetic_score(refiner):
     kw = dict(KW, image=image, strength=0.5, num_inference_steps=6, guidance_scale=6.0)
     scores = dict(aesthetic_score=8.0, negative_aesthetic_score=1.0)
     with Pipeline.load(out, backend="onnxruntime", device="cpu") as sdrt:
-        assert sdrt.text_encoders == ["text_encoder_2"] and sdrt.aesthetics
+        assert sdrt.model.text_encoders == ("text_encoder_2",) and sdrt.model.aesthetics
         ours = sdrt_images(sdrt, sampler="euler", **kw)
         ours_scored = sdrt_images(sdrt, sampler="euler", **kw, **scores)
         with pytest.raises(SdrtError, match="SDXL refiner .*give an init image") as err:
@@ -242,7 +242,7 @@ def test_handoff_from_the_cli_and_the_server(refiner, exports, tmp_path):
     with Pipeline.load(base_dir, backend="onnxruntime", device="cpu", refiner=refiner[1]) as pipe:
         want = sdrt_images(pipe, sampler="euler", refiner_switch_at=0.7, **kw)[0]
         webui = sdrt_images(pipe, sampler="euler", refiner_switch_at=0.7, prompt_syntax="webui", **kw)[0]
-        name = pipe.refiner.model_name
+        name = pipe.refiner.model.name
         out = tmp_path / "handoff.png"
         rc = main(["generate", str(base_dir), kw["prompt"], "--negative-prompt", "blurry", "--steps", "6",
                    "--guidance", "6", "--height", "64", "--width", "64", "--seed", "4", "--sampler", "euler",

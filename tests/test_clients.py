@@ -292,7 +292,7 @@ def test_settings_that_do_not_change_the_picture_are_ignored(server, pipe):
     body = {"prompt": "a red fox <lora:none_such:1>", "steps": STEPS, "width": 64, "height": 64, "seed": 21,
             "sampler_name": "Euler", "cfg_scale": 7.5, "disable_extra_networks": True, "save_images": True,
             "override_settings": {"samples_save": False, "cross_attention_optimization": "Doggettx",
-                                  "sd_model_checkpoint": pipe.model_name + ".safetensors [0123abcd]",
+                                  "sd_model_checkpoint": pipe.model.name + ".safetensors [0123abcd]",
                                   "randn_source": "CPU", "CLIP_stop_at_last_layers": 1}}  # fmt: skip
     r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60)
     assert r.status_code == 200, r.text

@@ -167,7 +167,7 @@ def reference_states(pipe, parsed, skip: int = 0, renorm: bool = True):
 
 def _sdrt_states(pipe: Pipeline, params: Params) -> torch.Tensor:
     req = pipe.request(params)
-    host = host_inputs([req], pipe.plan(req.sampler, req.steps, req.strength), (4, 8), False, pipe.zero_negatives)
+    host = host_inputs([req], pipe.plan(req.sampler, req.steps, req.strength), (4, 8), False, pipe.model.zero_negatives)
     return pipe._encode_text("prompt", host)[0].double(), pipe._encode_text("negative", host)[0].double()
 
 

@@ -142,7 +142,7 @@ def test_v1_images_match_generate_alone(server, pipe):
     text = Image.open(io.BytesIO(base64.b64decode(out["images"][1]))).text["parameters"]
     assert text == (
         "a red fox\nNegative prompt: blurry\nSteps: 3, Sampler: euler, CFG scale: 6, Seed: 11, Size: 64x64, "
-        f"Model: {pipe.model_name}, Batch size: 2, Batch pos: 1"
+        f"Model: {pipe.model.name}, Batch size: 2, Batch pos: 1"
     )  # the web UI's infotext layout
     raw = server.post("/v1/images", body(11), headers={"Accept": "image/png"})
     assert raw.headers["content-type"] == "image/png" and raw.headers["x-seed"] == "11"

@@ -26,14 +26,13 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.hires import target_size
 from sdrt.runtime.manifest import (
     check_files,
-    check_size,
     concrete_shape,
-    default_size,
     read_manifest,
     sha256_file,
     write_atomic,
     write_manifest,
 )
+from sdrt.runtime.model import Model
 from sdrt.runtime.params import Hires
 from sdrt.runtime.progress import Progress
 from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily, import_family
@@ -62,15 +61,13 @@ class BuildOptions:
 
 def target_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int, int]:
     """(images, height px, width px) of the static profile (or the dynamic one's opt), checked against the export."""
-    s = manifest["shapes"]
-    native = default_size(manifest)  # what `sdrt generate` asks for without --height/--width
-    h = native if opts.height is None else opts.height
-    w = native if opts.width is None else opts.width
-    check_size(s, "--height", h)
-    check_size(s, "--width", w)
-    if not 1 <= opts.batch <= s["max_images"]:
+    model = Model.from_manifest(manifest)
+    native = model.default_px  # what `sdrt generate` asks for without --height/--width
+    h = model.check_size("--height", native if opts.height is None else opts.height)
+    w = model.check_size("--width", native if opts.width is None else opts.width)
+    if not 1 <= opts.batch <= model.max_images:
         raise SdrtError(
-            f"--batch {opts.batch} is outside the 1-{s['max_images']} images the graphs were exported for; "
+            f"--batch {opts.batch} is outside the 1-{model.max_images} images the graphs were exported for; "
             f"re-export with --max-batch {opts.batch}"
         )
     return opts.batch, h, w
@@ -86,26 +83,27 @@ def hires_shape(manifest: dict[str, Any], opts: BuildOptions) -> tuple[int, int,
         big_w, big_h = target_size(w, h, Hires(scale=opts.hires))
     except SdrtError as err:
         raise SdrtError(f"--hires {opts.hires:g}: {err}") from None
-    check_size(manifest["shapes"], f"--hires {opts.hires:g}: the second pass's height", big_h)
-    check_size(manifest["shapes"], f"--hires {opts.hires:g}: the second pass's width", big_w)
+    model = Model.from_manifest(manifest)
+    model.check_size(f"--hires {opts.hires:g}: the second pass's height", big_h)
+    model.check_size(f"--hires {opts.hires:g}: the second pass's width", big_w)
     return images, big_h, big_w
 
 
 def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> dict[str, dict[str, list[int]]]:
     """{input: {"min", "opt", "max": shape}} for graph ``name``: one static shape, or the export's ranges."""
-    graph, s = manifest["graphs"][name], manifest["shapes"]
-    factor = manifest["latent"]["vae_scale_factor"]
+    model, graph = Model.from_manifest(manifest), manifest["graphs"][name]
+    factor = model.geometry.vae_scale_factor
     images, h_px, w_px = target_shape(manifest, opts)
-    per_image = graph["rows"][1] // s["max_images"]  # 2 under classifier-free guidance, else 1
+    per_image = graph["rows"][1] // model.max_images  # 2 under classifier-free guidance, else 1
     opt = (per_image * images, h_px // factor, w_px // factor)
-    lo = (graph["rows"][0], s["min_px"] // factor, s["min_px"] // factor) if opts.dynamic else opt
-    hi = (graph["rows"][1], s["max_px"] // factor, s["max_px"] // factor) if opts.dynamic else opt
+    lo = (graph["rows"][0], model.min_px // factor, model.min_px // factor) if opts.dynamic else opt
+    hi = (graph["rows"][1], model.max_px // factor, model.max_px // factor) if opts.dynamic else opt
     if opts.hires:  # both passes of the hires fix; the plan is tuned for the second, which costs the most
         _, big_h, big_w = hires_shape(manifest, opts)
         opt = hi = (per_image * images, big_h // factor, big_w // factor)
     # the text axis (T: 77 tokens a prompt chunk) spans every chunk count in both kinds of profile: a longer prompt
     # is a longer attention context, not a new engine
-    tokens = {"min": 77, "opt": 77, "max": 77 * int(s.get("max_prompt_chunks", 1))}
+    tokens = {"min": 77, "opt": 77, "max": 77 * model.max_prompt_chunks}
     return {
         n: {k: list(concrete_shape(i["shape"], *v, factor, tokens[k])) for k, v in
             (("min", lo), ("opt", opt), ("max", hi))}
@@ -120,8 +118,8 @@ def describe_profile(manifest: dict[str, Any], opts: BuildOptions) -> str:
         return f"hires {images} image(s) {h}x{w} to {big_h}x{big_w}"
     if not opts.dynamic:
         return f"static {images} image(s) {h}x{w}"
-    s = manifest["shapes"]
-    return f"dynamic 1-{s['max_images']} image(s) {s['min_px']}-{s['max_px']} px, opt {images} image(s) {h}x{w}"
+    m = Model.from_manifest(manifest)
+    return f"dynamic 1-{m.max_images} image(s) {m.min_px}-{m.max_px} px, opt {images} image(s) {h}x{w}"
 
 
 def build_key(manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtEnvironment,
