@@ -98,9 +98,9 @@ def test_adapters_make_plans_refittable_only_where_the_builder_can(exported, fol
     a GPU (its Myelin compiler fails inside the build), so here the plans are built plain and the build says so."""
     import diffusers
     from safetensors import safe_open
-    from test_lora import peft_lora
 
     from sdrt.trt.build import build_key, refittable_weights, stale_reasons
+    from tests.helpers.lora import peft_lora
 
     root = copy_of(exported["sd1"], tmp_path)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)

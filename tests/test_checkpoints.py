@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SIZES, build_pipeline
 
 from sdrt.cli import main
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
-from tests.test_pipeline import check, diffusers_images, sdrt_images
+from tests.helpers.images import check, sdrt_images
+from tests.helpers.models import SIZES, build_pipeline
+from tests.helpers.reference import diffusers_images
 
 pytestmark = pytest.mark.xdist_group("checkpoints")
 KW = dict(prompt="a watercolor fox in the snow", negative_prompt="blurry", num_inference_steps=4, height=64,
@@ -75,7 +76,8 @@ def _distilled(kind: str):
     """The test pipeline of ``kind`` with an LCM-distilled U-Net (time_cond_proj_dim: the guidance scale enters
     as an embedding) and LCMScheduler, as an LCM checkpoint ships."""
     import diffusers
-    from conftest import UNETS
+
+    from tests.helpers.models import UNETS
 
     pipe = build_pipeline(kind)
     torch.manual_seed(5)
@@ -137,7 +139,8 @@ def _refiner():
     """An SDXL refiner as diffusers ships one: StableDiffusionXLImg2ImgPipeline with the OpenCLIP encoder alone,
     a U-Net conditioned on its states (width 64 here) and on 5 time ids ending in the aesthetic score."""
     import diffusers
-    from conftest import UNETS
+
+    from tests.helpers.models import UNETS
 
     base = build_pipeline("sdxl")
     torch.manual_seed(3)
@@ -191,7 +194,8 @@ def handoff_reference(base, refiner, sampler: str, switch: float, n: int = 1, **
     the refiner (StableDiffusionXLImg2ImgPipeline) with ``denoising_start`` on those latents, each with a
     generator seeded afresh with the request's seed and the scheduler `sampler` agrees with."""
     import diffusers
-    from test_pipeline import SCHEDULERS
+
+    from tests.helpers.reference import SCHEDULERS
 
     cls, extra = SCHEDULERS[sampler]
     seed, steps = kw.pop("seed"), kw.pop("num_inference_steps")
@@ -235,7 +239,8 @@ def test_handoff_from_the_cli_and_the_server(refiner, exports, tmp_path):
     import io
 
     from PIL import Image
-    from test_server import LiveServer
+
+    from tests.helpers.server import LiveServer
 
     base_dir = exports.get("sdxl", "fp32")
     kw = dict(KW, num_inference_steps=6, guidance_scale=6.0, seed=4)

@@ -3,8 +3,8 @@ and ``webuiapi`` (the Python client written for the AUTOMATIC1111 web UI's API) 
 decode is byte-identical to `Pipeline.generate` of the same request run alone, and every refusal reaches the caller
 as the client's own exception, naming the field.
 
-The server is `test_server.LiveServer` (uvicorn in a thread on an ephemeral port) over the module's pipeline, which
-also computes the references.
+The server is `tests.helpers.server.LiveServer` (uvicorn in a thread on an ephemeral port) over the module's
+pipeline, which also computes the references.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import webuiapi
 from openai.types import ImagesResponse
 from PIL import Image
-from test_server import LiveServer, alone
 
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.server import LiveServer, alone
 
 pytestmark = pytest.mark.xdist_group("clients")  # one server for the module: keep it in one process
 

@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CLIP, tokenizer
 from PIL import Image
-from test_pipeline import PROMPT, check, diffusers_images, psnr, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import check, psnr, sdrt_images
+from tests.helpers.models import CLIP, tokenizer
+from tests.helpers.reference import PROMPT, diffusers_images
 
 # The default run's draws: what each pins (the rest is drawn from its seed as usual). One export per draw costs far
 # more than its comparisons (a U-Net trace: ~45 s; a comparison: ~5-10 s), so three small exports, each compared

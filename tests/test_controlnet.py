@@ -10,37 +10,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import NEGATIVE, PROMPT, SCHEDULERS, check, psnr, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import ControlNetArg, Params
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.controlnet import control_image, make_controlnet
+from tests.helpers.images import check, init_and_mask, psnr, sdrt_images
+from tests.helpers.reference import NEGATIVE, PROMPT, SCHEDULERS
 
 pytestmark = pytest.mark.xdist_group("controlnet")
 SIZES = ["--min-size", "64", "--max-size", "192", "--max-batch", "2"]
-
-
-def make_controlnet(unet_folder, dest, seed: int = 3):
-    """diffusers' ControlNetModel.from_unet (4 input channels, as real ControlNets have even for inpainting U-Nets),
-    its zero-initialised output convolutions given random weights so that it visibly changes the picture."""
-    import diffusers
-
-    unet = diffusers.UNet2DConditionModel.from_pretrained(unet_folder, local_files_only=True)
-    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
-    if unet.config.in_channels != 4:  # an inpainting U-Net: the ControlNet reads the 4 latent channels
-        conv = torch.nn.Conv2d(4, cn.conv_in.out_channels, 3, padding=1)
-        with torch.no_grad():
-            conv.weight.copy_(unet.conv_in.weight[:, :4])
-            conv.bias.copy_(unet.conv_in.bias)
-        cn.conv_in = conv
-        cn.register_to_config(in_channels=4)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1)
-    cn.save_pretrained(dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +39,6 @@ def cn_export(folders, tmp_path_factory):
 def pipe(cn_export):
     with Pipeline.load(cn_export[0], backend="onnxruntime", device="cpu") as p:
         yield p
-
-
-def control_image(w: int = 96, h: int = 64) -> Image.Image:
-    yy, xx = np.mgrid[0:h, 0:w]
-    edges = ((xx // 8 + yy // 8) % 2 * 255).astype(np.uint8)
-    return Image.fromarray(np.stack([edges, (xx * 3 % 256).astype(np.uint8), edges[::-1]], -1))
 
 
 def reference(folder, cn_folders, sampler: str, pipeline: str = "StableDiffusionControlNetPipeline", lora=None, **kw):
@@ -147,14 +120,6 @@ def test_two_controlnets_match_multicontrolnet(pipe, cn_export, folders):
         db_torch = check(sdrt_images(torch_pipe, sampler="euler", controlnet=["canny", "depth"], control_image=images,
                                      **kw), ref)  # fmt: skip
     print(f"two ControlNets, torch backend: PSNR {db_torch:.1f} dB")
-
-
-def init_and_mask(h: int = 64, w: int = 128) -> tuple[Image.Image, Image.Image]:
-    yy, xx = np.mgrid[0:h, 0:w]
-    init = np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1) // 2 + np.random.default_rng(0).integers(0, 64, (h, w, 3))
-    mask = np.zeros((h, w), np.uint8)
-    mask[8:48, 40:112] = 255
-    return Image.fromarray(init.astype(np.uint8)), Image.fromarray(mask)
 
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
@@ -340,7 +305,8 @@ def test_fp16_export_and_tensorrt_rtx_build(cn_export, folders, tmp_path):
 @pytest.fixture(scope="module")
 def lora_file(folders, tmp_path_factory):
     import diffusers
-    from test_lora import kohya_lora
+
+    from tests.helpers.lora import kohya_lora
 
     sd = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd1"], local_files_only=True)
     return kohya_lora(tmp_path_factory.mktemp("cn-lora") / "k.safetensors", sd, 1)
@@ -405,11 +371,11 @@ def test_single_file_controlnet_loads_as_its_folder(cn_export, folders, tmp_path
     shapes, to exactly the folder's weights; its default name drops .safetensors; a file that is not a ControlNet
     and a pickle file are refused in one line."""
     import diffusers
-    from ldm_checkpoint import controlnet_ldm_state_dict
     from safetensors.torch import save_file
 
     from sdrt.export.controlnet import load_controlnet, parse_controlnet_arg
     from sdrt.runtime.manifest import sha256_file
+    from tests.helpers.ldm_checkpoint import controlnet_ldm_state_dict
 
     cn = diffusers.ControlNetModel.from_pretrained(cn_export[1], local_files_only=True)
     file = tmp_path / "control_canny.safetensors"

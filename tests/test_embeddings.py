@@ -15,32 +15,12 @@ from sdrt.cli import main
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
-from tests.test_pipeline import check, diffusers_images
-from tests.test_prompts import _chunk, _diffusers_pipeline, _sdrt_states, reference_states
+from tests.helpers.embeddings import reference_pipe, write
+from tests.helpers.images import check
+from tests.helpers.prompts import chunk, reference_states, sdrt_states
+from tests.helpers.reference import diffusers_images
 
 pytestmark = pytest.mark.xdist_group("embeddings")
-
-WIDTHS = {"sd1": (32,), "sd2": (32,), "sdxl": (32, 64)}  # the test text encoders' hidden sizes (conftest.CLIP)
-
-
-def vectors(kind: str, n: int, seed: int) -> list[torch.Tensor]:
-    """n random vectors per text encoder, at the scale of the test models' token embeddings."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, d, generator=gen) * 0.5 for d in WIDTHS[kind]]
-
-
-def write(path, kind: str, n: int, seed: int, layout: str = "emb_params"):
-    """An embedding file in one of the layouts users bring."""
-    vs = vectors(kind, n, seed)
-    if kind == "sdxl":
-        save_file({"clip_l": vs[0], "clip_g": vs[1]}, str(path))
-    elif layout == "emb_params":  # the web UI's safetensors (EasyNegative)
-        save_file({"emb_params": vs[0]}, str(path))
-    elif layout == "string_to_param":  # the web UI's own layout, flattened
-        save_file({"string_to_param.*": vs[0], "string_to_token.*": torch.tensor([265])}, str(path))
-    else:  # diffusers' concept: {token: vector}
-        save_file({"<concept>": vs[0][0] if n == 1 else vs[0]}, str(path))
-    return path, vs
 
 
 @pytest.fixture
@@ -53,19 +33,6 @@ def directory(exports, tmp_path):
         return dest
 
     return copy
-
-
-def _reference_pipe(folder, kind: str, files: dict):
-    """diffusers' pipeline with each file loaded by its own load_textual_inversion under ``files``' token."""
-    ref = _diffusers_pipeline(folder, kind)
-    for token, (path, vs) in files.items():
-        if kind == "sdxl":  # diffusers loads SDXL's vector sets one text encoder at a time
-            ref.load_textual_inversion(vs[0], token=token, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
-            ref.load_textual_inversion(vs[1], token=token, text_encoder=ref.text_encoder_2,
-                                       tokenizer=ref.tokenizer_2)  # fmt: skip
-        else:
-            ref.load_textual_inversion(str(path), token=token)
-    return ref
 
 
 CASES = [("sd1", "emb_params", 3), ("sd2", "concept", 1), ("sdxl", "pair", 2)]
@@ -87,7 +54,7 @@ def test_embeddings_give_diffusers_load_textual_inversion_picture(kind, layout, 
         without = np.stack([np.asarray(im) for im in pipe(**dict(kw, prompt="a fox style watercolor fox",
                                                                   negative_prompt="bad thing, blurry"),
                                                           seed=8, sampler="euler")])  # fmt: skip
-    ref_pipe = _reference_pipe(folders[kind], kind, {"fox-style": (style, style_vs), "badthing": (neg, neg_vs)})
+    ref_pipe = reference_pipe(folders[kind], kind, {"fox-style": (style, style_vs), "badthing": (neg, neg_vs)})
     import diffusers
 
     ref_pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref_pipe.scheduler.config)
@@ -108,7 +75,7 @@ def test_embeddings_in_the_web_ui_syntax_are_weighted_and_kept_in_one_chunk(dire
     word, word_vs = write(tmp_path / "cat.safetensors", "sd1", 1, seed=4)
     assert main(["embedding", "add", str(root), str(word)]) == 0
     prompt = "a (fox-style:1.3) fox [on a] mat"
-    ref_pipe = _reference_pipe(folders["sd1"], "sd1", {"fox-style": (path, vs)})
+    ref_pipe = reference_pipe(folders["sd1"], "sd1", {"fox-style": (path, vs)})
     expanded = "fox-style fox-style_1 fox-style_2"  # diffusers' tokens for the three vectors
     cond, _ = reference_states(ref_pipe, [("a ", 1.0), (expanded, 1.3), (" fox ", 1.0), ("on a", 1 / 1.1),
                                           (" mat", 1.0)])  # fmt: skip
@@ -117,7 +84,7 @@ def test_embeddings_in_the_web_ui_syntax_are_weighted_and_kept_in_one_chunk(dire
     with Pipeline.load(root, backend="onnxruntime", device="cpu") as pipe:
         params = Params(prompt=prompt, negative_prompt="blurry", steps=4, height=64, width=64, seed=3,
                         sampler="euler", prompt_syntax="webui")  # fmt: skip
-        ours_cond, ours_uncond = _sdrt_states(pipe, params)
+        ours_cond, ours_uncond = sdrt_states(pipe, params)
         for ours, ref in ((ours_cond, cond), (ours_uncond, uncond)):
             assert float((ours - ref).abs().max() / ref.abs().max()) <= 1e-5
         ours = np.stack([np.asarray(im) for im in pipe(prompt, "blurry", seed=3, sampler="euler",
@@ -129,11 +96,11 @@ def test_embeddings_in_the_web_ui_syntax_are_weighted_and_kept_in_one_chunk(dire
         first, _ = pipe.embeddings.rows["fox-style"]
         style_ids = [vocab + first + i for i in range(3)]
         got = tok.webui("a" * 73 + " fox-style")  # 73 + 3 > 75: the three vectors open the second chunk
-        assert got.ids.tolist() == [_chunk(letters, bos, eos, pad), _chunk(style_ids, bos, eos, pad)]
+        assert got.ids.tolist() == [chunk(letters, bos, eos, pad), chunk(style_ids, bos, eos, pad)]
         cat = vocab + pipe.embeddings.rows["cat"][0]
         a, cats = (tok.fragments.encode(t, add_special_tokens=False).ids for t in ("a", "cats"))
-        assert tok.webui("a cat").ids.tolist() == tok.plain("a cat").ids.tolist() == [_chunk([*a, cat], bos, eos, pad)]
-        assert tok.webui("cats").ids.tolist() == [_chunk(cats, bos, eos, pad)]  # "cats" is not "cat"
+        assert tok.webui("a cat").ids.tolist() == tok.plain("a cat").ids.tolist() == [chunk([*a, cat], bos, eos, pad)]
+        assert tok.webui("cats").ids.tolist() == [chunk(cats, bos, eos, pad)]  # "cats" is not "cat"
     embeds = dict(prompt_embeds=cond.float(), negative_prompt_embeds=uncond.float())
     check(ours, diffusers_images(folders["sd1"], "euler", seed=3, **embeds, **kw))
 
@@ -193,7 +160,8 @@ def test_webuiapi_prompts_name_embeddings_as_in_the_web_ui(directory, tmp_path):
     """The real webuiapi client: its embeddings list, and a prompt naming one gives the pipeline's picture of the
     web-UI reading."""
     import webuiapi
-    from test_server import LiveServer, alone
+
+    from tests.helpers.server import LiveServer, alone
 
     root = directory("sd1")
     path, _ = write(tmp_path / "EasyNeg.safetensors", "sd1", 3, seed=7)

@@ -11,14 +11,10 @@ import torch
 
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import psnr
 
 pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu")]  # gpu: skipped without CUDA
 PROMPT = "a watercolor fox in the snow, detailed"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +162,9 @@ def lora_engine(engine, folders, tmp_path_factory):
     import shutil
 
     import diffusers
-    from test_lora import kohya_lora, peft_lora
 
     from sdrt.cli import main
+    from tests.helpers.lora import kohya_lora, peft_lora
 
     root = tmp_path_factory.mktemp("gpu-lora") / "sd1-fp16"
     shutil.copytree(engine, root)
@@ -213,9 +209,8 @@ def test_lora_switching_in_a_captured_graph_tensorrt(lora_engine, tmp_path):
 @pytest.fixture(scope="module")
 def controlnet_engine(folders, tmp_path_factory):
     """The SD1-like folder exported fp16 with two ControlNets (test_controlnet's) and torch programs."""
-    from test_controlnet import make_controlnet
-
     from sdrt.cli import main
+    from tests.helpers.controlnet import make_controlnet
 
     root = tmp_path_factory.mktemp("gpu-controlnet")
     cns = [make_controlnet(folders["sd1"] / "unet", root / name, seed=s) for name, s in (("canny", 3), ("depth", 4))]
@@ -227,7 +222,7 @@ def controlnet_engine(folders, tmp_path_factory):
 def _controlnet_replays(root, backend: str, record_property) -> None:
     """Two ControlNets, their scales and windows as device buffers: one captured graph per layout, replayed for
     other scales; each equals the step-by-step path, and the ControlNets change the picture."""
-    from test_controlnet import control_image
+    from tests.helpers.controlnet import control_image
 
     cn = dict(controlnet=["canny", "depth"], control_image=[control_image(), control_image(64, 64)])
     kws = [

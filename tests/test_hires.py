@@ -1,80 +1,18 @@
-"""The web UI's hires fix against a reference built from diffusers' own pieces, as the web UI composes them: the
-txt2img pipeline's latents (``output_type="latent"``) upscaled with ``torch.nn.functional.interpolate`` in the
-web UI's mode, or its picture resized with PIL's filter, then diffusers' img2img pipeline on those latents or
-pictures at the larger size, with a generator seeded afresh for each pass."""
+"""The web UI's hires fix against a reference built from diffusers' own pieces, as the web UI composes them
+(tests/helpers/hires.py): the txt2img pipeline's latents (``output_type="latent"``) upscaled with
+``torch.nn.functional.interpolate`` in the web UI's mode, or its picture resized with PIL's filter, then diffusers'
+img2img pipeline on those latents or pictures at the larger size, with a generator seeded afresh for each pass."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Hires
 from sdrt.runtime.pipeline import Pipeline
-
-# the web UI's latent upscalers as it defines them (modules/shared.py): (interpolate mode, antialias)
-LATENT = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-IMAGE = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
-# SD 1.x runs every upscaler; SDXL and the torch programs one of each kind, every one with SDRT_HIRES_ALL=1
-ALL = bool(os.environ.get("SDRT_HIRES_ALL"))
-SOME = [*LATENT, *IMAGE] if ALL else ["Latent (bicubic antialiased)", "Lanczos"]
-KW = dict(prompt="a watercolor fox in the snow, detailed", negative_prompt="blurry", num_inference_steps=6,
-          guidance_scale=6.0, height=64, width=96, seed=11)  # fmt: skip
-
-
-def reference(folder, sdxl: bool, upscaler: str, size: tuple[int, int], sampler: str = "euler",
-              hr_sampler: str | None = None, steps: int = 0, strength: float = 0.6, n: int = 1,
-              hr_prompt: str | None = None, hr_cfg: float | None = None, **kw) -> np.ndarray:  # fmt: skip
-    """diffusers' txt2img, the upscale, diffusers' img2img: uint8 [n, H, W, 3]. ``size``: (width, height)."""
-    import diffusers
-    from test_pipeline import SCHEDULERS
-
-    kw = dict(KW, **kw)
-    seed = kw.pop("seed")
-    prompt = [kw.pop("prompt")] * n
-    negative = [kw.pop("negative_prompt")] * n
-    load = dict(local_files_only=True) if sdxl else dict(local_files_only=True, safety_checker=None,
-                                                             requires_safety_checker=False)  # fmt: skip
-    names = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline") if sdxl else (
-        "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # fmt: skip
-    txt = getattr(diffusers, names[0]).from_pretrained(folder, **load)
-    cls, extra = SCHEDULERS[sampler]
-    txt.scheduler = getattr(diffusers, cls).from_config(txt.scheduler.config, **extra)
-    txt.set_progress_bar_config(disable=True)
-    latent = upscaler in LATENT
-    first = txt(prompt=prompt, negative_prompt=negative, generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="latent" if latent else "pil", **kw).images  # fmt: skip
-    if latent:
-        mode, antialias = LATENT[upscaler]
-        factor = txt.vae_scale_factor
-        init = torch.nn.functional.interpolate(first, size=(size[1] // factor, size[0] // factor), mode=mode,
-                                               antialias=antialias)  # fmt: skip
-    else:
-        init = [im.resize(size, resample=IMAGE[upscaler]) for im in first]
-    img2img = getattr(diffusers, names[1]).from_pipe(txt)
-    cls, extra = SCHEDULERS[hr_sampler or sampler]
-    img2img.scheduler = getattr(diffusers, cls).from_config(txt.scheduler.config, **extra)
-    out = img2img(prompt=[hr_prompt] * n if hr_prompt else prompt, negative_prompt=negative, image=init,
-                  strength=strength, num_inference_steps=steps or kw["num_inference_steps"],
-                  guidance_scale=kw["guidance_scale"] if hr_cfg is None else hr_cfg,
-                  generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images  # fmt: skip
-    return np.stack([np.asarray(im) for im in out])
-
-
-def ours(pipe: Pipeline, sampler: str = "euler", n: int = 1, **hires) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in pipe(sampler=sampler, num_images_per_prompt=n, hires=Hires(**hires),
-                                                     **KW)])  # fmt: skip
+from tests.helpers.hires import IMAGE, KW, LATENT, SOME, ours, reference
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +24,7 @@ def sd1(exports):
 @pytest.mark.parametrize("upscaler", [*LATENT, *IMAGE])
 def test_each_upscaler_matches_diffusers_pieces(upscaler, sd1, folders, record_property):
     """96x64 -> x1.5 (144x96), 6 then 4 second-pass steps at strength 0.6, Euler."""
-    from test_pipeline import check
+    from tests.helpers.images import check
 
     mine = ours(sd1, upscaler=upscaler, scale=1.5, steps=4, strength=0.6)
     assert mine.shape == (1, 96, 144, 3)
@@ -98,7 +36,7 @@ def test_each_upscaler_matches_diffusers_pieces(upscaler, sd1, folders, record_p
 def test_second_pass_settings_and_batches_match(sd1, folders, record_property):
     """Two images per prompt through the image upscaler (an init image per row, one posterior draw over them), the
     hires prompt, guidance and another sampler, the size from hr_resize_x alone."""
-    from test_pipeline import check
+    from tests.helpers.images import check
 
     hires = dict(upscaler="Lanczos", width=192, strength=0.75, sampler="dpmpp_2m", prompt="a red fox, oil painting",
                  guidance=4.0)  # fmt: skip
@@ -111,7 +49,7 @@ def test_second_pass_settings_and_batches_match(sd1, folders, record_property):
 
 @pytest.mark.parametrize("upscaler", SOME)
 def test_sdxl_matches_diffusers_pieces(upscaler, exports, folders, record_property):
-    from test_pipeline import check
+    from tests.helpers.images import check
 
     with Pipeline.load(exports.get("sdxl", "fp32"), backend="onnxruntime", device="cpu") as pipe:
         mine = ours(pipe, upscaler=upscaler, scale=2, steps=3, strength=0.5)
@@ -146,9 +84,8 @@ def test_cli_and_v1_images_give_the_pipelines_picture(sd1, exports, tmp_path):
     import io
     from concurrent.futures import ThreadPoolExecutor
 
-    from test_server import LiveServer
-
     from sdrt.cli import main
+    from tests.helpers.server import LiveServer
 
     kw = dict(KW, num_inference_steps=4)
     hires = Hires(scale=2, upscaler="Nearest", steps=3, strength=0.5, guidance=3.0)

@@ -1,4 +1,4 @@
-"""LDM single-file checkpoints written by ``ldm_checkpoint`` load back exactly through diffusers.
+"""LDM single-file checkpoints written by ``tests/helpers/ldm_checkpoint`` load back exactly through diffusers.
 
 Tiny random-weight SD 1.x-, SD 2.x- and SDXL-like models are saved as one LDM-layout safetensors
 file and read back with ``from_single_file``; every tensor must come back bit-identical.  The
@@ -22,7 +22,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu
-from ldm_checkpoint import (
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from tests.helpers.ldm_checkpoint import (
     SD_CLIP_PREFIX,
     SD_OPEN_CLIP_PREFIX,
     SDXL_CLIP_PREFIX,
@@ -30,8 +33,6 @@ from ldm_checkpoint import (
     ldm_state_dict,
     save_ldm_checkpoint,
 )
-from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 pytestmark = pytest.mark.xdist_group("ldm")  # its fixtures are made once per process: keep it in one
 

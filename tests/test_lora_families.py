@@ -4,7 +4,7 @@ torch backend.
 SDXL's kohya files are written as sd-scripts writes them: `lora_te1_` / `lora_te2_` for its two text encoders (the
 second a CLIPTextModelWithProjection) and the original (SGM) U-Net's block names, `input_blocks.I.J` /
 `middle_block.J` / `output_blocks.I.J`, which diffusers maps back with the U-Net's layers_per_block. The reference
-is diffusers' own pipeline of the family with the same file loaded (test_lora.reference).
+is diffusers' own pipeline of the family with the same file loaded (tests/helpers/lora.py's reference).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_lora import FUSE_ARGS, KW, UNET_TARGETS, kohya_key, kohya_lora, kohya_parts, peft_lora, reference
-from test_pipeline import check, psnr, sdrt_images
 
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import check, psnr, sdrt_images
+from tests.helpers.lora import FUSE_ARGS, KW, UNET_TARGETS, kohya_key, kohya_lora, kohya_parts, peft_lora, reference
 
 pytestmark = pytest.mark.xdist_group("lora-families")
 PIPELINES = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}

@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, psnr, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import check, psnr, sdrt_images
+from tests.helpers.reference import NEGATIVE, PROMPT, diffusers_images
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'sdrt[openvino]'")
 
@@ -49,7 +50,7 @@ def test_f32_matches_diffusers(kind, sampler, exports, folders):
 
 
 def test_img2img_and_inpainting_match_diffusers(exports, folders):
-    from test_sdxl_inpaint import init_and_mask
+    from tests.helpers.images import init_and_mask
 
     image, mask = init_and_mask()
     kw = dict(prompt=PROMPT, image=image, strength=0.6, num_inference_steps=6, guidance_scale=5.0, seed=8)
@@ -145,7 +146,8 @@ def test_the_server_batches_openvino_requests_each_as_alone(exports):
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
-    from test_server import LiveServer, alone, body, pixels
+
+    from tests.helpers.server import LiveServer, alone, body, pixels
 
     with load(exports.get("sd1", "fp32")) as pipe:
         server = LiveServer(pipe)

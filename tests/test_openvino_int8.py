@@ -20,6 +20,7 @@ from sdrt.runtime.int8 import BIN, XML
 from sdrt.runtime.manifest import read_manifest, sha256_file
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import psnr
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'sdrt[openvino]'")
 nncf = pytest.importorskip("nncf", reason="NNCF is not installed: pip install 'sdrt[openvino]'")
@@ -67,11 +68,6 @@ def reference(folder) -> np.ndarray:
     kw = dict(KW)
     out = pipe(**kw, generator=torch.Generator("cpu").manual_seed(kw.pop("seed")), output_type="np")
     return (out.images * 255).round().astype(np.uint8)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def load(root, **kw) -> Pipeline:

@@ -4,8 +4,6 @@ modules in PyTorch, and diffusers' own pipelines (its ``clip_skip``, ``prompt_em
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -14,8 +12,9 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.prompts import parse_attention
-from sdrt.runtime.request import host_inputs
-from tests.test_pipeline import check, diffusers_images
+from tests.helpers.images import check
+from tests.helpers.prompts import CHUNKED, CHUNKED_PARSED, chunk, diffusers_pipeline, reference_states, sdrt_states
+from tests.helpers.reference import diffusers_images
 
 pytestmark = pytest.mark.xdist_group("prompts")
 
@@ -73,12 +72,6 @@ def test_what_the_web_ui_schedules_or_cannot_read_is_refused_in_one_line(text, f
 # -- chunks, cut by hand from the web UI's rules ---------------------------------------------------------------
 
 
-def _chunk(tokens: list[int], bos: int, eos: int, pad: int) -> list[int]:
-    ids = [bos, *tokens, *[eos] * (76 - len(tokens))]
-    first = ids.index(eos)
-    return ids[: first + 1] + [pad] * (76 - first)
-
-
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_chunks_are_cut_as_the_web_ui_cuts_them(kind, exports):
     with Pipeline.load(exports.get(kind, "fp32"), backend="onnxruntime", device="cpu") as pipe:
@@ -90,100 +83,34 @@ def test_chunks_are_cut_as_the_web_ui_cuts_them(kind, exports):
         got = tok.webui(words)
         flat = enc(words, add_special_tokens=False).ids
         assert len(flat) == 120
-        assert got.ids.tolist() == [_chunk(flat[:75], bos, eos, pad), _chunk(flat[75:], bos, eos, pad)]
+        assert got.ids.tolist() == [chunk(flat[:75], bos, eos, pad), chunk(flat[75:], bos, eos, pad)]
         # a comma 6 tokens before the chunk fills: the words after it move to the next chunk
         text = " ".join(["abc"] * 23) + ", " + " ".join(["cde"] * 4)  # 69 tokens, the comma, 12 more
         flat = enc(text, add_special_tokens=False).ids
         comma = flat.index(tok.comma)
         assert comma == 69
         got = tok.webui(text)
-        assert got.ids.tolist() == [_chunk(flat[:70], bos, eos, pad), _chunk(flat[70:], bos, eos, pad)]
+        assert got.ids.tolist() == [chunk(flat[:70], bos, eos, pad), chunk(flat[70:], bos, eos, pad)]
         # BREAK: a new chunk; weights per token; the empty prompt is one chunk
         got = tok.webui("(ab:1.5) BREAK cd")
-        assert got.ids.tolist() == [_chunk(enc("ab", add_special_tokens=False).ids, bos, eos, pad),
-                                    _chunk(enc("cd", add_special_tokens=False).ids, bos, eos, pad)]  # fmt: skip
+        assert got.ids.tolist() == [chunk(enc("ab", add_special_tokens=False).ids, bos, eos, pad),
+                                    chunk(enc("cd", add_special_tokens=False).ids, bos, eos, pad)]  # fmt: skip
         assert got.weights[0, 1:3].tolist() == [1.5] * 2 and got.weights[0, 3:].tolist() == [1.0] * 74
-        assert tok.webui("").ids.tolist() == [_chunk([], bos, eos, pad)]
+        assert tok.webui("").ids.tolist() == [chunk([], bos, eos, pad)]
 
 
 # -- the conditioning and the picture against float64 states and diffusers -----------------------------------
 
-CHUNKED = "a (red:1.5) fox [sitting] on a ((mat)) BREAK in the snow"
-CHUNKED_PARSED = [("a ", 1.0), ("red", 1.5), (" fox ", 1.0), ("sitting", 1 / 1.1), (" on a ", 1.0), ("mat", 1.21),
-                  None, ("in the snow", 1.0)]  # fmt: skip  # None: BREAK
 LONG_NEGATIVE = " ".join(["(blurry:0.8) low quality"] * 5)  # 80 tokens: 2 chunks, cut at 75
 LONG_NEGATIVE_PARSED = [item for _ in range(5) for item in (("blurry", 0.8), (" low quality ", 1.0))][:-1]
 LONG_NEGATIVE_PARSED += [(" low quality", 1.0)]
-
-
-def _reference_chunks(tokenizer, parsed) -> tuple[list[list[int]], list[list[float]]]:
-    """Chunks from a parse written out by hand: fragments tokenized alone by transformers' tokenizer, cut every 75
-    tokens (the prompts here have no comma) and at each BREAK."""
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    groups, cur = [], []
-    for item in parsed:
-        if item is None:
-            groups.append(cur)
-            cur = []
-            continue
-        text, weight = item
-        assert "," not in text
-        for t in tokenizer(text, add_special_tokens=False).input_ids:
-            if len(cur) == 75:
-                groups.append(cur)
-                cur = []
-            cur.append((t, weight))
-    groups.append(cur)
-    ids = [_chunk([t for t, _ in g], bos, eos, pad) for g in groups]
-    weights = [[1.0, *[w for _, w in g], *[1.0] * (76 - len(g))] for g in groups]
-    return ids, weights
-
-
-def reference_states(pipe, parsed, skip: int = 0, renorm: bool = True):
-    """Per text encoder, in float64: each chunk's states (diffusers' layer choice with clip skip), each token's
-    states times its weight, rescaled to the chunk's mean before weighting; chunks joined along the tokens; the
-    pooled embedding of the first chunk. Returns (states [1, 77 k, D], pooled or None)."""
-    sdxl = hasattr(pipe, "text_encoder_2")
-    states, pooled = [], None
-    for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))[: 1 + sdxl]:
-        model = copy.deepcopy(getattr(pipe, enc_name)).double()
-        ids, weights = _reference_chunks(getattr(pipe, tok_name), parsed)
-        zs = []
-        with torch.no_grad():
-            for c, (i, w) in enumerate(zip(ids, weights, strict=True)):
-                out = model(torch.tensor([i]), output_hidden_states=True)
-                if sdxl:
-                    z = out.hidden_states[-(skip + 2)]
-                else:
-                    z = getattr(model, "text_model", model).final_layer_norm(out.hidden_states[-(skip + 1)])
-                before = z.mean()
-                z = z * torch.tensor(w, dtype=torch.float64)[None, :, None]
-                zs.append(z * (before / z.mean()) if renorm else z)
-                if c == 0 and enc_name == "text_encoder_2":
-                    pooled = out.text_embeds
-        states.append(torch.cat(zs, dim=1))
-    return torch.cat(states, dim=-1), pooled
-
-
-def _sdrt_states(pipe: Pipeline, params: Params) -> torch.Tensor:
-    req = pipe.request(params)
-    host = host_inputs([req], pipe.plan(req.sampler, req.steps, req.strength), (4, 8), False, pipe.zero_negatives)
-    return pipe._encode_text("prompt", host)[0].double(), pipe._encode_text("negative", host)[0].double()
-
-
-def _diffusers_pipeline(folder, kind: str):
-    import diffusers
-
-    cls = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else diffusers.StableDiffusionPipeline
-    extra = {} if kind == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
-    return cls.from_pretrained(folder, local_files_only=True, **extra)
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_webui_prompts_give_the_pictures_of_their_weighted_chunks(kind, exports, folders):
     """Emphasis, BREAK and a 2-chunk negative: sdrt's conditioning equals the float64 states to 1e-5, and its
     picture is diffusers' pipeline given those states as prompt_embeds (>= 40 dB)."""
-    ref_pipe = _diffusers_pipeline(folders[kind], kind)
+    ref_pipe = diffusers_pipeline(folders[kind], kind)
     cond, pooled = reference_states(ref_pipe, CHUNKED_PARSED)
     uncond, neg_pooled = reference_states(ref_pipe, LONG_NEGATIVE_PARSED)
     assert cond.shape[1] == uncond.shape[1] == 154
@@ -191,7 +118,7 @@ def test_webui_prompts_give_the_pictures_of_their_weighted_chunks(kind, exports,
     with Pipeline.load(exports.get(kind, "fp32"), backend="onnxruntime", device="cpu") as pipe:
         params = Params(prompt=CHUNKED, negative_prompt=LONG_NEGATIVE, steps=4, height=64, width=64, seed=3,
                         sampler="euler", prompt_syntax="webui")  # fmt: skip
-        ours_cond, ours_uncond = _sdrt_states(pipe, params)
+        ours_cond, ours_uncond = sdrt_states(pipe, params)
         for ours, ref in ((ours_cond, cond), (ours_uncond, uncond)):
             assert ours.shape == ref.shape
             assert float((ours - ref).abs().max() / ref.abs().max()) <= 1e-5
@@ -214,7 +141,7 @@ def test_prompt_and_negative_of_different_lengths_run_as_the_web_ui_runs_them(ex
     chunk and equals diffusers' pipeline on the padded states."""
     import diffusers
 
-    ref_pipe = _diffusers_pipeline(folders["sd1"], "sd1")
+    ref_pipe = diffusers_pipeline(folders["sd1"], "sd1")
     cond, _ = reference_states(ref_pipe, CHUNKED_PARSED)
     uncond, _ = reference_states(ref_pipe, [("blurry", 1.3)])
     kw = dict(num_inference_steps=4, height=64, width=64, guidance_scale=7.0, seed=5, sampler="euler")
@@ -270,7 +197,7 @@ def test_clip_skip_matches_diffusers(kind, exports, folders):
 def test_eta_and_guidance_rescale_match_diffusers(kind, exports, folders):
     """DDIM with eta (its noise drawn after each step's model call, from the seed's generator, as diffusers draws
     it) and guidance_rescale (SD 2.x: v-prediction), against diffusers' own pipeline."""
-    from tests.test_pipeline import sdrt_images
+    from tests.helpers.images import sdrt_images
 
     kw = dict(prompt="a watercolor fox", negative_prompt="blurry", num_inference_steps=5, height=64, width=64,
               guidance_scale=7.0, eta=0.7, guidance_rescale=0.6)  # fmt: skip

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import check, init_and_mask, sdrt_images
+from tests.helpers.reference import NEGATIVE, PROMPT, diffusers_images
 
 H, W = 64, 128  # non-square everywhere
 
@@ -27,16 +28,6 @@ def pipes(exports):
     yield out
     for p in out.values():
         p.close()
-
-
-def init_and_mask() -> tuple[Image.Image, Image.Image]:
-    """A structured init image and a mask whose white (repainted) region is a off-centre rectangle."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:H, 0:W]
-    init = np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1) // 2 + rng.integers(0, 64, (H, W, 3))
-    mask = np.zeros((H, W), np.uint8)
-    mask[8:48, 40:112] = 255
-    return Image.fromarray(init.astype(np.uint8)), Image.fromarray(mask)
 
 
 # -- SDXL ---------------------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ on ``/sdapi`` (through the real ``webuiapi`` client).
 Each served image is byte-identical to the Pipeline called directly with the same ControlNets; requests that
 differ only in scales and images share an engine batch, requests with other ControlNets never do; a refused
 ControlNet is a one-line 400 naming the field as the client spelt it. The engine is the small sd1 folder with two
-ControlNets from test_controlnet's `make_controlnet`, one named as the web UI lists a model (without its hash);
-the live server (uvicorn on loopback) comes from test_server's helpers.
+ControlNets from tests/helpers/controlnet.py's `make_controlnet`, one named as the web UI lists a model (without its
+hash); the live server (uvicorn on loopback) comes from tests/helpers/server.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import webuiapi
 from PIL import Image
-from test_controlnet import control_image, make_controlnet
-from test_server import LiveServer, pixels, png_b64
 
 from sdrt.runtime.params import ControlNetArg, Params
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.controlnet import control_image, make_controlnet
+from tests.helpers.server import LiveServer, pixels, png_b64
 
 pytestmark = pytest.mark.xdist_group("serve_controlnet")  # one server for the module: keep it in one process
 

@@ -2,8 +2,9 @@
 
 Each served image is byte-identical to the Pipeline called directly with the same ``Params(loras=...)``; requests
 with different adapter sets never share an engine batch; a refused adapter is a 400 naming the field, and leaves the
-pipeline as it was. The engine (an sd1 export with the kohya adapter ``kohya`` and the PEFT adapter ``p``) comes from
-test_lora's fixtures, the live server (uvicorn on loopback, a real HTTP client) from test_server's helpers.
+pipeline as it was. The engine (an sd1 export with the kohya adapter ``kohya`` and the PEFT adapter ``p``) is the one
+the runtime's LoRA tests use, the live server (uvicorn on loopback, a real HTTP client) the other HTTP tests' (both
+from tests/helpers).
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import test_lora
 from PIL import Image
-from test_lora import KW
-from test_server import LiveServer, pixels, png_b64
 
 from sdrt.runtime.params import Params
+from sdrt.runtime.pipeline import Pipeline
 from sdrt.serve.api import prompt_loras
 from sdrt.serve.inputs import ApiError
+from tests.helpers.lora import KW, add_adapters, sd1_adapters
+from tests.helpers.server import LiveServer, pixels, png_b64
 
 pytestmark = pytest.mark.xdist_group("lora")
-engine, files, pipe = test_lora.engine, test_lora.files, test_lora.pipe  # its module fixtures, made here once
 
 V1 = {"prompt": KW["prompt"], "negative_prompt": KW["negative_prompt"], "steps": KW["num_inference_steps"],
       "guidance": KW["guidance_scale"], "height": KW["height"], "width": KW["width"], "seed": KW["seed"],
@@ -33,6 +33,14 @@ SDAPI = {"prompt": KW["prompt"], "negative_prompt": KW["negative_prompt"], "step
          "cfg_scale": KW["guidance_scale"], "height": KW["height"], "width": KW["width"], "seed": KW["seed"],
          "sampler_name": "Euler"}  # fmt: skip
 INIT = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pipe(exports, folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-lora")
+    engine = add_adapters(exports.get("sd1", "fp32"), sd1_adapters(folders["sd1"], root), root / "sd1")
+    with Pipeline.load(engine, backend="onnxruntime", device="cpu") as p:
+        yield p
 
 
 @pytest.fixture(scope="module")

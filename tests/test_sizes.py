@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import check, sdrt_images
+from tests.helpers.reference import NEGATIVE, PROMPT, diffusers_images
 
 NATIVE96 = pytest.mark.xdist_group("native96")  # with test_torch_backend.py: one worker makes the export both read
 SD = "StableDiffusionPipeline"
@@ -192,9 +193,9 @@ def test_wide_range_export_costs_what_the_model_costs(folders, tmp_path):
 )  # fmt: skip
 def test_unsupported_unets_are_refused_in_one_line(change, msg, tmp_path):
     import diffusers
-    from conftest import UNETS, build_pipeline
 
     from sdrt.export.directory import export_model
+    from tests.helpers.models import UNETS, build_pipeline
 
     pipe = build_pipeline("sd1")
     pipe.unet = diffusers.UNet2DConditionModel(**dict(UNETS["sd1"], **change))

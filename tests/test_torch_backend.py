@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_hires import SOME
 
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.hires import SOME
 
 # with test_sizes.py's native96 tests: the worker that makes the native96 export runs every test that reads it
 pytestmark = pytest.mark.xdist_group("native96")
@@ -27,7 +27,8 @@ def engine(request, folders, exports, native96):
 
 
 def test_torch_programs_draw_diffusers_picture(engine):
-    from test_pipeline import check, diffusers_images, sdrt_images
+    from tests.helpers.images import check, sdrt_images
+    from tests.helpers.reference import diffusers_images
 
     precision, root, folder = engine
     pipe = Pipeline.load(root, backend="torch", device="cpu")
@@ -43,7 +44,7 @@ def test_torch_and_onnxruntime_backends_agree(engine):
     a = Pipeline.load(root, backend="torch", device="cpu")
     b = Pipeline.load(root, backend="onnxruntime", device="cpu")
     images = [np.stack([np.asarray(im) for im in p(sampler="dpmpp_2m_karras", **KW)]) for p in (a, b)]
-    from test_pipeline import psnr
+    from tests.helpers.images import psnr
 
     assert psnr(*images) >= 35.0
 
@@ -54,19 +55,19 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
     own load_textual_inversion (1e-5), and the picture against diffusers' pipeline on those states (>= 40 dB)."""
     import shutil
 
-    from test_embeddings import _reference_pipe, write
-    from test_pipeline import check, diffusers_images
-    from test_prompts import CHUNKED, CHUNKED_PARSED, _sdrt_states, reference_states
-
     from sdrt.cli import main
     from sdrt.runtime.params import Params
+    from tests.helpers.embeddings import reference_pipe, write
+    from tests.helpers.images import check
+    from tests.helpers.prompts import CHUNKED, CHUNKED_PARSED, reference_states, sdrt_states
+    from tests.helpers.reference import diffusers_images
 
     root = tmp_path / "native96"
     shutil.copytree(native96, root)
     path, vs = write(tmp_path / "badthing.safetensors", "sd1", 2, seed=11)
     assert main(["embedding", "add", str(root), str(path)]) == 0
     negative = "(badthing:1.2) " + "low quality " * 8  # 2 vectors + 8 x 10 letter tokens: two chunks
-    ref_pipe = _reference_pipe(folders["sd1-native96"], "sd1", {"badthing": (path, vs)})
+    ref_pipe = reference_pipe(folders["sd1-native96"], "sd1", {"badthing": (path, vs)})
     cond, _ = reference_states(ref_pipe, CHUNKED_PARSED, skip=1)
     low = ("low quality " * 8).rstrip(" ")
     uncond, _ = reference_states(ref_pipe, [("badthing badthing_1", 1.2), (" " + low, 1.0)], skip=1)
@@ -74,7 +75,7 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
     kw = dict(seed=2, sampler="euler", prompt_syntax="webui", clip_skip=1)
     with Pipeline.load(root, backend="torch", device="cpu") as pipe:
         params = Params(prompt=CHUNKED, negative_prompt=negative, steps=4, height=64, width=64, **kw)
-        for ours, ref in zip(_sdrt_states(pipe, params), (cond, uncond), strict=True):
+        for ours, ref in zip(sdrt_states(pipe, params), (cond, uncond), strict=True):
             assert ours.shape == ref.shape
             assert float((ours - ref).abs().max() / ref.abs().max()) <= 1e-5
         ours = np.stack([np.asarray(im) for im in pipe(CHUNKED, negative, num_inference_steps=4, height=64, width=64,
@@ -89,8 +90,8 @@ def test_torch_programs_read_web_ui_prompts_embeddings_and_clip_skip(native96, f
 def test_torch_programs_hires_fix(upscaler, native96, folders, record_property):
     """The hires fix (both passes in one body with a latent upscaler; PIL between them with an image one) on the
     fp32 torch programs, against diffusers' pieces."""
-    from test_hires import ours, reference
-    from test_pipeline import check
+    from tests.helpers.hires import ours, reference
+    from tests.helpers.images import check
 
     with Pipeline.load(native96, backend="torch", device="cpu") as pipe:
         mine = ours(pipe, upscaler=upscaler, scale=1.5, steps=4, strength=0.6)

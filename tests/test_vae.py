@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import SIZES, build_pipeline
-from PIL import Image
-from test_pipeline import NEGATIVE, PROMPT, check, diffusers_images, sdrt_images
 
 from sdrt.cli import main
 from sdrt.runtime.pipeline import Pipeline
+from tests.helpers.images import check, init_and_mask, sdrt_images
+from tests.helpers.models import SIZES, build_pipeline
+from tests.helpers.reference import NEGATIVE, PROMPT, diffusers_images
 
 pytestmark = pytest.mark.xdist_group("vae")
 H, W = 64, 128  # non-square
@@ -44,15 +43,6 @@ def taesd(tmp_path_factory):
     assert main(["export", str(folder), str(out), "--precision", "fp32", "--vae", str(vae), *SIZES]) == 0
     with Pipeline.load(out, backend="onnxruntime", device="cpu") as pipe:
         yield folder, vae, out, pipe
-
-
-def init_and_mask() -> tuple[Image.Image, Image.Image]:
-    """A structured init image, and a mask whose white (repainted) region is an off-centre rectangle."""
-    yy, xx = np.mgrid[0:H, 0:W]
-    init = np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1) // 2 + np.random.default_rng(0).integers(0, 64, (H, W, 3))
-    mask = np.zeros((H, W), np.uint8)
-    mask[8:48, 40:112] = 255
-    return Image.fromarray(init.astype(np.uint8)), Image.fromarray(mask)
 
 
 def reference(folder, vae, sampler: str, **kw):
