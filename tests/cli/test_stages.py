@@ -108,7 +108,7 @@ def test_build_needs_neither_diffusers_nor_transformers(engine, tmp_path):
 ALLOWED = {"runtime": set(), "export": {"runtime"}, "trt": {"runtime"}, "serve": {"runtime"},
            "benchmarks": {"runtime", "export"}, "cli": {"runtime"}}  # fmt: skip
 # (the dispatcher reaches each stage's command module by the names in sdrt.cli.STAGE_COMMANDS)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is in tests/<stage>/)
 
 
 def stage_imports(folder: str) -> dict[str, list[str]]:

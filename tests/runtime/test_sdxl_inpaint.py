@@ -1,7 +1,7 @@
 """SDXL and inpainting against diffusers' own pipelines on the same folders, seeds, samplers and sizes.
 
 StableDiffusionXLPipeline / Img2Img / Inpaint and StableDiffusionInpaintPipeline are the references; the folders
-(tests/conftest.py) are small SDXL-like and inpainting (9-channel U-Net) configurations built with diffusers'
+(tests/helpers/models.py) are small SDXL-like and inpainting (9-channel U-Net) configurations built with diffusers'
 classes, exported in fp32 and run on the CPU with ONNX Runtime.
 """
 

@@ -1,7 +1,7 @@
 """Sizes as the model decides them: VAE scale factors 4 and 2, latents the U-Net's downsampling does not divide,
 the native size as every stage's default, export cost that follows the model, and readable files.
 
-References are diffusers' own pipelines on the same folders (tests/conftest.py): sdrt must give the picture
+References are diffusers' own pipelines on the same folders (tests/helpers/models.py): sdrt must give the picture
 diffusers gives at every size diffusers accepts, within the exported range.
 """
 

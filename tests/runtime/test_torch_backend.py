@@ -1,6 +1,6 @@
 """The torch backend (`export --torch-programs`, the CUDA-graph path on a GPU without TensorRT) on the CPU: the
 saved programs load and draw diffusers' picture, fp32 and fp16, so the programs a GPU check loads are known good
-before any GPU runs them. Step by step only: CUDA-graph capture needs a GPU (tests/test_gpu.py)."""
+before any GPU runs them. Step by step only: CUDA-graph capture needs a GPU (tests/runtime/test_gpu.py)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is in tests/<stage>/)
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
