@@ -197,7 +197,7 @@ wait_export() {
 }
 
 gpu_tests() {
-  "$PY" -m pytest tests/test_gpu.py -m gpu -o addopts= -p no:cacheprovider -rA -q \
+  "$PY" -m pytest tests/runtime/test_gpu.py -m gpu -o addopts= -p no:cacheprovider -rA -q \
     --basetemp=/tmp/sdrt-gpu-tests --junitxml="$OUT/gpu_tests.xml"
 }
 tests_result() { grep -E '(passed|failed|skipped|error)' "$OUT/tests.log" | tail -n 1; }

@@ -1,0 +1,1 @@
+"""The benchmarks (benchmarks/): `sdrt bench`, its peers, and the GPU check script."""

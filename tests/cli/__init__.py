@@ -1,0 +1,1 @@
+"""The `sdrt` command (cli/) and the boundaries between the stages."""

@@ -1,0 +1,1 @@
+"""The TensorRT build (trt/): ONNX graphs -> TensorRT plans, `sdrt build`."""
