@@ -166,8 +166,10 @@ class TensorRTBackend(Backend):
         self.name = family
         env = runtime_environment(family)
         if FAMILIES[family].portable and not is_rtx_gpu(env.gpu):
-            raise SdrtError(f"TensorRT for RTX engines run on RTX GPUs, not on {env.gpu}; use --backend tensorrt "
-                            "(plans built on this GPU), torch or onnxruntime")  # fmt: skip
+            raise SdrtError(
+                f"TensorRT for RTX engines run on RTX GPUs, not on {env.gpu}; use --backend tensorrt "
+                "(plans built on this GPU), torch or onnxruntime"
+            )
         trt = import_family(FAMILIES[family])[0]
         self.kernels = KernelCache(kernel_cache_path(env.version, env.gpu)) if FAMILIES[family].portable else None
         self.runners: dict[str, TrtRunner] = {}
@@ -192,8 +194,11 @@ class TensorRTBackend(Backend):
         allowed = set(self.manifest["engines"][graph]["key"].get("refittable", []))
         new = {u.initializer: u for u in updates}
         if missing := sorted(set(new) - allowed):
-            raise SdrtError(f"{graph}.plan was built without {missing[0]} refittable (adapters added after the "
-                            f"build?); rebuild it with `sdrt build {self.root}`", field="loras")  # fmt: skip
+            raise SdrtError(
+                f"{graph}.plan was built without {missing[0]} refittable (adapters added after the "
+                f"build?); rebuild it with `sdrt build {self.root}`",
+                field="loras",
+            )
         values = {}
         with safe_open(str(self.root / BASE_FILE), "pt") as base:
             for name in sorted(set(new) | self.changed.get(graph, set())):
@@ -297,8 +302,10 @@ def open_backend(
     openvino = backend == "openvino" or (backend == "auto" and not gpu and has_openvino())
     for flag, given in (("cpu_precision", cpu_precision), ("cpu_int8", cpu_int8)):
         if given and not openvino:
-            raise SdrtError(f"--{flag.replace('_', '-')} is OpenVINO's; add --backend openvino (pip install "
-                            "'sdrt[openvino]')", field=flag)  # fmt: skip
+            raise SdrtError(
+                f"--{flag.replace('_', '-')} is OpenVINO's; add --backend openvino (pip install 'sdrt[openvino]')",
+                field=flag,
+            )
     if openvino:
         from sdrt.runtime.openvino import OpenVinoBackend
 

@@ -54,8 +54,9 @@ class CaptureCache:
     def __init__(self) -> None:
         self.graphs: OrderedDict[tuple, Captured] = OrderedDict()
 
-    def replay(self, pipe: Pipeline, layout: Layout, plan: Plan, host: dict[str, torch.Tensor],
-               timings: dict[str, float]) -> torch.Tensor:  # fmt: skip
+    def replay(
+        self, pipe: Pipeline, layout: Layout, plan: Plan, host: dict[str, torch.Tensor], timings: dict[str, float]
+    ) -> torch.Tensor:
         key = layout.key
         captured = self.graphs.pop(key, None) or Captured(pipe, layout, plan, host)
         self.graphs[key] = captured

@@ -49,14 +49,18 @@ def controlnet_args(
     names = [controlnet] if isinstance(controlnet, str) else list(controlnet)
     images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
     if len(images) != len(names):
-        raise SdrtError(f"{len(names)} ControlNet(s) and {len(images)} control image(s): give one image per "
-                        "ControlNet", field="control_image")  # fmt: skip
+        raise SdrtError(
+            f"{len(names)} ControlNet(s) and {len(images)} control image(s): give one image per ControlNet",
+            field="control_image",
+        )
     per = {}
     for field, value in (("control_scale", scale), ("control_start", start), ("control_end", end)):
         values = list(value) if isinstance(value, (list, tuple)) else [value] * len(names)
         if len(values) != len(names):
-            raise SdrtError(f"{len(values)} values of {field} for {len(names)} ControlNets: give one, or one per "
-                            "ControlNet", field=field)  # fmt: skip
+            raise SdrtError(
+                f"{len(values)} values of {field} for {len(names)} ControlNets: give one, or one per ControlNet",
+                field=field,
+            )
         per[field] = values
     columns = zip(names, images, per["control_scale"], per["control_start"], per["control_end"], strict=True)
     return tuple(ControlNetArg(*column) for column in columns)
@@ -70,8 +74,10 @@ def check_controls(manifest: dict[str, Any], backend: Any, args: Sequence[Contro
         return ()
     controls = tuple(_control(manifest, k, a) for k, a in enumerate(args))
     if not getattr(backend, "controlnet", False):
-        raise SdrtError(f"the {backend.name} backend cannot run ControlNet yet; use --backend onnxruntime or torch",
-                        field="controlnets")  # fmt: skip
+        raise SdrtError(
+            f"the {backend.name} backend cannot run ControlNet yet; use --backend onnxruntime or torch",
+            field="controlnets",
+        )
     return controls
 
 
@@ -87,12 +93,14 @@ def _control(manifest: dict[str, Any], k: int, a: ControlNetArg) -> Control:
         raise SdrtError(f"this engine directory has no ControlNet {a.name!r}; {has}", field=f"{at}.name")
     s, start, end = a.scale, a.start, a.end
     if not _number(s) or not math.isfinite(s):
-        raise SdrtError(f"ControlNet {a.name!r}: control scale must be a finite number, got {s!r}",
-                        field=f"{at}.scale")  # fmt: skip
+        raise SdrtError(f"ControlNet {a.name!r}: control scale must be a finite number, got {s!r}", field=f"{at}.scale")
     if not (_number(start) and _number(end) and 0 <= start < end <= 1):
         blame = "start" if not (_number(start) and 0 <= start < 1) else "end"  # a valid start: the end is at fault
-        raise SdrtError(f"ControlNet {a.name!r}: control start and end must satisfy 0 <= start < end <= 1, got "
-                        f"{start!r} and {end!r}", field=f"{at}.{blame}")  # fmt: skip
+        raise SdrtError(
+            f"ControlNet {a.name!r}: control start and end must satisfy 0 <= start < end <= 1, got "
+            f"{start!r} and {end!r}",
+            field=f"{at}.{blame}",
+        )
     image = open_image(a.image, f"{at}.image", what="control image").convert("RGB")
     return Control(a.name, image, float(s), float(start), float(end))
 

@@ -47,13 +47,17 @@ def read_vectors(file: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     if file.suffix != ".safetensors":
-        raise SdrtError(f"{file}: only .safetensors embeddings are read (pickle files can run code); convert it "
-                        "first", field="file")  # fmt: skip
+        raise SdrtError(
+            f"{file}: only .safetensors embeddings are read (pickle files can run code); convert it first", field="file"
+        )
     try:
         with safe_open(str(file), "pt") as f:  # torch reads bfloat16 too
             keys = list(f.keys())
-            data = {k: f.get_tensor(k) for k in keys if k in _SDXL_KEYS.values() or k.startswith("string_to_param.")
-                    or len(keys) == 1}  # fmt: skip
+            data = {
+                k: f.get_tensor(k)
+                for k in keys
+                if k in _SDXL_KEYS.values() or k.startswith("string_to_param.") or len(keys) == 1
+            }
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise SdrtError(f"{file}: cannot read it as safetensors: {str(err).splitlines()[0]}", field="file") from None
     if set(_SDXL_KEYS.values()) <= set(data):
@@ -67,15 +71,20 @@ def read_vectors(file: Path) -> dict[str, np.ndarray]:
     else:
         shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
         hint = " (a LoRA? add it with `sdrt lora add`)" if any("lora" in k for k in keys) else ""
-        raise SdrtError(f"{file} is not a textual-inversion embedding{hint}: its keys are {shown}; an embedding is one "
-                        "tensor (diffusers, emb_params), string_to_param.* (the web UI) or clip_l + clip_g (SDXL)",
-                        field="file")  # fmt: skip
+        raise SdrtError(
+            f"{file} is not a textual-inversion embedding{hint}: its keys are {shown}; an embedding is one "
+            "tensor (diffusers, emb_params), string_to_param.* (the web UI) or clip_l + clip_g (SDXL)",
+            field="file",
+        )
     out = {k: v.float().numpy() for k, v in out.items()}
     out = {k: v[None] if v.ndim == 1 else v for k, v in out.items()}
     for k, v in out.items():
         if v.ndim != 2 or not 1 <= v.shape[0] <= MAX_VECTORS or not np.isfinite(v).all():
-            raise SdrtError(f"{file}: {k or 'its tensor'} is {list(v.shape)}; an embedding is [vectors, width] with "
-                            f"1 to {MAX_VECTORS} finite vectors", field="file")  # fmt: skip
+            raise SdrtError(
+                f"{file}: {k or 'its tensor'} is {list(v.shape)}; an embedding is [vectors, width] with "
+                f"1 to {MAX_VECTORS} finite vectors",
+                field="file",
+            )
     if len({v.shape[0] for v in out.values()}) > 1:
         raise SdrtError(f"{file}: clip_l and clip_g hold different numbers of vectors", field="file")
     return out
@@ -100,18 +109,24 @@ def _per_graph(manifest: dict[str, Any], vectors: dict[str, np.ndarray], file: P
         out = {g: vectors[_SDXL_KEYS[g]] for g in graphs}
     else:
         given = " + ".join(str(v.shape[1]) for v in vectors.values())
-        raise SdrtError(f"{file} holds {given}-wide vectors; this model's text encoders take "
-                        f"{' + '.join(str(w) for w in widths.values())} (an embedding for another model family?)",
-                        field="file")  # fmt: skip
+        raise SdrtError(
+            f"{file} holds {given}-wide vectors; this model's text encoders take "
+            f"{' + '.join(str(w) for w in widths.values())} (an embedding for another model family?)",
+            field="file",
+        )
     for g, v in out.items():
         if v.shape[1] != widths[g]:
-            raise SdrtError(f"{file} holds {v.shape[1]}-wide vectors for {g}, which takes {widths[g]}: an embedding "
-                            "for another model?", field="file")  # fmt: skip
+            raise SdrtError(
+                f"{file} holds {v.shape[1]}-wide vectors for {g}, which takes {widths[g]}: an embedding "
+                "for another model?",
+                field="file",
+            )
     return out
 
 
-def add_embedding(root: str | os.PathLike, file: str | os.PathLike, name: str | None = None,
-                  force: bool = False) -> dict[str, Any]:  # fmt: skip
+def add_embedding(
+    root: str | os.PathLike, file: str | os.PathLike, name: str | None = None, force: bool = False
+) -> dict[str, Any]:
     """Import ``file`` into the engine directory ``root`` as embedding ``name`` (default: the file's stem, the web
     UI's trigger word). Everything is checked before anything is written."""
     from safetensors.numpy import save_file
@@ -123,18 +138,24 @@ def add_embedding(root: str | os.PathLike, file: str | os.PathLike, name: str | 
         raise SdrtError(f"embedding name {name!r}: use letters, digits, '_', '-' and '.'; pass --name", field="name")
     have = manifest.get("embeddings", {})
     if name in have and not force:
-        raise SdrtError(f"{root} already has an embedding {name!r}; pass --force to replace it, or --name",
-                        field="name")  # fmt: skip
+        raise SdrtError(
+            f"{root} already has an embedding {name!r}; pass --force to replace it, or --name", field="name"
+        )
     if not file.is_file():
         raise SdrtError(f"{file}: no such file", field="file")
     if not all("embeddings" in manifest["graphs"][g]["inputs"] for g in _text_encoders(manifest)):
-        raise SdrtError(f"{root} was exported before embeddings existed; re-export it with this sdrt "
-                        f"(`sdrt export ... {root} --force`) to add embeddings")  # fmt: skip
+        raise SdrtError(
+            f"{root} was exported before embeddings existed; re-export it with this sdrt "
+            f"(`sdrt export ... {root} --force`) to add embeddings"
+        )
     vectors = _per_graph(manifest, read_vectors(file), file)
     clash = _same_trigger(root, manifest, name, {n for n in have if n != name})
     if clash:
-        raise SdrtError(f"{name!r} reads as the same tokens as the embedding {clash!r} already in {root}; pass "
-                        "another --name, or remove that one", field="name")  # fmt: skip
+        raise SdrtError(
+            f"{name!r} reads as the same tokens as the embedding {clash!r} already in {root}; pass "
+            "another --name, or remove that one",
+            field="name",
+        )
     (root / EMBEDDING_DIR).mkdir(exist_ok=True)
     rel = f"{EMBEDDING_DIR}/{name}.safetensors"
     with replaced_atomically(root / rel) as tmp:
@@ -169,8 +190,7 @@ def remove_embedding(root: str | os.PathLike, name: str) -> dict[str, Any]:
     manifest = read_manifest(root)
     have = manifest.get("embeddings", {})
     if name not in have:
-        raise SdrtError(f"{root} has no embedding {name!r} (it has: {', '.join(sorted(have)) or 'none'})",
-                        field="name")  # fmt: skip
+        raise SdrtError(f"{root} has no embedding {name!r} (it has: {', '.join(sorted(have)) or 'none'})", field="name")
     entry = have.pop(name)
     manifest["files"].pop(entry["file"], None)
     write_manifest(root, manifest)

@@ -27,5 +27,6 @@ def needs_extra(what: str, extra: str) -> Iterator[None]:
         yield
     except ImportError as err:
         missing = err.name or str(err)
-        raise SdrtError(f"{what} needs its extra dependencies ({missing} is missing): pip install 'sdrt[{extra}]'") \
-            from None  # fmt: skip
+        raise SdrtError(
+            f"{what} needs its extra dependencies ({missing} is missing): pip install 'sdrt[{extra}]'"
+        ) from None

@@ -41,8 +41,11 @@ UPSCALERS = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)
 def check_upscaler(name: str) -> str:
     if name in LATENT_UPSCALERS or name in IMAGE_UPSCALERS:
         return name
-    raise SdrtError(f"hires upscaler {name!r} is not supported (model upscalers such as ESRGAN are not exported); "
-                    f"use one of: {', '.join(UPSCALERS)}", field="hires.upscaler")  # fmt: skip
+    raise SdrtError(
+        f"hires upscaler {name!r} is not supported (model upscalers such as ESRGAN are not exported); "
+        f"use one of: {', '.join(UPSCALERS)}",
+        field="hires.upscaler",
+    )
 
 
 def target_size(width: int, height: int, hires: Hires) -> tuple[int, int]:
@@ -50,8 +53,10 @@ def target_size(width: int, height: int, hires: Hires) -> tuple[int, int]:
     rx, ry = hires.width, hires.height
     for name, value in (("x", rx), ("y", ry)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise SdrtError(f"hr_resize_{name} must be a whole number >= 0 (0: from hr_scale), got {value!r}",
-                            field="hires.width" if name == "x" else "hires.height")  # fmt: skip
+            raise SdrtError(
+                f"hr_resize_{name} must be a whole number >= 0 (0: from hr_scale), got {value!r}",
+                field="hires.width" if name == "x" else "hires.height",
+            )
     if not rx and not ry:
         scale = hires.scale
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1 <= scale <= 8:
@@ -64,8 +69,11 @@ def target_size(width: int, height: int, hires: Hires) -> tuple[int, int]:
     if not rx:
         return ry * width // height, ry
     if rx * height != ry * width:  # the web UI upscales in proportion, then crops
-        raise SdrtError(f"hr_resize {rx}x{ry} is not in proportion to {width}x{height} (the web UI would crop it); "
-                        "give hr_resize_x or hr_resize_y alone", field="hires.width")  # fmt: skip
+        raise SdrtError(
+            f"hr_resize {rx}x{ry} is not in proportion to {width}x{height} (the web UI would crop it); "
+            "give hr_resize_x or hr_resize_y alone",
+            field="hires.width",
+        )
     return rx, ry
 
 

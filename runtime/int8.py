@@ -29,15 +29,22 @@ def int8_entry(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     U-Net graph the directory has now; any problem is one line naming `sdrt quantize`."""
     entry = manifest.get(ENTRY)
     if entry is None:
-        raise SdrtError(f"{root} has no INT8 U-Net; make one with `sdrt quantize {root}` (pip install "
-                        "'sdrt[openvino]')", field="cpu_int8")  # fmt: skip
+        raise SdrtError(
+            f"{root} has no INT8 U-Net; make one with `sdrt quantize {root}` (pip install 'sdrt[openvino]')",
+            field="cpu_int8",
+        )
     if entry.get("unet_sha256") != unet_hashes(manifest):
-        raise SdrtError(f"{root}: the INT8 U-Net was made from another unet.onnx than the directory's; make it again "
-                        f"with `sdrt quantize {root} --force`", field="cpu_int8")  # fmt: skip
+        raise SdrtError(
+            f"{root}: the INT8 U-Net was made from another unet.onnx than the directory's; make it again "
+            f"with `sdrt quantize {root} --force`",
+            field="cpu_int8",
+        )
     problems = check_files(root, manifest, entry["files"])
     if problems:
-        raise SdrtError(f"{root}: {'; '.join(problems)}; make the INT8 U-Net again with `sdrt quantize {root} "
-                        "--force`", field="cpu_int8")  # fmt: skip
+        raise SdrtError(
+            f"{root}: {'; '.join(problems)}; make the INT8 U-Net again with `sdrt quantize {root} --force`",
+            field="cpu_int8",
+        )
     return entry
 
 

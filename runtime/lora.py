@@ -58,8 +58,10 @@ def check_loras(manifest: dict[str, Any], loras: Mapping[str, float] | None) -> 
     for name, scale in loras.items():
         if name not in known:
             have = ", ".join(sorted(known)) or "none"
-            raise SdrtError(f"unknown LoRA adapter {name!r} (this engine has: {have}); add it with "
-                            "`sdrt lora add DIR FILE`", field="loras")  # fmt: skip
+            raise SdrtError(
+                f"unknown LoRA adapter {name!r} (this engine has: {have}); add it with `sdrt lora add DIR FILE`",
+                field="loras",
+            )
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise SdrtError(f"LoRA scale of {name!r} must be a finite number, got {scale!r}", field="loras")
         if scale != 0:  # W0 + 0 * delta is W0 exactly: the same as leaving the adapter out
@@ -73,9 +75,11 @@ def check_loras_with_controlnet(manifest: dict[str, Any], active: Active) -> Non
     for name, _ in active:
         graphs = manifest["loras"][name]["weights"]
         if "unet" in graphs and "unet_controlnet" not in graphs:
-            raise SdrtError(f"LoRA adapter {name!r} was added before this directory's ControlNets; add it again with "
-                            f"`sdrt lora add DIR FILE --name {name} --force` to use it with ControlNet",
-                            field="loras")  # fmt: skip
+            raise SdrtError(
+                f"LoRA adapter {name!r} was added before this directory's ControlNets; add it again with "
+                f"`sdrt lora add DIR FILE --name {name} --force` to use it with ControlNet",
+                field="loras",
+            )
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -103,8 +107,9 @@ class Adapters:
             entry = self.manifest["loras"][name]
             problems = check_files(self.root, self.manifest, [entry["file"], BASE_FILE])
             if problems:
-                raise SdrtError(f"LoRA {name}: {'; '.join(problems)}; re-add it with `sdrt lora add --force`",
-                                field="loras")  # fmt: skip
+                raise SdrtError(
+                    f"LoRA {name}: {'; '.join(problems)}; re-add it with `sdrt lora add --force`", field="loras"
+                )
             self._factors[name] = load_file(str(self.root / entry["file"]))
         return self._factors[name]
 
@@ -112,8 +117,9 @@ class Adapters:
         """initializer -> (torch parameter name, transposed)."""
         if graph not in self._maps:
             w = graph_weights(self.root, self.manifest, graph)
-            self._maps[graph] = {e["initializer"]: (w["prefix"] + fqn, e["transposed"]) for fqn, e in
-                                 w["weights"].items()}  # fmt: skip
+            self._maps[graph] = {
+                e["initializer"]: (w["prefix"] + fqn, e["transposed"]) for fqn, e in w["weights"].items()
+            }
         return self._maps[graph]
 
     def for_graph(self, graph: str, active: Active) -> Active:

@@ -81,8 +81,10 @@ class Model:
                 graphs=MappingProxyType(graphs),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise SdrtError(f"{root}: the manifest lacks or garbles {err} (written by an older sdrt?); re-export it "
-                            "with `sdrt export ... --force`") from None  # fmt: skip
+            raise SdrtError(
+                f"{root}: the manifest lacks or garbles {err} (written by an older sdrt?); re-export it "
+                "with `sdrt export ... --force`"
+            ) from None
 
     @property
     def px_multiple(self) -> int:
@@ -111,6 +113,9 @@ class Model:
             raise SdrtError(f"{what} {px!r} is not a multiple of {m}{use} (this model's size step)", field=field)
         if not lo <= px <= hi:
             near = min(max(round(px / m) * m, lo), hi)
-            raise SdrtError(f"{what} {px} is outside the {lo}-{hi} px this engine was exported for (in steps of "
-                            f"{m}); use {near}, or re-export with --min-size/--max-size", field=field)  # fmt: skip
+            raise SdrtError(
+                f"{what} {px} is outside the {lo}-{hi} px this engine was exported for (in steps of "
+                f"{m}); use {near}, or re-export with --min-size/--max-size",
+                field=field,
+            )
         return px

@@ -51,8 +51,11 @@ def brownian_noise(tree: Brownian, shape: tuple[int, ...], seed: int) -> torch.T
     try:
         import torchsde
     except ImportError:
-        raise ScheduleError("the dpmpp_sde samplers draw their noise from a Brownian tree, which needs torchsde: pip "
-                            "install torchsde, or sdrt[samplers]", field="sampler") from None  # fmt: skip
+        raise ScheduleError(
+            "the dpmpp_sde samplers draw their noise from a Brownian tree, which needs torchsde: pip "
+            "install torchsde, or sdrt[samplers]",
+            field="sampler",
+        ) from None
     per_image = tree.seed is None
     seeds, size = ([seed + j for j in range(shape[0])], shape[1:]) if per_image else ([tree.seed], shape)
     kw = dict(size=size, dtype=torch.float32, device="cpu", tol=1e-6, pool_size=24, halfway_tree=True)

@@ -12,8 +12,24 @@ if TYPE_CHECKING:
     from PIL import Image
 
 # the samplers by name (runtime/samplers.py implements them; the server's schemas read the names without torch)
-SAMPLERS = ("ddim", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m",
-            "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "deis", "lcm", "pndm", "unipc")  # fmt: skip
+SAMPLERS = (
+    "ddim",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm2",
+    "dpm2_a",
+    "dpmpp_sde",
+    "dpmpp_sde_karras",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "deis",
+    "lcm",
+    "pndm",
+    "unipc",
+)
 # fresh noise every step at eta 1 (diffusers')
 ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")
 # the runtime's backends (runtime/backends.py opens them; the command lines offer them without importing torch)

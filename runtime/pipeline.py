@@ -60,9 +60,11 @@ class Pipeline:
         self.embeddings = Embeddings(root, manifest)  # textual inversion: names in prompts, vectors on the device
         for j, tok in enumerate(self.tokenizers):
             tok.use(self.embeddings, j)
-        self._vectors = [torch.from_numpy(t).to(self.device, backend.dtype(g, "embeddings"))
-                         for t, g in zip(self.embeddings.tables, model.text_encoders, strict=True)
-                         if self.embeddings.enabled]  # fmt: skip
+        self._vectors = [
+            torch.from_numpy(t).to(self.device, backend.dtype(g, "embeddings"))
+            for t, g in zip(self.embeddings.tables, model.text_encoders, strict=True)
+            if self.embeddings.enabled
+        ]
         self.schedule = NoiseSchedule.from_manifest(manifest["scheduler"])
         try:  # a checkpoint scheduler without a sampler of its own still runs with an explicit one
             self.default_sampler: str | None = default_sampler(self.schedule)
@@ -132,10 +134,14 @@ class Pipeline:
         elif refiner.model.family != "sdxl":
             why = f"{refiner.root} is a {refiner.model.family} model, not an SDXL refiner"
         elif not refiner.model.aesthetics:
-            why = (f"{refiner.root} has no aesthetic-score conditioning (requires_aesthetics_score): it is not an "
-                   "SDXL refiner")  # fmt: skip
+            why = (
+                f"{refiner.root} has no aesthetic-score conditioning (requires_aesthetics_score): it is not an "
+                "SDXL refiner"
+            )
         elif (refiner.model.latent_channels, refiner.model.geometry.vae_scale_factor) != (
-            self.model.latent_channels, self.model.geometry.vae_scale_factor):  # fmt: skip
+            self.model.latent_channels,
+            self.model.geometry.vae_scale_factor,
+        ):
             why = f"{refiner.root}'s latents differ from {self.root}'s (channels or VAE scale)"
         if why:
             refiner.close()
@@ -196,14 +202,32 @@ class Pipeline:
         the SDXL base runs that fraction of the schedule (diffusers' ``denoising_end``) and the refiner the rest on
         its latents (``denoising_start``), as diffusers' documented base + refiner pair."""
         params = Params(
-            prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
-            height=height, width=width, n=num_images_per_prompt, seed=seed, sampler=sampler, image=image,
-            strength=strength, mask=mask_image, loras=loras, clip_skip=clip_skip, eta=eta,
-            guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score, hires=hires, refiner_switch_at=refiner_switch_at,
-            emphasis=emphasis, controlnets=controlnet_args(controlnet, control_image, controlnet_conditioning_scale,
-                                        control_guidance_start, control_guidance_end),
-        )  # fmt: skip
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            height=height,
+            width=width,
+            n=num_images_per_prompt,
+            seed=seed,
+            sampler=sampler,
+            image=image,
+            strength=strength,
+            mask=mask_image,
+            loras=loras,
+            clip_skip=clip_skip,
+            eta=eta,
+            guidance_rescale=guidance_rescale,
+            prompt_syntax=prompt_syntax,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
+            hires=hires,
+            refiner_switch_at=refiner_switch_at,
+            emphasis=emphasis,
+            controlnets=controlnet_args(
+                controlnet, control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end
+            ),
+        )
         pixels = self.generate(self.request(params), progress=progress)
         return [Image.fromarray(a) for a in pixels.numpy()]
 
@@ -214,17 +238,25 @@ class Pipeline:
         prompts = (p.prompt,) if isinstance(p.prompt, str) else tuple(p.prompt)
         if not prompts or not all(isinstance(x, str) for x in prompts):
             raise SdrtError("prompt must be a string or a non-empty list of strings", field="prompt")
-        negatives = (p.negative_prompt,) * len(prompts) if p.negative_prompt is None or isinstance(
-            p.negative_prompt, str) else tuple(p.negative_prompt)  # fmt: skip
+        negatives = (
+            (p.negative_prompt,) * len(prompts)
+            if p.negative_prompt is None or isinstance(p.negative_prompt, str)
+            else tuple(p.negative_prompt)
+        )
         if len(negatives) != len(prompts) or not all(isinstance(x, str) for x in negatives if x is not None):
-            raise SdrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per "
-                            "prompt", field="negative_prompt")  # fmt: skip
+            raise SdrtError(
+                f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per prompt",
+                field="negative_prompt",
+            )
         if not isinstance(p.guidance, (int, float)) or not math.isfinite(p.guidance):
             raise SdrtError(f"guidance must be a finite number, got {p.guidance!r}", field="guidance")
         n, most = p.n, self.model.max_images
         if not isinstance(n, int) or isinstance(n, bool) or n < 1 or len(prompts) * n > most:
-            raise SdrtError(f"{len(prompts)} prompt(s) x {n!r} image(s) is outside the engine's 1-{most} images per "
-                            "call; lower the batch or re-export with a larger --max-batch", field="n")  # fmt: skip
+            raise SdrtError(
+                f"{len(prompts)} prompt(s) x {n!r} image(s) is outside the engine's 1-{most} images per "
+                "call; lower the batch or re-export with a larger --max-batch",
+                field="n",
+            )
         seed = secrets.randbits(63) if p.seed is None else p.seed
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
             raise SdrtError(f"seed must be a whole number in [0, 2^64), got {seed!r}", field="seed")
@@ -254,16 +286,38 @@ class Pipeline:
         cfg = p.guidance > 1.0 and not self.model.guidance_embedding  # as Request.cfg
         texts = self._texts(p, prompts, negatives, cfg)
         if controls and texts.chunks[0] != texts.chunks[1] and cfg:
-            raise SdrtError(f"the prompt has {texts.chunks[0]} chunks of 75 tokens and the negative prompt "
-                            f"{texts.chunks[1]}: with a ControlNet they must have as many (add or remove a BREAK, "
-                            "or pad them: pad_chunks / pad_cond_uncond)", field="negative_prompt")  # fmt: skip
+            raise SdrtError(
+                f"the prompt has {texts.chunks[0]} chunks of 75 tokens and the negative prompt "
+                f"{texts.chunks[1]}: with a ControlNet they must have as many (add or remove a BREAK, "
+                "or pad them: pad_chunks / pad_cond_uncond)",
+                field="negative_prompt",
+            )
         rescale = p.guidance_rescale
         if not isinstance(rescale, (int, float)) or isinstance(rescale, bool) or not 0 <= rescale <= 1:
             raise SdrtError(f"guidance_rescale must be a number in [0, 1], got {rescale!r}", field="guidance_rescale")
         eta = self._eta(p.eta, sampler)
-        req = Request(prompts, negatives, p.steps, float(p.guidance), height, width, n, seed, sampler,
-                      float(strength), init, mask_img, loras, controls, self._clip_skip(p), texts,
-                      eta, float(rescale), bool(self.model.guidance_embedding), self._aesthetic(p))  # fmt: skip
+        req = Request(
+            prompts,
+            negatives,
+            p.steps,
+            float(p.guidance),
+            height,
+            width,
+            n,
+            seed,
+            sampler,
+            float(strength),
+            init,
+            mask_img,
+            loras,
+            controls,
+            self._clip_skip(p),
+            texts,
+            eta,
+            float(rescale),
+            bool(self.model.guidance_embedding),
+            self._aesthetic(p),
+        )
         self.plan(req.sampler, req.steps, req.strength, req.eta)  # what the schedule cannot honour: ScheduleError
         if p.refiner_switch_at is not None:
             return self._handoff(p, req)
@@ -275,25 +329,37 @@ class Pipeline:
         prompts, seed, sampler, steps and guidance, and the refiner's aesthetic scores."""
         switch = p.refiner_switch_at
         if self.refiner is None:
-            raise SdrtError("refiner_switch_at needs a refiner loaded beside the model: Pipeline.load(..., "
-                            "refiner=DIR) or sdrt serve DIR --refiner DIR", field="refiner_switch_at")  # fmt: skip
+            raise SdrtError(
+                "refiner_switch_at needs a refiner loaded beside the model: Pipeline.load(..., "
+                "refiner=DIR) or sdrt serve DIR --refiner DIR",
+                field="refiner_switch_at",
+            )
         names = (self.refiner.model.name, self.refiner.root.name)
         if p.refiner is not None and p.refiner not in names:
-            raise SdrtError(f"refiner {p.refiner!r} is not the one loaded beside this model ({names[0]})",
-                            field="refiner")  # fmt: skip
+            raise SdrtError(
+                f"refiner {p.refiner!r} is not the one loaded beside this model ({names[0]})", field="refiner"
+            )
         if not isinstance(switch, (int, float)) or isinstance(switch, bool) or not 0 < switch < 1:
             raise SdrtError(f"refiner_switch_at must be a number in (0, 1), got {switch!r}", field="refiner_switch_at")
         for name, given in (("image", first.image), ("hires", p.hires), ("controlnets", first.control)):
             if given:
-                raise SdrtError(f"the refiner hand-off is a txt2img request; it does not take {name}",
-                                field=name)  # fmt: skip
+                raise SdrtError(f"the refiner hand-off is a txt2img request; it does not take {name}", field=name)
         try:
             self.plan(first.sampler, first.steps, 1.0, first.eta, end=float(switch))
             base = dataclasses.replace(first, end=float(switch))
             placeholder = Image.new("RGB", (first.width, first.height))  # checked as img2img; it starts from latents
-            second = self.refiner.request(dataclasses.replace(p, image=placeholder, strength=None, loras=None,
-                                                              sampler=first.sampler, seed=first.seed,
-                                                              refiner_switch_at=None, refiner=None))  # fmt: skip
+            second = self.refiner.request(
+                dataclasses.replace(
+                    p,
+                    image=placeholder,
+                    strength=None,
+                    loras=None,
+                    sampler=first.sampler,
+                    seed=first.seed,
+                    refiner_switch_at=None,
+                    refiner=None,
+                )
+            )
             second = dataclasses.replace(second, image=None, strength=1.0, begin=float(switch))
             self.refiner.plan(second.sampler, second.steps, 1.0, second.eta, begin=float(switch))
         except ScheduleError as err:
@@ -309,8 +375,9 @@ class Pipeline:
             raise SdrtError("hires must be a Hires(...) of the hires fix's settings", field="hires")
         if first.image is not None or first.control:
             what = "an init image (img2img, inpainting)" if first.image is not None else "a ControlNet"
-            raise SdrtError(f"the hires fix is a txt2img second pass; it does not take {what}: leave hires out",
-                            field="hires")  # fmt: skip
+            raise SdrtError(
+                f"the hires fix is a txt2img second pass; it does not take {what}: leave hires out", field="hires"
+            )
         upscaler = check_upscaler(h.upscaler)
         width, height = target_size(first.width, first.height, h)
         field = "hires.scale" if not (h.width or h.height) else "hires.width"
@@ -319,18 +386,28 @@ class Pipeline:
         except SdrtError as err:
             raise SdrtError(f"the hires fix's second pass is {width}x{height}: {err}", field=field) from None
         if not isinstance(h.steps, int) or isinstance(h.steps, bool) or h.steps < 0:
-            raise SdrtError(f"hr_second_pass_steps must be a whole number >= 0 (0: the first pass's steps), got "
-                            f"{h.steps!r}", field="hires.steps")  # fmt: skip
+            raise SdrtError(
+                f"hr_second_pass_steps must be a whole number >= 0 (0: the first pass's steps), got {h.steps!r}",
+                field="hires.steps",
+            )
         if not isinstance(h.strength, (int, float)) or isinstance(h.strength, bool) or not 0 < h.strength <= 1:
-            raise SdrtError(f"the hires fix's denoising_strength must be in (0, 1], got {h.strength!r}",
-                            field="hires.strength")  # fmt: skip
+            raise SdrtError(
+                f"the hires fix's denoising_strength must be in (0, 1], got {h.strength!r}", field="hires.strength"
+            )
         guidance = p.guidance if h.guidance is None else h.guidance
         count = 1 if isinstance(p.prompt, str) else len(p.prompt)  # a hires prompt stands for each prompt
         prompt = p.prompt if h.prompt in (None, "") else h.prompt if count == 1 else [h.prompt] * count
         negative = p.negative_prompt if h.negative_prompt in (None, "") else h.negative_prompt
-        second = dataclasses.replace(p, prompt=prompt, negative_prompt=negative, steps=h.steps or p.steps,
-                                     guidance=guidance, sampler=h.sampler or first.sampler, seed=first.seed,
-                                     hires=None)  # fmt: skip
+        second = dataclasses.replace(
+            p,
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=h.steps or p.steps,
+            guidance=guidance,
+            sampler=h.sampler or first.sampler,
+            seed=first.seed,
+            hires=None,
+        )
         try:  # checked as a txt2img at the second pass's size, then made its img2img
             req = self.request(dataclasses.replace(second, height=height, width=width))
         except SdrtError as err:
@@ -347,8 +424,9 @@ class Pipeline:
         """Tokenize the prompts and negatives as ``p.prompt_syntax`` reads them; every text of one side must have
         as many 75-token chunks, within the engine's range."""
         if p.prompt_syntax not in SYNTAXES:
-            raise SdrtError(f"unknown prompt syntax {p.prompt_syntax!r}; use {' or '.join(SYNTAXES)}",
-                            field="prompt_syntax")  # fmt: skip
+            raise SdrtError(
+                f"unknown prompt syntax {p.prompt_syntax!r}; use {' or '.join(SYNTAXES)}", field="prompt_syntax"
+            )
         if p.emphasis not in EMPHASIS:
             raise SdrtError(f"unknown emphasis {p.emphasis!r}; use one of {', '.join(EMPHASIS)}", field="emphasis")
         webui = p.prompt_syntax == "webui"
@@ -366,19 +444,25 @@ class Pipeline:
         if webui and p.pad_chunks and cfg:  # the web UI's pad_cond_uncond: empty chunks after the shorter side
             most = max(texts[0][0].count for texts in sides)
             empty = encode("", "prompt")
-            sides = [tuple(tuple(c.padded(e, most) for c, e in zip(t, empty, strict=True)) for t in texts)
-                     for texts in sides]  # fmt: skip
+            sides = [
+                tuple(tuple(c.padded(e, most) for c, e in zip(t, empty, strict=True)) for t in texts) for texts in sides
+            ]
         most = self.model.max_prompt_chunks
         for texts, field in zip(sides, ("prompt", "negative_prompt"), strict=True):
             counts = {c.count for t in texts for c in t}
             if len(counts) > 1:
-                raise SdrtError(f"the {field.replace('_', ' ')}s of one call read as {sorted(counts)} chunks of 75 "
-                                "tokens; give them as many chunks (BREAK), or send them as separate calls",
-                                field=field)  # fmt: skip
+                raise SdrtError(
+                    f"the {field.replace('_', ' ')}s of one call read as {sorted(counts)} chunks of 75 "
+                    "tokens; give them as many chunks (BREAK), or send them as separate calls",
+                    field=field,
+                )
             if max(counts) > most:
-                raise SdrtError(f"the {field.replace('_', ' ')} is {max(counts)} chunks of 75 tokens; this engine "
-                                f"takes at most {most}: shorten it, or re-export with --max-prompt-chunks "
-                                f"{max(counts)}", field=field)  # fmt: skip
+                raise SdrtError(
+                    f"the {field.replace('_', ' ')} is {max(counts)} chunks of 75 tokens; this engine "
+                    f"takes at most {most}: shorten it, or re-export with --max-prompt-chunks "
+                    f"{max(counts)}",
+                    field=field,
+                )
         return Texts(sides[0], sides[1], p.prompt_syntax, p.emphasis)
 
     @staticmethod
@@ -390,8 +474,11 @@ class Pipeline:
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
             raise SdrtError(f"eta must be a number in [0, 1], got {eta!r}", field="eta")
         if sampler in ANCESTRAL and eta != 1:
-            raise SdrtError(f"eta {eta:g} with {sampler}: its noise is eta 1 (as diffusers' scheduler draws it); "
-                            "use eta 1, or ddim with eta", field="eta")  # fmt: skip
+            raise SdrtError(
+                f"eta {eta:g} with {sampler}: its noise is eta 1 (as diffusers' scheduler draws it); "
+                "use eta 1, or ddim with eta",
+                field="eta",
+            )
         return float(eta) if sampler == "ddim" else 0.0
 
     def _aesthetic(self, p: Params) -> tuple[float, float] | None:
@@ -403,15 +490,21 @@ class Pipeline:
                 return None  # the scores are the refiner's
             for name, value in scores.items():
                 if value != Params.__dataclass_fields__[name].default:
-                    raise SdrtError(f"{name} applies to SDXL refiner directories (requires_aesthetics_score); "
-                                    f"this model has no aesthetic conditioning: leave it out", field=name)  # fmt: skip
+                    raise SdrtError(
+                        f"{name} applies to SDXL refiner directories (requires_aesthetics_score); "
+                        f"this model has no aesthetic conditioning: leave it out",
+                        field=name,
+                    )
             return None
         for name, value in scores.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise SdrtError(f"{name} must be a finite number, got {value!r}", field=name)
         if p.image is None:
-            raise SdrtError("this is an SDXL refiner (img2img only, as diffusers' StableDiffusionXLImg2ImgPipeline); "
-                            "give an init image", field="image")  # fmt: skip
+            raise SdrtError(
+                "this is an SDXL refiner (img2img only, as diffusers' StableDiffusionXLImg2ImgPipeline); "
+                "give an init image",
+                field="image",
+            )
         return float(p.aesthetic_score), float(p.negative_aesthetic_score)
 
     def _clip_skip(self, p: Params) -> tuple[int, int]:
@@ -425,8 +518,9 @@ class Pipeline:
         if p.webui_clip_skip is not None:
             n = p.webui_clip_skip
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise SdrtError(f"CLIP_stop_at_last_layers must be a whole number >= 1, got {n!r}",
-                                field="webui_clip_skip")  # fmt: skip
+                raise SdrtError(
+                    f"CLIP_stop_at_last_layers must be a whole number >= 1, got {n!r}", field="webui_clip_skip"
+                )
             _, eos, pad = self.tokenizers[0].special
             if self.model.family != "sd" or pad != eos:
                 n = 1  # the web UI ignores it for this text encoder
@@ -435,12 +529,15 @@ class Pipeline:
             skip = max(skip, n - 1)
         graphs = [self.model.graphs[g] for g in self.model.text_encoders]
         if skip and not all("clip_skip" in g["inputs"] for g in graphs):
-            raise SdrtError(f"{self.root} was exported before clip skip existed; re-export it to use clip_skip",
-                            field="clip_skip")  # fmt: skip
+            raise SdrtError(
+                f"{self.root} was exported before clip skip existed; re-export it to use clip_skip", field="clip_skip"
+            )
         most = min((g.get("clip_skips", 1) for g in graphs), default=1) - 1
         if skip > most and p.webui_clip_skip is not None:
-            raise SdrtError(f"CLIP_stop_at_last_layers {p.webui_clip_skip} is past this text encoder's layers; use 1 "
-                            f"to {most + 1}", field="webui_clip_skip")  # fmt: skip
+            raise SdrtError(
+                f"CLIP_stop_at_last_layers {p.webui_clip_skip} is past this text encoder's layers; use 1 to {most + 1}",
+                field="webui_clip_skip",
+            )
         if skip > most:
             raise SdrtError(f"clip_skip {skip} is past this text encoder's layers; use 0 to {most}", field="clip_skip")
         both = p.prompt_syntax == "webui" or p.webui_clip_skip is not None
@@ -450,12 +547,21 @@ class Pipeline:
         if mask is not None and image is None:
             raise SdrtError("a mask needs the image it masks: give --init-image with --mask", field="mask")
         if self.model.inpainting and mask is None:
-            raise SdrtError("this is an inpainting model: give --init-image and --mask (white is repainted)",
-                            field="image" if image is None else "mask")  # fmt: skip
+            raise SdrtError(
+                "this is an inpainting model: give --init-image and --mask (white is repainted)",
+                field="image" if image is None else "mask",
+            )
         return (open_image(image) if image is not None else None), (open_image(mask, "mask") if mask else None)
 
-    def plan(self, sampler: str, steps: int, strength: float, eta: float = 0.0, end: float | None = None,
-             begin: float | None = None) -> Plan:  # fmt: skip
+    def plan(
+        self,
+        sampler: str,
+        steps: int,
+        strength: float,
+        eta: float = 0.0,
+        end: float | None = None,
+        begin: float | None = None,
+    ) -> Plan:
         """The host-side sampler plan, computed once per (sampler, steps, strength, eta, end, begin)."""
         key = (sampler, steps, strength, eta, end, begin)
         if key not in self._plans:
@@ -499,11 +605,21 @@ class Pipeline:
                 passes.append((self.refiner, [r.refine for r in reqs], self._second_key(key)))
             plans, host = [], {}
             for k, (pipe, rs, pass_key) in enumerate(passes):
-                plans.append(pipe.plan(pass_key.sampler, pass_key.steps, pass_key.strength, pass_key.eta,
-                                       pass_key.end, pass_key.begin))  # fmt: skip
+                plans.append(
+                    pipe.plan(
+                        pass_key.sampler, pass_key.steps, pass_key.strength, pass_key.eta, pass_key.end, pass_key.begin
+                    )
+                )
                 latent = (pipe.model.latent_channels, pipe.model.geometry.vae_scale_factor)
-                drawn = host_inputs(rs, plans[-1], latent, pipe._encodes_init(pass_key), pipe.model.zero_negatives,
-                                    pipe.model.guidance_embedding, pipe.model.posterior)  # fmt: skip
+                drawn = host_inputs(
+                    rs,
+                    plans[-1],
+                    latent,
+                    pipe._encodes_init(pass_key),
+                    pipe.model.zero_negatives,
+                    pipe.model.guidance_embedding,
+                    pipe.model.posterior,
+                )
                 host.update({f"{'second.' * k}{name}": v for name, v in drawn.items()})
             plan = tuple(p.to(self.device) for p in plans) if len(plans) > 1 else plans[0].to(self.device)
             timings = {"host_prepare_ms": (time.perf_counter() - t0) * 1e3}
@@ -542,8 +658,9 @@ class Pipeline:
         strength < 1 or with a 4-channel U-Net."""
         return key.image and not key.latents and (not key.mask or key.strength < 1 or not self.model.inpainting)
 
-    def body(self, layout: Layout, plan: Plan | tuple[Plan, Plan], buf: dict[str, torch.Tensor], stage=None,
-             progress=None):  # fmt: skip
+    def body(
+        self, layout: Layout, plan: Plan | tuple[Plan, Plan], buf: dict[str, torch.Tensor], stage=None, progress=None
+    ):
         """The batch, from device buffers to uint8 pixels; no host synchronisation anywhere inside, so that it can
         be captured as one CUDA graph (runtime/capture.py). Structure comes from the layout's join key and the
         engine, never from buffer values. ``stage(name)``: a context around each stage (timing); ``progress``: its
@@ -594,8 +711,10 @@ class Pipeline:
             residuals = key.controlnets and Residuals(self.backend, key.controlnets, key.cfg, buf)
             rescale = buf["guidance_rescale"] if key.rescale else None
             if self.model.guidance_embedding:  # a distilled U-Net reads the guidance scale, unguided
-                cond = [{**f, "timestep_cond": buf["timestep_cond"].to(self.backend.dtype("unet", "timestep_cond"))}
-                        for f in cond]  # fmt: skip
+                cond = [
+                    {**f, "timestep_cond": buf["timestep_cond"].to(self.backend.dtype("unet", "timestep_cond"))}
+                    for f in cond
+                ]
             denoise = self._denoiser(key.cfg, plan, cond, buf["guidance"], extra, progress, residuals, rescale)
             latents = sample(plan, denoise, x, buf["noise"], after)
         if key.to_latents:
@@ -665,15 +784,25 @@ class Pipeline:
         states = torch.cat(states, dim=-1)  # [P, 77 k, D1 + D2]
         return [states, pooled] if self.model.pooled else [states]
 
-    def _denoiser(self, cfg: bool, plan: Plan, cond: list[dict[str, torch.Tensor]], guidance: torch.Tensor, extra,
-                  progress, residuals=None, rescale: torch.Tensor | None = None):  # fmt: skip
+    def _denoiser(
+        self,
+        cfg: bool,
+        plan: Plan,
+        cond: list[dict[str, torch.Tensor]],
+        guidance: torch.Tensor,
+        extra,
+        progress,
+        residuals=None,
+        rescale: torch.Tensor | None = None,
+    ):
         """The one denoiser contract: sigma-space x at call i -> x0, with guidance and the prediction type inside.
         ``cond``: the conditioning feeds of each U-Net call of a step (`_conditioning`): one call over every row,
         or (prompt and negative of different lengths) the negative's, then the prompt's."""
         sample_dtype, prediction = self.backend.dtype("unet", "sample"), self.schedule.prediction_type
         guidance = guidance.view(-1, 1, 1, 1)  # [B, 1, 1, 1]: each request's own scale
-        timesteps = [plan.timesteps[:, None].expand(-1, f["encoder_hidden_states"].shape[0]).contiguous()
-                     for f in cond]  # [n_calls, rows] per U-Net call  # fmt: skip
+        timesteps = [
+            plan.timesteps[:, None].expand(-1, f["encoder_hidden_states"].shape[0]).contiguous() for f in cond
+        ]  # [n_calls, rows] per U-Net call
         graph = "unet_controlnet" if residuals else "unet"
         # an inpainting U-Net's extra channels for each call: every row's, or each half's (one side a call)
         extras = [extra] * len(cond) if extra is None or len(cond) == 1 else [extra.chunk(2)[0]] * len(cond)

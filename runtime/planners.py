@@ -47,12 +47,28 @@ class Plan:
 # where diffusers' latents are the sigma-space state itself (the Euler family); the others keep alpha space
 SIGMA_SPACE = ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras")
 # the samplers whose schedule a hand-off may cut (one U-Net call a step; LCM's steps end in its boundary condition)
-HANDOFF = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "deis",
-           "unipc")  # fmt: skip
+HANDOFF = (
+    "ddim",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "deis",
+    "unipc",
+)
 
 
-def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0, eta: float = 0.0,
-              end: float | None = None, begin: float | None = None) -> Plan:  # fmt: skip
+def make_plan(
+    sampler: str,
+    schedule: NoiseSchedule,
+    steps: int,
+    strength: float = 1.0,
+    eta: float = 0.0,
+    end: float | None = None,
+    begin: float | None = None,
+) -> Plan:
     """The host-side plan for `steps` steps (img2img: `strength` < 1, as StableDiffusionImg2ImgPipeline cuts it);
     ``eta``: DDIM's (diffusers' ``eta``: 0 is deterministic DDIM, 1 the DDPM variance); other samplers ignore it, as
     diffusers' pipelines do. ``end``: diffusers' ``denoising_end``, the plan stops where a refiner takes over and
@@ -61,8 +77,11 @@ def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float
     if end is None and begin is None:
         return _make_plan(sampler, schedule, steps, strength, eta)
     if sampler not in HANDOFF:
-        raise ScheduleError(f"sampler {sampler!r} cannot hand over to a refiner here (two U-Net calls a step, or "
-                            f"LCM's boundary steps); use one of: {', '.join(HANDOFF)}", field="sampler")  # fmt: skip
+        raise ScheduleError(
+            f"sampler {sampler!r} cannot hand over to a refiner here (two U-Net calls a step, or "
+            f"LCM's boundary steps); use one of: {', '.join(HANDOFF)}",
+            field="sampler",
+        )
     full = _make_plan(sampler, schedule, steps, 1.0, eta)
     train = len(schedule.alphas_cumprod)  # num_train_timesteps
     cutoff = int(round(train - (begin if end is None else end) * train))
@@ -75,15 +94,24 @@ def make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float
                 field="refiner_switch_at",
             )
         out = 1.0 if sampler in SIGMA_SPACE else 1 / math.sqrt(float(full.sigmas[k]) ** 2 + 1)
-        cut = dict(timesteps=full.timesteps[:k], sigmas=full.sigmas[: k + 1], c_in=full.c_in[:k], out_scale=out,
-                   coef={n: v[:k] for n, v in full.coef.items()}, orders=full.orders[:k],
-                   corrections=full.corrections[:k], noise_draws=min(full.noise_draws, k))  # fmt: skip
+        cut = dict(
+            timesteps=full.timesteps[:k],
+            sigmas=full.sigmas[: k + 1],
+            c_in=full.c_in[:k],
+            out_scale=out,
+            coef={n: v[:k] for n, v in full.coef.items()},
+            orders=full.orders[:k],
+            corrections=full.corrections[:k],
+            noise_draws=min(full.noise_draws, k),
+        )
         return dataclasses.replace(full, **cut)
     # SDXL's img2img pipeline with denoising_start: the calls at timesteps < the cutoff, the scheduler begun there
     n = int((full.timesteps < cutoff).sum())
     if n < 1:
-        raise ScheduleError(f"the refiner switch at {begin:g} of {steps} steps leaves the refiner no step; move it "
-                            "or use more steps", field="refiner_switch_at")  # fmt: skip
+        raise ScheduleError(
+            f"the refiner switch at {begin:g} of {steps} steps leaves the refiner no step; move it or use more steps",
+            field="refiner_switch_at",
+        )
     plan = _make_plan(sampler, schedule, steps, 1.0, eta, start=steps - n)
     scale = 1.0 if sampler in SIGMA_SPACE else math.sqrt(float(plan.sigmas[0]) ** 2 + 1)
     return dataclasses.replace(plan, in_scale=scale)
@@ -100,13 +128,15 @@ def check_plan_args(sampler: str, steps: object, strength: object = 1.0) -> None
         raise ScheduleError(f"strength must be in (0, 1], got {strength!r}", field="strength")
 
 
-def _make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float, eta: float,
-               start: int | None = None) -> Plan:  # fmt: skip
+def _make_plan(
+    sampler: str, schedule: NoiseSchedule, steps: int, strength: float, eta: float, start: int | None = None
+) -> Plan:
     check_plan_args(sampler, steps, strength)
     _, cfg = sch.resolve(schedule, sampler)
     if steps > cfg["num_train_timesteps"]:
-        raise ScheduleError(f"steps ({steps}) cannot exceed the {cfg['num_train_timesteps']} training timesteps",
-                            field="steps")  # fmt: skip
+        raise ScheduleError(
+            f"steps ({steps}) cannot exceed the {cfg['num_train_timesteps']} training timesteps", field="steps"
+        )
     init_timestep = min(int(steps * strength), steps)
     if init_timestep < 1:
         raise ScheduleError(
@@ -117,9 +147,12 @@ def _make_plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: floa
     if start is None:  # diffusers' t_start * scheduler.order; every scheduler mirrored has order 1
         start = steps - init_timestep
     if sampler in ("ddim", "lcm") and float(schedule.alphas_cumprod[-1]) == 0 and schedule.prediction_type == "epsilon":
-        raise ScheduleError(f"sampler {sampler!r} on a zero-terminal-SNR schedule with an epsilon-predicting model: x0 "
-                            "is undefined at the last timestep (diffusers divides by 0 there); use euler or dpmpp_2m, "
-                            "or a v-prediction model", field="sampler")  # fmt: skip
+        raise ScheduleError(
+            f"sampler {sampler!r} on a zero-terminal-SNR schedule with an epsilon-predicting model: x0 "
+            "is undefined at the last timestep (diffusers divides by 0 there); use euler or dpmpp_2m, "
+            "or a v-prediction model",
+            field="sampler",
+        )
     if sampler == "ddim":
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not 0 <= eta <= 1:
             raise ScheduleError(f"eta must be a number in [0, 1], got {eta!r}", field="eta")
@@ -145,9 +178,12 @@ def _plan_sigma_space(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, sta
         return Plan(sampler, timesteps, sigmas, c_in, init, len(timesteps) if sampler == "euler_a" else 0)
     if start == 0 and int((timesteps == timesteps[0]).sum()) > 1:  # Karras sigmas past the end (zero SNR)
         # diffusers finds its first step by timestep, takes the second of repeated ones and runs past its sigmas
-        raise ScheduleError(f"sampler {sampler!r}: at {steps} steps its first timestep repeats on this schedule, "
-                            "where diffusers' scheduler loses count of its steps; use fewer steps or dpmpp_2m "
-                            "without Karras", field="sampler")  # fmt: skip
+        raise ScheduleError(
+            f"sampler {sampler!r}: at {steps} steps its first timestep repeats on this schedule, "
+            "where diffusers' scheduler loses count of its steps; use fewer steps or dpmpp_2m "
+            "without Karras",
+            field="sampler",
+        )
     final = cfg["euler_at_final"] or (cfg["lower_order_final"] and n_all < 15) or cfg["final_sigmas_type"] == "zero"
     orders = tuple(1 if j == start or (j == n_all - 1 and final) else 2 for j in range(start, n_all))
     plan = _dpm_family_plan(sampler, timesteps, sigmas, orders=orders)
@@ -230,8 +266,11 @@ def _plan_dpmpp_sde(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start
     last, its update's coefficients and its noise's Brownian interval (`_sde_update`), the last call Euler's."""
     seed = cfg["noise_sampler_seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ScheduleError(f"sampler {sampler!r}: noise_sampler_seed {seed!r} is not a whole number; set one, or "
-                            "null for a tree per image from the request's seed", field="sampler")  # fmt: skip
+        raise ScheduleError(
+            f"sampler {sampler!r}: noise_sampler_seed {seed!r} is not a whole number; set one, or "
+            "null for a tree per image from the request's seed",
+            field="sampler",
+        )
     timesteps, s = _sde_schedule(cfg, ac, steps)
     sig = torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))  # [n + 1], as diffusers holds them
     sigmas, coef, intervals = [], {"decay": [], "kept": [], "up": []}, []
@@ -302,8 +341,11 @@ def _plan_ddim(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int
     rescale = [math.sqrt(a / b) for a, b in zip(alphas_to, [*alphas[1:], alphas_to[-1]], strict=True)]
     std = [eta * math.sqrt((1 - b) / (1 - a) * (1 - a / b)) for a, b in zip(alphas, alphas_to, strict=True)]
     direction = [math.sqrt(max(1 - b - s * s, 0.0) / b) for b, s in zip(alphas_to, std, strict=True)]
-    coef = {"sigma_to": _f32(direction if eta else [sch.sigma_of(a) for a in alphas_to]), "rescale": _f32(rescale),
-            "std": _f32([s / math.sqrt(b) for s, b in zip(std, alphas_to, strict=True)])}  # fmt: skip
+    coef = {
+        "sigma_to": _f32(direction if eta else [sch.sigma_of(a) for a in alphas_to]),
+        "rescale": _f32(rescale),
+        "std": _f32([s / math.sqrt(b) for s, b in zip(std, alphas_to, strict=True)]),
+    }
     draws = len(timesteps) if eta else 0
     return _alpha_plan(sampler, timesteps, alphas, alphas_to[-1], noise_draws=draws, clip=_clip(cfg), coef=coef)
 
@@ -347,9 +389,12 @@ def _plan_unipc(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: in
     timesteps, sigmas = sch.dpm_schedule(cfg, ac, steps, "unipc")
     n_all, top, bh1 = len(timesteps), int(cfg["solver_order"]), cfg["solver_type"] == "bh1"
     if not cfg["lower_order_final"] and top > 1 and float(sigmas[-1]) == 0:
-        raise ScheduleError(f"sampler 'unipc': lower_order_final=False takes the last step, to sigma 0, at order "
-                            f"{top}, where its history weights divide by zero (diffusers draws NaN); set "
-                            "lower_order_final=True", field="sampler")  # fmt: skip
+        raise ScheduleError(
+            f"sampler 'unipc': lower_order_final=False takes the last step, to sigma 0, at order "
+            f"{top}, where its history weights divide by zero (diffusers draws NaN); set "
+            "lower_order_final=True",
+            field="sampler",
+        )
     s = [float(v) for v in sigmas]  # float32 values, in float64 arithmetic
     orders, corrections = [], []
     p_x, p_m, c_x, c_m = [], [], [], []
@@ -366,8 +411,9 @@ def _plan_unipc(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: in
         c_m.append(weights + [0.0] * (top + 1 - len(weights)))
     coef = {"p_x": _f32(p_x), "p_m": _f32(p_m), "c_x": _f32(c_x), "c_m": _f32(c_m)}
     ts = torch.from_numpy(timesteps[start:].astype(np.float32))
-    return _dpm_family_plan(sampler, ts, torch.from_numpy(sigmas[start:]), orders=tuple(orders),
-                            corrections=tuple(corrections), coef=coef)  # fmt: skip
+    return _dpm_family_plan(
+        sampler, ts, torch.from_numpy(sigmas[start:]), orders=tuple(orders), corrections=tuple(corrections), coef=coef
+    )
 
 
 def _plan_deis(sampler: str, cfg: dict, ac: torch.Tensor, steps: int, start: int) -> Plan:
@@ -411,8 +457,11 @@ def _deis_weights(to: float, rhos: list[float]) -> list[float]:
         return numerator / ((math.log(b) - lc) * (math.log(b) - ld))
 
     r0, r1, r2 = rhos
-    return [ind3(to, r0, r1, r2) - ind3(r0, r0, r1, r2), ind3(to, r1, r2, r0) - ind3(r0, r1, r2, r0),
-            ind3(to, r2, r0, r1) - ind3(r0, r2, r0, r1)]  # fmt: skip
+    return [
+        ind3(to, r0, r1, r2) - ind3(r0, r0, r1, r2),
+        ind3(to, r1, r2, r0) - ind3(r0, r1, r2, r0),
+        ind3(to, r2, r0, r1) - ind3(r0, r2, r0, r1),
+    ]
 
 
 def _unipc_update(s: list[float], j: int, order: int, bh1: bool, corrector: bool = False) -> tuple[float, list]:

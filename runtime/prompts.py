@@ -58,8 +58,10 @@ class Chunks:
         """These chunks, then copies of ``empty`` (the empty prompt's chunk) up to ``count``: the web UI's
         pad_cond_uncond."""
         extra = max(count - self.count, 0)
-        return Chunks(np.concatenate([self.ids, np.repeat(empty.ids, extra, axis=0)]),
-                      np.concatenate([self.weights, np.repeat(empty.weights, extra, axis=0)]))  # fmt: skip
+        return Chunks(
+            np.concatenate([self.ids, np.repeat(empty.ids, extra, axis=0)]),
+            np.concatenate([self.weights, np.repeat(empty.weights, extra, axis=0)]),
+        )
 
 
 def parse_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]:
@@ -85,8 +87,9 @@ def parse_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]
             try:
                 value = float(weight)
             except ValueError:
-                raise SdrtError(f"{field}: the weight in {token!r} is not a number; write (text:1.2)",
-                                field=field) from None  # fmt: skip
+                raise SdrtError(
+                    f"{field}: the weight in {token!r} is not a number; write (text:1.2)", field=field
+                ) from None
             scale(rounds.pop(), value)
         elif token == ")" and rounds:
             scale(rounds.pop(), 1.1)
@@ -114,8 +117,11 @@ def check_webui(text: str, field: str) -> None:
     """Refuse what the web UI schedules per step, which sdrt does not: prompt editing ``[a:b:N]`` / ``[a:N]``,
     alternation ``[a|b]``, and composable ``AND``."""
     if re.search(r"\bAND\b", text):
-        raise SdrtError(f"{field}: AND (composable prompts) is not supported; write one prompt, or weight its "
-                        "parts with (text:1.2)", field=field)  # fmt: skip
+        raise SdrtError(
+            f"{field}: AND (composable prompts) is not supported; write one prompt, or weight its "
+            "parts with (text:1.2)",
+            field=field,
+        )
     depth: list[int] = []  # positions of open "[" (escaped brackets are text)
     i = 0
     while i < len(text):
@@ -128,8 +134,11 @@ def check_webui(text: str, field: str) -> None:
         elif c == "]" and depth:
             inner = _top_level(text[depth.pop() + 1 : i])
             if "|" in inner or re.search(r":\s*[+-]?[\d.]+\s*$", inner) and not inner.startswith(":"):
-                raise SdrtError(f"{field}: prompt editing [a:b:N] and alternation [a|b] are not supported; "
-                                "write the prompt of one step", field=field)  # fmt: skip
+                raise SdrtError(
+                    f"{field}: prompt editing [a:b:N] and alternation [a|b] are not supported; "
+                    "write the prompt of one step",
+                    field=field,
+                )
         i += 1
 
 
@@ -148,8 +157,9 @@ def _top_level(inner: str) -> str:
     return "".join(out)
 
 
-def chunk_tokens(pieces: list[tuple[list[int | tuple[int, ...]] | None, float]], bos: int, eos: int, pad: int,
-                 comma: int | None) -> Chunks:  # fmt: skip
+def chunk_tokens(
+    pieces: list[tuple[list[int | tuple[int, ...]] | None, float]], bos: int, eos: int, pad: int, comma: int | None
+) -> Chunks:
     """(tokens, weight) of each parsed fragment (a BREAK: tokens None) -> 77-token chunks, as the web UI cuts them.
     A token is an id, or a textual-inversion embedding's vector ids (a tuple): those go into one chunk together,
     the next one when they do not fit in this one."""

@@ -111,11 +111,26 @@ class Request:
         """Requests with equal join keys run through the same graph body and may share one engine batch."""
         chunks = self.texts.chunks if self.texts is not None else (1, 1)
         hires = (self.hires.upscaler, self.hires.second.join_key) if self.hires else ()
-        return JoinKey(self.height, self.width, self.steps, self.sampler, self.strength, self.cfg,
-                       self.image is not None, self.mask is not None, self.loras,
-                       tuple(c.name for c in self.control), chunks if self.cfg else (chunks[0], 0),
-                       self.clip_skip, self.eta, self.cfg and self.guidance_rescale > 0, hires=hires, end=self.end,
-                       begin=self.begin, refine=self.refine.join_key if self.refine else ())  # fmt: skip
+        return JoinKey(
+            self.height,
+            self.width,
+            self.steps,
+            self.sampler,
+            self.strength,
+            self.cfg,
+            self.image is not None,
+            self.mask is not None,
+            self.loras,
+            tuple(c.name for c in self.control),
+            chunks if self.cfg else (chunks[0], 0),
+            self.clip_skip,
+            self.eta,
+            self.cfg and self.guidance_rescale > 0,
+            hires=hires,
+            end=self.end,
+            begin=self.begin,
+            refine=self.refine.join_key if self.refine else (),
+        )
 
     @property
     def init_images(self) -> tuple[Image.Image, ...]:

@@ -251,9 +251,12 @@ def resolve(schedule: NoiseSchedule, sampler: str) -> tuple[str, dict[str, Any]]
             )
     kinds = [key for key in _SIGMA_KINDS if key in DEFAULTS[cls] and cfg[key]]
     if len(kinds) > 1:  # diffusers' schedulers refuse the pair too
-        raise ScheduleError(f"sampler {sampler!r}: {cls} takes one of {' and '.join(kinds)}, not both; pick another "
-                            "--sampler (one without Karras in its name, for a checkpoint with exponential or beta "
-                            "sigmas)", field="sampler")  # fmt: skip
+        raise ScheduleError(
+            f"sampler {sampler!r}: {cls} takes one of {' and '.join(kinds)}, not both; pick another "
+            "--sampler (one without Karras in its name, for a checkpoint with exponential or beta "
+            "sigmas)",
+            field="sampler",
+        )
     # the betas in the manifest are the checkpoint class's; a class that would build different ones cannot agree
     own = schedule.config_for(schedule.scheduler_class) if schedule.scheduler_class in DEFAULTS else cfg
     for key in _BETAS:
@@ -340,8 +343,9 @@ def spaced_sigmas(cfg: dict[str, Any], kind: str, sigma_min: float, sigma_max: f
         try:
             from scipy import stats
         except ImportError:
-            raise ScheduleError("beta sigmas (use_beta_sigmas=True) need scipy: pip install scipy, or sdrt[samplers]",
-                                field="sampler") from None  # fmt: skip
+            raise ScheduleError(
+                "beta sigmas (use_beta_sigmas=True) need scipy: pip install scipy, or sdrt[samplers]", field="sampler"
+            ) from None
         return lo + stats.beta.ppf(1 - np.linspace(0, 1, steps), 0.6, 0.6) * (hi - lo)
     ramp, rho = np.linspace(0, 1, steps), 7.0
     return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho

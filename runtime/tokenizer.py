@@ -74,8 +74,12 @@ class PromptTokenizer:
             flat = [i for t in tokens for i in (t if isinstance(t, tuple) else (t,))]
             room = self.max_length - 2
             if len(flat) > room:
-                log.warning("prompt truncated: CLIP reads at most %d tokens; %d were dropped (%.40s...)",
-                            self.max_length, len(flat) - room, text)  # fmt: skip
+                log.warning(
+                    "prompt truncated: CLIP reads at most %d tokens; %d were dropped (%.40s...)",
+                    self.max_length,
+                    len(flat) - room,
+                    text,
+                )
             bos, eos, pad = self.special
             row = [bos, *flat[:room], eos]
             ids = np.array([row + [pad] * (self.max_length - len(row))], dtype=np.int32)
@@ -87,7 +91,10 @@ class PromptTokenizer:
         parsed = parse_attention(text, field) if emphasis != "none" else [(text, 1.0)]
         texts = [t for t, w in parsed if not is_break(t, w)]
         encoded = iter(self.fragments.encode_batch(texts, add_special_tokens=False) if texts else [])
-        pieces = [(None, 1.0) if is_break(t, w) else
-                  (self._with_embeddings(next(encoded).ids), 1.0 if emphasis == "ignore" else w)
-                  for t, w in parsed]  # fmt: skip
+        pieces = [
+            (None, 1.0)
+            if is_break(t, w)
+            else (self._with_embeddings(next(encoded).ids), 1.0 if emphasis == "ignore" else w)
+            for t, w in parsed
+        ]
         return chunk_tokens(pieces, *self.special, comma=self.comma)

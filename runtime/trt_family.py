@@ -41,8 +41,12 @@ class TrtEnvironment(NamedTuple):
 
 
 # Build-key fields that describe the machine, and how a message names them.
-ENV_FIELDS = {"family": "TensorRT family", "version": "version", "gpu": "GPU",
-              "compute_capability": "compute capability"}  # fmt: skip
+ENV_FIELDS = {
+    "family": "TensorRT family",
+    "version": "version",
+    "gpu": "GPU",
+    "compute_capability": "compute capability",
+}
 
 
 def import_family(family: TrtFamily) -> tuple[ModuleType | None, str]:
