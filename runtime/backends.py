@@ -50,18 +50,14 @@ class Backend:
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    lora = False  # whether `set_weights` can apply LoRA adapters
-    controlnet = False  # whether ControlNet requests are supported (the ControlNet graphs run through `run`)
-
     def set_weights(self, graph: str, updates: list) -> None:
         """Give ``graph`` the exported weights plus these `runtime.lora.Update` deltas (none: the exported ones)."""
         raise NotImplementedError
 
     def lora_refusal(self) -> str | None:
-        """Why requests with LoRA adapters are refused here, naming the fix (None: they are not)."""
-        if self.lora:
-            return None
-        return f"the {self.name} backend cannot apply LoRA adapters yet; use --backend onnxruntime or torch"
+        """Why requests with LoRA adapters are refused here, naming the fix (None: they are not). Every backend
+        applies them; a backend refuses where its graphs no longer hold the exported weights."""
+        return None
 
     def close(self) -> None:
         pass
@@ -77,8 +73,6 @@ class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: the CPU provider, or the CUDA provider with I/O bound to torch's device memory."""
 
     name = "onnxruntime"
-    lora = True
-    controlnet = True
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, threads: int | None = None):
         """``threads``: ONNX Runtime's intra-op threads on the CPU; by default torch's own count
@@ -181,9 +175,6 @@ class TensorRTBackend(Backend):
                 self.runners[graph] = opened.enter_context(TrtRunner(path, trt, self.kernels))
             self._runners = opened.pop_all()
 
-    lora = True  # plans built with the directory's adapters' weights refittable (`sdrt build` marks them)
-    controlnet = True  # `sdrt build` builds the ControlNet graphs and unet_controlnet like any other graph
-
     def set_weights(self, graph: str, updates: list) -> None:
         """Refit ``graph``'s plan on torch's stream: the updated weights get W0 + delta, the ones an earlier set
         changed and this one does not get W0 back (both exactly as `loras/base.safetensors` holds them)."""
@@ -229,8 +220,6 @@ class TorchBackend(Backend):
     torch.compile'd with ``compile=True``. Capturable on a GPU: the CUDA-graph path where TensorRT is absent."""
 
     name = "torch"
-    lora = True
-    controlnet = True
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: torch.device, compile: bool = False):
         super().__init__(root, manifest, device)

@@ -66,19 +66,13 @@ def controlnet_args(
     return tuple(ControlNetArg(*column) for column in columns)
 
 
-def check_controls(manifest: dict[str, Any], backend: Any, args: Sequence[ControlNetArg]) -> tuple[Control, ...]:
+def check_controls(manifest: dict[str, Any], args: Sequence[ControlNetArg]) -> tuple[Control, ...]:
     """`Params.controlnets` -> `Control`s with their images read (not yet resized), or a one-line error about one
     ControlNet: its ``field`` is ``controlnets.K.name`` (``.image``, ``.scale``, ``.start``, ``.end``) for the K-th,
     which the server maps to its clients' spelling of that ControlNet's field."""
     if not args:
         return ()
-    controls = tuple(_control(manifest, k, a) for k, a in enumerate(args))
-    if not getattr(backend, "controlnet", False):
-        raise SdrtError(
-            f"the {backend.name} backend cannot run ControlNet yet; use --backend onnxruntime or torch",
-            field="controlnets",
-        )
-    return controls
+    return tuple(_control(manifest, k, a) for k, a in enumerate(args))
 
 
 def _control(manifest: dict[str, Any], k: int, a: ControlNetArg) -> Control:

@@ -110,8 +110,6 @@ class OpenVinoBackend(Backend):
     ``cpu_int8``: the U-Net from the directory's INT8 model instead of unet.onnx (the other graphs as they are)."""
 
     name = "openvino"
-    lora = True
-    controlnet = True
 
     def __init__(
         self,

@@ -265,7 +265,7 @@ class Pipeline:
             raise self._no_default
         check_plan_args(sampler, p.steps)
         init, mask_img = self._images(p.image, p.mask)
-        controls = check_controls(self.manifest, self.backend, p.controlnets)
+        controls = check_controls(self.manifest, p.controlnets)
         height, width, strength = p.height, p.width, 1.0
         if init is not None:
             strength = (1.0 if mask_img is not None else IMG2IMG_STRENGTH) if p.strength is None else p.strength

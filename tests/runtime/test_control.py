@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sdrt.runtime.backends import Backend, OnnxRuntimeBackend
 from sdrt.runtime.control import Control, check_controls, control_host, controlnet_args, keep, resized
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import ControlNetArg
@@ -65,14 +64,14 @@ def test_checked_controls_keep_their_values_and_read_their_images(tmp_path):
     path = tmp_path / "depth.png"
     DEPTH.convert("L").save(path)
     args = [ControlNetArg("canny", EDGES, 1, 0, 1), ControlNetArg("depth", str(path), 0.5, 0.25, 0.75)]
-    got = check_controls(MANIFEST, OnnxRuntimeBackend, args)
+    got = check_controls(MANIFEST, args)
     assert [(c.name, c.scale, c.start, c.end) for c in got] == [("canny", 1.0, 0.0, 1.0), ("depth", 0.5, 0.25, 0.75)]
     assert all(type(v) is float for c in got for v in (c.scale, c.start, c.end))
     assert got[0].image.size == (96, 64) and np.array_equal(np.asarray(got[0].image), np.asarray(EDGES))
     # a grey-scale file comes back as RGB, at its own size (resized per request later)
     assert got[1].image.mode == "RGB" and got[1].image.size == DEPTH.size
     assert np.array_equal(np.asarray(got[1].image), np.asarray(DEPTH.convert("L").convert("RGB")))
-    assert check_controls(MANIFEST, Backend, []) == ()  # no ControlNets: any backend
+    assert check_controls(MANIFEST, []) == ()  # no ControlNets
 
 
 @pytest.mark.parametrize(
@@ -92,20 +91,14 @@ def test_checked_controls_keep_their_values_and_read_their_images(tmp_path):
 def test_a_bad_controlnet_is_one_line_naming_its_own_field(arg, field, words):
     """The second of two: the field names which one, so that the server can give its client's spelling."""
     with pytest.raises(SdrtError) as err:
-        check_controls(MANIFEST, OnnxRuntimeBackend, [ControlNetArg("canny", EDGES), arg])
+        check_controls(MANIFEST, [ControlNetArg("canny", EDGES), arg])
     assert err.value.field == field and words in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_directory_without_controlnets_names_the_export_option():
     with pytest.raises(SdrtError, match=r"no ControlNet 'canny'; re-export it with .*--controlnet DIR=NAME") as err:
-        check_controls({}, OnnxRuntimeBackend, [ControlNetArg("canny", EDGES)])
+        check_controls({}, [ControlNetArg("canny", EDGES)])
     assert err.value.field == "controlnets.0.name"
-
-
-def test_a_backend_that_does_not_declare_controlnet_refuses_it():
-    with pytest.raises(SdrtError, match="backend cannot run ControlNet yet") as err:
-        check_controls(MANIFEST, Backend, [ControlNetArg("canny", EDGES)])
-    assert err.value.field == "controlnets"
 
 
 @pytest.mark.parametrize(
