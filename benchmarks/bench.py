@@ -72,10 +72,27 @@ class Options:
     def from_args(cls, args: argparse.Namespace) -> Options:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends is not None else None
         peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
-        return cls(Path(args.dir), args.steps, args.height, args.width, args.batch, args.sampler, args.guidance,
-                   args.prompt, args.seed, args.runs, args.warmup, args.device, backends, not args.no_baseline,
-                   args.baseline_compile, Path(args.out_dir), baseline_bf16=args.baseline_bf16, peers=peers,
-                   peers_python=args.peers_python)  # fmt: skip
+        return cls(
+            Path(args.dir),
+            args.steps,
+            args.height,
+            args.width,
+            args.batch,
+            args.sampler,
+            args.guidance,
+            args.prompt,
+            args.seed,
+            args.runs,
+            args.warmup,
+            args.device,
+            backends,
+            not args.no_baseline,
+            args.baseline_compile,
+            Path(args.out_dir),
+            baseline_bf16=args.baseline_bf16,
+            peers=peers,
+            peers_python=args.peers_python,
+        )
 
 
 @dataclass
@@ -149,8 +166,15 @@ def load(make: Callable[[], Any], device: torch.device, clock: Clock, request_fo
     return entry
 
 
-def load_or_fail(name: str, make: Callable[[], Any], device: torch.device, clock: Clock, request_for, warmup: int,
-                 failed: list[dict[str, str]]) -> Entry | None:  # fmt: skip
+def load_or_fail(
+    name: str,
+    make: Callable[[], Any],
+    device: torch.device,
+    clock: Clock,
+    request_for,
+    warmup: int,
+    failed: list[dict[str, str]],
+) -> Entry | None:
     """`load`, except that a contender failing to load or warm up is recorded in ``failed`` (name, error) and left
     out, so one broken path (say, a graph capture) does not cost the figures of the others."""
     try:
@@ -171,8 +195,16 @@ def make_request(pipe: Pipeline, opts: Options, device: torch.device) -> Request
     cuda = device.type == "cuda"
     size = None if cuda else pipe.model.min_px
     steps = opts.steps if opts.steps is not None else (GPU_STEPS if cuda else CPU_STEPS)
-    params = Params(prompt=opts.prompt, steps=steps, guidance=opts.guidance, height=opts.height or size,
-                    width=opts.width or size, n=opts.batch, seed=opts.seed, sampler=opts.sampler)  # fmt: skip
+    params = Params(
+        prompt=opts.prompt,
+        steps=steps,
+        guidance=opts.guidance,
+        height=opts.height or size,
+        width=opts.width or size,
+        n=opts.batch,
+        seed=opts.seed,
+        sampler=opts.sampler,
+    )
     return pipe.request(params)
 
 
@@ -312,12 +344,37 @@ def assemble(opts, manifest, device, req, unet_calls, entries, order, flops, flo
     baseline = next((e for e in entries if e.contender.name == "diffusers-eager"), None)
     reference = baseline.images[0] if baseline else None
     bounds = lower_bounds(flops, flops["unet_calls"], matmul["tflops"]) if flops else None
-    command = ["sdrt", "bench", str(opts.dir), "--device", device.type, "--backends",
-               ",".join(dict.fromkeys(e.contender.backend for e in entries if e.contender.kind == "sdrt")),
-               "--steps", str(req.steps), "--height", str(req.height), "--width", str(req.width),
-               "--batch", str(req.batch), "--sampler", req.sampler, "--guidance", f"{req.guidance:g}",
-               "--prompt", req.prompts[0], "--seed", str(req.seed), "--runs", str(opts.runs),
-               "--warmup", str(opts.warmup), "--out-dir", str(opts.out_dir)]  # fmt: skip
+    command = [
+        "sdrt",
+        "bench",
+        str(opts.dir),
+        "--device",
+        device.type,
+        "--backends",
+        ",".join(dict.fromkeys(e.contender.backend for e in entries if e.contender.kind == "sdrt")),
+        "--steps",
+        str(req.steps),
+        "--height",
+        str(req.height),
+        "--width",
+        str(req.width),
+        "--batch",
+        str(req.batch),
+        "--sampler",
+        req.sampler,
+        "--guidance",
+        f"{req.guidance:g}",
+        "--prompt",
+        req.prompts[0],
+        "--seed",
+        str(req.seed),
+        "--runs",
+        str(opts.runs),
+        "--warmup",
+        str(opts.warmup),
+        "--out-dir",
+        str(opts.out_dir),
+    ]
     command += (["--no-baseline"] if not opts.baseline else []) + (["--baseline-compile"] * opts.baseline_compile)
     command += ["--baseline-bf16"] * opts.baseline_bf16 + (["--peers", ",".join(opts.peers)] if opts.peers else [])
     return {

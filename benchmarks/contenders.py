@@ -21,8 +21,13 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.schedule import SCHEDULERS
 
-_GRAPH_STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet",
-                "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}  # fmt: skip
+_GRAPH_STAGE = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder",
+    "unet": "unet",
+    "vae_decoder": "vae_decoder",
+    "vae_encoder": "vae_encoder",
+}
 GRAPH_NOTE = "one CUDA graph per request: stages are not observable inside it, so end to end only"
 
 
@@ -40,8 +45,13 @@ class SdrtContender:
         self.timings: dict[str, float] = {}
 
     def describe(self) -> dict[str, Any]:
-        out = {"name": self.name, "kind": self.kind, "backend": self.backend, "cuda_graph": self.cuda_graph,
-               "precision": self.pipe.manifest["precision"]}  # fmt: skip
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "backend": self.backend,
+            "cuda_graph": self.cuda_graph,
+            "precision": self.pipe.manifest["precision"],
+        }
         if self.pipe.backend.inference_precision:  # OpenVINO: computes in bf16 or f32 whatever the graphs hold
             out["inference_precision"] = self.pipe.backend.inference_precision
         if self.cuda_graph:
@@ -117,10 +127,17 @@ class DiffusersContender:
 
     def describe(self) -> dict[str, Any]:
         processor = type(next(iter(self.pipe.unet.attn_processors.values()))).__name__
-        out = {"name": self.name, "kind": self.kind, "backend": "torch", "cuda_graph": False,
-               "precision": str(self.dtype).removeprefix("torch."), "compile": self.compiled,
-               "pipeline": type(self.pipe).__name__, "attention": processor,
-               "scheduler": type(self.pipe.scheduler).__name__}  # fmt: skip
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "backend": "torch",
+            "cuda_graph": False,
+            "precision": str(self.dtype).removeprefix("torch."),
+            "compile": self.compiled,
+            "pipeline": type(self.pipe).__name__,
+            "attention": processor,
+            "scheduler": type(self.pipe.scheduler).__name__,
+        }
         if self.bf16:
             out["precision"] = "bfloat16 autocast"
             out["note"] = 'fp32 weights, computed under torch.autocast("cpu", dtype=torch.bfloat16)'
@@ -134,9 +151,16 @@ class DiffusersContender:
             raise SdrtError("the benchmark runs one text prompt (txt2img)")
         with_sampler(self.pipe, req.sampler)
         self.seed = req.seed
-        self.kw = dict(prompt=req.prompts[0], negative_prompt=req.negatives[0] or None,
-                       num_inference_steps=req.steps, guidance_scale=req.guidance, height=req.height,
-                       width=req.width, num_images_per_prompt=req.images_per_prompt, output_type="np")  # fmt: skip
+        self.kw = dict(
+            prompt=req.prompts[0],
+            negative_prompt=req.negatives[0] or None,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance,
+            height=req.height,
+            width=req.width,
+            num_images_per_prompt=req.images_per_prompt,
+            output_type="np",
+        )
 
     def __call__(self, spans: Spans) -> np.ndarray:
         pipe = self.pipe

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdrt.benchmarks.measure import psnr
 from sdrt.export.quantize import QuantizeOptions, quantize_directory
 from sdrt.runtime.int8 import ENTRY, MODES
 from sdrt.runtime.manifest import read_manifest
@@ -43,11 +44,6 @@ from sdrt.runtime.pipeline import Pipeline
 
 RESULTS = Path(__file__).parent / "results"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def linked_copy(src: Path, dest: Path) -> None:
@@ -122,9 +118,14 @@ def machine() -> dict[str, Any]:
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())
     caps = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return {"cpu": fields.get("Model name", "?").strip(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "flags": {f: f in flags for f in CPU_FLAGS}, "openvino_capabilities": list(caps),
-            "load_average": os.getloadavg()[0]}  # fmt: skip
+    return {
+        "cpu": fields.get("Model name", "?").strip(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "flags": {f: f in flags for f in CPU_FLAGS},
+        "openvino_capabilities": list(caps),
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def versions() -> dict[str, str]:
@@ -132,10 +133,16 @@ def versions() -> dict[str, str]:
     import onnxruntime
     import openvino
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    return {"sdrt": commit or "?", "openvino": openvino.__version__, "nncf": nncf.__version__,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    return {
+        "sdrt": commit or "?",
+        "openvino": openvino.__version__,
+        "nncf": nncf.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def measure(root: Path, args: argparse.Namespace, made: dict[str, dict]) -> dict[str, Any]:
@@ -146,8 +153,9 @@ def measure(root: Path, args: argparse.Namespace, made: dict[str, dict]) -> dict
         sampler = ort.request(params).sampler
     pipes = {"f32": Pipeline.load(root, backend="openvino", device="cpu", cpu_precision="f32")}
     for mode, m in made.items():
-        pipes[f"int8-{mode}"] = Pipeline.load(m["dir"], backend="openvino", device="cpu", cpu_precision="f32",
-                                              cpu_int8=True)  # fmt: skip
+        pipes[f"int8-{mode}"] = Pipeline.load(
+            m["dir"], backend="openvino", device="cpu", cpu_precision="f32", cpu_int8=True
+        )
     try:
         f32, feeds = picture(pipes["f32"], params, record=True)
         rows = {}
@@ -164,8 +172,14 @@ def measure(root: Path, args: argparse.Namespace, made: dict[str, dict]) -> dict
             pipe.close()
     for name, row in rows.items():
         row.update(unet_ms=timing[name], speedup=timing["f32"]["p50"] / timing[name]["p50"])
-    request = {"prompt": params.prompt, "steps": params.steps, "size": args.size, "seed": params.seed,
-               "guidance": params.guidance, "sampler": sampler}  # fmt: skip
+    request = {
+        "prompt": params.prompt,
+        "steps": params.steps,
+        "size": args.size,
+        "seed": params.seed,
+        "guidance": params.guidance,
+        "sampler": sampler,
+    }
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     return {"request": request, "unet_inputs": shapes, "contenders": rows}
 
@@ -193,9 +207,11 @@ def markdown(result: dict[str, Any]) -> str:
     for name, c in result["contenders"].items():
         t, made = c["unet_ms"], result["int8"].get(name.removeprefix("int8-"), {}).get("made_s")
         how = f"{made['calibration']:.0f} s calibration + {made['quantization']:.0f} s quantization" if made else "-"
-        lines.append(f"| {name} | {c['precision']} | {t['p50']:.0f} | {t['min']:.0f} | {t['max']:.0f} | "
-                     f"{c['speedup']:.2f}x | {_db(c['psnr_vs_openvino_f32'])} | "
-                     f"{_db(c['psnr_vs_onnxruntime_fp32'])} | {how} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {c['precision']} | {t['p50']:.0f} | {t['min']:.0f} | {t['max']:.0f} | "
+            f"{c['speedup']:.2f}x | {_db(c['psnr_vs_openvino_f32'])} | "
+            f"{_db(c['psnr_vs_onnxruntime_fp32'])} | {how} |"
+        )
     for mode, q in result["int8"].items():
         e = q["entry"]
         calib = f"{e['samples']} U-Net calls ({e['prompts']} prompts x {e['steps']} steps at {e['size']} px)"
@@ -233,9 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         made = int8_dirs(root, args, work)
         name = Model.from_manifest(manifest).name
-        result = {"model": name, "command": command, **started, **measure(root, args, made),
-                  "runs": args.runs, "warmup": args.warmup, "load_average_end": os.getloadavg()[0],
-                  "int8": {mode: {**m, "dir": str(m["dir"])} for mode, m in made.items()}}  # fmt: skip
+        result = {
+            "model": name,
+            "command": command,
+            **started,
+            **measure(root, args, made),
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "load_average_end": os.getloadavg()[0],
+            "int8": {mode: {**m, "dir": str(m["dir"])} for mode, m in made.items()},
+        }
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)

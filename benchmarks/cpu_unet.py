@@ -99,13 +99,17 @@ def measure(root: Path, sizes: list[int], runs: int) -> dict[str, Any]:
 
 def markdown_rows(row: dict[str, Any]) -> str:
     base = row["contenders"]["onnxruntime"]["median_ms"]
-    lines = [f"\n{row['px']}x{row['px']} px, sample {row['sample']}:\n",
-             "| contender | median ms | runs ms | vs ONNX Runtime | first call ms | rel. L2 vs ONNX Runtime |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"\n{row['px']}x{row['px']} px, sample {row['sample']}:\n",
+        "| contender | median ms | runs ms | vs ONNX Runtime | first call ms | rel. L2 vs ONNX Runtime |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     for name, c in row["contenders"].items():
         runs = ", ".join(f"{x:.0f}" for x in c["ms"])
-        lines.append(f"| {name} | {c['median_ms']:.0f} | {runs} | {base / c['median_ms']:.2f}x | "
-                     f"{c['first_call_ms']:.0f} | {c['rel_l2_vs_onnxruntime']:.1e} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {c['median_ms']:.0f} | {runs} | {base / c['median_ms']:.2f}x | "
+            f"{c['first_call_ms']:.0f} | {c['rel_l2_vs_onnxruntime']:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -118,15 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     report = measure(args.dir, args.px, args.runs)
     command = ["python", "-m", "sdrt.benchmarks.cpu_unet", *(argv if argv is not None else sys.argv[1:])]
-    report.update(cpu=cpu_model(), software=software(), command=shlex.join(command),
-                  load_average=[round(x, 2) for x in os.getloadavg()])  # fmt: skip
+    report.update(
+        cpu=cpu_model(),
+        software=software(),
+        command=shlex.join(command),
+        load_average=[round(x, 2) for x in os.getloadavg()],
+    )
     stem = f"{datetime.date.today()}_cpu_unet-call_{report['model']}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = [f"# One U-Net call with guidance on the CPU: {report['model']} ({report['precision']} export)\n",
-          f"Machine: {report['cpu']['name']}, {report['cpu']['cores']} threads, flags {report['cpu']['flags']}; "
-          f"load average after the run {report['load_average']}.", f"Command: `{report['command']}`",
-          *(markdown_rows(r) for r in report["sizes"])]  # fmt: skip
+    md = [
+        f"# One U-Net call with guidance on the CPU: {report['model']} ({report['precision']} export)\n",
+        f"Machine: {report['cpu']['name']}, {report['cpu']['cores']} threads, flags {report['cpu']['flags']}; "
+        f"load average after the run {report['load_average']}.",
+        f"Command: `{report['command']}`",
+        *(markdown_rows(r) for r in report["sizes"]),
+    ]
     (args.out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(args.out_dir / f"{stem}.md")
     return 0

@@ -36,8 +36,17 @@ def small_sdxl(folder: Path) -> Path:
     from sdrt.export.load import byte_level_clip_tokenizer
 
     torch.manual_seed(0)
-    clip = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
-                max_position_embeddings=77, projection_dim=32, bos_token_id=512, eos_token_id=513)  # fmt: skip
+    clip = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=1000,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=512,
+        eos_token_id=513,
+    )
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, sample_size=128,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -63,8 +72,19 @@ def measure(model: str, precision: str, work: Path, keep: Path | None = None) ->
     """One export in its own process under /usr/bin/time -v: wall, peak RSS, and the export's stage lines, each
     with the stage's own peak (the process's resident size sampled every 50 ms from here while the stage ran)."""
     dest = (keep or work) / f"engine-{Path(model).name}-{precision}"
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "sdrt.cli", "export", model, str(dest),
-           "--precision", precision, "--force"]  # fmt: skip
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "sdrt.cli",
+        "export",
+        model,
+        str(dest),
+        "--precision",
+        precision,
+        "--force",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -87,12 +107,20 @@ def measure(model: str, precision: str, work: Path, keep: Path | None = None) ->
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
-    stages = [dict(stage=m[1], seconds=float(m[2]), peak_gb=round(own.get(m[1], 0.0), 2), peak_so_far_gb=float(m[3]))
-              for m in STAGE.finditer(stderr)]  # fmt: skip
+    stages = [
+        dict(stage=m[1], seconds=float(m[2]), peak_gb=round(own.get(m[1], 0.0), 2), peak_so_far_gb=float(m[3]))
+        for m in STAGE.finditer(stderr)
+    ]
     manifest = json.loads((dest / "manifest.json").read_text())
-    return dict(model=model, precision=precision, wall_s=round(seconds, 1), peak_gb=round(peak_kb * 1024 / 1e9, 2),
-                range_px=[manifest["shapes"]["min_px"], manifest["shapes"]["max_px"]], stages=stages,
-                command=" ".join(cmd[2:]))  # fmt: skip
+    return dict(
+        model=model,
+        precision=precision,
+        wall_s=round(seconds, 1),
+        peak_gb=round(peak_kb * 1024 / 1e9, 2),
+        range_px=[manifest["shapes"]["min_px"], manifest["shapes"]["max_px"]],
+        stages=stages,
+        command=" ".join(cmd[2:]),
+    )
 
 
 def _rss_gb(time_pid: int) -> float:
@@ -122,13 +150,19 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(path, args.precision, work, args.keep)
             r["model"] = model
             results.append(r)
-            print(f"\n{model} ({args.precision}, default range {r['range_px'][0]}-{r['range_px'][1]} px): "
-                  f"{r['wall_s']:.0f} s, peak {r['peak_gb']:.2f} GB")  # fmt: skip
+            print(
+                f"\n{model} ({args.precision}, default range {r['range_px'][0]}-{r['range_px'][1]} px): "
+                f"{r['wall_s']:.0f} s, peak {r['peak_gb']:.2f} GB"
+            )
             for s in r["stages"]:
                 so_far = s["peak_so_far_gb"]
                 print(f"  {s['seconds']:7.1f} s  peak {s['peak_gb']:6.2f} GB (so far {so_far:6.2f})  {s['stage']}")
-    machine = dict(platform=platform.platform(), cpu=platform.processor() or platform.machine(),
-                   cores=len(os.sched_getaffinity(0)), python=platform.python_version())  # fmt: skip
+    machine = dict(
+        platform=platform.platform(),
+        cpu=platform.processor() or platform.machine(),
+        cores=len(os.sched_getaffinity(0)),
+        python=platform.python_version(),
+    )
     if args.json:
         args.json.write_text(json.dumps(dict(machine=machine, results=results), indent=1) + "\n")
     return 0

@@ -95,8 +95,13 @@ def matmul_tflops(device: torch.device) -> dict[str, Any]:
         best = _best_matmul_s(device, n, dtype, repeats)
     finally:
         torch.set_num_threads(threads)
-    return {"tflops": 2 * n**3 / best / 1e12, "n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
-            "cpu_threads": None if cuda else max(threads, cpus)}  # fmt: skip
+    return {
+        "tflops": 2 * n**3 / best / 1e12,
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "cpu_threads": None if cuda else max(threads, cpus),
+    }
 
 
 def _best_matmul_s(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:

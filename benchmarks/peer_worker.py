@@ -31,8 +31,17 @@ from typing import Any
 import numpy as np
 
 KINDS = {"optimum-intel": "optimum-intel", "openvino-genai": "openvino-genai"}  # kind -> distribution it needs
-VERSIONS = ("optimum-intel", "optimum", "openvino", "openvino-genai", "openvino-tokenizers", "nncf", "diffusers",
-            "transformers", "torch")  # fmt: skip
+VERSIONS = (
+    "optimum-intel",
+    "optimum",
+    "openvino",
+    "openvino-genai",
+    "openvino-tokenizers",
+    "nncf",
+    "diffusers",
+    "transformers",
+    "torch",
+)
 # diffusers scheduler class -> OpenVINO GenAI's Scheduler.Type, for the classes GenAI implements (with no options
 # beyond the checkpoint's config: a sampler with fixed options, Karras sigmas say, has no GenAI equivalent)
 GENAI_SCHEDULERS = {
@@ -43,8 +52,14 @@ GENAI_SCHEDULERS = {
     "PNDMScheduler": "PNDM",
 }
 # options GenAI 2026.4's schedulers refuse when set (at the first run, "Parameter '...' is not supported")
-GENAI_REFUSES = ("clip_sample", "thresholding", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                 "use_dynamic_shifting")  # fmt: skip
+GENAI_REFUSES = (
+    "clip_sample",
+    "thresholding",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_dynamic_shifting",
+)
 
 
 def genai_refusal(scheduler: str, config: dict[str, Any]) -> str | None:
@@ -112,9 +127,16 @@ class OptimumIntel:
             pipe.reshape(batch_size=1, height=c["height"], width=c["width"], num_images_per_prompt=c["n"])
         pipe.compile()
         self.seed = c["seed"]
-        self.kw = dict(prompt=c["prompt"], negative_prompt=c["negative"], num_inference_steps=c["steps"],
-                       guidance_scale=c["guidance"], height=c["height"], width=c["width"],
-                       num_images_per_prompt=c["n"], output_type="np")  # fmt: skip
+        self.kw = dict(
+            prompt=c["prompt"],
+            negative_prompt=c["negative"],
+            num_inference_steps=c["steps"],
+            guidance_scale=c["guidance"],
+            height=c["height"],
+            width=c["width"],
+            num_images_per_prompt=c["n"],
+            output_type="np",
+        )
 
     def run(self) -> np.ndarray:
         import torch
@@ -139,9 +161,12 @@ class GenAI:
         import openvino
 
         core = openvino.Core()  # GenAI compiles with the CPU plugin's defaults: ask the plugin
-        return {"pipeline": "Text2ImagePipeline", "scheduler": self.scheduler or None,
-                "inference_precision": prop(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
-                "performance_hint": prop(core.get_property("CPU", "PERFORMANCE_HINT"))}  # fmt: skip
+        return {
+            "pipeline": "Text2ImagePipeline",
+            "scheduler": self.scheduler or None,
+            "inference_precision": prop(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+            "performance_hint": prop(core.get_property("CPU", "PERFORMANCE_HINT")),
+        }
 
     def prepare(self, c: dict[str, Any]) -> None:
         import openvino_genai
@@ -157,8 +182,13 @@ class GenAI:
         self.pipe.reshape(c["n"], c["height"], c["width"], c["guidance"])
         self.pipe.compile("CPU")
         self.seed = c["seed"]
-        self.kw = dict(num_inference_steps=c["steps"], guidance_scale=c["guidance"], height=c["height"],
-                       width=c["width"], num_images_per_prompt=c["n"])  # fmt: skip
+        self.kw = dict(
+            num_inference_steps=c["steps"],
+            guidance_scale=c["guidance"],
+            height=c["height"],
+            width=c["width"],
+            num_images_per_prompt=c["n"],
+        )
         if c["negative"] is not None:  # not given: the pipeline's own default, as diffusers' (SDXL: zeros)
             self.kw["negative_prompt"] = c["negative"]
         self.prompt = c["prompt"]

@@ -34,8 +34,10 @@ PEERS = tuple(KINDS)  # optimum-intel, openvino-genai
 WORKER = Path(__file__).with_name("peer_worker.py")
 DEFAULT_PYTHON = Path(__file__).resolve().parents[1] / ".peers-venv" / "bin" / "python"  # the checkout's
 WEIGHT_FORMAT = "fp32"  # optimum-intel would compress a large U-Net's weights to int8: graph against graph instead
-PEER_NOTE = ("another process: stages are not observable, so end to end on the bench's clock around the round "
-             "trip; runtime timings: worker_ms (the worker's own clock), ipc_ms (the rest)")  # fmt: skip
+PEER_NOTE = (
+    "another process: stages are not observable, so end to end on the bench's clock around the round "
+    "trip; runtime timings: worker_ms (the worker's own clock), ipc_ms (the rest)"
+)
 FIX = "run `make cpu-peers`, or pass --peers-python"
 
 
@@ -108,8 +110,10 @@ def select_peers(requested: list[str], python: Path, manifest: dict[str, Any], s
             reason = f"{KINDS[peer]} is not installed beside {python}: {FIX}"
         elif peer == "openvino-genai" and scheduler is not None and genai_refusal(*scheduler):
             usable = ", ".join(genai_samplers(manifest)) or "none for this checkpoint"
-            reason = (f"sampler {sampler or 'default'} ({genai_refusal(*scheduler)}): no GenAI equivalent; "
-                      f"--sampler with GenAI: {usable}")  # fmt: skip
+            reason = (
+                f"sampler {sampler or 'default'} ({genai_refusal(*scheduler)}): no GenAI equivalent; "
+                f"--sampler with GenAI: {usable}"
+            )
         if reason and explicit:
             raise SdrtError(f"--peers {peer}: {reason}")
         if reason:
@@ -142,8 +146,18 @@ def export_ir(engine_dir: Path, manifest: dict[str, Any], plan: PeerPlan) -> Pat
     pipe = source_pipeline(manifest)
     save_source(pipe, work / "source")
     cli = [str(plan.python), "-m", "optimum.commands.optimum_cli"]
-    cmd = [*cli, "export", "openvino", "--model", str(work / "source"), "--task", "text-to-image",
-           "--weight-format", WEIGHT_FORMAT, str(work / "ir")]  # fmt: skip
+    cmd = [
+        *cli,
+        "export",
+        "openvino",
+        "--model",
+        str(work / "source"),
+        "--task",
+        "text-to-image",
+        "--weight-format",
+        WEIGHT_FORMAT,
+        str(work / "ir"),
+    ]
     log = work / "export.log"
     with log.open("w") as out:
         rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_peer_env()).returncode
@@ -197,8 +211,10 @@ def check_text_encoders(pipe: Any, ir: Path) -> None:
         got = compiled({"input_ids": ids.numpy()})[compiled.output("last_hidden_state")]
         err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6))
         if err > 1e-3:
-            raise SdrtError(f"the exported IR's {name} disagrees with the source (relative error {err:.2g}): "
-                            f"the peers' transformers read other weights; see {ir.parent / 'export.log'}")  # fmt: skip
+            raise SdrtError(
+                f"the exported IR's {name} disagrees with the source (relative error {err:.2g}): "
+                f"the peers' transformers read other weights; see {ir.parent / 'export.log'}"
+            )
 
 
 def _peer_env() -> dict[str, str]:
@@ -218,8 +234,9 @@ class PeerContender:
         self.log = Path(self.tmp.name) / "worker.log"
         cmd = [str(plan.python), str(WORKER), "--out", self.tmp.name]
         with self.log.open("w") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                         env=_peer_env())  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=_peer_env()
+            )
         self.prepare_ms = 0.0
         self.timings: dict[str, float] = {}
         try:
@@ -242,10 +259,19 @@ class PeerContender:
         return answer
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "backend": "openvino", "cuda_graph": False,
-                "precision": WEIGHT_FORMAT, "weight_format": WEIGHT_FORMAT, **self.info,
-                "prepare_ms": self.prepare_ms, "ir": str(self.ir), "versions": self.versions,
-                "note": PEER_NOTE}  # fmt: skip
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "backend": "openvino",
+            "cuda_graph": False,
+            "precision": WEIGHT_FORMAT,
+            "weight_format": WEIGHT_FORMAT,
+            **self.info,
+            "prepare_ms": self.prepare_ms,
+            "ir": str(self.ir),
+            "versions": self.versions,
+            "note": PEER_NOTE,
+        }
 
     def prepare(self, req: Request) -> None:
         """The same request as the baseline's, with the sampler's diffusers class and its whole config as the
@@ -255,10 +281,20 @@ class PeerContender:
             raise SdrtError("the benchmark runs one text prompt (txt2img)")
         cls, config = resolve(self.schedule, req.sampler)
         t0 = time.perf_counter()
-        self.info = self.ask(cmd="prepare", prompt=req.prompts[0], negative=req.negatives[0] or None,
-                             steps=req.steps, guidance=req.guidance, height=req.height, width=req.width,
-                             n=req.images_per_prompt, seed=req.seed, sampler=req.sampler, scheduler=cls,
-                             config=config)["describe"]  # fmt: skip
+        self.info = self.ask(
+            cmd="prepare",
+            prompt=req.prompts[0],
+            negative=req.negatives[0] or None,
+            steps=req.steps,
+            guidance=req.guidance,
+            height=req.height,
+            width=req.width,
+            n=req.images_per_prompt,
+            seed=req.seed,
+            sampler=req.sampler,
+            scheduler=cls,
+            config=config,
+        )["describe"]
         self.prepare_ms = (time.perf_counter() - t0) * 1e3
 
     def __call__(self, spans: Spans) -> np.ndarray:

@@ -147,8 +147,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"No lower bound: {report.get('flops_note', 'FLOPs not counted')}.")
-    lines += ["", "Excluded from the timings (engine load; warm-up runs, the first with lazy session creation or "
-              "graph capture):", "", "| contender | load ms | warm-up ms |", "| --- | ---: | --- |"]  # fmt: skip
+    lines += [
+        "",
+        "Excluded from the timings (engine load; warm-up runs, the first with lazy session creation or graph capture):",
+        "",
+        "| contender | load ms | warm-up ms |",
+        "| --- | ---: | --- |",
+    ]
     for r in report["results"]:
         lines.append(f"| {r['name']} | {_ms(r['load_ms'])} | {', '.join(_ms(w) for w in r['warmup_ms']) or '—'} |")
     return "\n".join(lines) + "\n"
@@ -168,8 +173,12 @@ def chart(report: dict[str, Any], path: Path) -> None:
     for i, r in enumerate(results):
         parts = [(k, _p50(r, k)) for k in (*STAGES, "other")]
         if any(v is None for k, v in parts if k != "other"):
-            ax.barh(i, r["e2e_ms"]["p50"], color="#8172b2", label="end to end (one CUDA graph)" if r["cuda_graph"]
-                    else "end to end")  # fmt: skip
+            ax.barh(
+                i,
+                r["e2e_ms"]["p50"],
+                color="#8172b2",
+                label="end to end (one CUDA graph)" if r["cuda_graph"] else "end to end",
+            )
         else:
             left = 0.0
             for k, v in parts:

@@ -25,9 +25,19 @@ from sdrt.runtime.schedule import NoiseSchedule
 
 # SD 1.5's scheduler (PNDM's config; every sampler here reads it as diffusers' from_config does)
 _BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-SD15 = {"class": "PNDMScheduler", "betas": _BETAS.tolist(),
-        "config": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
-                   "skip_prk_steps": True, "set_alpha_to_one": False, "num_train_timesteps": 1000}}  # fmt: skip
+SD15 = {
+    "class": "PNDMScheduler",
+    "betas": _BETAS.tolist(),
+    "config": {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "skip_prk_steps": True,
+        "set_alpha_to_one": False,
+        "num_train_timesteps": 1000,
+    },
+}
 
 
 def measure(sampler: str, shape: tuple[int, ...], steps: int, runs: int, noise_runs: int) -> dict:
@@ -52,8 +62,14 @@ def measure(sampler: str, shape: tuple[int, ...], steps: int, runs: int, noise_r
             times.append(time.perf_counter() - t0)
     calls = len(plan.timesteps)
     median = statistics.median(times)
-    return {"sampler": sampler, "calls": calls, "median_ms": median * 1e3, "per_call_us": median / calls * 1e6,
-            "max_ms": max(times) * 1e3, "host_noise_ms": statistics.median(host) * 1e3 if host else None}  # fmt: skip
+    return {
+        "sampler": sampler,
+        "calls": calls,
+        "median_ms": median * 1e3,
+        "per_call_us": median / calls * 1e6,
+        "max_ms": max(times) * 1e3,
+        "host_noise_ms": statistics.median(host) * 1e3 if host else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sampler update per U-Net call, latent {list(shape)}, {args.steps} steps, median of {args.runs}:")
     for r in rows:
         host = f"  + host noise {r['host_noise_ms']:.0f} ms/request" if r["host_noise_ms"] is not None else ""
-        print(f"  {r['sampler']:20s} {r['calls']:3d} calls  {r['per_call_us']:8.1f} us/call  "
-              f"({r['per_call_us'] / euler:4.2f}x Euler){host}")  # fmt: skip
+        print(
+            f"  {r['sampler']:20s} {r['calls']:3d} calls  {r['per_call_us']:8.1f} us/call  "
+            f"({r['per_call_us'] / euler:4.2f}x Euler){host}"
+        )
     if args.json:
-        out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "shape": list(shape), "steps": args.steps, "runs": args.runs,
-               "noise_runs": args.noise_runs, "results": rows}  # fmt: skip
+        out = {
+            "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "shape": list(shape),
+            "steps": args.steps,
+            "runs": args.runs,
+            "noise_runs": args.noise_runs,
+            "results": rows,
+        }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0

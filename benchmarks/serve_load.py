@@ -26,10 +26,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 def request_bodies(count: int, sizes: list[tuple[int, int]], steps: int, sampler: str, seed0: int) -> list[dict]:
     return [
-        {"prompt": f"a lighthouse at dusk, study {i}", "steps": steps, "seed": seed0 + i, "height": h, "width": w,
-         "sampler": sampler, "n": 1}
+        {
+            "prompt": f"a lighthouse at dusk, study {i}",
+            "steps": steps,
+            "seed": seed0 + i,
+            "height": h,
+            "width": w,
+            "sampler": sampler,
+            "n": 1,
+        }
         for i, (h, w) in ((i, sizes[i % len(sizes)]) for i in range(count))
-    ]  # fmt: skip
+    ]
 
 
 async def run_load(url: str, bodies: list[dict], clients: int, timeout_s: float) -> tuple[list[dict], float]:
@@ -58,8 +65,11 @@ async def run_load(url: str, bodies: list[dict], clients: int, timeout_s: float)
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     text = httpx.get(url + "/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def batches_formed(before: dict, after: dict) -> dict:
@@ -76,8 +86,12 @@ def batches_formed(before: dict, after: dict) -> dict:
         if cumulative[le] - below:
             histogram[le] = int(cumulative[le] - below)
         below = cumulative[le]
-    return {"batches": int(count), "mean_images": images / count if count else 0.0, "images_per_batch": histogram,
-            "answered_200": int(delta("sdrt_responses_total", endpoint="/v1/images", status="200"))}  # fmt: skip
+    return {
+        "batches": int(count),
+        "mean_images": images / count if count else 0.0,
+        "images_per_batch": histogram,
+        "answered_200": int(delta("sdrt_responses_total", endpoint="/v1/images", status="200")),
+    }
 
 
 def check_images(root: str, bodies: list[dict], results: list[dict]) -> list[int]:
@@ -90,8 +104,16 @@ def check_images(root: str, bodies: list[dict], results: list[dict]) -> list[int
     for b, r in zip(bodies, results, strict=True):
         if r["status"] != 200:
             continue
-        req = pipe.request(Params(prompt=b["prompt"], steps=b["steps"], height=b["height"], width=b["width"],
-                                  seed=b["seed"], sampler=b["sampler"]))  # fmt: skip
+        req = pipe.request(
+            Params(
+                prompt=b["prompt"],
+                steps=b["steps"],
+                height=b["height"],
+                width=b["width"],
+                seed=b["seed"],
+                sampler=b["sampler"],
+            )
+        )
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r["answer"]["images"][0]))))
         if not np.array_equal(served, pipe.generate(req).numpy()[0]):
             wrong.append(b["seed"])

@@ -181,13 +181,14 @@ class TensorRTBackend(Backend):
         from safetensors import safe_open
 
         from sdrt.runtime.lora import BASE_FILE
+        from sdrt.runtime.plans import rebuild_command
 
         allowed = set(self.manifest["engines"][graph]["key"].get("refittable", []))
         new = {u.initializer: u for u in updates}
         if missing := sorted(set(new) - allowed):
             raise SdrtError(
                 f"{graph}.plan was built without {missing[0]} refittable (adapters added after the "
-                f"build?); rebuild it with `sdrt build {self.root}`",
+                f"build?); rebuild it with `{rebuild_command(self.root, self.name)}`",
                 field="loras",
             )
         values = {}

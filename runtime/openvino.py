@@ -13,7 +13,6 @@ read again from its file, the changed weights replaced from the exported base, a
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from sdrt.runtime.backends import Backend
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.int8 import XML, describe, int8_entry
+from sdrt.runtime.user_cache import cache_dir
 
 PRECISIONS = ("bf16", "f32")
 SHAPES_KEPT = 3  # compiled shapes kept per graph (each holds its own weights, in the compiled layout)
@@ -52,15 +52,16 @@ def resolve_precision(core: Any, asked: str | None) -> str:
     if asked not in PRECISIONS:
         raise SdrtError(f"unknown CPU precision {asked!r}; use one of {', '.join(PRECISIONS)}", field="cpu_precision")
     if asked not in have:
-        raise SdrtError(f"this CPU has no native {asked} (OpenVINO reports {', '.join(have)}); use --cpu-precision "
-                        f"{have[0]}", field="cpu_precision")  # fmt: skip
+        raise SdrtError(
+            f"this CPU has no native {asked} (OpenVINO reports {', '.join(have)}); use --cpu-precision {have[0]}",
+            field="cpu_precision",
+        )
     return asked
 
 
 def cache_root() -> Path:
-    """Where compiled models are cached: $SDRT_CACHE/openvino, else the user's cache folder."""
-    base = os.environ.get("SDRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
-    return Path(base) / "openvino"
+    """Where compiled models are cached: the user's cache folder's openvino/."""
+    return cache_dir() / "openvino"
 
 
 _SHAPE_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze")
@@ -171,8 +172,11 @@ class OpenVinoBackend(Backend):
                     op.output(0).replace(ov.op.Constant(value).output(0))
                     found += 1
             if found != len(overrides):
-                raise SdrtError(f"{graph}: OpenVINO's reading of the graph lacks some adapted weights; use --backend "
-                                "onnxruntime for LoRA on this directory", field="loras")  # fmt: skip
+                raise SdrtError(
+                    f"{graph}: OpenVINO's reading of the graph lacks some adapted weights; use --backend "
+                    "onnxruntime for LoRA on this directory",
+                    field="loras",
+                )
         if not self._int8_files(graph):  # NNCF's INT8 model holds its weights in its own form
             fold_scalar_scales(model)
         if shapes is not None:
@@ -194,8 +198,10 @@ class OpenVinoBackend(Backend):
             raise SdrtError(f"OpenVINO cannot compile {graph} ({first}); use --backend onnxruntime") from None
         actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         if actual != _OV_TYPE[self.precision]:  # never report a precision the CPU did not compute in
-            raise SdrtError(f"OpenVINO compiled {graph} in {actual}, not {self.precision}; use --cpu-precision "
-                            f"{actual}", field="cpu_precision")  # fmt: skip
+            raise SdrtError(
+                f"OpenVINO compiled {graph} in {actual}, not {self.precision}; use --cpu-precision {actual}",
+                field="cpu_precision",
+            )
         kept[key] = compiled.create_infer_request()
         while len(kept) > SHAPES_KEPT:
             kept.popitem(last=False)
@@ -211,8 +217,10 @@ class OpenVinoBackend(Backend):
 
     def lora_refusal(self) -> str | None:
         if self.int8 is not None:  # its weights are quantized from the exported ones: W0 + delta is not in it
-            return ("LoRA adapters change the exported U-Net's weights, which the INT8 U-Net no longer holds; leave "
-                    "out --cpu-int8 to use --lora")  # fmt: skip
+            return (
+                "LoRA adapters change the exported U-Net's weights, which the INT8 U-Net no longer holds; leave "
+                "out --cpu-int8 to use --lora"
+            )
         return super().lora_refusal()
 
     def set_weights(self, graph: str, updates: list) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import sha256_file, write_atomic
 from sdrt.runtime.trt_family import ENV_FIELDS, FAMILIES, TrtEnvironment, current_gpu, import_family
+from sdrt.runtime.user_cache import cache_dir, slug
 
 
 def runtime_environment(family_name: str) -> TrtEnvironment:
@@ -43,13 +44,19 @@ def _env_mismatch(key: dict[str, Any], here: TrtEnvironment) -> list[str]:
     """What in the key does not fit this machine. A portable (RTX) engine fits any GPU of its target list."""
     if FAMILIES.get(key.get("family", "tensorrt"), FAMILIES["tensorrt"]).portable:
         targets = str(key.get("compute_capability", "")).split(",")
-        differ = [f"{ENV_FIELDS[f]} {key.get(f)} (this machine: {getattr(here, f)})" for f in ("family", "version")
-                  if key.get(f) != getattr(here, f)]  # fmt: skip
+        differ = [
+            f"{ENV_FIELDS[f]} {key.get(f)} (this machine: {getattr(here, f)})"
+            for f in ("family", "version")
+            if key.get(f) != getattr(here, f)
+        ]
         if here.compute_capability not in targets:
             differ.append(f"compute capabilities {','.join(targets)} (this GPU: {here.compute_capability})")
         return differ
-    return [f"{label} {key.get(f)} (this machine: {getattr(here, f)})" for f, label in ENV_FIELDS.items()
-            if key.get(f) != getattr(here, f)]  # fmt: skip
+    return [
+        f"{label} {key.get(f)} (this machine: {getattr(here, f)})"
+        for f, label in ENV_FIELDS.items()
+        if key.get(f) != getattr(here, f)
+    ]
 
 
 def check_plan(
@@ -121,6 +128,11 @@ class TrtRunner:
         self.kernel_cache = kernel_cache  # TensorRT for RTX: a `KernelCache` shared by the backend's runners
         self.runtime = self.engine = self.context = None
 
+    def _rebuild(self) -> str:
+        """The command that rebuilds this plan's directory with this plan's TensorRT."""
+        family = "tensorrt-rtx" if getattr(self.trt, "__name__", "tensorrt") == "tensorrt_rtx" else "tensorrt"
+        return rebuild_command(self.path.parent, family)
+
     def __enter__(self) -> TrtRunner:
         if self.trt is None:
             import tensorrt
@@ -132,12 +144,14 @@ class TrtRunner:
         if hasattr(self.runtime, "get_engine_validity"):  # TensorRT for RTX: ask before deserialising
             validity, diagnostics = self.runtime.get_engine_validity(data[: self.runtime.engine_header_size])
             if validity == trt.EngineValidity.INVALID:
-                raise SdrtError(f"{self.path.name} cannot run on this GPU (TensorRT for RTX says INVALID, diagnostics "
-                                f"{diagnostics}); rebuild it with `sdrt build DIR --backend tensorrt-rtx`")  # fmt: skip
+                raise SdrtError(
+                    f"{self.path.name} cannot run on this GPU (TensorRT for RTX says INVALID, diagnostics "
+                    f"{diagnostics}); rebuild it with `{self._rebuild()}`"
+                )
         self.engine = self.runtime.deserialize_cuda_engine(data)
         del data
         if self.engine is None:
-            raise SdrtError(f"TensorRT could not deserialise {self.path}; rebuild it with `sdrt build`")
+            raise SdrtError(f"TensorRT could not deserialise {self.path}; rebuild it with `{self._rebuild()}`")
         if hasattr(self.engine, "create_runtime_config"):  # TensorRT for RTX
             config = self.engine.create_runtime_config()
             # kernels specialised as soon as a shape is set (in the warm-up), never lazily inside a capture
@@ -227,8 +241,10 @@ class TrtRunner:
             dtype = {torch.float16: trt.float16, torch.float32: trt.float32}[x.dtype]
             weights = trt.Weights(dtype, x.data_ptr(), x.numel())
             if not refitter.set_named_weights(name, weights, trt.TensorLocation.DEVICE):
-                raise SdrtError(f"{self.path.name}: weight {name} is not refittable in this plan; rebuild it with "
-                                "`sdrt build DIR` (adapters added after a build need a new one)")  # fmt: skip
+                raise SdrtError(
+                    f"{self.path.name}: weight {name} is not refittable in this plan; rebuild it with "
+                    f"`{self._rebuild()}` (adapters added after a build need a new one)"
+                )
         stream = stream or torch.cuda.current_stream()
         if not refitter.refit_cuda_engine_async(stream.cuda_stream):
             raise SdrtError(f"TensorRT could not refit {self.path.name} (see the TensorRT log above)")
@@ -261,13 +277,10 @@ class KernelCache:
 def kernel_cache_path(version: str, gpu: str) -> Path:
     """~/.cache/sdrt/rtx-kernels-<version>-<gpu>-cuda<driver API>.cache: a runtime cache is valid for one of each."""
     import ctypes
-    import re
 
     driver = ctypes.c_int(0)
     try:
         ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(driver))
     except OSError:
         pass
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-").lower()
-    return base / f"rtx-kernels-{version}-{slug}-cuda{driver.value}.cache"
+    return cache_dir() / f"rtx-kernels-{version}-{slug(gpu)}-cuda{driver.value}.cache"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from sdrt.runtime.model import Model
 from sdrt.runtime.params import Hires
 from sdrt.runtime.progress import Progress
 from sdrt.runtime.trt_family import ENV_FIELDS, TrtEnvironment, TrtFamily, import_family
+from sdrt.runtime.user_cache import cache_dir, slug
 from sdrt.trt.engine import PlanFromOnnx, parse_onnx
 from sdrt.trt.ops import LIST_VERSION, OpProblem, check_model
 from sdrt.trt.targets import choose, environment, parse_targets
@@ -184,9 +184,8 @@ def stale_reasons(entry: dict[str, Any] | None, key: dict[str, Any], plan_sha256
 def default_timing_cache(env: TrtEnvironment) -> Path:
     """~/.cache/sdrt/timing-<TensorRT version>-<GPU>-sm<cc>.cache: tactic timings are valid for one GPU and
     TensorRT only, so each pair has its own cache."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
-    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", env.gpu).strip("-").lower()
-    return base / f"timing-trt{env.version}-{gpu}-sm{env.compute_capability.replace('.', '')}.cache"
+    cc = env.compute_capability.replace(".", "")
+    return cache_dir() / f"timing-trt{env.version}-{slug(env.gpu)}-sm{cc}.cache"
 
 
 def parse_graphs(trt, root: Path, manifest: dict[str, Any]) -> tuple[list[str], int]:
