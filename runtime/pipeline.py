@@ -235,31 +235,10 @@ class Pipeline:
         """Check `params` against this engine into a `Request`; every problem is a one-line SdrtError that names
         the fix and, in ``field``, the argument at fault."""
         p = params
-        prompts = (p.prompt,) if isinstance(p.prompt, str) else tuple(p.prompt)
-        if not prompts or not all(isinstance(x, str) for x in prompts):
-            raise SdrtError("prompt must be a string or a non-empty list of strings", field="prompt")
-        negatives = (
-            (p.negative_prompt,) * len(prompts)
-            if p.negative_prompt is None or isinstance(p.negative_prompt, str)
-            else tuple(p.negative_prompt)
-        )
-        if len(negatives) != len(prompts) or not all(isinstance(x, str) for x in negatives if x is not None):
-            raise SdrtError(
-                f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per prompt",
-                field="negative_prompt",
-            )
+        prompts, negatives = _prompts(p.prompt, p.negative_prompt)
         if not isinstance(p.guidance, (int, float)) or not math.isfinite(p.guidance):
             raise SdrtError(f"guidance must be a finite number, got {p.guidance!r}", field="guidance")
-        n, most = p.n, self.model.max_images
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or len(prompts) * n > most:
-            raise SdrtError(
-                f"{len(prompts)} prompt(s) x {n!r} image(s) is outside the engine's 1-{most} images per "
-                "call; lower the batch or re-export with a larger --max-batch",
-                field="n",
-            )
-        seed = secrets.randbits(63) if p.seed is None else p.seed
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-            raise SdrtError(f"seed must be a whole number in [0, 2^64), got {seed!r}", field="seed")
+        n, seed = self._count(p.n, len(prompts)), _seed(p.seed)
         sampler = p.sampler or self.default_sampler
         if sampler is None:
             raise self._no_default
@@ -322,6 +301,17 @@ class Pipeline:
         if p.refiner_switch_at is not None:
             return self._handoff(p, req)
         return self._hires(p, req) if p.hires is not None else req
+
+    def _count(self, n: Any, prompts: int) -> int:
+        """Images per prompt, within what the engine was exported for."""
+        most = self.model.max_images
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or prompts * n > most:
+            raise SdrtError(
+                f"{prompts} prompt(s) x {n!r} image(s) is outside the engine's 1-{most} images per "
+                "call; lower the batch or re-export with a larger --max-batch",
+                field="n",
+            )
+        return n
 
     def _handoff(self, p: Params, first: Request) -> Request:
         """SDXL base then refiner, as diffusers' documented pair: the base's plan cut at ``refiner_switch_at``
@@ -829,6 +819,28 @@ class Pipeline:
             return to_x0(x, out, plan.sigmas[i], prediction)
 
         return denoise
+
+
+def _prompts(prompt: Any, negative: Any) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """The prompts as a tuple, and one negative prompt (or None) for each."""
+    prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+    if not prompts or not all(isinstance(x, str) for x in prompts):
+        raise SdrtError("prompt must be a string or a non-empty list of strings", field="prompt")
+    negatives = (negative,) * len(prompts) if negative is None or isinstance(negative, str) else tuple(negative)
+    if len(negatives) != len(prompts) or not all(isinstance(x, str) for x in negatives if x is not None):
+        raise SdrtError(
+            f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one string per prompt",
+            field="negative_prompt",
+        )
+    return prompts, negatives
+
+
+def _seed(seed: Any) -> int:
+    """The request's seed, or a random one where none is given."""
+    seed = secrets.randbits(63) if seed is None else seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise SdrtError(f"seed must be a whole number in [0, 2^64), got {seed!r}", field="seed")
+    return seed
 
 
 def rescaled(guided: torch.Tensor, text: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

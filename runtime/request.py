@@ -205,24 +205,7 @@ def host_inputs(
     first = reqs[0]
     latent_channels, factor = latent
     h, w = first.height // factor, first.width // factor
-    prompts = [p for r in reqs for p in r.prompts]
-    negatives = [n for r in reqs for n in r.negatives]
-    sides = {"prompt": [(r, t) for r in reqs for t in r.texts.prompts]}
-    if first.cfg:
-        sides["negative"] = [(r, t) for r in reqs for t in r.texts.negatives]
-    host = {}
-    for side, texts in sides.items():
-        for j in range(len(texts[0][1])):  # per tokenizer
-            suffix = "_2" if j else ""
-            host[f"{side}_ids{suffix}"] = torch.from_numpy(np.stack([t[j].ids for _, t in texts], axis=1))
-            host[f"{side}_weights{suffix}"] = torch.from_numpy(np.stack([t[j].weights for _, t in texts]))
-        host[f"{side}_renorm"] = torch.tensor([float(r.texts.renorm) for r, _ in texts])
-    for side, skip in zip(("prompt", "negative"), first.clip_skip, strict=True):
-        host[f"{side}_clip_skip"] = torch.tensor([skip], dtype=torch.int32)
-    host["keep_negative"] = torch.tensor([0.0 if n is None and zero_negatives else 1.0 for n in negatives])  # [P]
-    host["rows"] = torch.arange(len(prompts)).repeat_interleave(
-        torch.tensor([r.images_per_prompt for r in reqs for _ in r.prompts])
-    )
+    host = _text_inputs(reqs, zero_negatives)
     host["guidance"] = torch.tensor([r.guidance for r in reqs for _ in range(r.batch)], dtype=torch.float32)
     host["guidance_rescale"] = torch.tensor([r.guidance_rescale for r in reqs for _ in range(r.batch)])
     if guidance_embedding:
@@ -262,6 +245,31 @@ def host_inputs(
         host["mask"] = torch.nn.functional.interpolate(masks, size=(h, w))  # nearest, as diffusers
         if posterior:
             host["masked_noise"] = torch.cat(draws["masked_noise"])
+    return host
+
+
+def _text_inputs(reqs: list[Request], zero_negatives: bool) -> dict[str, torch.Tensor]:
+    """The text side of `host_inputs`: token ids and weights per tokenizer, renorm and clip-skip flags,
+    keep_negative and the rows each image is conditioned on."""
+    first = reqs[0]
+    prompts = [p for r in reqs for p in r.prompts]
+    negatives = [n for r in reqs for n in r.negatives]
+    sides = {"prompt": [(r, t) for r in reqs for t in r.texts.prompts]}
+    if first.cfg:
+        sides["negative"] = [(r, t) for r in reqs for t in r.texts.negatives]
+    host = {}
+    for side, texts in sides.items():
+        for j in range(len(texts[0][1])):  # per tokenizer
+            suffix = "_2" if j else ""
+            host[f"{side}_ids{suffix}"] = torch.from_numpy(np.stack([t[j].ids for _, t in texts], axis=1))
+            host[f"{side}_weights{suffix}"] = torch.from_numpy(np.stack([t[j].weights for _, t in texts]))
+        host[f"{side}_renorm"] = torch.tensor([float(r.texts.renorm) for r, _ in texts])
+    for side, skip in zip(("prompt", "negative"), first.clip_skip, strict=True):
+        host[f"{side}_clip_skip"] = torch.tensor([skip], dtype=torch.int32)
+    host["keep_negative"] = torch.tensor([0.0 if n is None and zero_negatives else 1.0 for n in negatives])  # [P]
+    host["rows"] = torch.arange(len(prompts)).repeat_interleave(
+        torch.tensor([r.images_per_prompt for r in reqs for _ in r.prompts])
+    )
     return host
 
 
