@@ -19,14 +19,13 @@ engine's `SdrtError.field` to its spelling.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import secrets
 from collections import Counter
 from typing import Any
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from sdrt.runtime.errors import SdrtError
@@ -327,15 +326,6 @@ def prompt_loras(prompt: str) -> tuple[str, dict[str, float]]:
     text = EXTRA_NETWORK_TAG.sub(take, prompt)
     last, count = dict(tags), Counter(name for name, _ in tags)
     return text, {name: count[name] * scale for name, scale in last.items()}
-
-
-def encode_png(pixels, parameters: str) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes carrying ``parameters`` in the text chunk image tools read."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 def b64(data: bytes) -> str:

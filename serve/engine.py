@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.infotext import png_parameters
+from sdrt.runtime.infotext import encode_png, png_parameters
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.serve.api import echo_v1, encode_png
+from sdrt.serve.api import echo_v1
 from sdrt.serve.batch import Batcher, Closed, Expired, Output
 from sdrt.serve.metrics import Metrics
 
