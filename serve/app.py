@@ -28,13 +28,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
-from sdrt.serve import api, openai_api
-from sdrt.serve.api import ImagesRequest, Img2ImgRequest, Txt2ImgRequest
+from sdrt.serve import openai_api
+from sdrt.serve.answers import b64, webui_info
 from sdrt.serve.batch import Closed, Expired, QueueFull
 from sdrt.serve.engine import EngineOptions, Generated
-from sdrt.serve.inputs import ApiError, bad_request
+from sdrt.serve.inputs import ApiError, bad_request, field_of
 from sdrt.serve.limits import BodyLimit, Limits, check_prompts
 from sdrt.serve.metrics import Metrics
+from sdrt.serve.sampler_names import WEBUI_NAMES
+from sdrt.serve.v1_api import ImagesRequest
+from sdrt.serve.webui_api import Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger("sdrt")
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
@@ -169,7 +172,7 @@ def _generation_routes(app: FastAPI, serve: _Generation) -> None:
 def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
-        return [{"name": web, "aliases": [ours], "options": {}} for ours, web in api.WEBUI_NAMES.items()]
+        return [{"name": web, "aliases": [ours], "options": {}} for ours, web in WEBUI_NAMES.items()]
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings() -> dict[str, Any]:  # the web UI's answer; "shape": the vectors' width (all encoders')
@@ -246,7 +249,7 @@ def _as_api_error(err: Exception, fields: Callable[[], dict[str, str]]) -> ApiEr
     if isinstance(err, ApiError):
         return err
     if isinstance(err, SdrtError):
-        return bad_request(api.field_of(err, fields()), str(err))
+        return bad_request(field_of(err, fields()), str(err))
     if isinstance(err, QueueFull):
         return ApiError(503, "queue_full", "the server's queue is full; retry later", retry_after=err.retry_after)
     if isinstance(err, Closed):
@@ -274,15 +277,15 @@ def _v1_answer(gen: Generated, raw_png: bool) -> Response:
         timing = ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timings.items())
         headers = {"X-Seed": str(params["seed"]), "Server-Timing": timing}
         return Response(pngs[0], media_type="image/png", headers=headers)
-    body = {"images": [api.b64(p) for p in pngs], "parameters": params, "timings_ms": timings,
+    body = {"images": [b64(p) for p in pngs], "parameters": params, "timings_ms": timings,
             "batch": {"id": batch[0], "requests": batch[1], "images": batch[2]}}  # fmt: skip
     return JSONResponse(body)
 
 
 def _sdapi_answer(gen: Generated, body: Txt2ImgRequest, model: str) -> JSONResponse:
     texts = [t for call in gen.infotexts for t in call]
-    images = [api.b64(p) for call in gen.pngs for p in call]
-    info = api.webui_info(gen.parameters, texts, model, body.prompt)
+    images = [b64(p) for call in gen.pngs for p in call]
+    info = webui_info(gen.parameters, texts, model, body.prompt)
     return JSONResponse({"images": images, "parameters": body.echo(), "info": info})
 
 

@@ -19,7 +19,7 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.infotext import encode_png, png_parameters
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.serve.api import echo_v1
+from sdrt.serve.answers import echo_v1
 from sdrt.serve.batch import Batcher, Closed, Expired, Output
 from sdrt.serve.metrics import Metrics
 

@@ -1,5 +1,6 @@
 """What every request body's values go through: the one error a client is told (`ApiError`, naming the field at
-fault as the client spelt it) and the checked decoding of the images it sends (`decode_image`)."""
+fault as the client spelt it; `field_of` for an engine's `SdrtError`) and the checked decoding of the images it
+sends (`decode_image`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import binascii
 import io
 
 from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+from sdrt.runtime.errors import SdrtError
 
 # the formats an init image or mask may come in, by the bytes that start the file (WebP: RIFF....WEBP)
 IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": PngImagePlugin.PngImageFile, b"\xff\xd8\xff": JpegImagePlugin.JpegImageFile}
@@ -26,6 +29,11 @@ class ApiError(Exception):
 
 def bad_request(field: str, message: str) -> ApiError:
     return ApiError(400, "bad_request", message, field)
+
+
+def field_of(err: SdrtError, names: dict[str, str]) -> str:
+    """The request field an engine error is about, in the endpoint's own spelling ("body" when no one field is)."""
+    return names.get(err.field, "body") if err.field else "body"
 
 
 def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:

@@ -39,8 +39,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
-from sdrt.serve.api import b64, sampler_name
+from sdrt.serve.answers import b64
 from sdrt.serve.inputs import ApiError, bad_request
+from sdrt.serve.sampler_names import sampler_name
 
 if TYPE_CHECKING:
     from sdrt.serve.engine import Generated
