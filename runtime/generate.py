@@ -8,7 +8,7 @@ import sys
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.hires import UPSCALERS
 from sdrt.runtime.infotext import png_parameters, save_png
-from sdrt.runtime.params import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
+from sdrt.runtime.params import BACKENDS, DEFAULT_BACKEND, DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 from sdrt.runtime.prompts import EMPHASIS
 
 
@@ -324,7 +324,7 @@ def _add_running(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="auto",
+        default=DEFAULT_BACKEND,
         help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as "
         "built), else torch programs where exported; on the CPU OpenVINO where installed; else ONNX "
         "Runtime",

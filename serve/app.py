@@ -31,6 +31,7 @@ from sdrt.runtime.params import Params
 from sdrt.serve import openai_api
 from sdrt.serve.answers import b64, webui_info
 from sdrt.serve.batch import Closed, Expired, QueueFull
+from sdrt.serve.cli import TIMEOUT_S
 from sdrt.serve.engine import EngineOptions, Generated
 from sdrt.serve.inputs import ApiError, bad_request, field_of
 from sdrt.serve.limits import BodyLimit, Limits, check_prompts
@@ -61,7 +62,7 @@ class Disconnected(Exception):
     """The client went away before its answer was ready; its work was dropped."""
 
 
-def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0, limits: Limits | None = None) -> FastAPI:
+def create_app(engine: Engine, metrics: Metrics, timeout_s: float = TIMEOUT_S, limits: Limits | None = None) -> FastAPI:
     """The app over ``engine``. Its lifespan warms the engine in the background (``/readyz`` says when it is done)
     and, at shutdown, after uvicorn has stopped accepting and answered the requests in flight, drains it.
     ``limits`` (default: `Limits`' defaults) bound what one request may cost (see `sdrt.serve.limits`)."""

@@ -21,6 +21,7 @@ from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.serve.answers import echo_v1
 from sdrt.serve.batch import Batcher, Closed, Expired, Output
+from sdrt.serve.cli import BATCH_WINDOW_MS, MAX_QUEUE, WARMUP_STEPS
 from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt")
@@ -43,9 +44,9 @@ class EngineOptions:
     window, the queue's bound in images, and the warm-up request's steps."""
 
     max_batch: int | None = None
-    window_ms: float = 20.0
-    max_queue: int = 64
-    warmup_steps: int = 20
+    window_ms: float = BATCH_WINDOW_MS
+    max_queue: int = MAX_QUEUE
+    warmup_steps: int = WARMUP_STEPS
 
 
 class LocalEngine:

@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 
 from sdrt.serve import openai_api
+from sdrt.serve.cli import MAX_BODY_MB, MAX_JSON_VALUES, MAX_PROMPT_CHARS
 from sdrt.serve.inputs import ApiError
 from sdrt.serve.metrics import Metrics
 
@@ -35,9 +36,9 @@ class Limits:
     """`sdrt serve`'s per-request limits. An image may have up to ``IMAGE_SCALE``^2 times the pixels of the
     largest image the engine makes (``max_px`` squared): it is resized to the requested size before use."""
 
-    max_body_mb: float = 32.0
-    max_prompt_chars: int = 8192
-    max_json_values: int = 65536
+    max_body_mb: float = MAX_BODY_MB
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_json_values: int = MAX_JSON_VALUES
 
     @property
     def max_body_bytes(self) -> int:

@@ -33,9 +33,20 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from sdrt.runtime.model import Model
-from sdrt.runtime.params import Params
+from sdrt.runtime.params import DEFAULT_BACKEND, Params
 from sdrt.serve.app import create_app, limits_of, options_of
 from sdrt.serve.batch import Closed, Expired, QueueFull
+from sdrt.serve.cli import (
+    BATCH_WINDOW_MS,
+    MAX_BODY_MB,
+    MAX_JSON_VALUES,
+    MAX_PROMPT_CHARS,
+    MAX_QUEUE,
+    MIN_REPLICAS,
+    REPLICA_CPUS,
+    TIMEOUT_S,
+    WARMUP_STEPS,
+)
 from sdrt.serve.engine import EngineOptions, Generated, LocalEngine
 from sdrt.serve.limits import Limits
 from sdrt.serve.metrics import Metrics
@@ -43,6 +54,7 @@ from sdrt.serve.metrics import Metrics
 log = logging.getLogger("sdrt")
 GRACE_S = 5.0  # past a call's deadline, how long the ingress waits for its replica's own 504 before giving up
 SEEN_BATCHES = 4096  # batch ids remembered so that a batch shared by several calls is counted once
+RETRIES = 3  # how many times a call whose replica died is sent again
 
 
 class EngineReplica:
@@ -76,7 +88,7 @@ class RayEngine:
     """The engine shape of `sdrt.serve.engine` (`LocalEngine`'s) over a handle to `EngineReplica`s: retries on
     another replica when one dies."""
 
-    def __init__(self, handle: DeploymentHandle, model: str, max_px: int, metrics: Metrics, retries: int = 3):
+    def __init__(self, handle: DeploymentHandle, model: str, max_px: int, metrics: Metrics, retries: int = RETRIES):
         self.handle, self.model, self.max_px, self.metrics, self.retries = handle, model, max_px, metrics, retries
         self._waiting = 0  # engine calls sent and not yet answered
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -153,24 +165,24 @@ class ServeArgs(BaseModel):
     """`app_builder`'s arguments, as ``serve run ... key=value`` or a config file's ``args`` give them."""
 
     dir: str
-    backend: str = "auto"
+    backend: str = DEFAULT_BACKEND
     cpu_precision: str | None = None
     cpu_int8: bool = False
     refiner: str | None = None
     device: str | None = None
     cuda_graph: bool = True
     max_batch: int | None = None
-    batch_window_ms: float = 20.0
-    max_queue: int = 64
-    timeout_s: float = 300.0
-    warmup_steps: int = 20
-    min_replicas: int = 1
+    batch_window_ms: float = BATCH_WINDOW_MS
+    max_queue: int = MAX_QUEUE
+    timeout_s: float = TIMEOUT_S
+    warmup_steps: int = WARMUP_STEPS
+    min_replicas: int = MIN_REPLICAS
     max_replicas: int | None = None
-    replica_cpus: float = 1.0
-    retries: int = 3
-    max_body_mb: float = 32.0
-    max_prompt_chars: int = 8192
-    max_json_values: int = 65536
+    replica_cpus: float = REPLICA_CPUS
+    retries: int = RETRIES
+    max_body_mb: float = MAX_BODY_MB
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_json_values: int = MAX_JSON_VALUES
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -187,11 +199,11 @@ def build_app(
     root: str | Path,
     load: dict,
     options: EngineOptions,
-    timeout_s: float = 300.0,
-    min_replicas: int = 1,
+    timeout_s: float = TIMEOUT_S,
+    min_replicas: int = MIN_REPLICAS,
     max_replicas: int | None = None,
-    replica_cpus: float = 1.0,
-    retries: int = 3,
+    replica_cpus: float = REPLICA_CPUS,
+    retries: int = RETRIES,
     limits: Limits | None = None,
 ) -> serve.Application:
     """Ingress -> engine replicas for engine directory ``root`` (a path every Ray node can read)."""
