@@ -21,9 +21,15 @@ def echo_v1(req, model: str) -> dict[str, Any]:
     out = {
         "prompt": req.prompts[0] if one else list(req.prompts),
         "negative_prompt": req.negatives[0] if one else list(req.negatives),
-        "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "height": req.height, "width": req.width,
-        "sampler": req.sampler, "n": req.images_per_prompt, "model": model,
-    }  # fmt: skip
+        "steps": req.steps,
+        "guidance": req.guidance,
+        "seed": req.seed,
+        "height": req.height,
+        "width": req.width,
+        "sampler": req.sampler,
+        "n": req.images_per_prompt,
+        "model": model,
+    }
     if req.image is not None:
         out["strength"] = req.strength
     if req.loras:
@@ -38,13 +44,21 @@ def webui_info(parameters: list[dict[str, Any]], infotexts: list[str], model: st
     ``prompt`` is the one sent, its ``<lora:...>`` tags kept, as the web UI echoes it."""
     first = parameters[0]
     info = {
-        "prompt": prompt, "all_prompts": [prompt] * len(parameters),
-        "negative_prompt": first["negative_prompt"], "all_negative_prompts": [p["negative_prompt"] for p in parameters],
-        "seed": first["seed"], "all_seeds": [p["seed"] for p in parameters], "width": first["width"],
-        "height": first["height"], "sampler_name": WEBUI_NAMES.get(first["sampler"], first["sampler"]),
-        "cfg_scale": first["guidance"], "steps": first["steps"], "batch_size": len(parameters),
-        "sd_model_name": model, "infotexts": infotexts,
-    }  # fmt: skip
+        "prompt": prompt,
+        "all_prompts": [prompt] * len(parameters),
+        "negative_prompt": first["negative_prompt"],
+        "all_negative_prompts": [p["negative_prompt"] for p in parameters],
+        "seed": first["seed"],
+        "all_seeds": [p["seed"] for p in parameters],
+        "width": first["width"],
+        "height": first["height"],
+        "sampler_name": WEBUI_NAMES.get(first["sampler"], first["sampler"]),
+        "cfg_scale": first["guidance"],
+        "steps": first["steps"],
+        "batch_size": len(parameters),
+        "sd_model_name": model,
+        "infotexts": infotexts,
+    }
     if "strength" in first:
         info["denoising_strength"] = first["strength"]
     return json.dumps(info)

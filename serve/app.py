@@ -42,8 +42,17 @@ from sdrt.serve.webui_api import Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger("sdrt")
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
-ENDPOINTS = ("/v1/images", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/sdapi/v1/samplers",
-             "/sdapi/v1/embeddings", "/healthz", "/readyz", "/metrics")  # fmt: skip
+ENDPOINTS = (
+    "/v1/images",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+    "/v1/images/generations",
+    "/sdapi/v1/samplers",
+    "/sdapi/v1/embeddings",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 
 
 class Engine(Protocol):
@@ -110,12 +119,18 @@ class _Generation:
         self.engine, self.metrics, self.timeout_s, self.limits = engine, metrics, timeout_s, limits
         self.max_pixels = limits.max_image_pixels(engine.max_px)
 
-    async def __call__(self, request: Request, body: Txt2ImgRequest | ImagesRequest, timeout: float | None,
-                       answer: Callable[[Generated], Response]) -> Response:  # fmt: skip
+    async def __call__(
+        self,
+        request: Request,
+        body: Txt2ImgRequest | ImagesRequest,
+        timeout: float | None,
+        answer: Callable[[Generated], Response],
+    ) -> Response:
         self.metrics.in_flight.inc()
         try:
-            check_prompts({"prompt": body.prompt, "negative_prompt": body.negative_prompt},
-                          self.limits.max_prompt_chars)  # fmt: skip
+            check_prompts(
+                {"prompt": body.prompt, "negative_prompt": body.negative_prompt}, self.limits.max_prompt_chars
+            )
             work = self._work(body, _timeout(request, timeout, self.timeout_s))
             gen = await _until_disconnected(request, work)
             self.metrics.images.inc(sum(len(p) for p in gen.pngs))
@@ -152,8 +167,9 @@ def _generation_routes(app: FastAPI, serve: _Generation) -> None:
         (without ``application/json``) gets the PNG itself for a one-image request."""
         raw = _wants_png(request)
         if raw and body.n != 1:
-            return _error(ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"),
-                          serve.metrics)  # fmt: skip
+            return _error(
+                ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"), serve.metrics
+            )
         return await serve(request, body, body.timeout_s, lambda g: _v1_answer(g, raw))
 
     @app.post("/sdapi/v1/txt2img")
@@ -179,8 +195,10 @@ def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
     async def embeddings() -> dict[str, Any]:  # the web UI's answer; "shape": the vectors' width (all encoders')
         e = engine.pipe.embeddings
         width = sum(t.shape[1] for t in e.tables)
-        loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
-                         "vectors": count} for name, (_, count) in e.rows.items()}  # fmt: skip
+        loaded = {
+            name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": count}
+            for name, (_, count) in e.rows.items()
+        }
         return {"loaded": loaded, "skipped": {}}
 
     @app.get("/healthz")
@@ -278,8 +296,12 @@ def _v1_answer(gen: Generated, raw_png: bool) -> Response:
         timing = ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timings.items())
         headers = {"X-Seed": str(params["seed"]), "Server-Timing": timing}
         return Response(pngs[0], media_type="image/png", headers=headers)
-    body = {"images": [b64(p) for p in pngs], "parameters": params, "timings_ms": timings,
-            "batch": {"id": batch[0], "requests": batch[1], "images": batch[2]}}  # fmt: skip
+    body = {
+        "images": [b64(p) for p in pngs],
+        "parameters": params,
+        "timings_ms": timings,
+        "batch": {"id": batch[0], "requests": batch[1], "images": batch[2]},
+    }
     return JSONResponse(body)
 
 
@@ -345,16 +367,30 @@ def main(args) -> int:
     if args.timeout_s <= 0:
         raise SdrtError(f"--timeout-s must be > 0, got {args.timeout_s}")
     limits = limits_of(args)
-    pipe = Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph,
-                         cpu_precision=args.cpu_precision, cpu_int8=args.cpu_int8,
-                         refiner=args.refiner)  # fmt: skip
+    pipe = Pipeline.load(
+        args.dir,
+        backend=args.backend,
+        device=args.device,
+        cuda_graph=not args.no_cuda_graph,
+        cpu_precision=args.cpu_precision,
+        cpu_int8=args.cpu_int8,
+        refiner=args.refiner,
+    )
     metrics = Metrics()
     metrics.watch_gpu()
     engine = LocalEngine(pipe, options_of(args), metrics)
     app = create_app(engine, metrics, args.timeout_s, limits)
-    log.info("serving %s (%s on %s, batches of up to %d images) at http://%s:%d", args.dir, pipe.backend.name,
-             pipe.device, engine.max_images, args.host, args.port)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=int(args.timeout_s) + 1)  # fmt: skip
+    log.info(
+        "serving %s (%s on %s, batches of up to %d images) at http://%s:%d",
+        args.dir,
+        pipe.backend.name,
+        pipe.device,
+        engine.max_images,
+        args.host,
+        args.port,
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=int(args.timeout_s) + 1
+    )
     pipe.close()
     return 0

@@ -78,8 +78,14 @@ class LocalEngine:
         req = self.pipe.request(Params(prompt="", steps=self.options.warmup_steps, seed=0, image=image, mask=mask))
         for k in range(1, self.max_images + 1):
             self.pipe.generate_batch([req] * k)
-        log.info("warm: %dx%d, %d steps, batches of 1-%d in %.1f s", req.width, req.height, req.steps,
-                 self.max_images, time.perf_counter() - t)  # fmt: skip
+        log.info(
+            "warm: %dx%d, %d steps, batches of 1-%d in %.1f s",
+            req.width,
+            req.height,
+            req.steps,
+            self.max_images,
+            time.perf_counter() - t,
+        )
         self._ready.set()
 
     async def start(self) -> None:
@@ -125,8 +131,9 @@ class LocalEngine:
         reqs = [self.pipe.request(c) for c in calls]
         images = sum(r.batch for r in reqs)
         if images > self.options.max_queue:
-            raise SdrtError(f"{images} images in one request exceed the server's queue of {self.options.max_queue}",
-                            field="n")  # fmt: skip
+            raise SdrtError(
+                f"{images} images in one request exceed the server's queue of {self.options.max_queue}", field="n"
+            )
         return reqs
 
     def _encode(self, reqs: list[Request], outputs: list[Output]) -> Generated:

@@ -20,8 +20,15 @@ class ApiError(Exception):
     """A request the server will not run: HTTP ``status``, a metrics ``kind`` (and ``reason``, for the limits:
     ``image_size``, ``prompt_length``, ...), the ``field`` at fault."""
 
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None, retry_after: int | None = None,
-                 reason: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        field: str | None = None,
+        retry_after: int | None = None,
+        reason: str = "",
+    ):
         super().__init__(status, kind, message, field, retry_after, reason)
         self.status, self.kind, self.message, self.field, self.retry_after = status, kind, message, field, retry_after
         self.reason = reason
@@ -55,8 +62,12 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
     except (OSError, ValueError, SyntaxError) as err:
         raise _image_error(field, f"has a damaged header: {str(err).splitlines()[0]}", "image_data") from None
     if img.width * img.height > max_pixels:
-        raise _image_error(field, f"is {img.width}x{img.height}, over the {max_pixels} pixels this server takes "
-                           "(4 times the engine's largest side, squared); scale it down", "image_size")  # fmt: skip
+        raise _image_error(
+            field,
+            f"is {img.width}x{img.height}, over the {max_pixels} pixels this server takes "
+            "(4 times the engine's largest side, squared); scale it down",
+            "image_size",
+        )
     try:
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

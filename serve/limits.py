@@ -63,9 +63,14 @@ def check_prompts(prompts: dict[str, str | list[str] | None], most: int) -> None
         items = [(name, value)] if not isinstance(value, list) else [(f"{name}.{i}", v) for i, v in enumerate(value)]
         for field, text in items:
             if isinstance(text, str) and len(text) > most:
-                raise ApiError(400, "bad_request", f"{field} has {len(text)} characters, over the server's "
-                               f"{most} (--max-prompt-chars); CLIP reads only the first 75 tokens: shorten it",
-                               field, reason="prompt_length")  # fmt: skip
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"{field} has {len(text)} characters, over the server's "
+                    f"{most} (--max-prompt-chars); CLIP reads only the first 75 tokens: shorten it",
+                    field,
+                    reason="prompt_length",
+                )
 
 
 class BodyLimit:
@@ -119,16 +124,23 @@ class BodyLimit:
     async def _refuse(self, send, reason: str, path: str) -> None:
         self.metrics.errors.labels("too_large", reason).inc()
         if reason == "body":
-            detail = (f"the request body is over the server's {self.limits.max_body_mb:g} MB limit "
-                      "(--max-body-mb); send a smaller one")  # fmt: skip
+            detail = (
+                f"the request body is over the server's {self.limits.max_body_mb:g} MB limit "
+                "(--max-body-mb); send a smaller one"
+            )
         else:
-            detail = (f"the request body has over {self.limits.max_json_values} JSON values (--max-json-values; "
-                      "commas and brackets in strings count); send fewer")  # fmt: skip
+            detail = (
+                f"the request body has over {self.limits.max_json_values} JSON values (--max-json-values; "
+                "commas and brackets in strings count); send fewer"
+            )
         body = {"error": "too_large", "field": "body", "detail": detail}
         if path in openai_api.PATHS:  # in the shape that endpoint's clients read
             body = openai_api.error_body(ApiError(413, "too_large", detail, "body", reason=reason))
         content = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-                   (b"connection", b"close")]  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+            (b"connection", b"close"),
+        ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": content})

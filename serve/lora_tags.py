@@ -33,11 +33,15 @@ def prompt_loras(prompt: str) -> tuple[str, dict[str, float]]:
     def take(m: re.Match) -> str:
         kind, args = m.group(1), m.group(2).split(":")
         if kind not in LORA_KINDS:
-            raise bad_request("prompt", f"prompt tag {m.group(0)!r}: sdrt applies LoRA adapters only, as "
-                              "<lora:NAME:SCALE>")  # fmt: skip
+            raise bad_request(
+                "prompt", f"prompt tag {m.group(0)!r}: sdrt applies LoRA adapters only, as <lora:NAME:SCALE>"
+            )
         if len(args) > 2 or any("=" in a for a in args):
-            raise bad_request("prompt", f"prompt tag {m.group(0)!r}: give <lora:NAME> or <lora:NAME:SCALE>, one "
-                              "scale for text encoder and U-Net (te=, unet=, dyn= are not supported)")  # fmt: skip
+            raise bad_request(
+                "prompt",
+                f"prompt tag {m.group(0)!r}: give <lora:NAME> or <lora:NAME:SCALE>, one "
+                "scale for text encoder and U-Net (te=, unet=, dyn= are not supported)",
+            )
         try:
             tags.append((args[0], float(args[1]) if len(args) > 1 else 1.0))
         except ValueError:

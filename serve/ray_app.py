@@ -152,8 +152,9 @@ class Ingress:
     """The HTTP API of `sdrt.serve.app`, in front of the engine replicas: the body, image and prompt limits
     are checked here, before anything is sent to a replica."""
 
-    def __init__(self, engine: DeploymentHandle, model: str, max_px: int, timeout_s: float, retries: int,
-                 limits: Limits):  # fmt: skip
+    def __init__(
+        self, engine: DeploymentHandle, model: str, max_px: int, timeout_s: float, retries: int, limits: Limits
+    ):
         metrics = Metrics()
         self._http = create_app(RayEngine(engine, model, max_px, metrics, retries), metrics, timeout_s, limits)
 
@@ -189,10 +190,25 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application ``serve run sdrt.serve.ray_app:app_builder dir=ENGINES`` deploys (``args`` as
     `ServeArgs`; a bad value is a validation error naming the field)."""
     args = ServeArgs.model_validate(args)
-    load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph,
-            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8, "refiner": args.refiner}  # fmt: skip
-    return build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
-                     args.replica_cpus, args.retries, limits_of(args))  # fmt: skip
+    load = {
+        "backend": args.backend,
+        "device": args.device,
+        "cuda_graph": args.cuda_graph,
+        "cpu_precision": args.cpu_precision,
+        "cpu_int8": args.cpu_int8,
+        "refiner": args.refiner,
+    }
+    return build_app(
+        args.dir,
+        load,
+        options_of(args),
+        args.timeout_s,
+        args.min_replicas,
+        args.max_replicas,
+        args.replica_cpus,
+        args.retries,
+        limits_of(args),
+    )
 
 
 def build_app(
@@ -217,9 +233,14 @@ def build_app(
     scaling = (
         {"num_replicas": min_replicas}
         if min_replicas == max_replicas
-        else {"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
-                                     "target_ongoing_requests": 2 * per_replica}}
-    )  # fmt: skip
+        else {
+            "autoscaling_config": {
+                "min_replicas": min_replicas,
+                "max_replicas": max_replicas,
+                "target_ongoing_requests": 2 * per_replica,
+            }
+        }
+    )
     engine = serve.deployment(EngineReplica).options(
         ray_actor_options={"num_gpus": 1} if gpus else {"num_cpus": replica_cpus},
         max_ongoing_requests=options.max_queue + per_replica,  # past it, calls wait at the ingress's router
@@ -238,10 +259,24 @@ def main(args) -> int:
     limits = limits_of(args)  # a bad flag fails before Ray starts
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    load = {"backend": args.backend, "device": args.device, "cuda_graph": not args.no_cuda_graph,
-            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8, "refiner": args.refiner}  # fmt: skip
-    app = build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
-                    args.replica_cpus, limits=limits)  # fmt: skip
+    load = {
+        "backend": args.backend,
+        "device": args.device,
+        "cuda_graph": not args.no_cuda_graph,
+        "cpu_precision": args.cpu_precision,
+        "cpu_int8": args.cpu_int8,
+        "refiner": args.refiner,
+    }
+    app = build_app(
+        args.dir,
+        load,
+        options_of(args),
+        args.timeout_s,
+        args.min_replicas,
+        args.max_replicas,
+        args.replica_cpus,
+        limits=limits,
+    )
     serve.run(app, name="sdrt", route_prefix="/")
     log.info("serving %s on Ray Serve at http://%s:%d", args.dir, args.host, args.port)
     stop = threading.Event()

@@ -23,10 +23,33 @@ from sdrt.serve.sampler_names import sampler_name
 
 # `SdrtError.field` (the Python argument at fault) -> this endpoint's spelling of it (the web UI's: `SDAPI_FIELDS`);
 # a ControlNet's own fields (controlnets.K.name, ...) are added per request (`control`)
-V1_FIELDS = {name: name for name in ("prompt", "negative_prompt", "steps", "guidance", "height", "width", "n", "seed",
-                                     "sampler", "image", "strength", "mask", "loras", "controlnets", "clip_skip",
-                                     "eta", "guidance_rescale", "prompt_syntax", "emphasis", "hires", "refiner",
-                                     "refiner_switch_at")}  # fmt: skip
+V1_FIELDS = {
+    name: name
+    for name in (
+        "prompt",
+        "negative_prompt",
+        "steps",
+        "guidance",
+        "height",
+        "width",
+        "n",
+        "seed",
+        "sampler",
+        "image",
+        "strength",
+        "mask",
+        "loras",
+        "controlnets",
+        "clip_skip",
+        "eta",
+        "guidance_rescale",
+        "prompt_syntax",
+        "emphasis",
+        "hires",
+        "refiner",
+        "refiner_switch_at",
+    )
+}
 V1_FIELDS.update({f"hires.{name}": f"hires.{name}" for name in Hires.__dataclass_fields__})
 
 
@@ -37,8 +60,9 @@ class HiresSpec(BaseModel):
     scale: float = Field(2.0, description="upscale factor (the web UI's hr_scale)")
     width: int = Field(0, description="upscale to this width instead (hr_resize_x; 0: from scale)")
     height: int = Field(0, description="upscale to this height instead (hr_resize_y; 0: from scale)")
-    upscaler: str = Field("Latent", description="a latent upscaler (Latent, Latent (bicubic), ...) or Lanczos, "
-                          "Nearest, None")  # fmt: skip
+    upscaler: str = Field(
+        "Latent", description="a latent upscaler (Latent, Latent (bicubic), ...) or Lanczos, Nearest, None"
+    )
     steps: int = Field(0, description="second-pass steps (0: the first pass's)")
     strength: float = Field(0.7, description="second-pass denoising strength in (0, 1]")
     sampler: str | None = Field(None, description="second-pass sampler (default: the first's)")
@@ -67,17 +91,20 @@ class ImagesRequest(BaseModel):
     mask: str | None = Field(None, description="inpainting, with image: white is repainted, base64")
     strength: float | None = Field(None, description="img2img default 0.8, inpainting default 1")
     loras: dict[str, Any] | None = Field(None, description="{adapter added with `sdrt lora add`: scale}; they add up")
-    controlnets: list[ControlNetSpec] | None = Field(None, description="ControlNets exported with `sdrt export "
-                                                     "--controlnet`; their residuals add up")  # fmt: skip
+    controlnets: list[ControlNetSpec] | None = Field(
+        None, description="ControlNets exported with `sdrt export --controlnet`; their residuals add up"
+    )
     clip_skip: int = Field(0, description="diffusers' clip_skip: the prompt's states this many layers earlier")
     eta: float | None = Field(None, description="DDIM's eta in [0, 1] (default 0)")
     guidance_rescale: float = Field(0.0, description="diffusers' guidance_rescale in [0, 1]")
     prompt_syntax: str = Field("plain", description="plain (diffusers') or webui: (word:1.3), BREAK, long prompts")
     emphasis: str = Field("original", description="with webui: original, no_norm, ignore or none")
-    hires: HiresSpec | None = Field(None, description="txt2img: the web UI's hires fix, a second pass at a larger "
-                                    "size")  # fmt: skip
-    refiner_switch_at: float | None = Field(None, description="SDXL with `sdrt serve --refiner`: the fraction of "
-                                            "the schedule the base runs (diffusers' denoising_end)")  # fmt: skip
+    hires: HiresSpec | None = Field(None, description="txt2img: the web UI's hires fix, a second pass at a larger size")
+    refiner_switch_at: float | None = Field(
+        None,
+        description="SDXL with `sdrt serve --refiner`: the fraction of "
+        "the schedule the base runs (diffusers' denoising_end)",
+    )
     timeout_s: float | None = Field(None, gt=0, description="answer 504 and drop the work after this long")
 
     def calls(self, max_pixels: int, model: str = "") -> list[Params]:
@@ -86,13 +113,30 @@ class ImagesRequest(BaseModel):
         sampler = sampler_name(self.sampler, None, "sampler")
         controlnets = v1_controlnets(self.controlnets or [], max_pixels)
         return [
-            Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
-                   height=self.height, width=self.width, n=self.n, seed=self.seed, sampler=sampler, image=image,
-                   strength=self.strength, mask=mask, loras=self.loras, controlnets=controlnets,
-                   clip_skip=self.clip_skip, eta=self.eta, guidance_rescale=self.guidance_rescale,
-                   prompt_syntax=self.prompt_syntax, emphasis=self.emphasis,
-                   hires=self.hires.hires() if self.hires else None, refiner_switch_at=self.refiner_switch_at)
-        ]  # fmt: skip
+            Params(
+                prompt=self.prompt,
+                negative_prompt=self.negative_prompt,
+                steps=self.steps,
+                guidance=self.guidance,
+                height=self.height,
+                width=self.width,
+                n=self.n,
+                seed=self.seed,
+                sampler=sampler,
+                image=image,
+                strength=self.strength,
+                mask=mask,
+                loras=self.loras,
+                controlnets=controlnets,
+                clip_skip=self.clip_skip,
+                eta=self.eta,
+                guidance_rescale=self.guidance_rescale,
+                prompt_syntax=self.prompt_syntax,
+                emphasis=self.emphasis,
+                hires=self.hires.hires() if self.hires else None,
+                refiner_switch_at=self.refiner_switch_at,
+            )
+        ]
 
     def fields(self) -> dict[str, str]:
         """`SdrtError.field` -> this body's field."""

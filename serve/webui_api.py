@@ -28,15 +28,30 @@ from sdrt.serve.v1_api import V1_FIELDS
 from sdrt.serve.webui import check_fields, sampling_options
 
 # `SdrtError.field` -> the web UI's spelling of it: `V1_FIELDS` renamed; the adapters are tags in its prompt
-SDAPI_FIELDS = {**V1_FIELDS, "guidance": "cfg_scale", "n": "batch_size", "sampler": "sampler_name",
-                "image": "init_images", "strength": "denoising_strength", "loras": "prompt",
-                "controlnets": "alwayson_scripts", "emphasis": "override_settings.emphasis",
-                "webui_clip_skip": "override_settings.CLIP_stop_at_last_layers", "hires": "enable_hr",
-                "hires.scale": "hr_scale", "hires.width": "hr_resize_x", "hires.height": "hr_resize_y",
-                "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
-                "hires.strength": "denoising_strength", "hires.sampler": "hr_sampler_name",
-                "hires.prompt": "hr_prompt", "hires.negative_prompt": "hr_negative_prompt",
-                "hires.guidance": "hr_cfg", "refiner": "refiner_checkpoint"}  # fmt: skip
+SDAPI_FIELDS = {
+    **V1_FIELDS,
+    "guidance": "cfg_scale",
+    "n": "batch_size",
+    "sampler": "sampler_name",
+    "image": "init_images",
+    "strength": "denoising_strength",
+    "loras": "prompt",
+    "controlnets": "alwayson_scripts",
+    "emphasis": "override_settings.emphasis",
+    "webui_clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "hires": "enable_hr",
+    "hires.scale": "hr_scale",
+    "hires.width": "hr_resize_x",
+    "hires.height": "hr_resize_y",
+    "hires.upscaler": "hr_upscaler",
+    "hires.steps": "hr_second_pass_steps",
+    "hires.strength": "denoising_strength",
+    "hires.sampler": "hr_sampler_name",
+    "hires.prompt": "hr_prompt",
+    "hires.negative_prompt": "hr_negative_prompt",
+    "hires.guidance": "hr_cfg",
+    "refiner": "refiner_checkpoint",
+}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -83,8 +98,9 @@ class Txt2ImgRequest(BaseModel):
     def calls(self, max_pixels: int, model: str = "") -> list[Params]:
         return self._calls(max_pixels, model, [None])
 
-    def _calls(self, max_pixels: int, model: str, images: list[Image.Image | None], strength: float | None = None,
-               mask=None) -> list[Params]:  # fmt: skip
+    def _calls(
+        self, max_pixels: int, model: str, images: list[Image.Image | None], strength: float | None = None, mask=None
+    ) -> list[Params]:
         check_fields(self.model_dump())
         for name in ("batch_size", "n_iter"):
             if getattr(self, name) < 1:
@@ -101,12 +117,27 @@ class Txt2ImgRequest(BaseModel):
         controlnets = tuple(u.arg for u in self._units)
         sizes = [fitted_size(self._units, self.width, self.height, image) for image in images]  # (width, height)
         return [
-            Params(prompt=prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.cfg_scale,
-                   height=sizes[i % len(images)][1], width=sizes[i % len(images)][0], n=1, seed=(seed + i) % 2**64,
-                   sampler=sampler, image=images[i % len(images)], strength=strength, mask=mask,
-                   loras=loras or None, controlnets=controlnets, hires=self._hires(), **self._refiner(), **options)
+            Params(
+                prompt=prompt,
+                negative_prompt=self.negative_prompt,
+                steps=self.steps,
+                guidance=self.cfg_scale,
+                height=sizes[i % len(images)][1],
+                width=sizes[i % len(images)][0],
+                n=1,
+                seed=(seed + i) % 2**64,
+                sampler=sampler,
+                image=images[i % len(images)],
+                strength=strength,
+                mask=mask,
+                loras=loras or None,
+                controlnets=controlnets,
+                hires=self._hires(),
+                **self._refiner(),
+                **options,
+            )
             for i in range(count)
-        ]  # fmt: skip
+        ]
 
     def _refiner(self) -> dict[str, Any]:
         """The web UI's refiner fields: ``refiner_checkpoint`` names the refiner served beside the model
@@ -124,11 +155,18 @@ class Txt2ImgRequest(BaseModel):
         sampler = self.hr_sampler_name if self.hr_sampler_name not in ("", "Use same sampler") else None
         if scheduler and not sampler:
             raise bad_request("hr_scheduler", "hr_scheduler needs hr_sampler_name: name the second pass's sampler")
-        return Hires(scale=self.hr_scale, width=self.hr_resize_x, height=self.hr_resize_y,
-                     upscaler=self.hr_upscaler or "Latent", steps=self.hr_second_pass_steps,
-                     strength=0.7 if self.denoising_strength is None else self.denoising_strength,
-                     sampler=sampler_name(sampler, scheduler, "hr_sampler_name") if sampler else None,
-                     prompt=self.hr_prompt, negative_prompt=self.hr_negative_prompt, guidance=self.hr_cfg)  # fmt: skip
+        return Hires(
+            scale=self.hr_scale,
+            width=self.hr_resize_x,
+            height=self.hr_resize_y,
+            upscaler=self.hr_upscaler or "Latent",
+            steps=self.hr_second_pass_steps,
+            strength=0.7 if self.denoising_strength is None else self.denoising_strength,
+            sampler=sampler_name(sampler, scheduler, "hr_sampler_name") if sampler else None,
+            prompt=self.hr_prompt,
+            negative_prompt=self.hr_negative_prompt,
+            guidance=self.hr_cfg,
+        )
 
     def fields(self) -> dict[str, str]:
         """`SdrtError.field` -> this body's field, the ControlNet units' fields at their place in ``args``."""
