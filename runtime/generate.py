@@ -7,8 +7,8 @@ import sys
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.hires import UPSCALERS
-from sdrt.runtime.infotext import png_parameters
-from sdrt.runtime.params import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
+from sdrt.runtime.infotext import png_parameters, save_png
+from sdrt.runtime.params import BACKENDS, DEFAULT_BACKEND, DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 from sdrt.runtime.prompts import EMPHASIS
 
 
@@ -59,8 +59,6 @@ def _hires(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
-
-    from PIL import Image, PngImagePlugin
 
     from sdrt.runtime.control import controlnet_args
     from sdrt.runtime.params import Params
@@ -116,12 +114,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         (pixels,), timings = pipe.generate_batch([req], progress=not args.quiet)
         total_ms = (time.perf_counter() - t1) * 1e3
         for i, path in enumerate(_out_paths(args.out, req.seed, req.batch)):
-            info = PngImagePlugin.PngInfo()
             refiner = pipe.refiner.model.name if pipe.refiner else None
-            info.add_text(
-                "parameters", png_parameters(req, pipe.model.name, i, pipe.backend.inference_precision, refiner)
-            )
-            Image.fromarray(pixels[i].numpy()).save(path, pnginfo=info)
+            text = png_parameters(req, pipe.model.name, i, pipe.backend.inference_precision, refiner)
+            save_png(pixels[i].numpy(), path, text)
             print(path)
         if args.verbose:
             stages = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
@@ -329,7 +324,7 @@ def _add_running(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="auto",
+        default=DEFAULT_BACKEND,
         help="auto: on a GPU TensorRT plans where built (tensorrt or tensorrt-rtx, as "
         "built), else torch programs where exported; on the CPU OpenVINO where installed; else ONNX "
         "Runtime",

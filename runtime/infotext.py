@@ -1,9 +1,14 @@
 """The PNG ``parameters`` text chunk: a request's prompt, negative prompt and settings in the web UI's infotext
-format, which image tools already read. Written by `sdrt generate` and the server alike."""
+format, which image tools already read, and the one PNG writer that carries it. Written by `sdrt generate`
+(`save_png`) and the server (`encode_png`) alike."""
 
 from __future__ import annotations
 
+import io
 import json
+from os import PathLike
+
+from PIL import Image, PngImagePlugin
 
 from sdrt.runtime.prompts import EMPHASIS
 
@@ -71,3 +76,22 @@ def hires_fields(req) -> list[str]:
 def _quoted(text: str) -> str:
     """A value as the web UI's infotext quotes it: JSON-quoted where it holds a comma, colon or newline."""
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def encode_png(pixels, parameters: str) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes carrying ``parameters`` in the text chunk image tools read."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=_png_info(parameters))
+    return buf.getvalue()
+
+
+def save_png(pixels, path: str | PathLike, parameters: str) -> None:
+    """uint8 [H, W, 3] -> a file at ``path`` carrying ``parameters`` in the same text chunk (the format is PIL's
+    pick from the path's suffix, as `sdrt generate --out` names it; only a PNG keeps the chunk)."""
+    Image.fromarray(pixels).save(path, pnginfo=_png_info(parameters))
+
+
+def _png_info(parameters: str) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    return info

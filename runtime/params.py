@@ -34,6 +34,7 @@ SAMPLERS = (
 ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras")
 # the runtime's backends (runtime/backends.py opens them; the command lines offer them without importing torch)
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch")
+DEFAULT_BACKEND = "auto"
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 IMG2IMG_STRENGTH = 0.8  # inpainting: 1.0

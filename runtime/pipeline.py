@@ -32,7 +32,15 @@ from sdrt.runtime.hires import LATENT_UPSCALERS, check_upscaler, target_size, up
 from sdrt.runtime.lora import Adapters, check_loras, check_loras_with_controlnet
 from sdrt.runtime.manifest import check_files, read_manifest
 from sdrt.runtime.model import Model
-from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMG2IMG_STRENGTH, Hires, ImageArg, Params
+from sdrt.runtime.params import (
+    DEFAULT_BACKEND,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    IMG2IMG_STRENGTH,
+    Hires,
+    ImageArg,
+    Params,
+)
 from sdrt.runtime.planners import check_plan_args
 from sdrt.runtime.progress import SamplingBar
 from sdrt.runtime.prompts import EMPHASIS, SYNTAXES, check_webui
@@ -86,7 +94,7 @@ class Pipeline:
     def load(
         cls,
         root: str | Path,
-        backend: str = "auto",
+        backend: str = DEFAULT_BACKEND,
         device: str | None = None,
         cuda_graph: bool = True,
         cpu_precision: str | None = None,

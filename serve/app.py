@@ -28,18 +28,31 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.params import Params
-from sdrt.serve import api, openai_api
-from sdrt.serve.api import ImagesRequest, Img2ImgRequest, Txt2ImgRequest
+from sdrt.serve import openai_api
+from sdrt.serve.answers import b64, webui_info
 from sdrt.serve.batch import Closed, Expired, QueueFull
+from sdrt.serve.cli import TIMEOUT_S
 from sdrt.serve.engine import EngineOptions, Generated
-from sdrt.serve.inputs import ApiError, bad_request
+from sdrt.serve.inputs import ApiError, bad_request, field_of
 from sdrt.serve.limits import BodyLimit, Limits, check_prompts
 from sdrt.serve.metrics import Metrics
+from sdrt.serve.sampler_names import WEBUI_NAMES
+from sdrt.serve.v1_api import ImagesRequest
+from sdrt.serve.webui_api import Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger("sdrt")
 DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
-ENDPOINTS = ("/v1/images", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/sdapi/v1/samplers",
-             "/sdapi/v1/embeddings", "/healthz", "/readyz", "/metrics")  # fmt: skip
+ENDPOINTS = (
+    "/v1/images",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+    "/v1/images/generations",
+    "/sdapi/v1/samplers",
+    "/sdapi/v1/embeddings",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 
 
 class Engine(Protocol):
@@ -58,7 +71,7 @@ class Disconnected(Exception):
     """The client went away before its answer was ready; its work was dropped."""
 
 
-def create_app(engine: Engine, metrics: Metrics, timeout_s: float = 300.0, limits: Limits | None = None) -> FastAPI:
+def create_app(engine: Engine, metrics: Metrics, timeout_s: float = TIMEOUT_S, limits: Limits | None = None) -> FastAPI:
     """The app over ``engine``. Its lifespan warms the engine in the background (``/readyz`` says when it is done)
     and, at shutdown, after uvicorn has stopped accepting and answered the requests in flight, drains it.
     ``limits`` (default: `Limits`' defaults) bound what one request may cost (see `sdrt.serve.limits`)."""
@@ -106,12 +119,18 @@ class _Generation:
         self.engine, self.metrics, self.timeout_s, self.limits = engine, metrics, timeout_s, limits
         self.max_pixels = limits.max_image_pixels(engine.max_px)
 
-    async def __call__(self, request: Request, body: Txt2ImgRequest | ImagesRequest, timeout: float | None,
-                       answer: Callable[[Generated], Response]) -> Response:  # fmt: skip
+    async def __call__(
+        self,
+        request: Request,
+        body: Txt2ImgRequest | ImagesRequest,
+        timeout: float | None,
+        answer: Callable[[Generated], Response],
+    ) -> Response:
         self.metrics.in_flight.inc()
         try:
-            check_prompts({"prompt": body.prompt, "negative_prompt": body.negative_prompt},
-                          self.limits.max_prompt_chars)  # fmt: skip
+            check_prompts(
+                {"prompt": body.prompt, "negative_prompt": body.negative_prompt}, self.limits.max_prompt_chars
+            )
             work = self._work(body, _timeout(request, timeout, self.timeout_s))
             gen = await _until_disconnected(request, work)
             self.metrics.images.inc(sum(len(p) for p in gen.pngs))
@@ -148,8 +167,9 @@ def _generation_routes(app: FastAPI, serve: _Generation) -> None:
         (without ``application/json``) gets the PNG itself for a one-image request."""
         raw = _wants_png(request)
         if raw and body.n != 1:
-            return _error(ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"),
-                          serve.metrics)  # fmt: skip
+            return _error(
+                ApiError(406, "bad_request", "Accept: image/png answers one image; ask n=1", "n"), serve.metrics
+            )
         return await serve(request, body, body.timeout_s, lambda g: _v1_answer(g, raw))
 
     @app.post("/sdapi/v1/txt2img")
@@ -169,14 +189,16 @@ def _generation_routes(app: FastAPI, serve: _Generation) -> None:
 def _operation_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
-        return [{"name": web, "aliases": [ours], "options": {}} for ours, web in api.WEBUI_NAMES.items()]
+        return [{"name": web, "aliases": [ours], "options": {}} for ours, web in WEBUI_NAMES.items()]
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings() -> dict[str, Any]:  # the web UI's answer; "shape": the vectors' width (all encoders')
         e = engine.pipe.embeddings
         width = sum(t.shape[1] for t in e.tables)
-        loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
-                         "vectors": count} for name, (_, count) in e.rows.items()}  # fmt: skip
+        loaded = {
+            name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": count}
+            for name, (_, count) in e.rows.items()
+        }
         return {"loaded": loaded, "skipped": {}}
 
     @app.get("/healthz")
@@ -246,7 +268,7 @@ def _as_api_error(err: Exception, fields: Callable[[], dict[str, str]]) -> ApiEr
     if isinstance(err, ApiError):
         return err
     if isinstance(err, SdrtError):
-        return bad_request(api.field_of(err, fields()), str(err))
+        return bad_request(field_of(err, fields()), str(err))
     if isinstance(err, QueueFull):
         return ApiError(503, "queue_full", "the server's queue is full; retry later", retry_after=err.retry_after)
     if isinstance(err, Closed):
@@ -274,15 +296,19 @@ def _v1_answer(gen: Generated, raw_png: bool) -> Response:
         timing = ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timings.items())
         headers = {"X-Seed": str(params["seed"]), "Server-Timing": timing}
         return Response(pngs[0], media_type="image/png", headers=headers)
-    body = {"images": [api.b64(p) for p in pngs], "parameters": params, "timings_ms": timings,
-            "batch": {"id": batch[0], "requests": batch[1], "images": batch[2]}}  # fmt: skip
+    body = {
+        "images": [b64(p) for p in pngs],
+        "parameters": params,
+        "timings_ms": timings,
+        "batch": {"id": batch[0], "requests": batch[1], "images": batch[2]},
+    }
     return JSONResponse(body)
 
 
 def _sdapi_answer(gen: Generated, body: Txt2ImgRequest, model: str) -> JSONResponse:
     texts = [t for call in gen.infotexts for t in call]
-    images = [api.b64(p) for call in gen.pngs for p in call]
-    info = api.webui_info(gen.parameters, texts, model, body.prompt)
+    images = [b64(p) for call in gen.pngs for p in call]
+    info = webui_info(gen.parameters, texts, model, body.prompt)
     return JSONResponse({"images": images, "parameters": body.echo(), "info": info})
 
 
@@ -341,16 +367,30 @@ def main(args) -> int:
     if args.timeout_s <= 0:
         raise SdrtError(f"--timeout-s must be > 0, got {args.timeout_s}")
     limits = limits_of(args)
-    pipe = Pipeline.load(args.dir, backend=args.backend, device=args.device, cuda_graph=not args.no_cuda_graph,
-                         cpu_precision=args.cpu_precision, cpu_int8=args.cpu_int8,
-                         refiner=args.refiner)  # fmt: skip
+    pipe = Pipeline.load(
+        args.dir,
+        backend=args.backend,
+        device=args.device,
+        cuda_graph=not args.no_cuda_graph,
+        cpu_precision=args.cpu_precision,
+        cpu_int8=args.cpu_int8,
+        refiner=args.refiner,
+    )
     metrics = Metrics()
     metrics.watch_gpu()
     engine = LocalEngine(pipe, options_of(args), metrics)
     app = create_app(engine, metrics, args.timeout_s, limits)
-    log.info("serving %s (%s on %s, batches of up to %d images) at http://%s:%d", args.dir, pipe.backend.name,
-             pipe.device, engine.max_images, args.host, args.port)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=int(args.timeout_s) + 1)  # fmt: skip
+    log.info(
+        "serving %s (%s on %s, batches of up to %d images) at http://%s:%d",
+        args.dir,
+        pipe.backend.name,
+        pipe.device,
+        engine.max_images,
+        args.host,
+        args.port,
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=int(args.timeout_s) + 1
+    )
     pipe.close()
     return 0

@@ -33,9 +33,16 @@ FIELDS = ("name", "image", "scale", "start", "end")  # a ControlNet's fields, as
 WEBUI_FIELDS = {"name": "model", "scale": "weight", "start": "guidance_start", "end": "guidance_end"}  # and image
 MODEL_HASH = re.compile(r"\s+\[[0-9a-fA-F]+\]$")  # the web UI lists models as "NAME [shorthash]"
 # the extension's resize modes (and their older names) -> the one sdrt honours only at the request's aspect ratio
-RESIZE_MODES = {"just resize": None, 0: None, "crop and resize": "Crop and Resize", 1: "Crop and Resize",
-                "scale to fit (inner fit)": "Crop and Resize", "resize and fill": "Resize and Fill",
-                2: "Resize and Fill", "envelope (outer fit)": "Resize and Fill"}  # fmt: skip
+RESIZE_MODES = {
+    "just resize": None,
+    0: None,
+    "crop and resize": "Crop and Resize",
+    1: "Crop and Resize",
+    "scale to fit (inner fit)": "Crop and Resize",
+    "resize and fill": "Resize and Fill",
+    2: "Resize and Fill",
+    "envelope (outer fit)": "Resize and Fill",
+}
 
 
 class ControlNetSpec(BaseModel):
@@ -50,8 +57,10 @@ class ControlNetSpec(BaseModel):
 
 
 def v1_controlnets(specs: list[ControlNetSpec], max_pixels: int) -> tuple[ControlNetArg, ...]:
-    return tuple(ControlNetArg(s.name, decode_image(s.image, f"controlnets.{k}.image", max_pixels), s.scale, s.start,
-                               s.end) for k, s in enumerate(specs))  # fmt: skip
+    return tuple(
+        ControlNetArg(s.name, decode_image(s.image, f"controlnets.{k}.image", max_pixels), s.scale, s.start, s.end)
+        for k, s in enumerate(specs)
+    )
 
 
 def v1_fields(count: int) -> dict[str, str]:
@@ -116,21 +125,30 @@ def webui_units(scripts: dict[str, Any], max_pixels: int) -> list[Unit]:
 
 def _checked(u: WebUIUnit, at: str, max_pixels: int) -> Unit:
     if (u.module or "none").lower() != "none":
-        raise bad_request(f"{at}.module", f"{at}.module {u.module!r}: sdrt does not run preprocessors; send the "
-                          'preprocessed control image with module "none"')  # fmt: skip
+        raise bad_request(
+            f"{at}.module",
+            f"{at}.module {u.module!r}: sdrt does not run preprocessors; send the "
+            'preprocessed control image with module "none"',
+        )
     if u.control_mode not in ("Balanced", 0) or u.guessmode:
         field, mode = ("guessmode", "guessmode true") if u.guessmode else ("control_mode", repr(u.control_mode))
-        raise bad_request(f"{at}.{field}", f"{at}.{field}: {mode} changes the guidance in a way sdrt does not; send "
-                          'control_mode "Balanced"')  # fmt: skip
+        raise bad_request(
+            f"{at}.{field}",
+            f'{at}.{field}: {mode} changes the guidance in a way sdrt does not; send control_mode "Balanced"',
+        )
     mode = u.resize_mode.lower() if isinstance(u.resize_mode, str) else u.resize_mode
     if mode not in RESIZE_MODES:
-        raise bad_request(f"{at}.resize_mode", f"{at}.resize_mode {u.resize_mode!r} is not one of the extension's: "
-                          '"Just Resize", "Crop and Resize", "Resize and Fill" (or 0, 1, 2)')  # fmt: skip
+        raise bad_request(
+            f"{at}.resize_mode",
+            f"{at}.resize_mode {u.resize_mode!r} is not one of the extension's: "
+            '"Just Resize", "Crop and Resize", "Resize and Fill" (or 0, 1, 2)',
+        )
     key, data = _image_data(u, at)
     name = MODEL_HASH.sub("", (u.model or "").strip())
     if name.lower() in ("", "none"):
-        raise bad_request(f"{at}.model", f"{at}.model: name the ControlNet, as exported with `sdrt export "
-                          "--controlnet DIR=NAME`")  # fmt: skip
+        raise bad_request(
+            f"{at}.model", f"{at}.model: name the ControlNet, as exported with `sdrt export --controlnet DIR=NAME`"
+        )
     image = decode_image(data, f"{at}.{key}", max_pixels)
     return Unit(at, key, ControlNetArg(name, image, u.weight, u.guidance_start, u.guidance_end), RESIZE_MODES[mode])
 
@@ -143,8 +161,9 @@ def _image_data(u: WebUIUnit, at: str) -> tuple[str, str]:
     if isinstance(data, dict):  # {"image": ..., "mask": ...}
         data, masked = data.get("image"), masked or (data.get("mask") and key)
     if masked:
-        raise bad_request(f"{at}.{masked}", f"{at}.{masked}: sdrt takes no ControlNet unit mask; send the control "
-                          "image alone")  # fmt: skip
+        raise bad_request(
+            f"{at}.{masked}", f"{at}.{masked}: sdrt takes no ControlNet unit mask; send the control image alone"
+        )
     if not data or not isinstance(data, str):
         raise bad_request(f"{at}.{key}", f"{at} has no control image: send it, base64, in {key}")
     return key, data
@@ -165,9 +184,12 @@ def fitted_size(
     for u in fitting:
         w, h = u.arg.image.size
         if abs(h * width - w * height) * 2 > min(w, h):  # scaled to one side, the other misses by over half a px
-            raise bad_request(f"{u.at}.resize_mode", f"{u.at}.resize_mode {u.fit!r} would crop or pad the {w}x{h} "
-                              f"control image to {width}x{height}, and sdrt only resizes it: send resize_mode "
-                              '"Just Resize" or a control image of the request\'s aspect ratio')  # fmt: skip
+            raise bad_request(
+                f"{u.at}.resize_mode",
+                f"{u.at}.resize_mode {u.fit!r} would crop or pad the {w}x{h} "
+                f"control image to {width}x{height}, and sdrt only resizes it: send resize_mode "
+                '"Just Resize" or a control image of the request\'s aspect ratio',
+            )
     return width, height
 
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.infotext import png_parameters
+from sdrt.runtime.infotext import encode_png, png_parameters
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline, Request
-from sdrt.serve.api import echo_v1, encode_png
+from sdrt.serve.answers import echo_v1
 from sdrt.serve.batch import Batcher, Closed, Expired, Output
+from sdrt.serve.cli import BATCH_WINDOW_MS, MAX_QUEUE, WARMUP_STEPS
 from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt")
@@ -43,9 +44,9 @@ class EngineOptions:
     window, the queue's bound in images, and the warm-up request's steps."""
 
     max_batch: int | None = None
-    window_ms: float = 20.0
-    max_queue: int = 64
-    warmup_steps: int = 20
+    window_ms: float = BATCH_WINDOW_MS
+    max_queue: int = MAX_QUEUE
+    warmup_steps: int = WARMUP_STEPS
 
 
 class LocalEngine:
@@ -77,8 +78,14 @@ class LocalEngine:
         req = self.pipe.request(Params(prompt="", steps=self.options.warmup_steps, seed=0, image=image, mask=mask))
         for k in range(1, self.max_images + 1):
             self.pipe.generate_batch([req] * k)
-        log.info("warm: %dx%d, %d steps, batches of 1-%d in %.1f s", req.width, req.height, req.steps,
-                 self.max_images, time.perf_counter() - t)  # fmt: skip
+        log.info(
+            "warm: %dx%d, %d steps, batches of 1-%d in %.1f s",
+            req.width,
+            req.height,
+            req.steps,
+            self.max_images,
+            time.perf_counter() - t,
+        )
         self._ready.set()
 
     async def start(self) -> None:
@@ -124,8 +131,9 @@ class LocalEngine:
         reqs = [self.pipe.request(c) for c in calls]
         images = sum(r.batch for r in reqs)
         if images > self.options.max_queue:
-            raise SdrtError(f"{images} images in one request exceed the server's queue of {self.options.max_queue}",
-                            field="n")  # fmt: skip
+            raise SdrtError(
+                f"{images} images in one request exceed the server's queue of {self.options.max_queue}", field="n"
+            )
         return reqs
 
     def _encode(self, reqs: list[Request], outputs: list[Output]) -> Generated:

@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 
 from sdrt.serve import openai_api
+from sdrt.serve.cli import MAX_BODY_MB, MAX_JSON_VALUES, MAX_PROMPT_CHARS
 from sdrt.serve.inputs import ApiError
 from sdrt.serve.metrics import Metrics
 
@@ -35,9 +36,9 @@ class Limits:
     """`sdrt serve`'s per-request limits. An image may have up to ``IMAGE_SCALE``^2 times the pixels of the
     largest image the engine makes (``max_px`` squared): it is resized to the requested size before use."""
 
-    max_body_mb: float = 32.0
-    max_prompt_chars: int = 8192
-    max_json_values: int = 65536
+    max_body_mb: float = MAX_BODY_MB
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_json_values: int = MAX_JSON_VALUES
 
     @property
     def max_body_bytes(self) -> int:
@@ -62,9 +63,14 @@ def check_prompts(prompts: dict[str, str | list[str] | None], most: int) -> None
         items = [(name, value)] if not isinstance(value, list) else [(f"{name}.{i}", v) for i, v in enumerate(value)]
         for field, text in items:
             if isinstance(text, str) and len(text) > most:
-                raise ApiError(400, "bad_request", f"{field} has {len(text)} characters, over the server's "
-                               f"{most} (--max-prompt-chars); CLIP reads only the first 75 tokens: shorten it",
-                               field, reason="prompt_length")  # fmt: skip
+                raise ApiError(
+                    400,
+                    "bad_request",
+                    f"{field} has {len(text)} characters, over the server's "
+                    f"{most} (--max-prompt-chars); CLIP reads only the first 75 tokens: shorten it",
+                    field,
+                    reason="prompt_length",
+                )
 
 
 class BodyLimit:
@@ -118,16 +124,23 @@ class BodyLimit:
     async def _refuse(self, send, reason: str, path: str) -> None:
         self.metrics.errors.labels("too_large", reason).inc()
         if reason == "body":
-            detail = (f"the request body is over the server's {self.limits.max_body_mb:g} MB limit "
-                      "(--max-body-mb); send a smaller one")  # fmt: skip
+            detail = (
+                f"the request body is over the server's {self.limits.max_body_mb:g} MB limit "
+                "(--max-body-mb); send a smaller one"
+            )
         else:
-            detail = (f"the request body has over {self.limits.max_json_values} JSON values (--max-json-values; "
-                      "commas and brackets in strings count); send fewer")  # fmt: skip
+            detail = (
+                f"the request body has over {self.limits.max_json_values} JSON values (--max-json-values; "
+                "commas and brackets in strings count); send fewer"
+            )
         body = {"error": "too_large", "field": "body", "detail": detail}
         if path in openai_api.PATHS:  # in the shape that endpoint's clients read
             body = openai_api.error_body(ApiError(413, "too_large", detail, "body", reason=reason))
         content = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-                   (b"connection", b"close")]  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+            (b"connection", b"close"),
+        ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": content})

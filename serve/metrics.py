@@ -18,30 +18,38 @@ class Metrics:
         self.latency = Histogram(
             "sdrt_request_seconds", "request latency by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.responses = Counter("sdrt_responses", "requests answered, by endpoint and status", ["endpoint", "status"],
-                                 registry=r)  # fmt: skip
+        self.responses = Counter(
+            "sdrt_responses", "requests answered, by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.errors = Counter(
-            "sdrt_errors", "requests that failed, by kind (and, for a limit, reason: body, json_values, image_size, "
-            "image_format, image_data, prompt_length)", ["kind", "reason"], registry=r,
-        )  # fmt: skip
+            "sdrt_errors",
+            "requests that failed, by kind (and, for a limit, reason: body, json_values, image_size, "
+            "image_format, image_data, prompt_length)",
+            ["kind", "reason"],
+            registry=r,
+        )
         self.images = Counter("sdrt_images_generated", "images delivered to clients", registry=r)
-        self.batch_images = Histogram("sdrt_batch_images", "images per engine batch formed", buckets=BATCH_BUCKETS,
-                                      registry=r)  # fmt: skip
+        self.batch_images = Histogram(
+            "sdrt_batch_images", "images per engine batch formed", buckets=BATCH_BUCKETS, registry=r
+        )
         self.batch_requests = Histogram(
             "sdrt_batch_requests", "requests joined per engine batch formed", buckets=BATCH_BUCKETS, registry=r
         )
         self.dropped = Counter(
-            "sdrt_dropped", "engine requests dropped (reason: deadline, cancelled; stage: preparing, queued, running)",
-            ["reason", "stage"], registry=r,
-        )  # fmt: skip
+            "sdrt_dropped",
+            "engine requests dropped (reason: deadline, cancelled; stage: preparing, queued, running)",
+            ["reason", "stage"],
+            registry=r,
+        )
         self.retries = Counter("sdrt_replica_retries", "calls sent again after their replica died (Ray)", registry=r)
         self.in_flight = Gauge("sdrt_requests_in_flight", "HTTP requests being served", registry=r)
         self.queue_depth = Gauge(
             "sdrt_queue_depth", "engine requests waiting for a batch (Ray: sent to replicas, unanswered)", registry=r
         )
         self.running = Gauge("sdrt_batch_running", "engine requests in the batch being run", registry=r)
-        self.gpu_memory = Gauge("sdrt_gpu_memory_bytes", "torch CUDA memory (kind: allocated, reserved)", ["kind"],
-                                registry=r)  # fmt: skip
+        self.gpu_memory = Gauge(
+            "sdrt_gpu_memory_bytes", "torch CUDA memory (kind: allocated, reserved)", ["kind"], registry=r
+        )
 
     def watch_queue(self, depth: Callable[[], float], running: Callable[[], float] | None = None) -> None:
         self.queue_depth.set_function(depth)

@@ -39,8 +39,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdrt.runtime.params import DEFAULT_GUIDANCE, DEFAULT_STEPS, Params
-from sdrt.serve.api import b64, sampler_name
+from sdrt.serve.answers import b64
 from sdrt.serve.inputs import ApiError, bad_request
+from sdrt.serve.sampler_names import sampler_name
 
 if TYPE_CHECKING:
     from sdrt.serve.engine import Generated
@@ -49,10 +50,19 @@ PATHS = frozenset({"/v1/images/generations"})  # where errors take OpenAI's shap
 
 # `Pipeline.request`'s argument names -> this endpoint's spelling: ``size`` carries both height and width
 FIELDS = {
-    "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "guidance": "guidance",
-    "height": "size", "width": "size", "n": "n", "seed": "seed", "sampler": "sampler", "image": "image",
-    "strength": "strength", "mask": "mask",
-}  # fmt: skip
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "steps",
+    "guidance": "guidance",
+    "height": "size",
+    "width": "size",
+    "n": "n",
+    "seed": "seed",
+    "sampler": "sampler",
+    "image": "image",
+    "strength": "strength",
+    "mask": "mask",
+}
 
 # OpenAI's fields that set the answer's form: the values sdrt honours, and why not the others
 _FORM = {
@@ -97,9 +107,18 @@ class GenerationsRequest(BaseModel):
         sampler = sampler_name(self.sampler, None, "sampler")
         n = 1 if self.n is None else self.n
         return [
-            Params(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
-                   height=height, width=width, n=n, seed=self.seed, sampler=sampler)
-        ]  # fmt: skip
+            Params(
+                prompt=self.prompt,
+                negative_prompt=self.negative_prompt,
+                steps=self.steps,
+                guidance=self.guidance,
+                height=height,
+                width=width,
+                n=n,
+                seed=self.seed,
+                sampler=sampler,
+            )
+        ]
 
     def fields(self) -> dict[str, str]:
         """`SdrtError.field` -> this body's field."""
@@ -129,10 +148,14 @@ def answer(gen: Generated) -> JSONResponse:
     """OpenAI's ``ImagesResponse`` for the one call's PNGs, with sdrt's resolved ``parameters`` and ``timings_ms``."""
     (pngs,), (parameters,), (timings_ms,) = gen.pngs, gen.parameters, gen.timings_ms
     body = {
-        "created": int(time.time()), "data": [{"b64_json": b64(p)} for p in pngs], "background": "opaque",
-        "output_format": "png", "size": f"{parameters['width']}x{parameters['height']}", "parameters": parameters,
+        "created": int(time.time()),
+        "data": [{"b64_json": b64(p)} for p in pngs],
+        "background": "opaque",
+        "output_format": "png",
+        "size": f"{parameters['width']}x{parameters['height']}",
+        "parameters": parameters,
         "timings_ms": timings_ms,
-    }  # fmt: skip
+    }
     return JSONResponse(body)
 
 

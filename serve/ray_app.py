@@ -33,9 +33,20 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from sdrt.runtime.model import Model
-from sdrt.runtime.params import Params
+from sdrt.runtime.params import DEFAULT_BACKEND, Params
 from sdrt.serve.app import create_app, limits_of, options_of
 from sdrt.serve.batch import Closed, Expired, QueueFull
+from sdrt.serve.cli import (
+    BATCH_WINDOW_MS,
+    MAX_BODY_MB,
+    MAX_JSON_VALUES,
+    MAX_PROMPT_CHARS,
+    MAX_QUEUE,
+    MIN_REPLICAS,
+    REPLICA_CPUS,
+    TIMEOUT_S,
+    WARMUP_STEPS,
+)
 from sdrt.serve.engine import EngineOptions, Generated, LocalEngine
 from sdrt.serve.limits import Limits
 from sdrt.serve.metrics import Metrics
@@ -43,6 +54,7 @@ from sdrt.serve.metrics import Metrics
 log = logging.getLogger("sdrt")
 GRACE_S = 5.0  # past a call's deadline, how long the ingress waits for its replica's own 504 before giving up
 SEEN_BATCHES = 4096  # batch ids remembered so that a batch shared by several calls is counted once
+RETRIES = 3  # how many times a call whose replica died is sent again
 
 
 class EngineReplica:
@@ -76,7 +88,7 @@ class RayEngine:
     """The engine shape of `sdrt.serve.engine` (`LocalEngine`'s) over a handle to `EngineReplica`s: retries on
     another replica when one dies."""
 
-    def __init__(self, handle: DeploymentHandle, model: str, max_px: int, metrics: Metrics, retries: int = 3):
+    def __init__(self, handle: DeploymentHandle, model: str, max_px: int, metrics: Metrics, retries: int = RETRIES):
         self.handle, self.model, self.max_px, self.metrics, self.retries = handle, model, max_px, metrics, retries
         self._waiting = 0  # engine calls sent and not yet answered
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -140,8 +152,9 @@ class Ingress:
     """The HTTP API of `sdrt.serve.app`, in front of the engine replicas: the body, image and prompt limits
     are checked here, before anything is sent to a replica."""
 
-    def __init__(self, engine: DeploymentHandle, model: str, max_px: int, timeout_s: float, retries: int,
-                 limits: Limits):  # fmt: skip
+    def __init__(
+        self, engine: DeploymentHandle, model: str, max_px: int, timeout_s: float, retries: int, limits: Limits
+    ):
         metrics = Metrics()
         self._http = create_app(RayEngine(engine, model, max_px, metrics, retries), metrics, timeout_s, limits)
 
@@ -153,45 +166,60 @@ class ServeArgs(BaseModel):
     """`app_builder`'s arguments, as ``serve run ... key=value`` or a config file's ``args`` give them."""
 
     dir: str
-    backend: str = "auto"
+    backend: str = DEFAULT_BACKEND
     cpu_precision: str | None = None
     cpu_int8: bool = False
     refiner: str | None = None
     device: str | None = None
     cuda_graph: bool = True
     max_batch: int | None = None
-    batch_window_ms: float = 20.0
-    max_queue: int = 64
-    timeout_s: float = 300.0
-    warmup_steps: int = 20
-    min_replicas: int = 1
+    batch_window_ms: float = BATCH_WINDOW_MS
+    max_queue: int = MAX_QUEUE
+    timeout_s: float = TIMEOUT_S
+    warmup_steps: int = WARMUP_STEPS
+    min_replicas: int = MIN_REPLICAS
     max_replicas: int | None = None
-    replica_cpus: float = 1.0
-    retries: int = 3
-    max_body_mb: float = 32.0
-    max_prompt_chars: int = 8192
-    max_json_values: int = 65536
+    replica_cpus: float = REPLICA_CPUS
+    retries: int = RETRIES
+    max_body_mb: float = MAX_BODY_MB
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_json_values: int = MAX_JSON_VALUES
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application ``serve run sdrt.serve.ray_app:app_builder dir=ENGINES`` deploys (``args`` as
     `ServeArgs`; a bad value is a validation error naming the field)."""
     args = ServeArgs.model_validate(args)
-    load = {"backend": args.backend, "device": args.device, "cuda_graph": args.cuda_graph,
-            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8, "refiner": args.refiner}  # fmt: skip
-    return build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
-                     args.replica_cpus, args.retries, limits_of(args))  # fmt: skip
+    load = {
+        "backend": args.backend,
+        "device": args.device,
+        "cuda_graph": args.cuda_graph,
+        "cpu_precision": args.cpu_precision,
+        "cpu_int8": args.cpu_int8,
+        "refiner": args.refiner,
+    }
+    return build_app(
+        args.dir,
+        load,
+        options_of(args),
+        args.timeout_s,
+        args.min_replicas,
+        args.max_replicas,
+        args.replica_cpus,
+        args.retries,
+        limits_of(args),
+    )
 
 
 def build_app(
     root: str | Path,
     load: dict,
     options: EngineOptions,
-    timeout_s: float = 300.0,
-    min_replicas: int = 1,
+    timeout_s: float = TIMEOUT_S,
+    min_replicas: int = MIN_REPLICAS,
     max_replicas: int | None = None,
-    replica_cpus: float = 1.0,
-    retries: int = 3,
+    replica_cpus: float = REPLICA_CPUS,
+    retries: int = RETRIES,
     limits: Limits | None = None,
 ) -> serve.Application:
     """Ingress -> engine replicas for engine directory ``root`` (a path every Ray node can read)."""
@@ -205,9 +233,14 @@ def build_app(
     scaling = (
         {"num_replicas": min_replicas}
         if min_replicas == max_replicas
-        else {"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
-                                     "target_ongoing_requests": 2 * per_replica}}
-    )  # fmt: skip
+        else {
+            "autoscaling_config": {
+                "min_replicas": min_replicas,
+                "max_replicas": max_replicas,
+                "target_ongoing_requests": 2 * per_replica,
+            }
+        }
+    )
     engine = serve.deployment(EngineReplica).options(
         ray_actor_options={"num_gpus": 1} if gpus else {"num_cpus": replica_cpus},
         max_ongoing_requests=options.max_queue + per_replica,  # past it, calls wait at the ingress's router
@@ -226,10 +259,24 @@ def main(args) -> int:
     limits = limits_of(args)  # a bad flag fails before Ray starts
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    load = {"backend": args.backend, "device": args.device, "cuda_graph": not args.no_cuda_graph,
-            "cpu_precision": args.cpu_precision, "cpu_int8": args.cpu_int8, "refiner": args.refiner}  # fmt: skip
-    app = build_app(args.dir, load, options_of(args), args.timeout_s, args.min_replicas, args.max_replicas,
-                    args.replica_cpus, limits=limits)  # fmt: skip
+    load = {
+        "backend": args.backend,
+        "device": args.device,
+        "cuda_graph": not args.no_cuda_graph,
+        "cpu_precision": args.cpu_precision,
+        "cpu_int8": args.cpu_int8,
+        "refiner": args.refiner,
+    }
+    app = build_app(
+        args.dir,
+        load,
+        options_of(args),
+        args.timeout_s,
+        args.min_replicas,
+        args.max_replicas,
+        args.replica_cpus,
+        limits=limits,
+    )
     serve.run(app, name="sdrt", route_prefix="/")
     log.info("serving %s on Ray Serve at http://%s:%d", args.dir, args.host, args.port)
     stop = threading.Event()

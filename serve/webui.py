@@ -21,39 +21,90 @@ from sdrt.serve.inputs import bad_request
 
 # settings that change the picture, at the values where they do not (the web UI's defaults)
 AT_DEFAULT: dict[str, tuple[Any, ...]] = {
-    "comma_padding_backtrack": (20,), "sdxl_clip_l_skip": (False,), "use_old_emphasis_implementation": (False,),
-    "pad_cond_uncond_v0": (False,), "s_churn": (0,), "s_tmin": (0,), "s_tmax": (0, math.inf), "s_noise": (1,),
-    "s_min_uncond": (0,), "s_min_uncond_all": (False,), "skip_early_cond": (0,), "eta_noise_seed_delta": (0,),
-    "always_discard_next_to_last_sigma": (False,), "k_sched_type": ("Automatic",), "sigma_min": (0,),
-    "sigma_max": (0,), "rho": (0,), "sd_noise_schedule": ("Default",), "use_old_karras_scheduler_sigmas": (False,),
-    "no_dpmpp_sde_batch_determinism": (False,), "use_old_scheduling": (False,), "use_downcasted_alpha_bar": (False,),
-    "token_merging_ratio": (0,), "token_merging_ratio_img2img": (0,), "token_merging_ratio_hr": (0,),
-    "img2img_extra_noise": (0,), "initial_noise_multiplier": (1,), "img2img_fix_steps": (False,),
-    "img2img_color_correction": (False,), "inpainting_mask_weight": (1,), "enable_quantization": (False,),
-    "tiling": (False,), "face_restoration": (False,), "sdxl_crop_top": (0,), "sdxl_crop_left": (0,),
-    "sd_vae": ("Automatic", "None", None), "sd_unet": ("Automatic", "None", None), "sd_hypernetwork": ("None", None),
-    "extra_networks_default_multiplier": (1,), "sd_vae_encode_method": ("Full",), "sd_vae_decode_method": ("Full",),
+    "comma_padding_backtrack": (20,),
+    "sdxl_clip_l_skip": (False,),
+    "use_old_emphasis_implementation": (False,),
+    "pad_cond_uncond_v0": (False,),
+    "s_churn": (0,),
+    "s_tmin": (0,),
+    "s_tmax": (0, math.inf),
+    "s_noise": (1,),
+    "s_min_uncond": (0,),
+    "s_min_uncond_all": (False,),
+    "skip_early_cond": (0,),
+    "eta_noise_seed_delta": (0,),
+    "always_discard_next_to_last_sigma": (False,),
+    "k_sched_type": ("Automatic",),
+    "sigma_min": (0,),
+    "sigma_max": (0,),
+    "rho": (0,),
+    "sd_noise_schedule": ("Default",),
+    "use_old_karras_scheduler_sigmas": (False,),
+    "no_dpmpp_sde_batch_determinism": (False,),
+    "use_old_scheduling": (False,),
+    "use_downcasted_alpha_bar": (False,),
+    "token_merging_ratio": (0,),
+    "token_merging_ratio_img2img": (0,),
+    "token_merging_ratio_hr": (0,),
+    "img2img_extra_noise": (0,),
+    "initial_noise_multiplier": (1,),
+    "img2img_fix_steps": (False,),
+    "img2img_color_correction": (False,),
+    "inpainting_mask_weight": (1,),
+    "enable_quantization": (False,),
+    "tiling": (False,),
+    "face_restoration": (False,),
+    "sdxl_crop_top": (0,),
+    "sdxl_crop_left": (0,),
+    "sd_vae": ("Automatic", "None", None),
+    "sd_unet": ("Automatic", "None", None),
+    "sd_hypernetwork": ("None", None),
+    "extra_networks_default_multiplier": (1,),
+    "sd_vae_encode_method": ("Full",),
+    "sd_vae_decode_method": ("Full",),
     "enable_batch_seeds": (True,),
-}  # fmt: skip
+}
 EMPHASIS = {name: mode for mode, name in prompts.EMPHASIS.items()}  # the web UI's name -> sdrt's
 
 # body fields that change the picture, at the values where they do not
 FIELDS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
-    "styles": ([], None), "subseed_strength": (0, None), "seed_resize_from_h": (-1, 0, None),
-    "seed_resize_from_w": (-1, 0, None), "restore_faces": (False, None), "tiling": (False, None),
-    "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None, math.inf), "s_noise": (1, None),
-    "s_min_uncond": (0, None), "script_name": (None, ""),
-    "firstpass_image": (None, ""), "resize_mode": (0, None), "latent_mask": (None, ""),
-    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "firstphase_width": (0, None),
-    "firstphase_height": (0, None), "hr_additional_modules": (None, [], ["Use same choices"]),
-}  # fmt: skip
+    "styles": ([], None),
+    "subseed_strength": (0, None),
+    "seed_resize_from_h": (-1, 0, None),
+    "seed_resize_from_w": (-1, 0, None),
+    "restore_faces": (False, None),
+    "tiling": (False, None),
+    "s_churn": (0, None),
+    "s_tmin": (0, None),
+    "s_tmax": (0, None, math.inf),
+    "s_noise": (1, None),
+    "s_min_uncond": (0, None),
+    "script_name": (None, ""),
+    "firstpass_image": (None, ""),
+    "resize_mode": (0, None),
+    "latent_mask": (None, ""),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "firstphase_width": (0, None),
+    "firstphase_height": (0, None),
+    "hr_additional_modules": (None, [], ["Use same choices"]),
+}
 # body fields that do not change the picture
 IGNORED_FIELDS = (
-    "send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
-    "force_task_id", "infotext", "comments", "include_init_images", "subseed", "script_args",
+    "send_images",
+    "save_images",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "override_settings_restore_afterwards",
+    "force_task_id",
+    "infotext",
+    "comments",
+    "include_init_images",
+    "subseed",
+    "script_args",
     "refiner_switch_at without refiner_checkpoint",
-    "image_cfg_scale (instruct-pix2pix models only)", "hr_* and denoising_strength of txt2img without enable_hr",
-)  # fmt: skip
+    "image_cfg_scale (instruct-pix2pix models only)",
+    "hr_* and denoising_strength of txt2img without enable_hr",
+)
 
 
 def _equal(value: Any, allowed: tuple[Any, ...]) -> bool:
@@ -77,8 +128,11 @@ def check_fields(body: dict[str, Any]) -> None:
     for name, allowed in FIELDS_AT_DEFAULT.items():
         if name in body and not _equal(body[name], allowed):
             shown = ", ".join(repr(a) for a in allowed if a is not None)
-            raise bad_request(name, f"{name} {body[name]!r} is not supported (it would change the picture in a way "
-                              f"sdrt does not reproduce); send {shown} or leave it out")  # fmt: skip
+            raise bad_request(
+                name,
+                f"{name} {body[name]!r} is not supported (it would change the picture in a way "
+                f"sdrt does not reproduce); send {shown} or leave it out",
+            )
 
 
 def sampling_options(settings: dict[str, Any], eta: float | None, sampler: str | None, model: str) -> dict[str, Any]:
@@ -104,17 +158,24 @@ def sampling_options(settings: dict[str, Any], eta: float | None, sampler: str |
     out["pad_chunks"] = settings.get("pad_cond_uncond", False) is True
     source = settings.get("randn_source", "CPU")
     if source != "CPU":
-        raise bad_request("override_settings.randn_source", f"randn_source {source!r}: sdrt draws its noise on the "
-                          "CPU from the seed, as diffusers does; send CPU")  # fmt: skip
+        raise bad_request(
+            "override_settings.randn_source",
+            f"randn_source {source!r}: sdrt draws its noise on the CPU from the seed, as diffusers does; send CPU",
+        )
     checkpoint = settings.get("sd_model_checkpoint")
     if checkpoint not in (None, "") and model not in str(checkpoint):
-        raise bad_request("override_settings.sd_model_checkpoint", f"this server serves {model}, not "
-                          f"{checkpoint!r}; send that model, or leave the setting out")  # fmt: skip
+        raise bad_request(
+            "override_settings.sd_model_checkpoint",
+            f"this server serves {model}, not {checkpoint!r}; send that model, or leave the setting out",
+        )
     # eta: the body's, else the sampler's own setting (the web UI's eta_ddim, eta_ancestral)
     defaults = {"ddim": settings.get("eta_ddim", 0.0), **dict.fromkeys(ANCESTRAL, settings.get("eta_ancestral", 1.0))}
     out["eta"] = defaults.get(sampler) if eta is None else eta
     if sampler in ANCESTRAL and isinstance(out["eta"], (int, float)) and out["eta"] != 1:
         field = "eta" if eta is not None else "override_settings.eta_ancestral"
-        raise bad_request(field, f"eta {out['eta']!r} with {sampler}: its noise is eta 1 in sdrt (as diffusers' "
-                          "scheduler draws it); send 1, or DDIM with its eta")  # fmt: skip
+        raise bad_request(
+            field,
+            f"eta {out['eta']!r} with {sampler}: its noise is eta 1 in sdrt (as diffusers' "
+            "scheduler draws it); send 1, or DDIM with its eta",
+        )
     return out

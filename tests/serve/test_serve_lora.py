@@ -19,8 +19,8 @@ from PIL import Image
 
 from sdrt.runtime.params import Params
 from sdrt.runtime.pipeline import Pipeline
-from sdrt.serve.api import prompt_loras
 from sdrt.serve.inputs import ApiError
+from sdrt.serve.lora_tags import prompt_loras
 from tests.helpers.lora import KW, add_adapters, sd1_adapters
 from tests.helpers.server import LiveServer, pixels, png_b64
 
