@@ -41,8 +41,10 @@ def png_parameters(req, model: str, index: int, precision: str | None = None, re
         if req.texts.emphasis != "original":  # as the web UI names its modes
             fields.append(f"Emphasis: {EMPHASIS[req.texts.emphasis]}")
     for k, c in enumerate(req.control):  # as the web UI's ControlNet extension writes its units
-        fields.append(f'ControlNet {k}: "Model: {c.name}, Weight: {c.scale:g}, Guidance Start: {c.start:g}, '
-                      f'Guidance End: {c.end:g}"')  # fmt: skip
+        fields.append(
+            f'ControlNet {k}: "Model: {c.name}, Weight: {c.scale:g}, Guidance Start: {c.start:g}, '
+            f'Guidance End: {c.end:g}"'
+        )
     if precision:
         fields.append(f"Inference precision: {precision}")
     if req.batch > 1:
@@ -64,8 +66,10 @@ def hires_fields(req) -> list[str]:
     out.append(f"Hires upscaler: {h.upscaler}")
     if second.sampler != req.sampler:
         out.append(f"Hires sampler: {second.sampler}")
-    for name, ours, first in (("Hires prompt", second.prompts[0], req.prompts[0]),
-                              ("Hires negative prompt", second.negatives[0], req.negatives[0])):  # fmt: skip
+    for name, ours, first in (
+        ("Hires prompt", second.prompts[0], req.prompts[0]),
+        ("Hires negative prompt", second.negatives[0], req.negatives[0]),
+    ):
         if ours != first:
             out.append(f"{name}: {_quoted(ours or '')}")
     if second.guidance != req.guidance:
