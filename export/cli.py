@@ -74,8 +74,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     opts = QuantizeOptions(args.mode, args.prompts, args.steps, args.size, args.seed, args.force)
     entry = quantize_directory(args.dir, opts)
     how = f"{entry['samples']} U-Net calls at {entry['size']} px" if entry["samples"] else "no calibration"
-    print(f"{args.dir}: wrote unet.int8.xml ({entry['mode']}, {how}; calibration {entry['calibration_s']:.0f} s, "
-          f"quantization {entry['quantize_s']:.0f} s); use it with --backend openvino --cpu-int8")  # fmt: skip
+    print(
+        f"{args.dir}: wrote unet.int8.xml ({entry['mode']}, {how}; calibration {entry['calibration_s']:.0f} s, "
+        f"quantization {entry['quantize_s']:.0f} s); use it with --backend openvino --cpu-int8"
+    )
     return 0
 
 
@@ -101,8 +103,10 @@ def cmd_embedding_add(args: argparse.Namespace) -> int:
     from sdrt.runtime.embeddings import add_embedding
 
     entry = add_embedding(args.dir, args.file, name=args.name, force=args.force)
-    print(f"{args.dir}: added embedding {entry['name']} ({entry['vectors']} vectors); write {entry['name']} in a "
-          "prompt to use it")  # fmt: skip
+    print(
+        f"{args.dir}: added embedding {entry['name']} ({entry['vectors']} vectors); "
+        f"write {entry['name']} in a prompt to use it"
+    )
     return 0
 
 
@@ -199,14 +203,24 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _add_export_shapes(e: argparse.ArgumentParser) -> None:
     """The shapes the exported graphs accept."""
-    e.add_argument("--min-size", type=int, help="smallest image side the graphs accept, px (a multiple of 8 and of "
-                   "the VAE scale factor; default: half the model's native size)")  # fmt: skip
-    e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (as --min-size; default: "
-                   "twice the native size)")  # fmt: skip
+    e.add_argument(
+        "--min-size",
+        type=int,
+        help="smallest image side the graphs accept, px (a multiple of 8 and of the VAE scale factor; default: "
+        "half the model's native size)",
+    )
+    e.add_argument(
+        "--max-size",
+        type=int,
+        help="largest image side the graphs accept, px (as --min-size; default: twice the native size)",
+    )
     e.add_argument("--max-batch", type=int, help="most images per prompt the graphs accept (default 4)")
-    e.add_argument("--max-prompt-chunks", type=int, metavar="K",
-                   help="longest prompt the U-Net takes, in 75-token chunks (web-UI syntax: long prompts, BREAK; "
-                        "default 3)")  # fmt: skip
+    e.add_argument(
+        "--max-prompt-chunks",
+        type=int,
+        metavar="K",
+        help="longest prompt the U-Net takes, in 75-token chunks (web-UI syntax: long prompts, BREAK; default 3)",
+    )
 
 
 def _add_export_extras(e: argparse.ArgumentParser) -> None:
@@ -262,13 +276,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "(OpenVINO, f32). weights: weight-only INT8, no calibration. Needs pip install 'sdrt[openvino]'.",
     )
     q.add_argument("dir", metavar="DIR")
-    q.add_argument("--mode", choices=("hybrid", "weights"), default="hybrid",
-                   help="hybrid (default): INT8 MatMul weights and fully INT8 Convolutions, calibrated; weights: "
-                   "weight-only INT8, data-free")  # fmt: skip
+    q.add_argument(
+        "--mode",
+        choices=("hybrid", "weights"),
+        default="hybrid",
+        help="hybrid (default): INT8 MatMul weights and fully INT8 Convolutions, calibrated; weights: "
+        "weight-only INT8, data-free",
+    )
     q.add_argument("--prompts", type=int, default=4, metavar="N", help="calibration requests (default 4)")
     q.add_argument("--steps", type=int, default=10, metavar="S", help="sampler steps of each (default 10)")
-    q.add_argument("--size", type=int, metavar="PX",
-                   help="calibration image side (default: the model's default size, at most 512)")  # fmt: skip
+    q.add_argument(
+        "--size", type=int, metavar="PX", help="calibration image side (default: the model's default size, at most 512)"
+    )
     q.add_argument("--seed", type=int, default=0, help="seed of the first calibration request (default 0)")
     q.add_argument("--force", action="store_true", help="replace the INT8 U-Net DIR already has")
     q.set_defaults(func=cmd_quantize)
@@ -290,9 +309,12 @@ def _add_lora_add(lora: argparse._SubParsersAction) -> None:
 
 
 def _add_lora_remove(lora: argparse._SubParsersAction) -> None:
-    lr = lora.add_parser("remove", help="remove an adapter from DIR", description="Remove adapter NAME (its file and "
-                         "manifest entry) from DIR. TensorRT plans stay valid while other adapters remain; after the "
-                         "last one, `sdrt build DIR` rebuilds them without refittable weights.")  # fmt: skip
+    lr = lora.add_parser(
+        "remove",
+        help="remove an adapter from DIR",
+        description="Remove adapter NAME (its file and manifest entry) from DIR. TensorRT plans stay valid while "
+        "other adapters remain; after the last one, `sdrt build DIR` rebuilds them without refittable weights.",
+    )
     lr.add_argument("dir", metavar="DIR")
     lr.add_argument("name", metavar="NAME")
     lr.set_defaults(func=cmd_lora_remove)
@@ -336,8 +358,12 @@ def _add_controlnet_add(controlnet: argparse._SubParsersAction) -> None:
         "TensorRT plans of the new graphs.",
     )
     ca.add_argument("dir", metavar="DIR")
-    ca.add_argument("controlnet", nargs="+", metavar="CN[=NAME]", help="a diffusers ControlNet folder or "
-                    "original-layout .safetensors file; NAME defaults to its name")  # fmt: skip
+    ca.add_argument(
+        "controlnet",
+        nargs="+",
+        metavar="CN[=NAME]",
+        help="a diffusers ControlNet folder or original-layout .safetensors file; NAME defaults to its name",
+    )
     ca.set_defaults(func=cmd_controlnet_add)
 
 
