@@ -9,9 +9,13 @@ from importlib import import_module
 from typing import Any
 
 _NAMES = {
-    "Components": "load", "load_model": "load", "Dims": "graphs", "PRESETS": "presets",
-    "export_model": "directory", "verify_directory": "directory",
-}  # fmt: skip
+    "Components": "load",
+    "load_model": "load",
+    "Dims": "graphs",
+    "PRESETS": "presets",
+    "export_model": "directory",
+    "verify_directory": "directory",
+}
 __all__ = sorted(_NAMES)
 
 

@@ -74,8 +74,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     opts = QuantizeOptions(args.mode, args.prompts, args.steps, args.size, args.seed, args.force)
     entry = quantize_directory(args.dir, opts)
     how = f"{entry['samples']} U-Net calls at {entry['size']} px" if entry["samples"] else "no calibration"
-    print(f"{args.dir}: wrote unet.int8.xml ({entry['mode']}, {how}; calibration {entry['calibration_s']:.0f} s, "
-          f"quantization {entry['quantize_s']:.0f} s); use it with --backend openvino --cpu-int8")  # fmt: skip
+    print(
+        f"{args.dir}: wrote unet.int8.xml ({entry['mode']}, {how}; calibration {entry['calibration_s']:.0f} s, "
+        f"quantization {entry['quantize_s']:.0f} s); use it with --backend openvino --cpu-int8"
+    )
     return 0
 
 
@@ -101,8 +103,10 @@ def cmd_embedding_add(args: argparse.Namespace) -> int:
     from sdrt.runtime.embeddings import add_embedding
 
     entry = add_embedding(args.dir, args.file, name=args.name, force=args.force)
-    print(f"{args.dir}: added embedding {entry['name']} ({entry['vectors']} vectors); write {entry['name']} in a "
-          "prompt to use it")  # fmt: skip
+    print(
+        f"{args.dir}: added embedding {entry['name']} ({entry['vectors']} vectors); "
+        f"write {entry['name']} in a prompt to use it"
+    )
     return 0
 
 
@@ -141,6 +145,26 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """export, verify, quantize, lora, embedding, controlnet and presets on the `sdrt` command's subparsers."""
+    _add_export(sub)
+    _add_verify(sub)
+    _add_quantize(sub)
+    lora = _actions(sub, "lora", "LoRA adapters of an engine directory")
+    _add_lora_add(lora)
+    _add_lora_remove(lora)
+    embedding = _actions(sub, "embedding", "textual-inversion embeddings of an engine directory")
+    _add_embedding_add(embedding)
+    _add_embedding_remove(embedding)
+    _add_embedding_list(embedding)
+    _add_controlnet_add(_actions(sub, "controlnet", "ControlNets of an engine directory"))
+    _add_presets(sub)
+
+
+def _actions(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """A command whose ACTION (add, remove, ...) is its own subcommand, e.g. `sdrt lora add`."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "export",
         help="checkpoint -> verified ONNX engine directory",
@@ -172,14 +196,35 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "architecture to take configs and tokenizer from (default: the Hugging Face cache)",
     )
     e.add_argument("--seed", type=int, help="for a preset: the seed of its random weights (default: the preset's)")
-    e.add_argument("--min-size", type=int, help="smallest image side the graphs accept, px (a multiple of 8 and of "
-                   "the VAE scale factor; default: half the model's native size)")  # fmt: skip
-    e.add_argument("--max-size", type=int, help="largest image side the graphs accept, px (as --min-size; default: "
-                   "twice the native size)")  # fmt: skip
+    _add_export_shapes(e)
+    _add_export_extras(e)
+    e.set_defaults(func=cmd_export)
+
+
+def _add_export_shapes(e: argparse.ArgumentParser) -> None:
+    """The shapes the exported graphs accept."""
+    e.add_argument(
+        "--min-size",
+        type=int,
+        help="smallest image side the graphs accept, px (a multiple of 8 and of the VAE scale factor; default: "
+        "half the model's native size)",
+    )
+    e.add_argument(
+        "--max-size",
+        type=int,
+        help="largest image side the graphs accept, px (as --min-size; default: twice the native size)",
+    )
     e.add_argument("--max-batch", type=int, help="most images per prompt the graphs accept (default 4)")
-    e.add_argument("--max-prompt-chunks", type=int, metavar="K",
-                   help="longest prompt the U-Net takes, in 75-token chunks (web-UI syntax: long prompts, BREAK; "
-                        "default 3)")  # fmt: skip
+    e.add_argument(
+        "--max-prompt-chunks",
+        type=int,
+        metavar="K",
+        help="longest prompt the U-Net takes, in 75-token chunks (web-UI syntax: long prompts, BREAK; default 3)",
+    )
+
+
+def _add_export_extras(e: argparse.ArgumentParser) -> None:
+    """What else goes into the export: another VAE, torch programs, fused LoRAs, ControlNets."""
     e.add_argument(
         "--vae",
         metavar="DIR",
@@ -206,8 +251,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "controlnet_NAME (default NAME: the folder's or file's name), and the U-Net again with residual inputs "
         "(unet_controlnet); repeatable",
     )
-    e.set_defaults(func=cmd_export)
 
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "verify",
         help="re-check an engine directory",
@@ -218,6 +264,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--json", action="store_true", help="print the full report as JSON")
     v.set_defaults(func=cmd_verify)
 
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser(
         "quantize",
         help="DIR's U-Net -> INT8 for OpenVINO on the CPU (--cpu-int8)",
@@ -228,21 +276,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(OpenVINO, f32). weights: weight-only INT8, no calibration. Needs pip install 'sdrt[openvino]'.",
     )
     q.add_argument("dir", metavar="DIR")
-    q.add_argument("--mode", choices=("hybrid", "weights"), default="hybrid",
-                   help="hybrid (default): INT8 MatMul weights and fully INT8 Convolutions, calibrated; weights: "
-                   "weight-only INT8, data-free")  # fmt: skip
+    q.add_argument(
+        "--mode",
+        choices=("hybrid", "weights"),
+        default="hybrid",
+        help="hybrid (default): INT8 MatMul weights and fully INT8 Convolutions, calibrated; weights: "
+        "weight-only INT8, data-free",
+    )
     q.add_argument("--prompts", type=int, default=4, metavar="N", help="calibration requests (default 4)")
     q.add_argument("--steps", type=int, default=10, metavar="S", help="sampler steps of each (default 10)")
-    q.add_argument("--size", type=int, metavar="PX",
-                   help="calibration image side (default: the model's default size, at most 512)")  # fmt: skip
+    q.add_argument(
+        "--size", type=int, metavar="PX", help="calibration image side (default: the model's default size, at most 512)"
+    )
     q.add_argument("--seed", type=int, default=0, help="seed of the first calibration request (default 0)")
     q.add_argument("--force", action="store_true", help="replace the INT8 U-Net DIR already has")
     q.set_defaults(func=cmd_quantize)
 
-    lo = sub.add_parser("lora", help="LoRA adapters of an engine directory").add_subparsers(
-        dest="lora_command", required=True, metavar="ACTION"
-    )
-    la = lo.add_parser(
+
+def _add_lora_add(lora: argparse._SubParsersAction) -> None:
+    la = lora.add_parser(
         "add",
         help="import a LoRA file into DIR",
         description="Map a LoRA .safetensors file (kohya / web-UI lora_unet_*, lora_te*_*, LoCon; diffusers / PEFT "
@@ -254,17 +306,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     la.add_argument("--name", help="the adapter's name (default: the file's name without .safetensors)")
     la.add_argument("--force", action="store_true", help="replace an adapter of the same name")
     la.set_defaults(func=cmd_lora_add)
-    lr = lo.add_parser("remove", help="remove an adapter from DIR", description="Remove adapter NAME (its file and "
-                       "manifest entry) from DIR. TensorRT plans stay valid while other adapters remain; after the "
-                       "last one, `sdrt build DIR` rebuilds them without refittable weights.")  # fmt: skip
+
+
+def _add_lora_remove(lora: argparse._SubParsersAction) -> None:
+    lr = lora.add_parser(
+        "remove",
+        help="remove an adapter from DIR",
+        description="Remove adapter NAME (its file and manifest entry) from DIR. TensorRT plans stay valid while "
+        "other adapters remain; after the last one, `sdrt build DIR` rebuilds them without refittable weights.",
+    )
     lr.add_argument("dir", metavar="DIR")
     lr.add_argument("name", metavar="NAME")
     lr.set_defaults(func=cmd_lora_remove)
 
-    em = sub.add_parser("embedding", help="textual-inversion embeddings of an engine directory").add_subparsers(
-        dest="embedding_command", required=True, metavar="ACTION"
-    )
-    ea = em.add_parser(
+
+def _add_embedding_add(embedding: argparse._SubParsersAction) -> None:
+    ea = embedding.add_parser(
         "add",
         help="import a textual-inversion embedding into DIR",
         description="Store a textual-inversion embedding (.safetensors: diffusers' or the web UI's layout, emb_params, "
@@ -276,18 +333,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ea.add_argument("--name", help="the trigger word (default: the file's name without .safetensors, as the web UI)")
     ea.add_argument("--force", action="store_true", help="replace an embedding of the same name")
     ea.set_defaults(func=cmd_embedding_add)
-    er = em.add_parser("remove", help="remove an embedding from DIR")
+
+
+def _add_embedding_remove(embedding: argparse._SubParsersAction) -> None:
+    er = embedding.add_parser("remove", help="remove an embedding from DIR")
     er.add_argument("dir", metavar="DIR")
     er.add_argument("name", metavar="NAME")
     er.set_defaults(func=cmd_embedding_remove)
-    el = em.add_parser("list", help="list DIR's embeddings")
+
+
+def _add_embedding_list(embedding: argparse._SubParsersAction) -> None:
+    el = embedding.add_parser("list", help="list DIR's embeddings")
     el.add_argument("dir", metavar="DIR")
     el.set_defaults(func=cmd_embedding_list)
 
-    co = sub.add_parser("controlnet", help="ControlNets of an engine directory").add_subparsers(
-        dest="controlnet_command", required=True, metavar="ACTION"
-    )
-    ca = co.add_parser(
+
+def _add_controlnet_add(controlnet: argparse._SubParsersAction) -> None:
+    ca = controlnet.add_parser(
         "add",
         help="export ControlNets into DIR",
         description="Export diffusers ControlNet folders into the existing engine directory DIR at its sizes and "
@@ -296,9 +358,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "TensorRT plans of the new graphs.",
     )
     ca.add_argument("dir", metavar="DIR")
-    ca.add_argument("controlnet", nargs="+", metavar="CN[=NAME]", help="a diffusers ControlNet folder or "
-                    "original-layout .safetensors file; NAME defaults to its name")  # fmt: skip
+    ca.add_argument(
+        "controlnet",
+        nargs="+",
+        metavar="CN[=NAME]",
+        help="a diffusers ControlNet folder or original-layout .safetensors file; NAME defaults to its name",
+    )
     ca.set_defaults(func=cmd_controlnet_add)
 
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=cmd_presets)

@@ -56,8 +56,10 @@ def load_controlnet(path: str, name: str, unet_config: Any = None) -> LoadedCont
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         cls = None
     if cls != "ControlNetModel":
-        raise SdrtError(f"--controlnet {path}: not a diffusers ControlNet folder (config.json of ControlNetModel) "
-                        "nor a ControlNet .safetensors file")  # fmt: skip
+        raise SdrtError(
+            f"--controlnet {path}: not a diffusers ControlNet folder (config.json of ControlNetModel) "
+            "nor a ControlNet .safetensors file"
+        )
     weights = sorted(target.glob("*.safetensors"))
     if not weights:
         raise SdrtError(f"--controlnet {path} has no .safetensors weights; convert them, pickle files are not loaded")
@@ -80,8 +82,10 @@ def _single_file(file: Path, name: str, unet_config: Any) -> LoadedControlNet:
     from safetensors import safe_open
 
     if file.suffix != ".safetensors":
-        raise SdrtError(f"--controlnet {file}: only .safetensors ControlNet files are read (pickle files can run "
-                        "code); convert it first")  # fmt: skip
+        raise SdrtError(
+            f"--controlnet {file}: only .safetensors ControlNet files are read "
+            "(pickle files can run code); convert it first"
+        )
     try:
         with safe_open(str(file), "pt") as f:
             keys = set(f.keys())
@@ -102,8 +106,10 @@ def _single_file(file: Path, name: str, unet_config: Any) -> LoadedControlNet:
         try:
             model = diffusers.ControlNetModel.from_single_file(str(file), config=tmp, local_files_only=True)
         except Exception as err:  # diffusers' converter raises KeyError, RuntimeError (shapes), ValueError ...
-            raise SdrtError(f"--controlnet {file}: diffusers cannot read it as a ControlNet of this model: "
-                            f"{str(err).splitlines()[0]}") from None  # fmt: skip
+            raise SdrtError(
+                f"--controlnet {file}: diffusers cannot read it as a ControlNet of this model: "
+                f"{str(err).splitlines()[0]}"
+            ) from None
     model.eval().float()
     return LoadedControlNet(name, model, {"path": str(file.resolve()), "files": {file.name: sha256_file(file)}})
 
@@ -138,8 +144,9 @@ def check_fits(cn: LoadedControlNet, c: Components, vae_scale_factor: int) -> No
             raise SdrtError(f"--controlnet {cn.name}: its {what} is {theirs}, the model's U-Net has {ours}")
     down = 2 ** (len(a.conditioning_embedding_out_channels) - 1)
     if down != vae_scale_factor:
-        raise SdrtError(f"--controlnet {cn.name}: its control image is downsampled {down}x, the model's VAE "
-                        f"{vae_scale_factor}x")  # fmt: skip
+        raise SdrtError(
+            f"--controlnet {cn.name}: its control image is downsampled {down}x, the model's VAE {vae_scale_factor}x"
+        )
 
 
 def residual_shapes(cn: torch.nn.Module) -> tuple[list[tuple], tuple]:
@@ -170,8 +177,9 @@ class ControlNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         text_embeds, time_ids, cond, scale = rest if self.added else (None, None, *rest)
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        down, mid = self.model(sample, timestep, encoder_hidden_states, cond, 1.0, added_cond_kwargs=added,
-                               return_dict=False)  # fmt: skip
+        down, mid = self.model(
+            sample, timestep, encoder_hidden_states, cond, 1.0, added_cond_kwargs=added, return_dict=False
+        )
         s = scale.view(-1, 1, 1, 1)  # [B] -> per row
         return (*[d * s for d in down], mid * s)
 
@@ -189,9 +197,15 @@ class UNetResiduals(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         n = len(self.conds)
         residuals = rest[n:]
-        return G.call_unet(self, sample, timestep, encoder_hidden_states, rest[:n],
-                           down_block_additional_residuals=tuple(residuals[:-1]),
-                           mid_block_additional_residual=residuals[-1])  # fmt: skip
+        return G.call_unet(
+            self,
+            sample,
+            timestep,
+            encoder_hidden_states,
+            rest[:n],
+            down_block_additional_residuals=tuple(residuals[:-1]),
+            mid_block_additional_residual=residuals[-1],
+        )
 
 
 def _names(down: list) -> tuple[str, ...]:
@@ -206,9 +220,17 @@ def controlnet_graphs(graphs: list[G.Graph], cns: list[LoadedControlNet]) -> lis
     f32, added = torch.float32, "text_embeds" in unet.inputs
     down, mid = residual_shapes(cns[0].model)
     res = {n: (s, f32) for n, s in zip(_names(down), [*down, mid], strict=True)}
-    out = [G.Graph("unet_controlnet", UNetResiduals(unet.module).eval(), {**unet.inputs, **res}, unet.outputs,
-                   unet.output_shapes, keep_fp32_inputs=unet.keep_fp32_inputs,
-                   upcast_attention=unet.upcast_attention)]  # fmt: skip
+    out = [
+        G.Graph(
+            "unet_controlnet",
+            UNetResiduals(unet.module).eval(),
+            {**unet.inputs, **res},
+            unet.outputs,
+            unet.output_shapes,
+            keep_fp32_inputs=unet.keep_fp32_inputs,
+            upcast_attention=unet.upcast_attention,
+        )
+    ]
     # sample, timestep, states(, text_embeds, time_ids): diffusers gives a ControlNet no guidance embedding
     base = {k: v for k, v in unet.inputs.items() if k != "timestep_cond"}
     sample = base["sample"][0]
@@ -216,9 +238,17 @@ def controlnet_graphs(graphs: list[G.Graph], cns: list[LoadedControlNet]) -> lis
         cn_in = {**base, "controlnet_cond": (("B", 3, "H", "W"), f32), "conditioning_scale": (("B",), f32)}
         cn_in["sample"] = (("B", cn.model.config.in_channels, *sample[2:]), f32)
         module = ControlNet(cn.model, added).eval()
-        out.append(G.Graph(f"controlnet_{cn.name}", module, cn_in, _names(down), (*down, mid),
-                           keep_fp32_inputs=(*unet.keep_fp32_inputs, "conditioning_scale"),
-                           upcast_attention=bool(getattr(cn.model.config, "upcast_attention", False))))  # fmt: skip
+        out.append(
+            G.Graph(
+                f"controlnet_{cn.name}",
+                module,
+                cn_in,
+                _names(down),
+                (*down, mid),
+                keep_fp32_inputs=(*unet.keep_fp32_inputs, "conditioning_scale"),
+                upcast_attention=bool(getattr(cn.model.config, "upcast_attention", False)),
+            )
+        )
     return out
 
 
@@ -236,8 +266,9 @@ def controlnets_from_manifest(manifest: dict[str, Any], unet_config: Any) -> lis
             raise SourceMissing(f"ControlNet {name}'s source {folder} is not available")
         cn = load_controlnet(str(folder), name, unet_config)
         if cn.source["files"] != entry["source"]["files"]:
-            raise SdrtError(f"ControlNet {name}'s folder {folder} has changed since the export (SHA-256 differs); "
-                            f"re-export it")  # fmt: skip
+            raise SdrtError(
+                f"ControlNet {name}'s folder {folder} has changed since the export (SHA-256 differs); re-export it"
+            )
         out.append(cn)
     return out
 
@@ -284,6 +315,8 @@ def add_controlnets(root: str | Path, controlnets: list[tuple[str, str]], progre
         shutil.rmtree(stage, ignore_errors=True)
     p.say(f"added to {root}: " + ", ".join(f"ControlNet {n} (graph controlnet_{n})" for n in entry))
     if manifest.get("loras"):
-        p.say(f"LoRA adapters {', '.join(manifest['loras'])} change the plain U-Net only: to use one with ControlNet, "
-              "add it again with `sdrt lora add DIR FILE --name NAME --force`")  # fmt: skip
+        p.say(
+            f"LoRA adapters {', '.join(manifest['loras'])} change the plain U-Net only: to use one with ControlNet, "
+            "add it again with `sdrt lora add DIR FILE --name NAME --force`"
+        )
     return manifest

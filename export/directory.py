@@ -19,19 +19,12 @@ import onnx
 import torch
 
 from sdrt.export import graphs as G
+from sdrt.export.fp16 import fp16_from_fp32, graph_precision, io_types
+from sdrt.export.heap import map_large_buffers, trim_heap
 from sdrt.export.load import Components, SourceMissing, check_model_arg, components_from_source, load_model
-from sdrt.export.onnx_io import (
-    OPSET,
-    export_torch,
-    fp16_from_fp32,
-    graph_precision,
-    io_types,
-    map_large_buffers,
-    save_onnx,
-    save_torch_program,
-    trim_heap,
-)
+from sdrt.export.onnx_save import save_onnx
 from sdrt.export.presets import get_preset
+from sdrt.export.trace import OPSET, export_torch, save_torch_program
 from sdrt.export.verify import check_graph_file, compare, reference_cases
 from sdrt.export.weights import (
     add_dtypes,

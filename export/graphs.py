@@ -73,8 +73,13 @@ class Dims:
 
     def as_json(self) -> dict[str, Any]:
         m = self.geometry.px_multiple if self.geometry else None
-        return {"min_px": self.min_px, "max_px": self.max_px, "px_multiple": m, "max_images": self.max_images,
-                "max_prompt_chunks": self.max_prompt_chunks}  # fmt: skip
+        return {
+            "min_px": self.min_px,
+            "max_px": self.max_px,
+            "px_multiple": m,
+            "max_images": self.max_images,
+            "max_prompt_chunks": self.max_prompt_chunks,
+        }
 
 
 def geometry(c: Components) -> Geometry:
@@ -177,8 +182,14 @@ class _UpsampleTo(torch.nn.Module):
 
 
 def _plain_upsampler(up: Any) -> bool:
-    return (type(up).__name__ == "Upsample2D" and up.use_conv and up.interpolate and up.name == "conv"
-            and up.norm is None and not up.use_conv_transpose)  # fmt: skip
+    return (
+        type(up).__name__ == "Upsample2D"
+        and up.use_conv
+        and up.interpolate
+        and up.name == "conv"
+        and up.norm is None
+        and not up.use_conv_transpose
+    )
 
 
 class UNet(torch.nn.Module):
@@ -217,8 +228,15 @@ def call_unet(m: torch.nn.Module, sample, timestep, encoder_hidden_states, conds
     added = {k: named[k] for k in ("text_embeds", "time_ids")} if "text_embeds" in named else None
     m.skip.sizes.clear()
     try:
-        return m.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                      timestep_cond=named.get("timestep_cond"), return_dict=False, **more)[0]  # fmt: skip
+        return m.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            timestep_cond=named.get("timestep_cond"),
+            return_dict=False,
+            **more,
+        )[0]
     finally:  # no trace's symbolic sizes left on the module: torch 2.11 cannot deepcopy them (fp16 programs)
         m.skip.sizes.clear()
 

@@ -122,8 +122,10 @@ def with_vae(c: Components, folder: Path) -> Components:
         raise SdrtError(f"--vae {folder} has no .safetensors weights; convert them, pickle files are not loaded")
     channels, unet = config.get("latent_channels", 4), c.unet.config.out_channels
     if channels != unet:
-        raise SdrtError(f"--vae {folder} makes {channels}-channel latents, the U-Net denoises {unet}: "
-                        "give a VAE made for this model's latent space")  # fmt: skip
+        raise SdrtError(
+            f"--vae {folder} makes {channels}-channel latents, the U-Net denoises {unet}: "
+            "give a VAE made for this model's latent space"
+        )
     if config["_class_name"] == "AutoencoderTiny":
         _check_tiny_scales(folder, config)
     cls = getattr(diffusers, config["_class_name"])
@@ -143,8 +145,10 @@ def _check_tiny_scales(folder: Path, config: dict[str, Any]) -> None:
     enc, dec = (len(config.get(f"{k}_block_out_channels", (64,) * 4)) for k in ("encoder", "decoder"))
     scales = {2 ** (enc - 1), config.get("upsampling_scaling_factor", 2) ** (dec - 1), 2 ** (dec - 1)}
     if len(scales) > 1:
-        raise SdrtError(f"--vae {folder}: this AutoencoderTiny's encoder and decoder scale images differently "
-                        f"({sorted(scales)} pixels per latent); diffusers' pipelines assume one factor")  # fmt: skip
+        raise SdrtError(
+            f"--vae {folder}: this AutoencoderTiny's encoder and decoder scale images differently "
+            f"({sorted(scales)} pixels per latent); diffusers' pipelines assume one factor"
+        )
 
 
 class SourceMissing(SdrtError):
@@ -268,8 +272,10 @@ def _maybe_deferred(
             a, b = ({k: v for k, v in m.config.items() if not k.startswith("_")} for m in (placeholder, real))
             changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))  # added or dropped keys too
             if changed:  # sizes and graphs were decided from the placeholder's config
-                raise SdrtError(f"{name}: loading changes its config ({changed[0]}), so sdrt cannot load it in stages; "
-                                "please report this with the model's config.json")  # fmt: skip
+                raise SdrtError(
+                    f"{name}: loading changes its config ({changed[0]}), so sdrt cannot load it in stages; "
+                    "please report this with the model's config.json"
+                )
             placeholder.load_state_dict(real.state_dict(), strict=True, assign=True)
             left = [n for n, t in (*placeholder.named_parameters(), *placeholder.named_buffers()) if t.is_meta]
             if left:
@@ -381,9 +387,10 @@ def _single_file_family(path: Path, config: str | None) -> Family:
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return family_of_pipeline("StableDiffusionXLPipeline")
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):  # OpenCLIP alone: SDXL's refiner
-        raise SdrtError(f"{path} is an SDXL refiner checkpoint, which sdrt reads as a diffusers folder only; convert "
-                        "it (StableDiffusionXLImg2ImgPipeline.from_single_file(...).save_pretrained(DIR)) and export "
-                        "DIR")  # fmt: skip
+        raise SdrtError(
+            f"{path} is an SDXL refiner checkpoint, which sdrt reads as a diffusers folder only; convert it "
+            "(StableDiffusionXLImg2ImgPipeline.from_single_file(...).save_pretrained(DIR)) and export DIR"
+        )
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return family_of_pipeline("StableDiffusionPipeline")
     raise SdrtError(f"{path} does not look like a Stable Diffusion checkpoint (no model.diffusion_model.* keys)")

@@ -41,8 +41,10 @@ def _read(file: Path, family: str, unet_config: Any = None) -> tuple[dict[str, t
     if file.suffix != ".safetensors":
         raise SdrtError(f"{file}: only .safetensors LoRA files are read (pickle files can run code); convert it first")
     if is_embedding(file):
-        raise SdrtError(f"{file} is a textual-inversion embedding, not a LoRA: add it with `sdrt embedding add DIR "
-                        f"{file}` and write its name in the prompt")  # fmt: skip
+        raise SdrtError(
+            f"{file} is a textual-inversion embedding, not a LoRA: add it with `sdrt embedding add DIR "
+            f"{file}` and write its name in the prompt"
+        )
     try:
         state, alphas = getattr(diffusers, _PIPELINES[family]).lora_state_dict(str(file), unet_config=unet_config)
     except Exception as err:  # diffusers raises ValueError, KeyError, safetensors errors ... for what it cannot read
@@ -96,8 +98,9 @@ def _factors(
             continue
         graph, module = key.removesuffix(".lora_A.weight").split(".", 1)
         if graph not in maps:
-            raise SdrtError(f"{file}: {key} is for a {graph} graph this engine does not have: an adapter for "
-                            "another model family?")  # fmt: skip
+            raise SdrtError(
+                f"{file}: {key} is for a {graph} graph this engine does not have: an adapter for another model family?"
+            )
         up = state.get(key.replace(".lora_A.", ".lora_B."))
         if up is None:
             raise SdrtError(f"{file}: {key} has no lora_B / lora_up partner")
@@ -109,8 +112,10 @@ def _factors(
             shape = list(reversed(entry["shape"])) if entry["transposed"] else entry["shape"]
             rank = down.shape[0]
             if up.shape[1] != rank or [up.shape[0], *down.shape[1:]] != shape or up[0, 0].numel() != 1:
-                raise SdrtError(f"{file}: {key} gives a {[up.shape[0], *down.shape[1:]]} update for {module}, which is "
-                                f"{shape} in this engine; an adapter for another model?")  # fmt: skip
+                raise SdrtError(
+                    f"{file}: {key} gives a {[up.shape[0], *down.shape[1:]]} update for {module}, which is "
+                    f"{shape} in this engine; an adapter for another model?"
+                )
             name = f"{g}/{entry['initializer']}"
             out[name + ".down"], out[name + ".up"] = (down, up) if g == graph else (down.clone(), up.clone())
             out[name + ".scale"] = torch.tensor(1.0 if alpha is None else alpha / rank, dtype=torch.float32)
@@ -158,8 +163,10 @@ def _target(graph_map: dict[str, Any], module: str, key: str, graph: str, file: 
     if entry is None:
         raise SdrtError(f"{file}: {key} matches no weight of {graph}; an adapter for another model?")
     if entry.get("shared"):
-        raise SdrtError(f"{file}: {key} targets {fqn}, whose values the exported {graph} shares with another "
-                        "weight; it cannot be changed alone")  # fmt: skip
+        raise SdrtError(
+            f"{file}: {key} targets {fqn}, whose values the exported {graph} shares with another "
+            "weight; it cannot be changed alone"
+        )
     return entry
 
 
@@ -179,8 +186,10 @@ def add_lora(root: str | os.PathLike, file: str | os.PathLike, name: str | None 
     if not file.is_file():
         raise SdrtError(f"{file}: no such file")
     if not all(g.get("weights") for g in manifest["graphs"].values()):
-        raise SdrtError(f"{root} was exported without a weights map; re-export it with this sdrt "
-                        f"(`sdrt export ... {root} --force`) to add LoRA adapters")  # fmt: skip
+        raise SdrtError(
+            f"{root} was exported without a weights map; re-export it with this sdrt "
+            f"(`sdrt export ... {root} --force`) to add LoRA adapters"
+        )
     maps = {g: graph_weights(root, manifest, g) for g in manifest["graphs"]}
     factors = _factors(*_read(file, manifest["family"], _unet_config(maps)), maps, file)
     (root / LORA_DIR).mkdir(exist_ok=True)
@@ -246,8 +255,10 @@ def parse_fuse_arg(text: str) -> tuple[str, float]:
     if not Path(file).is_file():
         raise SdrtError(f"--lora {file}: no such file")
     if Path(file).suffix == ".safetensors" and is_embedding(Path(file)):
-        raise SdrtError(f"--lora {file} is a textual-inversion embedding, not a LoRA: export without it, then "
-                        f"`sdrt embedding add DIR {file}` and write its name in the prompt")  # fmt: skip
+        raise SdrtError(
+            f"--lora {file} is a textual-inversion embedding, not a LoRA: export without it, then "
+            f"`sdrt embedding add DIR {file}` and write its name in the prompt"
+        )
     return file, value
 
 
@@ -260,8 +271,9 @@ def _check_fits(state: dict[str, torch.Tensor], pipe: Any, file: Path) -> None:
         component, module = key.rsplit(".lora_", 1)[0].split(".", 1)
         model = getattr(pipe, component, None)
         if model is None:
-            raise SdrtError(f"{file}: {key} is for a {component} this model does not have: an adapter for another "
-                            "model family?")  # fmt: skip
+            raise SdrtError(
+                f"{file}: {key} is for a {component} this model does not have: an adapter for another model family?"
+            )
         target = None
         for path in dict.fromkeys((module, module.removeprefix("text_model."))):  # flattened CLIPTextModel too
             try:
@@ -271,13 +283,16 @@ def _check_fits(state: dict[str, torch.Tensor], pipe: Any, file: Path) -> None:
                 continue
         weight = getattr(target, "weight", None)
         if weight is None or weight.ndim not in (2, 4):
-            raise SdrtError(f"{file}: {key} matches no Linear or Conv2d of the {component}; an adapter for another "
-                            "model?")  # fmt: skip
+            raise SdrtError(
+                f"{file}: {key} matches no Linear or Conv2d of the {component}; an adapter for another model?"
+            )
         factor = state[key]
         fits = factor.shape[1:] == weight.shape[1:] if ".lora_A." in key else factor.shape[0] == weight.shape[0]
         if not fits:
-            raise SdrtError(f"{file}: {key} has shape {list(factor.shape)}, which does not fit {module}.weight "
-                            f"{list(weight.shape)}; an adapter for another model?")  # fmt: skip
+            raise SdrtError(
+                f"{file}: {key} has shape {list(factor.shape)}, which does not fit {module}.weight "
+                f"{list(weight.shape)}; an adapter for another model?"
+            )
 
 
 def fuse_loras(c: Any, loras: list[tuple[str, float]]) -> Any:

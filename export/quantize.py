@@ -88,8 +88,9 @@ def import_nncf() -> tuple[Any, Any]:
         import nncf
         import openvino
     except ImportError as err:
-        raise SdrtError(f"sdrt quantize needs OpenVINO and NNCF ({err.name} is missing): pip install "
-                        "'sdrt[openvino]'") from None  # fmt: skip
+        raise SdrtError(
+            f"sdrt quantize needs OpenVINO and NNCF ({err.name} is missing): pip install 'sdrt[openvino]'"
+        ) from None
     nncf.set_log_level(logging.ERROR)  # its per-layer INFO lines; the progress bars stay
     return openvino, nncf
 
@@ -99,11 +100,12 @@ def check_request(root: Path, manifest: dict[str, Any], opts: QuantizeOptions) -
     if opts.mode not in MODES:
         raise SdrtError(f"unknown mode {opts.mode!r}; use {' or '.join(MODES)}")
     if manifest["precision"] != "fp32":
-        raise SdrtError(f"{root} is a {manifest['precision']} export; quantize the fp32 one, which the CPU runs: "
-                        f"`sdrt export MODEL DIR --precision fp32`")  # fmt: skip
+        raise SdrtError(
+            f"{root} is a {manifest['precision']} export; quantize the fp32 one, which the CPU runs: "
+            f"`sdrt export MODEL DIR --precision fp32`"
+        )
     if ENTRY in manifest and not opts.force:
-        raise SdrtError(f"{root} already has an INT8 U-Net ({manifest[ENTRY]['mode']}); pass --force to make it "
-                        "again")  # fmt: skip
+        raise SdrtError(f"{root} already has an INT8 U-Net ({manifest[ENTRY]['mode']}); pass --force to make it again")
     if opts.prompts < 1 or opts.steps < 1:
         raise SdrtError(f"--prompts and --steps must be >= 1, got {opts.prompts} and {opts.steps}")
     problems = check_files(root, manifest, manifest["graphs"]["unet"]["files"])
@@ -127,8 +129,15 @@ def calibration_params(manifest: dict[str, Any], i: int, opts: QuantizeOptions, 
         mask = np.zeros((px, px), np.uint8)
         mask[px // 4 : 3 * px // 4, px // 4 : 3 * px // 4] = 255
         extra["mask"] = Image.fromarray(mask)
-    return Params(prompt=PROMPTS[i % len(PROMPTS)], negative_prompt=NEGATIVE if i % 2 else None, steps=opts.steps,
-                  height=px, width=px, seed=opts.seed + i, **extra)  # fmt: skip
+    return Params(
+        prompt=PROMPTS[i % len(PROMPTS)],
+        negative_prompt=NEGATIVE if i % 2 else None,
+        steps=opts.steps,
+        height=px,
+        width=px,
+        seed=opts.seed + i,
+        **extra,
+    )
 
 
 def calibration_inputs(root: Path, manifest: dict[str, Any], opts: QuantizeOptions, px: int) -> list[dict]:
@@ -207,8 +216,13 @@ def quantize_directory(root: str | os.PathLike, opts: QuantizeOptions) -> dict[s
         ov.save_model(model, str(stage / XML), compress_to_fp16=False)
         hashes = hash_files(stage, [XML, BIN])
         versions = {"nncf": nncf.__version__, "openvino": ov.__version__}
-        entry = {"files": sorted(hashes), "mode": opts.mode, **_calibration(opts, px, len(samples)), **versions,
-                 "unet_sha256": unet_hashes(manifest)}  # fmt: skip
+        entry = {
+            "files": sorted(hashes),
+            "mode": opts.mode,
+            **_calibration(opts, px, len(samples)),
+            **versions,
+            "unet_sha256": unet_hashes(manifest),
+        }
         _install(root, manifest, stage, hashes, entry)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Which ONNX initializer holds each PyTorch weight: the map `sdrt lora add` keys adapters by.
 
 torch.onnx's dynamo exporter keeps a parameter's name only where the graph uses it as it is (convolutions, Gemm);
-a Linear layer on 3-D activations becomes a MatMul whose weight constant folding (`onnx_io.fold_constants`) has
+a Linear layer on 3-D activations becomes a MatMul whose weight constant folding (`trace.fold_constants`) has
 transposed into an initializer named ``val_N``. Names cannot say which is which, so the weights are matched by
 value: every 2-D or larger parameter, as it is and (2-D) transposed, against every initializer of the fp32 trace.
 A parameter whose value two initializers share (or that shares one with another parameter) is marked ``shared``:

@@ -41,8 +41,10 @@ from sdrt.trt.ops import LIST_VERSION, OpProblem, check_model
 from sdrt.trt.targets import choose, environment, parse_targets
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
-INSTALL_HINT = ("pip install tensorrt on a machine with an NVIDIA GPU and driver, or pip install 'sdrt[rtx]' "
-                "(TensorRT for RTX: builds without a GPU, for RTX GPUs)")  # fmt: skip
+INSTALL_HINT = (
+    "pip install tensorrt on a machine with an NVIDIA GPU and driver, or pip install 'sdrt[rtx]' "
+    "(TensorRT for RTX: builds without a GPU, for RTX GPUs)"
+)
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,12 @@ def profile_shapes(manifest: dict[str, Any], name: str, opts: BuildOptions) -> d
     # is a longer attention context, not a new engine
     tokens = {"min": 77, "opt": 77, "max": 77 * model.max_prompt_chunks}
     return {
-        n: {k: list(concrete_shape(i["shape"], *v, factor, tokens[k])) for k, v in
-            (("min", lo), ("opt", opt), ("max", hi))}
+        n: {
+            k: list(concrete_shape(i["shape"], *v, factor, tokens[k]))
+            for k, v in (("min", lo), ("opt", opt), ("max", hi))
+        }
         for n, i in graph["inputs"].items()
-    }  # fmt: skip
+    }
 
 
 def describe_profile(manifest: dict[str, Any], opts: BuildOptions) -> str:
@@ -122,8 +126,9 @@ def describe_profile(manifest: dict[str, Any], opts: BuildOptions) -> str:
     return f"dynamic 1-{m.max_images} image(s) {m.min_px}-{m.max_px} px, opt {images} image(s) {h}x{w}"
 
 
-def build_key(manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtEnvironment,
-              refittable: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+def build_key(
+    manifest: dict[str, Any], name: str, opts: BuildOptions, env: TrtEnvironment, refittable: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Everything a plan depends on. Equal keys (and an intact plan file) mean the plan need not be rebuilt.
     ``refittable``: the initializers the directory's LoRA adapters change (`refittable_weights`)."""
     graph = manifest["graphs"][name]
@@ -214,8 +219,10 @@ def _family(opts: BuildOptions) -> tuple[TrtFamily | None, Any, TrtEnvironment |
     if family is None:
         return None, None, None, "neither TensorRT nor TensorRT for RTX is installed"
     if not family.portable and opts.compute_capabilities is not None:
-        raise SdrtError("--compute-capability is for TensorRT for RTX (--backend tensorrt-rtx); TensorRT builds for "
-                        "the GPU it runs on")  # fmt: skip
+        raise SdrtError(
+            "--compute-capability is for TensorRT for RTX (--backend tensorrt-rtx); "
+            "TensorRT builds for the GPU it runs on"
+        )
     targets = parse_targets(opts.compute_capabilities) if family.portable else ()  # always checked
     module, why = import_family(family)
     try:
@@ -269,12 +276,16 @@ def build_directory(root: str | os.PathLike, opts: BuildOptions, progress: Progr
         # TensorRT for RTX 1.7 compiles refittable attention (Myelin) regions with the GPU it builds on: on a machine
         # without one the build fails deep inside, so these engines are built as plain ones
         refit = False
-        report["lora"] = (f"{family.name} builds LoRA-refittable engines only on an RTX GPU: these plans run without "
-                          "adapters; build on the RTX GPU that runs them to apply adapters")  # fmt: skip
+        report["lora"] = (
+            f"{family.name} builds LoRA-refittable engines only on an RTX GPU: these plans run without "
+            "adapters; build on the RTX GPU that runs them to apply adapters"
+        )
         p.say(report["lora"])
     elif refit and family.portable and len(env.compute_capability.split(",")) > 1:
-        raise SdrtError(f"{family.name} {env.version} builds refittable engines (this directory has LoRA adapters) "
-                        "for one compute capability at a time; pass --compute-capability with one")  # fmt: skip
+        raise SdrtError(
+            f"{family.name} {env.version} builds refittable engines (this directory has LoRA adapters) "
+            "for one compute capability at a time; pass --compute-capability with one"
+        )
     target = f"on {env.gpu} (sm {env.compute_capability})" if env.gpu else f"for sm {env.compute_capability}"
     p.say(f"{family.name} {env.version} {target}; {profile}" + (f"; timing cache {cache}" if cache else ""))
     for name in manifest["graphs"]:
@@ -296,8 +307,15 @@ def _build_one(root, manifest, name, opts, family, cache, p: Progress, refittabl
     t = time.perf_counter()
     with p.step(f"{name}: build {plan.name} ({why})"):
         targets = tuple(env.compute_capability.split(",")) if not env.gpu else ()
-        data = PlanFromOnnx(trt, root / manifest["graphs"][name]["file"], key["profiles"], opts.workspace_gib,
-                            cache, targets, refittable)()  # fmt: skip
+        data = PlanFromOnnx(
+            trt,
+            root / manifest["graphs"][name]["file"],
+            key["profiles"],
+            opts.workspace_gib,
+            cache,
+            targets,
+            refittable,
+        )()
         write_atomic(plan, data)
         del data
         gc.collect()  # the builder, network and parser are gone with the loader's call: free them before the next

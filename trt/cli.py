@@ -89,9 +89,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one profile over the exported size and batch ranges instead of one static shape (slower plans)",
     )
-    b.add_argument("--hires", type=float, metavar="SCALE",
-                   help="one profile from the static shape to the hires fix's second pass at SCALE (the web UI's "
-                   "hr_scale), tuned for the second pass: both passes run on the same plans")  # fmt: skip
+    b.add_argument(
+        "--hires",
+        type=float,
+        metavar="SCALE",
+        help="one profile from the static shape to the hires fix's second pass at SCALE (the web UI's "
+        "hr_scale), tuned for the second pass: both passes run on the same plans",
+    )
     b.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit (default: TensorRT's)")
     b.add_argument(
         "--timing-cache",

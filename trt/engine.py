@@ -62,9 +62,16 @@ class PlanFromOnnx:
     its constant folding and fusions.
     """
 
-    def __init__(self, trt: ModuleType, onnx_path: str | os.PathLike, profiles: Profiles,
-                 workspace_gib: float | None, timing_cache: str | os.PathLike | None = None,
-                 targets: tuple[str, ...] = (), refittable: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(
+        self,
+        trt: ModuleType,
+        onnx_path: str | os.PathLike,
+        profiles: Profiles,
+        workspace_gib: float | None,
+        timing_cache: str | os.PathLike | None = None,
+        targets: tuple[str, ...] = (),
+        refittable: tuple[str, ...] = (),
+    ):
         self.trt, self.onnx_path, self.profiles = trt, Path(onnx_path), profiles
         self.workspace_gib, self.targets, self.refittable = workspace_gib, targets, refittable
         self.timing_cache = Path(timing_cache) if timing_cache else None
@@ -101,8 +108,10 @@ class PlanFromOnnx:
         config.set_flag(self.trt.BuilderFlag.REFIT_INDIVIDUAL)
         for name in self.refittable:
             if not network.mark_weights_refittable(name):
-                raise SdrtError(f"{self.onnx_path.name}: TensorRT cannot make weight {name} refittable (the parser "
-                                "did not keep it as one); a LoRA adapter cannot change it on this backend")  # fmt: skip
+                raise SdrtError(
+                    f"{self.onnx_path.name}: TensorRT cannot make weight {name} refittable (the parser "
+                    "did not keep it as one); a LoRA adapter cannot change it on this backend"
+                )
 
     def _set_targets(self, config) -> None:
         """The count first, then each target, every call checked; then read back, so the engine cannot silently

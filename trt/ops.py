@@ -61,10 +61,19 @@ UNSUPPORTED = frozenset(
 
 _P = onnx.TensorProto
 _TYPE_NAMES = {  # ONNX element type -> the matrix's name; DOUBLE is cast down to FLOAT by the parser
-    _P.FLOAT: "FP32", _P.DOUBLE: "FP32", _P.FLOAT16: "FP16", _P.BFLOAT16: "BF16", _P.INT32: "INT32",
-    _P.INT64: "INT64", _P.INT8: "INT8", _P.UINT8: "UINT8", _P.BOOL: "BOOL", _P.FLOAT8E4M3FN: "FP8",
-    _P.INT4: "INT4", _P.FLOAT4E2M1: "FP4",
-}  # fmt: skip
+    _P.FLOAT: "FP32",
+    _P.DOUBLE: "FP32",
+    _P.FLOAT16: "FP16",
+    _P.BFLOAT16: "BF16",
+    _P.INT32: "INT32",
+    _P.INT64: "INT64",
+    _P.INT8: "INT8",
+    _P.UINT8: "UINT8",
+    _P.BOOL: "BOOL",
+    _P.FLOAT8E4M3FN: "FP8",
+    _P.INT4: "INT4",
+    _P.FLOAT4E2M1: "FP4",
+}
 _TYPED_BY_OUTPUT = {"Constant", "ConstantOfShape", "RandomNormal", "RandomUniform"}
 
 

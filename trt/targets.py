@@ -62,6 +62,8 @@ def environment(family: TrtFamily, targets: tuple[str, ...] = RTX_DEFAULT_TARGET
         return TrtEnvironment(family.name, trt.__version__, "", ",".join(targets))
     gpu = current_gpu()
     if gpu is None:
-        raise SdrtError("TensorRT builds on the GPU that will run the plans and torch sees none; on a machine "
-                        "without a GPU, build RTX engines with --backend tensorrt-rtx")  # fmt: skip
+        raise SdrtError(
+            "TensorRT builds on the GPU that will run the plans and torch sees none; on a machine "
+            "without a GPU, build RTX engines with --backend tensorrt-rtx"
+        )
     return TrtEnvironment(family.name, trt.__version__, *gpu)

@@ -222,7 +222,7 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
     """Past the protobuf limit the weights go to one .data file beside the graph, which ORT and the checker read."""
     from onnx import helper
 
-    from sdrt.export import onnx_io
+    from sdrt.export import onnx_save
 
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     graph = helper.make_graph(
@@ -233,8 +233,8 @@ def test_large_graphs_use_external_data(tmp_path, monkeypatch):
         [onnx.numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    monkeypatch.setattr(onnx_io, "_EXTERNAL_DATA_BYTES", 1000)
-    files = onnx_io.save_onnx(model, tmp_path / "g.onnx")
+    monkeypatch.setattr(onnx_save, "_EXTERNAL_DATA_BYTES", 1000)
+    files = onnx_save.save_onnx(model, tmp_path / "g.onnx")
     assert files == ["g.onnx", "g.onnx.data"]
     assert (tmp_path / "g.onnx").stat().st_size < w.nbytes <= (tmp_path / "g.onnx.data").stat().st_size
     onnx.checker.check_model(str(tmp_path / "g.onnx"))
@@ -250,8 +250,8 @@ def test_fp16_conversion_streams_the_weights_as_orts_converter_converts_them(tmp
     byte-identical initializers in the same types (ORT's clamping to fp16's range included)."""
     from onnx import numpy_helper
 
+    from sdrt.export import fp16, onnx_save, trace
     from sdrt.export import graphs as G
-    from sdrt.export import onnx_io
     from sdrt.export.load import load_model
 
     c = load_model("tiny-sd2" if upcast else "tiny-sdxl")
@@ -260,7 +260,7 @@ def test_fp16_conversion_streams_the_weights_as_orts_converter_converts_them(tmp
     dims = G.Dims(64, 128).for_model(G.geometry(c))
     (tmp_path / "trace").mkdir()
     src = tmp_path / "trace" / "unet.onnx"
-    onnx_io.export_torch(g, dims, src)
+    trace.export_torch(g, dims, src)
     loaded = onnx.load(str(src))  # a conv weight with values past fp16's range and below its smallest subnormal
     conv = next(n.input[1] for n in loaded.graph.node if n.op_type == "Conv")
     big = next(t for t in loaded.graph.initializer if t.name == conv)
@@ -271,10 +271,10 @@ def test_fp16_conversion_streams_the_weights_as_orts_converter_converts_them(tmp
     inline = tmp_path / "inline.onnx"
     onnx.save_model(onnx.load(str(src)), str(inline))  # every weight in the model: the converter converts them
 
-    reference = onnx_io.fp16_from_fp32(inline, g)
-    monkeypatch.setattr(onnx_io, "_EXTERNAL_DATA_BYTES", 1000)
+    reference = fp16.fp16_from_fp32(inline, g)
+    monkeypatch.setattr(onnx_save, "_EXTERNAL_DATA_BYTES", 1000)
     (tmp_path / "out").mkdir()
-    files = onnx_io.save_onnx(onnx_io.fp16_from_fp32(src, g), tmp_path / "out" / "unet.onnx", weights_from=src.parent)
+    files = onnx_save.save_onnx(fp16.fp16_from_fp32(src, g), tmp_path / "out" / "unet.onnx", weights_from=src.parent)
     assert files == ["unet.onnx", "unet.onnx.data"]
     written = onnx.load(str(tmp_path / "out" / "unet.onnx"))
     assert [(n.op_type, list(n.input), list(n.output)) for n in written.graph.node] == [

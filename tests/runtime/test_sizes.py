@@ -123,7 +123,7 @@ def test_external_data_is_written_with_the_umask(tmp_path, monkeypatch):
     import onnx
     from onnx import helper
 
-    from sdrt.export import onnx_io
+    from sdrt.export import onnx_save
 
     w = np.ones((64, 64), np.float32)
     graph = helper.make_graph(
@@ -134,10 +134,10 @@ def test_external_data_is_written_with_the_umask(tmp_path, monkeypatch):
         [onnx.numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    monkeypatch.setattr(onnx_io, "_EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(onnx_save, "_EXTERNAL_DATA_BYTES", 1000)
     old = os.umask(0o022)
     try:
-        assert onnx_io.save_onnx(model, tmp_path / "g.onnx") == ["g.onnx", "g.onnx.data"]
+        assert onnx_save.save_onnx(model, tmp_path / "g.onnx") == ["g.onnx", "g.onnx.data"]
     finally:
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"g.onnx": 0o644, "g.onnx.data": 0o644}
