@@ -182,9 +182,13 @@ def test_key_records_what_the_plan_depends_on(tiny):
 
 
 def test_timing_cache_is_keyed_by_gpu_and_tensorrt(monkeypatch, tmp_path):
+    monkeypatch.delenv("SDRT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = default_timing_cache(ENV)
     assert path == tmp_path / "sdrt" / "timing-trt10.9.0.34-nvidia-l4-sm89.cache"
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "mine"))
+    assert default_timing_cache(ENV) == tmp_path / "mine" / "timing-trt10.9.0.34-nvidia-l4-sm89.cache"
+    monkeypatch.delenv("SDRT_CACHE")
     assert default_timing_cache(ENV._replace(version="10.10.0.1")) != path
     assert default_timing_cache(ENV._replace(gpu="NVIDIA A10", compute_capability="8.6")) != path
 
