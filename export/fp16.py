@@ -42,15 +42,19 @@ def fp16_from_fp32(src: Path, g: Graph) -> onnx.ModelProto:
         keep += _attention_logit_nodes(model.graph)
     # The exporter records the type of every intermediate value, so the converter's own shape inference (which
     # for graphs over 2 GB writes and re-reads a full copy on disk) is not needed.
+    blocked_ops = DEFAULT_OP_BLOCK_LIST + list(FP32_OPS)
     with _external_set_aside(model):
         model = convert_float_to_float16(
             model,
             disable_shape_infer=True,
             keep_io_types=list(g.keep_fp32_inputs),
-            op_block_list=DEFAULT_OP_BLOCK_LIST + list(FP32_OPS),
+            op_block_list=blocked_ops,
             node_block_list=keep,
         )
     _drop_duplicate_casts(model.graph)
+    fp32_nodes = {n.name for n in model.graph.node if n.name in set(keep) or n.op_type in blocked_ops}
+    _skip_round_trips(model.graph, fp32_nodes)
+    _declare_initializer_types(model.graph)
     OnnxModel(model).topological_sort()  # the converter appends its Casts out of order
     return model
 
@@ -138,6 +142,64 @@ def _drop_duplicate_casts(graph: onnx.GraphProto) -> None:
             raise ValueError(f"fp16 conversion produced two different nodes writing {clash[0]!r}")
     del graph.node[:]
     graph.node.extend(keep)
+
+
+def _skip_round_trips(graph: onnx.GraphProto, fp32_nodes: set[str]) -> None:
+    """Where a float32 value feeds a float32 node (one island to the next: the timestep input to its embedding,
+    Mul to Sin), the converter still routes it through fp16: Cast(to fp16) then Cast(to fp32), which rounds t * freq
+    near 700 to steps of 0.5 and a fractional timestep to fp16. The float32 node reads the float32 value instead,
+    as diffusers computes it; the fp16 Cast stays only where an fp16 node reads it."""
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    producer = {o: n for n in graph.node for o in n.output}
+    declared = {v.name: v.type.tensor_type.elem_type for v in graph.input} | {
+        t.name: t.data_type for t in graph.initializer
+    }
+
+    def cast_to(node: onnx.NodeProto | None) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next(a.i for a in node.attribute if a.name == "to")
+
+    def is_fp32(name: str) -> bool:
+        node = producer.get(name)
+        if node is None:
+            return declared.get(name) == F32
+        return cast_to(node) == F32 or (node.op_type != "Cast" and node.name in fp32_nodes)
+
+    outputs = {v.name for v in graph.output}
+    rename, dropped = {}, set()
+    for node in graph.node:
+        first = producer.get(node.input[0]) if cast_to(node) == F32 else None
+        if cast_to(first) != F16 or not is_fp32(first.input[0]):
+            continue
+        if node.output[0] in outputs:  # a graph output keeps its name: a float32 -> float32 Cast
+            node.input[0] = first.input[0]
+        else:
+            rename[node.output[0]] = first.input[0]
+            dropped.add(node.name)
+    if not rename:
+        return
+    for node in graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    read = {i for n in graph.node if n.name not in dropped for i in n.input} | outputs
+    unread = {n.name for n in graph.node if cast_to(n) == F16 and n.output[0] not in read}
+    kept = [n for n in graph.node if n.name not in dropped | unread]
+    gone = {o for n in graph.node if n.name in dropped | unread for o in n.output}
+    del graph.node[:]
+    graph.node.extend(kept)
+    info = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+
+
+def _declare_initializer_types(graph: onnx.GraphProto) -> None:
+    """The converter declares every float value fp16, also the initializers it leaves float32 for the float32
+    nodes (GroupNorm's scale and bias): their declared type is made their data's, so the graph passes
+    `onnx.checker.check_model(full_check=True)`."""
+    types = {t.name: t.data_type for t in graph.initializer}
+    for v in graph.value_info:
+        if v.name in types:
+            v.type.tensor_type.elem_type = types[v.name]
 
 
 def io_types(model: onnx.ModelProto) -> dict[str, str]:
