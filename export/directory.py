@@ -208,6 +208,20 @@ def _commit(stage: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _load(model: str, p: Progress, *, loras: list[tuple[str, float]] | None, defer: bool, **how: Any):
+    """The checkpoint loaded (``how``: `load_model`'s options) with ``loras`` fused into its weights. The U-Net and
+    VAE load after the text encoders are exported and freed (``defer``), unless adapters or ControlNets, which
+    are made from the whole model, need every weight at once."""
+    with p.step(f"load {model}" + (" (text encoders; the U-Net and VAE when their graphs come)" if defer else "")):
+        c = load_model(model, defer=defer, **how)
+    if loras:
+        from sdrt.export.lora import fuse_loras
+
+        with p.step("fuse LoRA " + ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)):
+            c = fuse_loras(c, loras)
+    return c
+
+
 def export_model(
     model: str,
     dest: str | os.PathLike,
@@ -238,16 +252,8 @@ def export_model(
     check_model_arg(model)
     map_large_buffers()
     p = progress or Progress()
-    # The U-Net and VAE load after the text encoders are exported and freed, unless adapters or ControlNets,
-    # which are made from the whole model, need every weight at once.
     defer = not (loras or controlnets)
-    with p.step(f"load {model}" + (" (text encoders; the U-Net and VAE when their graphs come)" if defer else "")):
-        c = load_model(model, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae, defer=defer)
-    if loras:
-        from sdrt.export.lora import fuse_loras
-
-        with p.step("fuse LoRA " + ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)):
-            c = fuse_loras(c, loras)
+    c = _load(model, p, loras=loras, defer=defer, allow_pickle=allow_pickle, config=config, seed=seed, vae=vae)
     dims = dims or _default_dims(c)
     if max_prompt_chunks is not None:
         dims = dataclasses.replace(dims, max_prompt_chunks=max_prompt_chunks)
