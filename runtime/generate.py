@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from sdrt.runtime.control import controlnet_args
-    from sdrt.runtime.params import Params
+    from sdrt.runtime.params import Params, load_options
     from sdrt.runtime.pipeline import Pipeline
 
     if args.init_image is None and (args.strength is not None or args.mask is not None):
@@ -99,15 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ),
     )
     t0 = time.perf_counter()
-    with Pipeline.load(
-        args.dir,
-        backend=args.backend,
-        device=args.device,
-        cuda_graph=not args.no_cuda_graph,
-        cpu_precision=args.cpu_precision,
-        cpu_int8=args.cpu_int8,
-        refiner=args.refiner,
-    ) as pipe:
+    with Pipeline.load(args.dir, **load_options(args)) as pipe:
         load_ms = (time.perf_counter() - t0) * 1e3
         req = pipe.request(params)
         t1 = time.perf_counter()

@@ -35,6 +35,21 @@ ANCESTRAL = ("euler_a", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_2m_sde
 # the runtime's backends (runtime/backends.py opens them; the command lines offer them without importing torch)
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "openvino", "onnxruntime", "torch")
 DEFAULT_BACKEND = "auto"
+
+
+def load_options(args) -> dict:
+    """`Pipeline.load`'s keyword arguments from the flags `sdrt generate` and `sdrt serve` share (--backend,
+    --device, --no-cuda-graph, --cpu-precision, --cpu-int8, --refiner)."""
+    return {
+        "backend": args.backend,
+        "device": args.device,
+        "cuda_graph": not args.no_cuda_graph,
+        "cpu_precision": args.cpu_precision,
+        "cpu_int8": args.cpu_int8,
+        "refiner": args.refiner,
+    }
+
+
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 IMG2IMG_STRENGTH = 0.8  # inpainting: 1.0

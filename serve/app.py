@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.params import Params
+from sdrt.runtime.params import Params, load_options
 from sdrt.serve import openai_api
 from sdrt.serve.answers import b64, webui_info
 from sdrt.serve.batch import Closed, Expired, QueueFull
@@ -367,15 +367,7 @@ def main(args) -> int:
     if args.timeout_s <= 0:
         raise SdrtError(f"--timeout-s must be > 0, got {args.timeout_s}")
     limits = limits_of(args)
-    pipe = Pipeline.load(
-        args.dir,
-        backend=args.backend,
-        device=args.device,
-        cuda_graph=not args.no_cuda_graph,
-        cpu_precision=args.cpu_precision,
-        cpu_int8=args.cpu_int8,
-        refiner=args.refiner,
-    )
+    pipe = Pipeline.load(args.dir, **load_options(args))
     metrics = Metrics()
     metrics.watch_gpu()
     engine = LocalEngine(pipe, options_of(args), metrics)

@@ -33,7 +33,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from sdrt.runtime.model import Model
-from sdrt.runtime.params import DEFAULT_BACKEND, Params
+from sdrt.runtime.params import DEFAULT_BACKEND, Params, load_options
 from sdrt.serve.app import create_app, limits_of, options_of
 from sdrt.serve.batch import Closed, Expired, QueueFull
 from sdrt.serve.cli import (
@@ -259,14 +259,7 @@ def main(args) -> int:
     limits = limits_of(args)  # a bad flag fails before Ray starts
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    load = {
-        "backend": args.backend,
-        "device": args.device,
-        "cuda_graph": not args.no_cuda_graph,
-        "cpu_precision": args.cpu_precision,
-        "cpu_int8": args.cpu_int8,
-        "refiner": args.refiner,
-    }
+    load = load_options(args)
     app = build_app(
         args.dir,
         load,
