@@ -6,9 +6,8 @@ from the source DIR was exported from. Each is loaded and warmed up (reported, e
 round-robin over the contenders so that drift (clocks, thermals, other load) hits all of them alike. Beside the
 figures: FLOPs per stage, the device's matmul rate, the lower bound they imply, and the PSNR of each contender's
 image against the baseline's (a fast path that draws a different picture is not a win). On the CPU, `--peers`
-adds the OpenVINO pipelines a CPU user would otherwise pick (benchmarks/peers.py), and `--baseline-bf16` diffusers
-under bf16 autocast.
-"""
+adds the OpenVINO pipelines a CPU user would otherwise pick (benchmarks/peers.py), `--baseline-bf16` diffusers
+under bf16 autocast, and `--cpu-int8` sdrt's OpenVINO backend with the directory's INT8 U-Net."""
 
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from sdrt.benchmarks.peers import PeerContender, PeerPlan, export_ir, peers_pyth
 from sdrt.benchmarks.report import STAGES, device_name, device_slug, finite, software, write_all
 from sdrt.runtime.backends import available_backends
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.int8 import int8_entry
 from sdrt.runtime.manifest import read_manifest
 from sdrt.runtime.model import Model
 from sdrt.runtime.params import Params
@@ -67,6 +67,7 @@ class Options:
     baseline_bf16: bool = False  # CPU: also diffusers under torch.autocast("cpu", dtype=torch.bfloat16)
     peers: list[str] = field(default_factory=list)  # optimum-intel, openvino-genai, or ["all"]
     peers_python: str | None = None  # None: $SDRT_PEERS_PYTHON, else the checkout's .peers-venv
+    cpu_int8: bool = False  # CPU: also sdrt's OpenVINO backend with DIR's INT8 U-Net (sdrt-openvino-int8)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -92,6 +93,7 @@ class Options:
             baseline_bf16=args.baseline_bf16,
             peers=peers,
             peers_python=args.peers_python,
+            cpu_int8=args.cpu_int8,
         )
 
 
@@ -135,8 +137,12 @@ def resolve(opts: Options) -> tuple[dict[str, Any], torch.device, list[str], Pee
     for what, value, least in (("--runs", opts.runs, 1), ("--warmup", opts.warmup, 0), ("--batch", opts.batch, 1)):
         if value < least:
             raise SdrtError(f"{what} must be >= {least}, got {value}")
-    if device.type != "cpu" and (opts.peers or opts.baseline_bf16):
-        raise SdrtError("--peers and --baseline-bf16 are CPU contenders: use --device cpu")
+    if device.type != "cpu" and (opts.peers or opts.baseline_bf16 or opts.cpu_int8):
+        raise SdrtError("--peers, --baseline-bf16 and --cpu-int8 are CPU contenders: use --device cpu")
+    if opts.cpu_int8:
+        if "openvino" not in available:
+            raise SdrtError("--cpu-int8 runs on the OpenVINO backend, not installed here: pip install 'sdrt[openvino]'")
+        int8_entry(opts.dir, manifest)  # one line naming `sdrt quantize` where DIR has no (current) INT8 U-Net
     check_extras()
     if not opts.peers:
         return manifest, device, names, PeerPlan()
@@ -262,6 +268,8 @@ def measure_all(opts, manifest, device, backends, add, requests, entries, clock,
         graph = add(f"sdrt-{backend}-graph", partial(SdrtContender, opts.dir, backend, device, True))
         if graph.cuda_graph if graph is not None else device.type == "cuda":
             add(f"sdrt-{backend}", partial(SdrtContender, opts.dir, backend, device, False))
+    if opts.cpu_int8:
+        add("sdrt-openvino-int8", partial(SdrtContender, opts.dir, "openvino", device, False, cpu_int8=True))
     if not entries:
         raise SdrtError(f"no sdrt contender could run the request on {device.type}; see the errors above")
     req, first = requests[0], entries[0].contender.pipe
@@ -377,6 +385,7 @@ def assemble(opts, manifest, device, req, unet_calls, entries, order, flops, flo
     ]
     command += (["--no-baseline"] if not opts.baseline else []) + (["--baseline-compile"] * opts.baseline_compile)
     command += ["--baseline-bf16"] * opts.baseline_bf16 + (["--peers", ",".join(opts.peers)] if opts.peers else [])
+    command += ["--cpu-int8"] * opts.cpu_int8
     return {
         "device": device_name(device),
         "device_type": device.type,

@@ -50,6 +50,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help='CPU: also diffusers under torch.autocast("cpu", dtype=torch.bfloat16) (diffusers-eager-bf16)',
     )
     bn.add_argument(
+        "--cpu-int8",
+        action="store_true",
+        help="CPU: also sdrt's OpenVINO backend with DIR's INT8 U-Net from `sdrt quantize` (sdrt-openvino-int8)",
+    )
+    bn.add_argument(
         "--peers",
         metavar="A,B",
         help="CPU: also optimum-intel and/or openvino-genai (OpenVINO pipelines, in the peers' own venv "

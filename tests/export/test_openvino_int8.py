@@ -168,3 +168,23 @@ def test_a_failed_quantize_leaves_the_directory_as_it_was(quantized, tmp_path, m
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["tokenizer"]
     load(root, cpu_int8=True).close()  # the INT8 U-Net it had is still whole
+
+
+def test_bench_times_the_int8_unet_beside_f32(quantized, tmp_path):
+    """`sdrt bench --cpu-int8`: sdrt-openvino-int8 runs in the same rounds as sdrt-openvino, named by its U-Net."""
+    out = tmp_path / "results"
+    args = ["bench", str(quantized["weights"]), "--device", "cpu", "--backends", "openvino", "--cpu-int8"]
+    args += ["--height", "64", "--width", "64", "--steps", "2", "--runs", "1", "--warmup", "0", "--out-dir", str(out)]
+    assert main(args) == 0
+    (path,) = out.glob("*.json")
+    r = json.loads(path.read_text())
+    assert [x["name"] for x in r["results"]] == ["sdrt-openvino", "sdrt-openvino-int8", "diffusers-eager"]
+    assert r["results"][1]["precision"] == "fp32, U-Net int8 (weights)" and "--cpu-int8" in r["command"]
+    assert r["results"][1]["psnr_db"] >= MIN_DB["weights"] - 10  # 2 steps of a random model, not the test above
+
+
+def test_bench_without_an_int8_unet_is_one_line(exports, tmp_path, capsys):
+    plain = exports.get("sd1", "fp32")
+    assert main(["bench", str(plain), "--device", "cpu", "--cpu-int8", "--out-dir", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"has no INT8 U-Net; make one with `sdrt quantize {plain}`" in line and not (tmp_path / "out").exists()
