@@ -18,7 +18,6 @@ import torch
 
 from sdrt.benchmarks.measure import Spans, module_hooks, timed_attribute
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.int8 import describe, int8_entry
 from sdrt.runtime.pipeline import Pipeline, Request
 from sdrt.runtime.schedule import SCHEDULERS
 
@@ -42,7 +41,6 @@ class SdrtContender:
         self.backend = backend
         self.cuda_graph = self.pipe.cuda_graph  # True only on a GPU with a capturable backend
         self.name = f"sdrt-{backend}" + ("-graph" if self.cuda_graph else "") + ("-int8" if cpu_int8 else "")
-        self.int8 = describe(int8_entry(Path(root), self.pipe.manifest)) if cpu_int8 else None
         self.req: Request | None = None
         self.timings: dict[str, float] = {}
 
@@ -52,7 +50,7 @@ class SdrtContender:
             "kind": self.kind,
             "backend": self.backend,
             "cuda_graph": self.cuda_graph,
-            "precision": self.pipe.manifest["precision"] + (f", {self.int8}" if self.int8 else ""),
+            "precision": self.pipe.manifest["precision"],
         }
         if self.pipe.backend.inference_precision:  # OpenVINO: computes in bf16 or f32 whatever the graphs hold
             out["inference_precision"] = self.pipe.backend.inference_precision

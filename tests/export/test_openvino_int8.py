@@ -179,7 +179,7 @@ def test_bench_times_the_int8_unet_beside_f32(quantized, tmp_path):
     (path,) = out.glob("*.json")
     r = json.loads(path.read_text())
     assert [x["name"] for x in r["results"]] == ["sdrt-openvino", "sdrt-openvino-int8", "diffusers-eager"]
-    assert r["results"][1]["precision"] == "fp32, U-Net int8 (weights)" and "--cpu-int8" in r["command"]
+    assert r["results"][1]["inference_precision"] == "f32, U-Net int8 (weights)" and "--cpu-int8" in r["command"]
     assert r["results"][1]["psnr_db"] >= MIN_DB["weights"] - 10  # 2 steps of a random model, not the test above
 
 
