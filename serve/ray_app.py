@@ -185,29 +185,31 @@ class ServeArgs(BaseModel):
     max_prompt_chars: int = MAX_PROMPT_CHARS
     max_json_values: int = MAX_JSON_VALUES
 
+    @property
+    def no_cuda_graph(self) -> bool:
+        """As `sdrt serve`'s flag names it, so `params.load_options` reads both alike."""
+        return not self.cuda_graph
+
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application ``serve run sdrt.serve.ray_app:app_builder dir=ENGINES`` deploys (``args`` as
     `ServeArgs`; a bad value is a validation error naming the field)."""
     args = ServeArgs.model_validate(args)
-    load = {
-        "backend": args.backend,
-        "device": args.device,
-        "cuda_graph": args.cuda_graph,
-        "cpu_precision": args.cpu_precision,
-        "cpu_int8": args.cpu_int8,
-        "refiner": args.refiner,
-    }
+    return app_of(args, limits_of(args), args.retries)
+
+
+def app_of(args, limits: Limits, retries: int = RETRIES) -> serve.Application:
+    """`build_app` for `sdrt serve --ray`'s flags or `ServeArgs`, which name the same options alike."""
     return build_app(
         args.dir,
-        load,
+        load_options(args),
         options_of(args),
         args.timeout_s,
         args.min_replicas,
         args.max_replicas,
         args.replica_cpus,
-        args.retries,
-        limits_of(args),
+        retries,
+        limits,
     )
 
 
@@ -259,17 +261,7 @@ def main(args) -> int:
     limits = limits_of(args)  # a bad flag fails before Ray starts
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    load = load_options(args)
-    app = build_app(
-        args.dir,
-        load,
-        options_of(args),
-        args.timeout_s,
-        args.min_replicas,
-        args.max_replicas,
-        args.replica_cpus,
-        limits=limits,
-    )
+    app = app_of(args, limits)
     serve.run(app, name="sdrt", route_prefix="/")
     log.info("serving %s on Ray Serve at http://%s:%d", args.dir, args.host, args.port)
     stop = threading.Event()
