@@ -20,7 +20,7 @@ from typing import Any
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.manifest import sha256_file, write_atomic
-from sdrt.runtime.trt_family import ENV_FIELDS, FAMILIES, TrtEnvironment, current_gpu, import_family
+from sdrt.runtime.trt_family import ENV_FIELDS, FAMILIES, TENSORRT, TrtEnvironment, current_gpu, import_family
 from sdrt.runtime.user_cache import cache_dir, slug
 
 
@@ -130,7 +130,8 @@ class TrtRunner:
 
     def _rebuild(self) -> str:
         """The command that rebuilds this plan's directory with this plan's TensorRT."""
-        family = "tensorrt-rtx" if getattr(self.trt, "__name__", "tensorrt") == "tensorrt_rtx" else "tensorrt"
+        module = getattr(self.trt, "__name__", TENSORRT.module)
+        family = next((f.name for f in FAMILIES.values() if f.module == module), TENSORRT.name)
         return rebuild_command(self.path.parent, family)
 
     def __enter__(self) -> TrtRunner:
