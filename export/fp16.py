@@ -179,6 +179,9 @@ def _skip_round_trips(graph: onnx.GraphProto, fp32_nodes: set[str]) -> None:
             dropped.add(node.name)
     if not rename:
         return
+    for name in rename:  # a float32 Cast skipped in turn (Cast to fp32, to fp16, to fp32): its own source
+        while rename[name] in rename:
+            rename[name] = rename[rename[name]]
     for node in graph.node:
         node.input[:] = [rename.get(i, i) for i in node.input]
     read = {i for n in graph.node if n.name not in dropped for i in n.input} | outputs
