@@ -137,13 +137,20 @@ def markdown(report: dict[str, Any]) -> str:
     notes += [f"- {f['name']}: left out: {f['reason']}" for f in report.get("skipped", [])]
     lines += notes + ([""] if notes else [])
     lb, fl, mm = report.get("lower_bound_ms"), report.get("flops"), report.get("matmul")
+    unbounded = [r["name"] for r in report["results"] if "bound_fraction" not in r]
     if lb and fl and mm:
         lines.append(
             f"Lower bound at the measured {mm['dtype']} matmul rate ({report['matmul_tflops']:.3g} TFLOP/s, "
             f"{mm['n']}x{mm['n']} best of {mm['repeats']}): text encoder {_ms(lb['text_encoder'])} ms "
             f"({fl['text_encoder'] / 1e9:.3g} GFLOP), U-Net {_ms(lb['unet'])} ms ({fl['unet_calls']} x "
             f"{fl['unet_call'] / 1e9:.3g} GFLOP), VAE {_ms(lb['vae_decoder'])} ms ({fl['vae_decoder'] / 1e9:.3g} "
-            f'GFLOP), end to end {_ms(lb["e2e"])} ms. "of bound" = lower bound / measured p50.'
+            f'GFLOP), end to end {_ms(lb["e2e"])} ms. "of bound" = lower bound / measured p50'
+            + (
+                f"; none for {', '.join(unbounded)}, computing in a narrower type than {mm['dtype']}, which this "
+                "rate does not bound."
+                if unbounded
+                else "."
+            )
         )
     else:
         lines.append(f"No lower bound: {report.get('flops_note', 'FLOPs not counted')}.")
