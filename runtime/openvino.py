@@ -92,6 +92,61 @@ def fold_scalar_scales(model: Any) -> int:
     return folded
 
 
+def fold_constants(model: Any) -> None:
+    """OpenVINO's constant folding: after a static reshape, the graph's shape arithmetic (ShapeOf, Slice, Concat
+    into a Reshape) becomes constants, and the nodes whose shapes it read are left with their one real consumer."""
+    import_openvino()
+    from openvino.passes import ConstantFolding, Manager
+
+    manager = Manager()
+    manager.register_pass(ConstantFolding())
+    manager.run_passes(model)
+
+
+def merge_key_transposes(model: Any) -> int:
+    """Replace each Transpose(0,2,1,3) -> Reshape [B*H, L, D] -> Transpose(0,2,1) -> Reshape [B, H, D, L] of a
+    statically shaped model by the one Transpose(0,2,3,1) it amounts to. torch's ONNX export of scaled dot-product
+    attention transposes the keys that way (heads first, then k^T through a 3-D view); OpenVINO's CPU plugin keeps
+    the two transposes and their reorders outside its fused attention, where a plain 4-D permute folds into it.
+    Only where every shape is static and says so; returns how many."""
+    ops = _opset()
+    merged = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Reshape" or not op.get_output_partial_shape(0).is_static:
+            continue
+        inner = op.input_value(0).get_node()
+        view = inner.input_value(0).get_node() if _is_transpose(inner, (0, 2, 1)) else None
+        heads = view.input_value(0).get_node() if view is not None and _is_reshape_used_once(view) else None
+        if heads is None or not _is_transpose(heads, (0, 2, 1, 3)) or not heads.get_output_partial_shape(0).is_static:
+            continue
+        b, h, n, d = heads.get_output_shape(0)
+        if list(view.get_output_shape(0)) != [b * h, n, d] or list(op.get_output_shape(0)) != [b, h, d, n]:
+            continue
+        keys = ops.transpose(heads.input_value(0), ops.constant(np.array([0, 2, 3, 1], dtype=np.int64)))
+        op.output(0).replace(keys.output(0))
+        merged += 1
+    return merged
+
+
+def _is_transpose(node: Any, perm: tuple[int, ...]) -> bool:
+    """``node`` is a Transpose by the constant ``perm``, and its output goes to one place only."""
+    if node.get_type_name() != "Transpose" or not _used_once(node):
+        return False
+    order = node.input_value(1).get_node()
+    return order.get_type_name() == "Constant" and tuple(int(i) for i in order.get_data().ravel()) == perm
+
+
+def _is_reshape_used_once(node: Any) -> bool:
+    return node.get_type_name() == "Reshape" and _used_once(node) and node.get_output_partial_shape(0).is_static
+
+
+def _opset() -> Any:
+    import_openvino()
+    import openvino.opset13 as ops
+
+    return ops
+
+
 def _scalar_operand(op: Any) -> tuple[float, Any] | None:
     """(c, x) of a Multiply x * c whose c is a one-element constant, else None."""
     for i in (0, 1):
@@ -177,10 +232,12 @@ class OpenVinoBackend(Backend):
                     "onnxruntime for LoRA on this directory",
                     field="loras",
                 )
-        if not self._int8_files(graph):  # NNCF's INT8 model holds its weights in its own form
-            fold_scalar_scales(model)
         if shapes is not None:
             model.reshape({model.input(name): list(shape) for name, shape in shapes.items()})
+            fold_constants(model)  # the shape arithmetic of the dynamic graph, now constant
+            merge_key_transposes(model)
+        if not self._int8_files(graph):  # NNCF's INT8 model holds its weights in its own form
+            fold_scalar_scales(model)
         return model
 
     def request(self, graph: str, shapes: dict[str, tuple[int, ...]]) -> Any:

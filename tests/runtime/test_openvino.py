@@ -189,3 +189,49 @@ def test_attention_scales_are_folded_into_the_projections(exports):
     ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     for out in outs:
         assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_keys_are_transposed_once_in_a_static_graph(exports):
+    """torch's ONNX export transposes each attention's keys as heads-first, a 3-D view, k^T, a 4-D view; in a
+    statically shaped model that becomes the one 4-D Transpose it amounts to, every attention once, and the U-Net's
+    output is ONNX Runtime's. A dynamic model, whose views cannot be checked, is left as it is."""
+    import onnxruntime as ort
+
+    from sdrt.runtime.openvino import fold_constants, merge_key_transposes
+
+    path = str(exports.get("sd1", "fp32") / "unet.onnx")
+    gen = np.random.default_rng(1)
+    feeds = {"sample": gen.standard_normal((2, 4, 8, 12), np.float32), "timestep": np.array([981.5, 20], np.float32),
+             "encoder_hidden_states": gen.standard_normal((2, 77, 32), np.float32)}  # fmt: skip
+    core = ov.Core()
+    assert merge_key_transposes(core.read_model(path)) == 0  # dynamic: nothing merged
+    model = core.read_model(path)
+    attentions = sum(op.get_type_name() == "Softmax" for op in model.get_ops())
+    model.reshape({name: list(value.shape) for name, value in feeds.items()})
+    fold_constants(model)
+    assert merge_key_transposes(model) == attentions
+    assert merge_key_transposes(model) == 0  # nothing left to merge
+    out = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request().infer(feeds)[0]
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_a_transpose_chain_that_is_not_a_head_view_is_left_alone():
+    """The same four ops whose 3-D view does not merge batch and heads are not k^T: left as they are."""
+    import openvino.opset13 as ops
+
+    from sdrt.runtime.openvino import merge_key_transposes
+
+    def const(values):
+        return ops.constant(np.array(values, np.int64))
+
+    x = ops.parameter([2, 8, 4, 6], np.float32, name="x")  # [B, L, H, D]
+    heads = ops.transpose(x, const([0, 2, 1, 3]))  # [2, 4, 8, 6]
+    view = ops.reshape(heads, const([2, 32, 6]), special_zero=False)  # B x (H*L): not [B*H, L, D]
+    back = ops.reshape(ops.transpose(view, const([0, 2, 1])), const([2, 4, 6, 8]), special_zero=False)
+    model = ov.Model([ops.result(back)], [x])
+    assert merge_key_transposes(model) == 0
+    data = np.random.default_rng(2).standard_normal((2, 8, 4, 6)).astype(np.float32)
+    out = ov.Core().compile_model(model, "CPU").create_infer_request().infer({"x": data})[0]
+    expected = data.transpose(0, 2, 1, 3).reshape(2, 32, 6).transpose(0, 2, 1).reshape(2, 4, 6, 8)  # numpy's own
+    assert np.array_equal(out, expected)
