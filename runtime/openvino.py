@@ -232,11 +232,14 @@ class OpenVinoBackend(Backend):
                     "onnxruntime for LoRA on this directory",
                     field="loras",
                 )
+        # NNCF's INT8 model holds its weights in its own form: constant folding would turn them back into f32
+        exported = not self._int8_files(graph)
         if shapes is not None:
             model.reshape({model.input(name): list(shape) for name, shape in shapes.items()})
-            fold_constants(model)  # the shape arithmetic of the dynamic graph, now constant
-            merge_key_transposes(model)
-        if not self._int8_files(graph):  # NNCF's INT8 model holds its weights in its own form
+            if exported:
+                fold_constants(model)  # the shape arithmetic of the dynamic graph, now constant
+                merge_key_transposes(model)
+        if exported:
             fold_scalar_scales(model)
         return model
 

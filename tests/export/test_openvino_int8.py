@@ -104,6 +104,29 @@ def test_int8_picture_against_diffusers_fp32(mode, quantized, folders, record_pr
     assert db >= MIN_DB[mode], f"{mode}: {db:.1f} dB"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_int8_weights_stay_int8_at_a_static_shape(mode, quantized):
+    """The INT8 U-Net compiled for a call's shape keeps every 8-bit constant NNCF wrote: folding them into f32 (as the
+    exported graphs' shape arithmetic is folded) would compile a float U-Net under the INT8 name."""
+    from sdrt.runtime.manifest import read_manifest
+    from sdrt.runtime.openvino import OpenVinoBackend
+
+    def eight_bit(model) -> int:
+        types = (ov.Type.i8, ov.Type.u8)
+        return sum(op.get_type_name() == "Constant" and op.get_element_type() in types for op in model.get_ops())
+
+    root = quantized[mode]
+    written = eight_bit(ov.Core().read_model(str(root / XML)))
+    assert written > 0
+    backend = OpenVinoBackend(root, read_manifest(root), torch.device("cpu"), "f32", cache=False, cpu_int8=True)
+    assert (
+        eight_bit(
+            backend._model("unet", {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 77, 32)})
+        )
+        == written
+    )
+
+
 def test_the_cache_key_follows_the_int8_file(quantized):
     with load(quantized["hybrid"], cpu_int8=True) as a, load(quantized["weights"], cpu_int8=True) as b:
         assert a.backend.graph_key("unet") != b.backend.graph_key("unet")
