@@ -11,6 +11,7 @@ import argparse
 import json
 
 from sdrt.runtime.errors import SdrtError, needs_extra
+from sdrt.runtime.int8 import MODES
 
 PRECISIONS = ("fp16", "fp32")
 
@@ -273,14 +274,16 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "written beside it as unet.int8.xml/.bin and recorded in the manifest; `sdrt generate DIR ... --backend "
         "openvino --cpu-int8` runs it. hybrid (default): MatMul weights INT8, Convolutions INT8 in weights and "
         "activations, calibrated on the U-Net's inputs while sdrt's own pipeline runs --prompts built-in prompts "
-        "(OpenVINO, f32). weights: weight-only INT8, no calibration. Needs pip install 'sdrt[openvino]'.",
+        "(OpenVINO, f32). full: the MatMuls' activations INT8 too, calibrated the same way. weights: weight-only INT8, "
+        "no calibration. Needs pip install 'sdrt[openvino]'.",
     )
     q.add_argument("dir", metavar="DIR")
     q.add_argument(
         "--mode",
-        choices=("hybrid", "weights"),
+        choices=MODES,
         default="hybrid",
-        help="hybrid (default): INT8 MatMul weights and fully INT8 Convolutions, calibrated; weights: "
+        help="hybrid (default): INT8 MatMul weights and fully INT8 Convolutions, calibrated; full: every MatMul "
+        "and Convolution INT8 in weights and activations, calibrated (fastest with VNNI or AMX); weights: "
         "weight-only INT8, data-free",
     )
     q.add_argument("--prompts", type=int, default=4, metavar="N", help="calibration requests (default 4)")

@@ -1,11 +1,14 @@
 """`sdrt quantize DIR`: the U-Net as an INT8 OpenVINO model for the CPU (`--cpu-int8`), quantized by NNCF.
 
-Two modes, both of the graph OpenVINO reads from unet.onnx:
+Three modes, all of the graph OpenVINO reads from unet.onnx:
 - ``hybrid`` (default; what optimum-intel does for diffusion U-Nets): the MatMul weights (linear layers, attention
   projections) compressed to INT8 per output channel and dequantized as they are read, their activations left in
   float; the Convolutions quantized fully, weights and activations, with activation ranges from calibration
   (`nncf.quantize`, transformer patterns, SmoothQuant off). The calibration data is the U-Net's inputs at every
   call of sdrt's own pipeline on OpenVINO at f32, over a fixed list of ordinary prompts at one size;
+- ``full``: every MatMul and Convolution INT8 in weights and activations, the attention's activation products too
+  (`nncf.quantize`, transformer patterns, NNCF's SmoothQuant on the MatMuls), calibrated as hybrid: the fastest on a
+  CPU with VNNI or AMX, a little further from the fp32 picture than hybrid;
 - ``weights``: every MatMul and Convolution weight compressed to INT8, activations in float (`nncf.compress_weights`;
   no calibration).
 The model is written as unet.int8.xml / .bin in a hidden folder inside DIR and renamed into place, then recorded in
@@ -72,7 +75,7 @@ NEGATIVE = "blurry, low quality, watermark"  # on every other prompt: both kinds
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    mode: str = "hybrid"  # "hybrid" or "weights" (MODES)
+    mode: str = "hybrid"  # "hybrid", "full" or "weights" (MODES)
     # calibration (hybrid) costs ~2.2 U-Net calls per call recorded (the run, then NNCF's statistics pass: measured
     # on tiny-sd1 at 256 px); 4 prompts x 10 steps record 44, an estimated 20-30 min for sd15 at 512 px on 2 AVX2
     # cores (README); prompts count for more than steps (tiny-sd1: 4 x 10 within 0.6 dB of 8 x 20)
@@ -181,6 +184,9 @@ def quantized(nncf: Any, model: Any, mode: str, samples: list[dict]) -> Any:
     int8 = nncf.CompressWeightsMode.INT8_ASYM
     if mode == "weights":
         return nncf.compress_weights(model, mode=int8)
+    if mode == "full":
+        transformer = nncf.ModelType.TRANSFORMER
+        return nncf.quantize(model, nncf.Dataset(samples), model_type=transformer, subset_size=len(samples))
     matmuls = weighted_matmuls(model)  # named before compression inserts the dequantizing ops
     model = nncf.compress_weights(model, mode=int8, ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
     no_smoothing = nncf.AdvancedSmoothQuantParameters(matmul=-1)  # MatMul activations stay float: nothing to smooth
@@ -201,7 +207,7 @@ def quantize_directory(root: str | os.PathLike, opts: QuantizeOptions) -> dict[s
     manifest = read_manifest(root)
     px = check_request(root, manifest, opts)
     t0 = time.perf_counter()
-    samples = calibration_inputs(root, manifest, opts, px) if opts.mode == "hybrid" else []
+    samples = calibration_inputs(root, manifest, opts, px) if opts.mode != "weights" else []
     t1 = time.perf_counter()
     stage = root / f".{ENTRY}.partial-{os.getpid()}"
     try:
@@ -211,7 +217,7 @@ def quantize_directory(root: str | os.PathLike, opts: QuantizeOptions) -> dict[s
             model = quantized(nncf, model, opts.mode, samples)
         except Exception as err:  # NNCF raises its own and OpenVINO's types; the first line says what
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            fix = "try --mode weights" if opts.mode == "hybrid" else "run the U-Net in f32 (leave out --cpu-int8)"
+            fix = "try --mode weights" if opts.mode != "weights" else "run the U-Net in f32 (leave out --cpu-int8)"
             raise SdrtError(f"NNCF {nncf.__version__} cannot quantize {root}/unet.onnx ({first}); {fix}") from None
         ov.save_model(model, str(stage / XML), compress_to_fp16=False)
         hashes = hash_files(stage, [XML, BIN])

@@ -16,7 +16,7 @@ from sdrt.runtime.manifest import check_files
 
 ENTRY = "cpu_int8"  # the manifest's key
 XML, BIN = "unet.int8.xml", "unet.int8.bin"
-MODES = ("hybrid", "weights")
+MODES = ("hybrid", "full", "weights")
 
 
 def unet_hashes(manifest: dict[str, Any]) -> dict[str, str]:

@@ -9,11 +9,13 @@ img2img, inpainting with a 4-channel U-Net (diffusers blends the kept region) an
 U-Net, every scheduler family, a distilled U-Net, zero SNR and a refiner; ``SDRT_SWEEP=N`` adds N more (seeds
 1000..1000+N-1). A draw names everything it chose, so a failure is reproduced by its seed
 alone. A configuration sdrt does not support must be refused at export with a one-line error naming what is
-unsupported, never give a wrong picture.
+unsupported, never give a wrong picture. Every case runs on ONNX Runtime and, where it is installed, on OpenVINO at
+f32 (its graph rewrites at each drawn shape), both against the one diffusers picture.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import random
@@ -51,6 +53,7 @@ FIXED: dict[int, dict[str, Any]] = {
             scheduler=("DPMSolverSDEScheduler", dict(use_exponential_sigmas=True, noise_sampler_seed=4)),
             samplers=()),
 }  # fmt: skip
+BACKENDS = ("onnxruntime", "openvino") if importlib.util.find_spec("openvino") else ("onnxruntime",)
 SEEDS = list(FIXED) + [1000 + i for i in range(int(os.environ.get("SDRT_SWEEP", "0")))]
 STEPS = 3  # every case: enough for img2img at strength >= 0.4 to run a step (diffusers: int(steps * strength))
 PIPELINES = {  # (family, kind) -> diffusers' pipeline class that is the reference
@@ -276,8 +279,9 @@ def init_and_mask(seed: int, height: int, width: int) -> tuple[Image.Image, Imag
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), Image.fromarray(mask)
 
 
-def compare(pipe: Pipeline, d: Draw, folder: Path, case: Case) -> tuple[float, str | None]:
-    """sdrt's and diffusers' pictures for one case: (PSNR, None) or (PSNR, what failed)."""
+def compare(pipes: dict[str, Pipeline], d: Draw, folder: Path, case: Case) -> dict[str, tuple[float, str | None]]:
+    """sdrt's picture on each backend against diffusers' for one case: {backend: (PSNR, None) or (PSNR, what
+    failed)}."""
     kw: dict[str, Any] = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, seed=d.seed,
                               num_images_per_prompt=case.images)  # fmt: skip
     size = dict(height=case.height, width=case.width)
@@ -287,16 +291,19 @@ def compare(pipe: Pipeline, d: Draw, folder: Path, case: Case) -> tuple[float, s
         if case.kind == "inpaint":
             kw["mask_image"] = mask
     ref_kw = kw if case.kind == "img2img" else dict(kw, **size)  # img2img: diffusers takes the image's size
-    sampler = case.sampler or pipe.default_sampler  # diffusers: that sampler's class from the folder's config
+    sampler = case.sampler or pipes[BACKENDS[0]].default_sampler  # diffusers: that sampler's class of the folder
     ref = diffusers_images(folder, sampler, pipeline=PIPELINES["sdxl" if d.sdxl else "sd", case.kind], **ref_kw)
-    ours = None
-    try:
-        ours = sdrt_images(pipe, sampler=case.sampler, **kw, **size)
-        assert ours.shape == (case.images, case.height, case.width, 3), f"shape {ours.shape}"
-        return check(ours, ref), None
-    except (AssertionError, SdrtError) as err:  # the draw's other cases still run and are recorded
-        db = psnr(ours, ref) if ours is not None and ours.shape == ref.shape else float("nan")
-        return db, str(err)
+    out = {}
+    for backend, pipe in pipes.items():
+        ours = None
+        try:
+            ours = sdrt_images(pipe, sampler=case.sampler, **kw, **size)
+            assert ours.shape == (case.images, case.height, case.width, 3), f"shape {ours.shape}"
+            out[backend] = check(ours, ref), None
+        except (AssertionError, SdrtError) as err:  # the draw's other cases still run and are recorded
+            db = psnr(ours, ref) if ours is not None and ours.shape == ref.shape else float("nan")
+            out[backend] = db, str(err)
+    return out
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -317,14 +324,17 @@ def test_drawn_configuration_matches_diffusers(seed, tmp_path, record_property):
     except SdrtError as err:  # a refusal is allowed: one line naming what is unsupported
         assert "\n" not in str(err) and "unsupported" in str(err)
         pytest.skip(f"refused: {err}")
-    pipe = Pipeline.load(tmp_path / "engine", backend="onnxruntime", device="cpu")
+    precision = {"openvino": dict(cpu_precision="f32")}  # f32: the precision held at >= 40 dB
+    pipes = {b: Pipeline.load(tmp_path / "engine", backend=b, device="cpu", **precision.get(b, {})) for b in BACKENDS}
     failures = []
     for case in d.cases:
-        db, failed = compare(pipe, d, tmp_path / "model", case)
-        record_property(case.key(d), round(float(db), 1))  # xdist sends plain floats only
-        if failed:
-            failures.append(f"{case}: {failed}")
-    pipe.close()
+        for backend, (db, failed) in compare(pipes, d, tmp_path / "model", case).items():
+            suffix = "" if backend == "onnxruntime" else f"_{backend}"
+            record_property(case.key(d) + suffix, round(float(db), 1))  # xdist sends plain floats only
+            if failed:
+                failures.append(f"{backend}, {case}: {failed}")
+    for pipe in pipes.values():
+        pipe.close()
     assert not failures, f"seed {seed}: " + "; ".join(failures)
 
 
