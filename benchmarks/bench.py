@@ -300,7 +300,7 @@ def measure_all(opts, manifest, device, backends, add, requests, entries, clock,
         gc.collect()
     for peer, ir in irs.items():
         add(peer, partial(PeerContender, peer, plan, ir, manifest))
-    matmul = matmul_tflops(device)
+    before = matmul_tflops(device)
 
     order = []
     for _ in range(opts.runs):  # round-robin: run i of every contender before run i + 1 of any
@@ -311,7 +311,10 @@ def measure_all(opts, manifest, device, backends, add, requests, entries, clock,
             entry.timings.append(dict(entry.contender.timings))
             entry.images.append(images)
             order.append(entry.contender.name)
-
+    # the device's rate: the better of two measurements, before and after the rounds; one alone can meet another
+    # process's work (a peer worker releasing its warm-up's memory once took a CPU's rate from 0.19 to 0.109 TFLOP/s)
+    after = matmul_tflops(device)
+    matmul = dict(max(before, after, key=lambda m: m["tflops"]), measured_tflops=[before["tflops"], after["tflops"]])
     return assemble(opts, manifest, device, req, unet_calls, entries, order, flops, flops_note, matmul)
 
 

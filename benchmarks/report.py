@@ -141,7 +141,8 @@ def markdown(report: dict[str, Any]) -> str:
     if lb and fl and mm:
         lines.append(
             f"Lower bound at the measured {mm['dtype']} matmul rate ({report['matmul_tflops']:.3g} TFLOP/s, "
-            f"{mm['n']}x{mm['n']} best of {mm['repeats']}): text encoder {_ms(lb['text_encoder'])} ms "
+            f"{mm['n']}x{mm['n']} best of {mm['repeats']}, before and after the timed runs): "
+            f"text encoder {_ms(lb['text_encoder'])} ms "
             f"({fl['text_encoder'] / 1e9:.3g} GFLOP), U-Net {_ms(lb['unet'])} ms ({fl['unet_calls']} x "
             f"{fl['unet_call'] / 1e9:.3g} GFLOP), VAE {_ms(lb['vae_decoder'])} ms ({fl['vae_decoder'] / 1e9:.3g} "
             f'GFLOP), end to end {_ms(lb["e2e"])} ms. "of bound" = lower bound / measured p50'
