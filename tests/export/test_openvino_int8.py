@@ -34,9 +34,10 @@ KW = dict(prompt="a watercolor fox in the snow, detailed", negative_prompt="blur
 # OpenVINO gives 89-95 dB, the same request one step shorter 35 dB and another seed 14 dB. The bounds sit ~3 dB
 # (hybrid) and ~6 dB (weights) under the lowest measured, for another CPU's INT8 kernels (VNNI, AMX) and rounding: a
 # model quantized wrongly (a missed input, a bad range) falls far below them. full (MatMul activations INT8 too),
-# measured on an AVX512 VNNI + bf16 CPU, where the same request gave hybrid 41.9 dB and weights 52.0 dB: 40.6 dB;
-# its bound leaves the ~4.6 dB hybrid moved between the two CPUs and ~4 dB more. What INT8 costs a real model's picture
-# is the benchmark's to measure (benchmarks/cpu_int8.py).
+# measured on an AVX512 VNNI + bf16 CPU, where the same request gave hybrid 41.9 dB and weights 52.0 dB: 40.6 dB,
+# and against ONNX Runtime fp32 over the same 6 seeds x 2 sizes (tiny-sd1 preset) 38.4-40.9 dB; its bound sits
+# ~6 dB under the lowest, as much as hybrid moved between the two CPUs and ~2 dB more. What INT8 costs a real
+# model's picture is the benchmark's to measure (benchmarks/cpu_int8.py).
 MIN_DB = {"hybrid": 34.0, "full": 32.0, "weights": 50.0}
 
 from sdrt.runtime.openvino import cpu_precisions  # noqa: E402
