@@ -30,7 +30,7 @@ import torch
 from sdrt.benchmarks.contenders import DiffusersContender, SdrtContender, quietly, source_pipeline
 from sdrt.benchmarks.flops import Shape, lower_bounds, matmul_tflops, stage_flops
 from sdrt.benchmarks.measure import Clock, Memory, Spans, psnr, stats
-from sdrt.benchmarks.peers import PeerContender, PeerPlan, export_ir, peers_python, select_peers
+from sdrt.benchmarks.peers import INT8_PEER, PeerContender, PeerPlan, export_ir, int8_ir, peers_python, select_peers
 from sdrt.benchmarks.report import STAGES, device_name, device_slug, finite, software, write_all
 from sdrt.runtime.backends import available_backends
 from sdrt.runtime.errors import SdrtError
@@ -146,7 +146,8 @@ def resolve(opts: Options) -> tuple[dict[str, Any], torch.device, list[str], Pee
     check_extras()
     if not opts.peers:
         return manifest, device, names, PeerPlan()
-    return manifest, device, names, select_peers(opts.peers, peers_python(opts.peers_python), manifest, opts.sampler)
+    plan = select_peers(opts.peers, peers_python(opts.peers_python), manifest, opts.sampler, opts.cpu_int8)
+    return manifest, device, names, plan
 
 
 def run_once(entry: Entry, clock: Clock) -> tuple[float, dict[str, list[float]], np.ndarray]:
@@ -259,7 +260,17 @@ def peer_irs(opts: Options, manifest: dict[str, Any], plan: PeerPlan) -> dict[st
         plan.skipped += [{"name": p, "reason": str(err)} for p in plan.names]
         plan.names = []
         return {}
-    return dict.fromkeys(plan.names, ir)
+    irs = dict.fromkeys(plan.names, ir)
+    if INT8_PEER in irs:
+        try:
+            irs[INT8_PEER] = int8_ir(ir, plan)
+        except SdrtError as err:
+            if opts.peers != ["all"]:
+                raise
+            plan.skipped.append({"name": INT8_PEER, "reason": str(err)})
+            plan.names.remove(INT8_PEER)
+            del irs[INT8_PEER]
+    return irs
 
 
 def measure_all(opts, manifest, device, backends, add, requests, entries, clock, irs, plan) -> dict[str, Any]:

@@ -57,9 +57,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bn.add_argument(
         "--peers",
         metavar="A,B",
-        help="CPU: also optimum-intel and/or openvino-genai (OpenVINO pipelines, in the peers' own venv "
-        "from `make cpu-peers`), or all (those installed); their OpenVINO IR is exported once from the "
-        "source DIR was exported from, at fp32 weights, into .bench-peers/ beside DIR, and reused",
+        help="CPU: also optimum-intel, optimum-intel-int8 and/or openvino-genai (OpenVINO pipelines, in the "
+        "peers' own venv from `make cpu-peers`), or all (those installed; optimum-intel-int8 with --cpu-int8); "
+        "their OpenVINO IR is exported once from the source DIR was exported from, at fp32 weights, into "
+        ".bench-peers/ beside DIR, and reused; optimum-intel-int8's is that IR quantized by optimum-intel "
+        "(hybrid INT8, 44 calibration U-Net calls over sdrt quantize's prompts), also made once",
     )
     bn.add_argument(
         "--peers-python",

@@ -7,13 +7,18 @@ and this file is run by that venv's Python, by path: it imports neither sdrt nor
 Protocol: one JSON command per line on stdin, one JSON answer per line on the original stdout (anything the
 libraries print goes to stderr). Every answer has ``ok``; a failed command answers ``{"ok": false, "error": ...}``.
 
-    {"cmd": "load", "kind": "optimum-intel" | "openvino-genai", "ir_dir": PATH}      -> {"ok", "describe"}
+    {"cmd": "load", "kind": "optimum-intel" | "optimum-intel-int8" | "openvino-genai", "ir_dir": PATH}
+                                                                                     -> {"ok", "describe"}
     {"cmd": "prepare", "prompt", "negative", "steps", "guidance", "height", "width", "n", "seed", "sampler",
      "scheduler": diffusers class, "config": its whole config}                       -> {"ok", "describe"}
     {"cmd": "run"}                       -> {"ok", "ms": the worker's own wall time, "path": .npy of uint8 [B,H,W,3]}
     {"cmd": "close"}                     -> {"ok"}, then exit
 
-``python peer_worker.py --probe`` prints the installed kinds and versions as one JSON line and exits.
+``python peer_worker.py --probe`` prints the installed kinds and versions as one JSON line and exits;
+``python peer_worker.py --quantize IR DEST --prompts FILE --samples N`` writes to DEST the IR's pipeline with
+optimum-intel's INT8 hybrid quantization (the U-Net's MatMul weights INT8 and its Convolutions fully INT8,
+calibrated on N U-Net calls of its own pipeline over the JSON list of prompts in FILE; the other models' weights
+INT8), what `optimum-intel-int8` loads.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from typing import Any
 
 import numpy as np
 
-KINDS = {"optimum-intel": "optimum-intel", "openvino-genai": "openvino-genai"}  # kind -> distribution it needs
+KINDS = {  # kind -> distribution it needs
+    "optimum-intel": "optimum-intel",
+    "optimum-intel-int8": "optimum-intel",  # the same pipeline over its own INT8 (hybrid) IR
+    "openvino-genai": "openvino-genai",
+}
 VERSIONS = (
     "optimum-intel",
     "optimum",
@@ -200,7 +209,26 @@ class GenAI:
         return np.array(tensor.data, dtype=np.uint8)  # [B, H, W, 3], GenAI's own conversion
 
 
-PEERS = {"optimum-intel": OptimumIntel, "openvino-genai": GenAI}
+class OptimumIntelInt8(OptimumIntel):
+    """optimum-intel over its own INT8 IR (``--quantize``): the precision it reports names the INT8 parts."""
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if "inference_precision" in out:
+            out["inference_precision"] += ", U-Net int8 (hybrid), other weights int8"
+        return out
+
+
+PEERS = {"optimum-intel": OptimumIntel, "optimum-intel-int8": OptimumIntelInt8, "openvino-genai": GenAI}
+
+
+def quantize(ir_dir: Path, dest: Path, prompts: list[str], samples: int) -> None:
+    """optimum-intel's own INT8 for a diffusion pipeline (module docstring), written to ``dest``."""
+    from optimum.intel import OVDiffusionPipeline, OVWeightQuantizationConfig
+
+    config = OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=prompts, num_samples=samples)
+    pipe = OVDiffusionPipeline.from_pretrained(ir_dir, device="CPU", compile=False, quantization_config=config)
+    pipe.save_pretrained(dest)
 
 
 def serve(out_dir: Path, answer) -> None:
@@ -236,9 +264,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--probe", action="store_true", help="print the installed kinds and versions, then exit")
     ap.add_argument("--out", type=Path, help="folder for the images (.npy)")
+    ap.add_argument("--quantize", nargs=2, type=Path, metavar=("IR", "DEST"), help="write IR's INT8 pipeline to DEST")
+    ap.add_argument("--prompts", type=Path, help="--quantize: a JSON list of calibration prompts")
+    ap.add_argument("--samples", type=int, default=44, help="--quantize: U-Net calls calibrated on (default 44)")
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(probe()), flush=True)
+        return
+    if args.quantize:
+        quantize(*args.quantize, json.loads(args.prompts.read_text()), args.samples)
         return
     proto = os.fdopen(os.dup(1), "w")  # the answers; the libraries' own prints go to stderr
     os.dup2(2, 1)

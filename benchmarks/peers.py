@@ -1,5 +1,8 @@
 """The CPU peers of `sdrt bench --peers`: optimum-intel's ``OVDiffusionPipeline`` and OpenVINO GenAI's
-``Text2ImagePipeline``, over an OpenVINO IR exported once from the source the engine directory was exported from.
+``Text2ImagePipeline``, over an OpenVINO IR exported once from the source the engine directory was exported from;
+``optimum-intel-int8`` is optimum-intel over that IR quantized by optimum-intel itself (hybrid INT8, calibrated on
+sdrt's own calibration prompts and as many U-Net calls as `sdrt quantize` records by default), the peer of
+sdrt's INT8 U-Net: `--peers all` runs it with `--cpu-int8`.
 
 optimum-intel pins a transformers older than sdrt's, so the peers run in their own venv (`make cpu-peers`): each
 peer is a `benchmarks/peer_worker.py` process driven over stdin/stdout, and `PeerContender` is its stand-in in the
@@ -30,7 +33,9 @@ from sdrt.runtime.model import Model
 from sdrt.runtime.pipeline import Request
 from sdrt.runtime.schedule import SCHEDULERS, NoiseSchedule, ScheduleError, default_sampler, resolve
 
-PEERS = tuple(KINDS)  # optimum-intel, openvino-genai
+PEERS = tuple(KINDS)  # optimum-intel, optimum-intel-int8, openvino-genai
+INT8_PEER = "optimum-intel-int8"
+INT8_SAMPLES = 44  # U-Net calls calibrated on: `sdrt quantize`'s default (4 prompts x 10 PNDM steps)
 WORKER = Path(__file__).with_name("peer_worker.py")
 DEFAULT_PYTHON = Path(__file__).resolve().parents[1] / ".peers-venv" / "bin" / "python"  # the checkout's
 WEIGHT_FORMAT = "fp32"  # optimum-intel would compress a large U-Net's weights to int8: graph against graph instead
@@ -87,24 +92,27 @@ def genai_samplers(manifest: dict[str, Any]) -> list[str]:
     return out
 
 
-def select_peers(requested: list[str], python: Path, manifest: dict[str, Any], sampler: str | None) -> PeerPlan:
+def select_peers(
+    requested: list[str], python: Path, manifest: dict[str, Any], sampler: str | None, int8: bool = False
+) -> PeerPlan:
     """Which peers run. Named explicitly, one that cannot run is a one-line error; with ``all``, it is left out
-    with its reason."""
+    with its reason, and the INT8 peer runs only beside sdrt's INT8 U-Net (``int8``)."""
     explicit = requested != ["all"]
     unknown = [p for p in requested if p not in PEERS] if explicit else []
     if unknown or not requested:
         raise SdrtError(f"unknown peer {', '.join(unknown) or '(none)'}; peers: {', '.join(PEERS)} (or all)")
+    wanted = requested if explicit else [p for p in PEERS if int8 or p != INT8_PEER]
     plan = PeerPlan(python=python)
     try:
         found = probe(python)
     except SdrtError as err:
         if explicit:
             raise
-        plan.skipped = [{"name": p, "reason": str(err)} for p in PEERS]
+        plan.skipped = [{"name": p, "reason": str(err)} for p in wanted]
         return plan
     plan.versions = found["versions"]
     scheduler = scheduler_for(manifest, sampler)
-    for peer in PEERS if not explicit else requested:
+    for peer in wanted:
         reason = None
         if peer not in found["kinds"]:
             reason = f"{KINDS[peer]} is not installed beside {python}: {FIX}"
@@ -167,6 +175,35 @@ def export_ir(engine_dir: Path, manifest: dict[str, Any], plan: PeerPlan) -> Pat
     check_text_encoders(pipe, work / "ir")
     record = {"source": manifest["source"], "weight_format": WEIGHT_FORMAT, "tools": plan.versions, "command": cmd}
     (work / "ir" / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+    (work / "ir").rename(dest)
+    shutil.rmtree(work)
+    return dest
+
+
+def int8_ir(ir: Path, plan: PeerPlan) -> Path:
+    """The INT8 peer's IR: ``ir`` quantized by optimum-intel in the peers' Python (peer_worker.py --quantize),
+    beside it; reused when present, assembled beside its destination and renamed into place."""
+    from sdrt.export.quantize import PROMPTS
+
+    dest = ir.with_name(f"{ir.name}-int8-hybrid-{INT8_SAMPLES}")
+    if (dest / "quantize.json").is_file():
+        return dest
+    work = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "prompts.json").write_text(json.dumps(list(PROMPTS)))
+    cmd = [str(plan.python), str(WORKER), "--quantize", str(ir), str(work / "ir"), "--prompts"]
+    cmd += [str(work / "prompts.json"), "--samples", str(INT8_SAMPLES)]
+    log = work / "quantize.log"
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_peer_env()).returncode
+    if rc != 0:
+        last = next((ln for ln in reversed(log.read_text().splitlines()) if ln.strip()), "no output")
+        raise SdrtError(f"optimum-intel's INT8 quantization failed (exit {rc}): {last.strip()[:300]}; log: {log}")
+    record = {"from": ir.name, "mode": "hybrid", "samples": INT8_SAMPLES, "prompts": len(PROMPTS),
+              "seconds": round(time.perf_counter() - t0, 1), "tools": plan.versions, "command": cmd}  # fmt: skip
+    (work / "ir" / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")
     (work / "ir").rename(dest)
     shutil.rmtree(work)
     return dest
