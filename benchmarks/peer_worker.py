@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="folder for the images (.npy)")
     ap.add_argument("--quantize", nargs=2, type=Path, metavar=("IR", "DEST"), help="write IR's INT8 pipeline to DEST")
     ap.add_argument("--prompts", type=Path, help="--quantize: a JSON list of calibration prompts")
-    ap.add_argument("--samples", type=int, default=44, help="--quantize: U-Net calls calibrated on (default 44)")
+    ap.add_argument("--samples", type=int, help="--quantize: U-Net calls calibrated on (default: optimum-intel's)")
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(probe()), flush=True)

@@ -166,18 +166,22 @@ def export_ir(engine_dir: Path, manifest: dict[str, Any], plan: PeerPlan) -> Pat
         WEIGHT_FORMAT,
         str(work / "ir"),
     ]
-    log = work / "export.log"
-    with log.open("w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_peer_env()).returncode
-    if rc != 0:
-        last = next((ln for ln in reversed(log.read_text().splitlines()) if ln.strip()), "no output")
-        raise SdrtError(f"optimum-cli export openvino failed (exit {rc}): {last.strip()[:300]}; log: {log}")
+    run_logged(cmd, work / "export.log", "optimum-cli export openvino")
     check_text_encoders(pipe, work / "ir")
     record = {"source": manifest["source"], "weight_format": WEIGHT_FORMAT, "tools": plan.versions, "command": cmd}
     (work / "ir" / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     (work / "ir").rename(dest)
     shutil.rmtree(work)
     return dest
+
+
+def run_logged(cmd: list[str], log: Path, what: str) -> None:
+    """Run a command of the peers' Python with its output in ``log``; a failure is one line with its last."""
+    with log.open("w") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_peer_env()).returncode
+    if rc != 0:
+        last = next((ln for ln in reversed(log.read_text().splitlines()) if ln.strip()), "no output")
+        raise SdrtError(f"{what} failed (exit {rc}): {last.strip()[:300]}; log: {log}")
 
 
 def int8_ir(ir: Path, plan: PeerPlan) -> Path:
@@ -194,13 +198,8 @@ def int8_ir(ir: Path, plan: PeerPlan) -> Path:
     (work / "prompts.json").write_text(json.dumps(list(PROMPTS)))
     cmd = [str(plan.python), str(WORKER), "--quantize", str(ir), str(work / "ir"), "--prompts"]
     cmd += [str(work / "prompts.json"), "--samples", str(INT8_SAMPLES)]
-    log = work / "quantize.log"
     t0 = time.perf_counter()
-    with log.open("w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_peer_env()).returncode
-    if rc != 0:
-        last = next((ln for ln in reversed(log.read_text().splitlines()) if ln.strip()), "no output")
-        raise SdrtError(f"optimum-intel's INT8 quantization failed (exit {rc}): {last.strip()[:300]}; log: {log}")
+    run_logged(cmd, work / "quantize.log", "optimum-intel's INT8 quantization")
     record = {"from": ir.name, "mode": "hybrid", "samples": INT8_SAMPLES, "prompts": len(PROMPTS),
               "seconds": round(time.perf_counter() - t0, 1), "tools": plan.versions, "command": cmd}  # fmt: skip
     (work / "ir" / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")
